@@ -1,0 +1,35 @@
+"""eve_jax: EVE (masked signal modeling + modality-aware MoE) in JAX/Flax NNX."""
+
+from setuptools import find_packages, setup
+
+setup(
+    name="eve_jax",
+    version="0.1.0",
+    description=(
+        "EVE vision-language pretraining (masked pixels + masked words, "
+        "modality-aware Mixture of Experts) in JAX/Flax NNX."
+    ),
+    license="Apache-2.0",
+    python_requires=">=3.11",
+    packages=find_packages(include=["eve_jax", "eve_jax.*"]),
+    install_requires=[
+        # jax 0.10.2 is the newest release that supports Python 3.11.
+        "jax>=0.10.2",
+        "flax>=0.12.8,<0.13",
+        "optax>=0.2.4",
+        "orbax-checkpoint>=0.11",
+        "grain>=0.2.12",
+        "tensorflow-datasets>=4.9.7",
+        "array-record>=0.8",
+        "ml_collections>=1.0",
+        "sentencepiece>=0.2",
+        "numpy>=1.26",
+        "pillow>=10",
+        "importlib_resources>=6",
+        "absl-py>=2.1",
+        "tensorboardX>=2.6",
+    ],
+    extras_require={
+        "test": ["pytest>=8", "pytest-timeout>=2.3"],
+    },
+)
