@@ -1,0 +1,60 @@
+"""Pieces shared by the config files: the arg parser and the default blocks."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import ml_collections
+
+from eve_jax.model.variants import VARIANTS, ModelConfig
+
+
+def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:
+  """"tiny" or "tiny,steps=100" or "variant=small" -> ConfigDict.
+
+  A bare word sets `variant`; key=value pairs are cast to the type of the
+  default. Unknown keys are an error naming the key.
+  """
+  out = ml_collections.ConfigDict(defaults)
+  for part in filter(None, (arg or "").split(",")):
+    key, eq, value = part.partition("=")
+    if not eq:
+      key, value = "variant", part
+    if key not in defaults:
+      raise ValueError(f"config arg {key!r} is not one of {sorted(defaults)}")
+    kind = type(defaults[key]) if defaults[key] is not None else str
+    out[key] = (value.lower() in ("1", "true", "yes") if kind is bool
+                else kind(value))
+  return out
+
+
+def model_config(variant: str, **overrides) -> ml_collections.ConfigDict:
+  """The variant's full model block, every field explicit (so that any of
+  them can be overridden with --config.model.KEY=VALUE)."""
+  if variant not in VARIANTS:
+    raise ValueError(f"unknown variant {variant!r}; one of {sorted(VARIANTS)}")
+  kw = dict(VARIANTS[variant], variant=variant)
+  kw.update(overrides)
+  return ml_collections.ConfigDict(dataclasses.asdict(ModelConfig(**kw)))
+
+
+def pretrain_config(variant: str) -> ml_collections.ConfigDict:
+  """Paper recipe (Implementation Details, Appendix) for `variant`."""
+  c = ml_collections.ConfigDict()
+  c.task = "pretrain"
+  c.seed = 0
+  c.model = model_config(variant, max_text_len=40)
+  c.masking = ml_collections.ConfigDict(dict(
+      image_mask_ratio=0.75, text_mask_ratio=0.5, mlm_random_replace=False,
+      norm_pix_loss=False))
+  c.optim = ml_collections.ConfigDict(dict(
+      lr=5e-4, warmup_steps=10_000, b1=0.9, b2=0.98, eps=1e-8,
+      weight_decay=0.05, grad_clip_norm=0.0, end_lr_frac=0.0))
+  c.train = ml_collections.ConfigDict(dict(
+      steps=480_000, batch_size=2048, log_every=50, checkpoint_every=5_000,
+      keep_checkpoints=3, eval_every=10_000, eval_examples=4096,
+      eval_batch_size=256))
+  c.data = ml_collections.ConfigDict(dict(
+      name="corpora", dir="", tokenizer="", vocab_size=30522,
+      num_tokenizer_captions=4000))
+  return c

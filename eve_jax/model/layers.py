@@ -1,0 +1,100 @@
+"""Small building blocks shared by the encoder, the MIM decoder and the heads.
+
+Every parameter carries logical axis names in its `axes` metadata (`embed`,
+`mlp`, `heads`, `kv`, `vocab`, `expert`, ...); `eve_jax.sharding` maps them
+to mesh axes. Layers compute in `dtype` and keep parameters in float32.
+
+Legend: B batch, L sequence, D width, F hidden, V vocabulary.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+LN_EPS = 1e-6
+trunc_normal = jax.nn.initializers.truncated_normal(stddev=0.02)
+
+
+def param(rngs: nnx.Rngs, init, shape: Sequence[int],
+          axes: Sequence[str | None]) -> nnx.Param:
+  """A float32 parameter initialized by `init`, named by logical `axes`."""
+  assert len(shape) == len(axes), (shape, axes)
+  return nnx.Param(init(rngs.params(), tuple(shape), jnp.float32),
+                   axes=tuple(axes))
+
+
+def activation_fn(name: str):
+  """`gelu` (exact erf, as BEiT) or `quick_gelu` (x * sigmoid(1.702 x))."""
+  if name == "gelu":
+    return lambda x: jax.nn.gelu(x, approximate=False)
+  if name == "quick_gelu":
+    return lambda x: x * jax.nn.sigmoid(1.702 * x)
+  raise ValueError(f"unknown activation {name!r}")
+
+
+class Dense(nnx.Module):
+  """y = x @ kernel + bias over the last axis: [..., D_in] -> [..., D_out]."""
+
+  def __init__(self, d_in: int, d_out: int, *, axes=("embed", "mlp"),
+               use_bias: bool = True, dtype=jnp.float32, rngs: nnx.Rngs):
+    self.kernel = param(rngs, trunc_normal, (d_in, d_out), axes)
+    self.bias = (param(rngs, jax.nn.initializers.zeros, (d_out,), axes[1:])
+                 if use_bias else None)
+    self.dtype = dtype
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    y = jnp.einsum("...d,df->...f", x.astype(self.dtype),
+                   self.kernel.value.astype(self.dtype))
+    if self.bias is not None:
+      y = y + self.bias.value.astype(self.dtype)
+    return y
+
+
+class LayerNorm(nnx.Module):
+  """LayerNorm (eps 1e-6) computed in float32, returned in `dtype`."""
+
+  def __init__(self, dim: int, *, dtype=jnp.float32, rngs: nnx.Rngs):
+    self.scale = param(rngs, jax.nn.initializers.ones, (dim,), ("norm",))
+    self.bias = param(rngs, jax.nn.initializers.zeros, (dim,), ("norm",))
+    self.dtype = dtype
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    x32 = x.astype(jnp.float32)
+    mean = x32.mean(-1, keepdims=True)
+    var = jnp.square(x32 - mean).mean(-1, keepdims=True)
+    y = (x32 - mean) * jax.lax.rsqrt(var + LN_EPS)
+    return (y * self.scale.value + self.bias.value).astype(self.dtype)
+
+
+class MLP(nnx.Module):
+  """Dense FFN: [..., D] -> Linear(D, F) -> act -> Linear(F, D)."""
+
+  def __init__(self, dim: int, hidden: int, *, activation: str = "gelu",
+               dtype=jnp.float32, rngs: nnx.Rngs):
+    self.fc1 = Dense(dim, hidden, axes=("embed", "mlp"), dtype=dtype,
+                     rngs=rngs)
+    self.fc2 = Dense(hidden, dim, axes=("mlp", "embed"), dtype=dtype,
+                     rngs=rngs)
+    self.activation = activation
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    return self.fc2(activation_fn(self.activation)(self.fc1(x)))
+
+
+def drop_path(x: jax.Array, rate: float, rng: jax.Array | None) -> jax.Array:
+  """Stochastic depth: zero a sample's whole residual branch with prob `rate`.
+
+  Args:
+    x: [B, ...] the residual branch.
+    rate: drop probability; 0 or `rng is None` (evaluation) is the identity.
+    rng: a PRNG key, or None.
+  """
+  if rate <= 0.0 or rng is None:
+    return x
+  keep = jax.random.bernoulli(rng, 1.0 - rate, (x.shape[0],) + (1,) *
+                              (x.ndim - 1))
+  return jnp.where(keep, x / (1.0 - rate), 0).astype(x.dtype)

@@ -1,0 +1,338 @@
+"""Modality-aware feed-forward layers: soft-router MoE and hard-router FFN.
+
+EVE paper eqs. 4-7: g(x) = softmax(W (x + b_m)), MoE(x) = sum_topk g(x)_i FFN_i,
+L_aux = alpha * E * sum_i f_i p_i. Router -> `Dispatch` -> stacked experts,
+each a separate, separately tested piece (the vmoe layout).
+
+Dimension legend (every einsum below is written in these letters):
+  B batch, L sequence, D model width, F expert hidden, E experts, K top-k,
+  G groups, S group size, C capacity, M modalities (0 = image, 1 = text).
+
+Parameters carry logical axis names as metadata only (`eager_sharding=False`):
+the caller turns them into shardings (`nnx.get_partition_spec` -> jitted init
+with `out_shardings`), so building a layer needs no mesh.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable, Sequence
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+_LN_EPS = 1e-6
+_KERNEL_INIT = nnx.initializers.truncated_normal(stddev=0.02)
+_ZEROS = nnx.initializers.zeros_init()
+_ONES = nnx.initializers.ones_init()
+
+
+def expert_capacity(group_size: int, num_experts: int, top_k: int,
+                    capacity_factor: float) -> int:
+  """Slots per expert per group: ceil(K * S * capacity_factor / E), >= 1.
+
+  `capacity_factor <= 0` means no dropping: C = S. The result is also capped at
+  S, since the K choices of a token are distinct experts, so no expert can
+  receive more than S assignments from one group; a larger C is pure waste.
+  """
+  if capacity_factor <= 0:
+    return group_size
+  c = math.ceil(top_k * group_size * capacity_factor / num_experts)
+  return max(1, min(c, group_size))
+
+
+def gelu_fn(name: str) -> Callable[[jax.Array], jax.Array]:
+  """Activation by name: "gelu" (exact erf, as BEiT) or "quick_gelu"."""
+  if name == "gelu":
+    return lambda x: jax.nn.gelu(x, approximate=False)
+  if name == "quick_gelu":
+    # x * sigmoid(1.702 x): what the released EVE (CLIP-style) weights use.
+    return lambda x: x * jax.nn.sigmoid(1.702 * x)
+  raise ValueError(f"activation: expected 'gelu' or 'quick_gelu', got {name!r}")
+
+
+@flax.struct.dataclass
+class Dispatch:
+  """Routing decision for G groups of S tokens.
+
+  Attributes:
+    dispatch: [G, S, E, C] bool, token s goes to slot c of expert e.
+    combine: [G, S, E, C] float32, the raw gate g(x)_e at the kept slots
+      (eq. 5, not renormalized over the top-k), 0 elsewhere.
+    probs: [G, S, E] float32 router probabilities.
+    expert_choice: [G, S, K] int32 top-K experts per token, best first.
+    kept: [G, S, K] bool, the choice is valid and fitted in its expert.
+  """
+  dispatch: jax.Array
+  combine: jax.Array
+  probs: jax.Array
+  expert_choice: jax.Array
+  kept: jax.Array
+
+
+def route(logits: jax.Array, valid: jax.Array, top_k: int,
+          capacity: int) -> Dispatch:
+  """Top-K routing with per-group expert capacity (GShard / vmoe priority).
+
+  Assignments take slots in priority order: every token's top-1 choice in
+  token order, then every token's top-2 choice, and so on; an assignment
+  whose position in its expert is >= `capacity` is dropped. Padding tokens
+  (`valid == False`) are never routed and take no slot.
+
+  Args:
+    logits: [G, S, E] router logits (softmax is taken in float32).
+    valid: [G, S] bool, False for padding tokens.
+    top_k: K, experts per token.
+    capacity: C, slots per expert per group (see `expert_capacity`).
+
+  Returns:
+    A `Dispatch`.
+  """
+  num_experts = logits.shape[-1]
+  probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
+  gates, choice = jax.lax.top_k(probs, top_k)  # [G, S, K]
+  valid = valid.astype(bool)
+  # [G, S, K, E]: which expert each valid (token, choice) asks for.
+  wants = jax.nn.one_hot(choice, num_experts, dtype=jnp.int32)
+  wants = wants * valid[:, :, None, None].astype(jnp.int32)
+  # Priority order = choice-major, token-minor: cumsum over (K, S) flattened.
+  g, s = valid.shape
+  by_priority = jnp.swapaxes(wants, 1, 2).reshape(g, top_k * s, num_experts)
+  position = jnp.cumsum(by_priority, axis=1) - 1
+  position = jnp.swapaxes(position.reshape(g, top_k, s, num_experts), 1, 2)
+  position = jnp.sum(position * wants, axis=-1)  # [G, S, K]
+  kept = valid[:, :, None] & (position < capacity)
+  # one_hot of an out-of-range position is all zeros, but mask anyway.
+  slot = jax.nn.one_hot(position, capacity, dtype=jnp.float32)
+  slot = slot * kept[..., None].astype(jnp.float32)  # [G, S, K, C]
+  wants_f = wants.astype(jnp.float32)
+  dispatch = jnp.einsum("GSKE,GSKC->GSEC", wants_f, slot)
+  combine = jnp.einsum("GSKE,GSKC->GSEC", wants_f, slot * gates[..., None])
+  return Dispatch(dispatch=dispatch > 0, combine=combine, probs=probs,
+                  expert_choice=choice.astype(jnp.int32), kept=kept)
+
+
+def load_balancing_loss(probs: jax.Array, expert_choice: jax.Array,
+                        valid: jax.Array, alpha: float) -> jax.Array:
+  """Eq. 7: alpha * E * sum_i f_i p_i over the valid tokens of all groups.
+
+  p_i is the mean router probability of expert i, f_i the fraction of the
+  top-K choices (before capacity dropping) that go to expert i, so that
+  sum_i f_i = 1 and uniform routing gives exactly alpha.
+
+  Args:
+    probs: [G, S, E] router probabilities.
+    expert_choice: [G, S, K] int top-K experts.
+    valid: [G, S] bool, False for padding tokens.
+    alpha: loss weight.
+
+  Returns:
+    A float32 scalar.
+  """
+  num_experts = probs.shape[-1]
+  w = valid.astype(jnp.float32)
+  n_tokens = jnp.maximum(jnp.sum(w), 1.0)
+  p = jnp.einsum("GSE,GS->E", probs.astype(jnp.float32), w) / n_tokens
+  chosen = jax.nn.one_hot(expert_choice, num_experts, dtype=jnp.float32)
+  counts = jnp.einsum("GSKE,GS->E", chosen, w)
+  f = counts / jnp.maximum(jnp.sum(counts), 1.0)
+  return alpha * num_experts * jnp.sum(f * p)
+
+
+@flax.struct.dataclass
+class MoEStats:
+  """What a `ModalityMoE` call reports besides its output.
+
+  Attributes:
+    aux_loss: float32 scalar, eq. 7 already multiplied by `aux_loss_weight`.
+    dropped: float32 scalar, valid (token, choice) assignments dropped by
+      capacity.
+    routed: float32 scalar, valid (token, choice) assignments (K * tokens).
+    expert_counts: [M, E] float32, top-K choices (kept and dropped) of each
+      modality's valid tokens per expert.
+  """
+  aux_loss: jax.Array
+  dropped: jax.Array
+  routed: jax.Array
+  expert_counts: jax.Array
+
+
+def _param(rngs: nnx.Rngs, init, shape: Sequence[int], dtype,
+           names: tuple[str | None, ...]) -> nnx.Param:
+  return nnx.Param(init(rngs.params(), tuple(shape), dtype),
+                   out_sharding=names, eager_sharding=False)
+
+
+class ModalityMoE(nnx.Module):
+  """Soft-router layer: E experts, top-K, modality-aware router (eqs. 4-7).
+
+  Groups are one sample each (G = B, S = L), which keeps the one-hot
+  dispatch einsum, whose cost grows with S, small. The block owns the
+  LayerNorm in front of this layer and adds the residual.
+  """
+
+  def __init__(self, dim: int, hidden: int, num_experts: int, top_k: int = 2,
+               *, num_modalities: int = 2, capacity_factor: float = 1.25,
+               add_modality_to_experts: bool = True,
+               aux_loss_weight: float = 0.001, activation: str = "gelu",
+               dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs):
+    if not 1 <= top_k <= num_experts:
+      raise ValueError(f"top_k: expected 1..{num_experts}, got {top_k}")
+    self.num_experts = num_experts
+    self.top_k = top_k
+    self.num_modalities = num_modalities
+    self.capacity_factor = capacity_factor
+    self.add_modality_to_experts = add_modality_to_experts
+    self.aux_loss_weight = aux_loss_weight
+    gelu_fn(activation)  # fail early on a bad name
+    self.activation = activation
+    self.dtype = dtype
+    e, d, f, m = num_experts, dim, hidden, num_modalities
+    self.kernel = _param(rngs, _KERNEL_INIT, (d, e), param_dtype,
+                         ("embed", None))
+    # Small normal rather than zeros: the router sees the modality from step 0.
+    self.modality_embed = _param(rngs, _KERNEL_INIT, (m, d), param_dtype,
+                                 (None, "embed"))
+    self.wi = _param(rngs, _KERNEL_INIT, (e, d, f), param_dtype,
+                     ("expert", "embed", "mlp"))
+    self.bi = _param(rngs, _ZEROS, (e, f), param_dtype, ("expert", "mlp"))
+    self.wo = _param(rngs, _KERNEL_INIT, (e, f, d), param_dtype,
+                     ("expert", "mlp", "embed"))
+    self.bo = _param(rngs, _ZEROS, (e, d), param_dtype, ("expert", "embed"))
+
+  def __call__(self, x: jax.Array, modality: jax.Array,
+               valid: jax.Array) -> tuple[jax.Array, MoEStats]:
+    """Applies the MoE.
+
+    Args:
+      x: [B, L, D] tokens (already layer-normed by the block).
+      modality: [B, L] int modality ids in [0, M).
+      valid: [B, L] bool, False for padding tokens (their output is 0).
+
+    Returns:
+      y: [B, L, D] in `dtype`, and `MoEStats`.
+    """
+    _, group_size, _ = x.shape
+    valid = valid.astype(bool)
+    with jax.named_scope("router"):
+      b_m = jnp.take(self.modality_embed[...], modality, axis=0)  # [G,S,D]
+      x_m = x.astype(jnp.float32) + b_m.astype(jnp.float32)
+      # Eq. 6 in float32: small logit differences decide the top-k.
+      logits = jnp.einsum("GSD,DE->GSE", x_m,
+                          self.kernel[...].astype(jnp.float32))
+      capacity = expert_capacity(group_size, self.num_experts, self.top_k,
+                                 self.capacity_factor)
+      d = route(logits, valid, self.top_k, capacity)
+      aux = load_balancing_loss(d.probs, d.expert_choice, valid,
+                                self.aux_loss_weight)
+      stats = self._stats(d, modality, valid, aux)
+    with jax.named_scope("experts"):
+      # The released checkpoints also feed x + b_m to the experts.
+      x_in = x_m if self.add_modality_to_experts else x
+      x_in = x_in.astype(self.dtype)
+      buf = jnp.einsum("GSEC,GSD->EGCD", d.dispatch.astype(self.dtype), x_in)
+      h = jnp.einsum("EGCD,EDF->EGCF", buf, self.wi[...].astype(self.dtype))
+      act = gelu_fn(self.activation)
+      h = act(h + self.bi[...].astype(self.dtype)[:, None, None, :])
+      out = jnp.einsum("EGCF,EFD->EGCD", h, self.wo[...].astype(self.dtype))
+      out = out + self.bo[...].astype(self.dtype)[:, None, None, :]
+      y = jnp.einsum("GSEC,EGCD->GSD", d.combine.astype(self.dtype), out)
+    return y, stats
+
+  def _stats(self, d: Dispatch, modality: jax.Array, valid: jax.Array,
+             aux: jax.Array) -> MoEStats:
+    w = valid.astype(jnp.float32)
+    routed = self.top_k * jnp.sum(w)
+    dropped = routed - jnp.sum(d.kept.astype(jnp.float32))
+    chosen = jax.nn.one_hot(d.expert_choice, self.num_experts,
+                            dtype=jnp.float32) * w[:, :, None, None]
+    mod = jax.nn.one_hot(modality, self.num_modalities, dtype=jnp.float32)
+    counts = jnp.einsum("GSKE,GSM->ME", chosen, mod)
+    return MoEStats(aux_loss=aux, dropped=dropped, routed=routed,
+                    expert_counts=counts)
+
+
+def _layer_norm(x: jax.Array, scale: jax.Array, bias: jax.Array,
+                dtype) -> jax.Array:
+  """LayerNorm over the last axis, statistics in float32."""
+  x32 = x.astype(jnp.float32)
+  mean = jnp.mean(x32, axis=-1, keepdims=True)
+  var = jnp.mean(jnp.square(x32 - mean), axis=-1, keepdims=True)
+  y = (x32 - mean) * jax.lax.rsqrt(var + _LN_EPS)
+  y = y * scale.astype(jnp.float32) + bias.astype(jnp.float32)
+  return y.astype(dtype)
+
+
+class ModalityFFN(nnx.Module):
+  """Hard-router layer: one pre-LayerNorm FFN per modality, picked by id.
+
+  No router, no capacity, nothing dropped; y = FFN_m(LN_m(x)) for each token's
+  own modality m. The caller adds the residual.
+  """
+
+  def __init__(self, dim: int, hidden: int, *, num_modalities: int = 2,
+               activation: str = "gelu", dtype=jnp.float32,
+               param_dtype=jnp.float32, rngs: nnx.Rngs):
+    self.num_modalities = num_modalities
+    gelu_fn(activation)  # fail early on a bad name
+    self.activation = activation
+    self.dtype = dtype
+    m, d, f = num_modalities, dim, hidden
+    self.norm_scale = _param(rngs, _ONES, (m, d), param_dtype, (None, "embed"))
+    self.norm_bias = _param(rngs, _ZEROS, (m, d), param_dtype, (None, "embed"))
+    self.wi = _param(rngs, _KERNEL_INIT, (m, d, f), param_dtype,
+                     (None, "embed", "mlp"))
+    self.bi = _param(rngs, _ZEROS, (m, f), param_dtype, (None, "mlp"))
+    self.wo = _param(rngs, _KERNEL_INIT, (m, f, d), param_dtype,
+                     (None, "mlp", "embed"))
+    self.bo = _param(rngs, _ZEROS, (m, d), param_dtype, (None, "embed"))
+
+  def _ffn(self, x: jax.Array, m: int) -> jax.Array:
+    """FFN_m(LN_m(x)) for x [B, L, D]."""
+    dt = self.dtype
+    h = _layer_norm(x, self.norm_scale[...][m], self.norm_bias[...][m], dt)
+    h = jnp.einsum("BLD,DF->BLF", h, self.wi[...][m].astype(dt))
+    h = gelu_fn(self.activation)(h + self.bi[...][m].astype(dt))
+    h = jnp.einsum("BLF,FD->BLD", h, self.wo[...][m].astype(dt))
+    return h + self.bo[...][m].astype(dt)
+
+  def __call__(self, x: jax.Array, modality: jax.Array,
+               counts: tuple[int, ...] | None = None) -> jax.Array:
+    """Applies each token's own modality FFN.
+
+    Args:
+      x: [B, L, D] tokens.
+      modality: [B, L] int modality ids in [0, M), in any order.
+      counts: static number of tokens of each modality in EVERY sequence,
+        e.g. (1 + num_image_patches, text_len); sum(counts) must be L. Given,
+        tokens are gathered per modality and each FFN runs on its own tokens
+        only (FLOPs of one FFN per token). The ids are trusted to match: a
+        sequence with other counts would send tokens to the wrong FFN.
+        None: every FFN runs on every token and the right one is selected
+        (M times the FLOPs).
+
+    Returns:
+      [B, L, D] in `dtype`.
+    """
+    _, length, _ = x.shape
+    if counts is None:
+      outs = jnp.stack([self._ffn(x, m) for m in range(self.num_modalities)])
+      return jnp.take_along_axis(outs, modality[None, :, :, None], axis=0)[0]
+    counts = tuple(int(c) for c in counts)
+    if len(counts) != self.num_modalities or sum(counts) != length:
+      raise ValueError(
+          f"ModalityFFN counts: expected {self.num_modalities} ints summing to "
+          f"the sequence length {length}, got {counts}")
+    # A stable sort by id puts modality m's tokens at [sum(counts[:m]), ...).
+    perm = jnp.argsort(modality, axis=-1, stable=True)  # [B, L]
+    xs = jnp.take_along_axis(x, perm[:, :, None], axis=1)
+    pieces, start = [], 0
+    for m, n in enumerate(counts):
+      if n:
+        pieces.append(self._ffn(xs[:, start:start + n], m))
+      start += n
+    ys = jnp.concatenate(pieces, axis=1)
+    inverse = jnp.argsort(perm, axis=-1)
+    return jnp.take_along_axis(ys, inverse[:, :, None], axis=1)

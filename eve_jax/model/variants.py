@@ -1,0 +1,129 @@
+"""Model sizes (`model.variant`) and the typed config the model is built from.
+
+The ConfigDict from `configs/` stops here: `ModelConfig.from_config` turns it
+into a frozen dataclass, and layers take plain typed arguments.
+
+Variant table (paper, Implementation Details and Appendix):
+
+| variant | layers | width | heads | MLP  | soft-MoE layers | experts | decoder   | image/patch |
+|---------|--------|-------|-------|------|-----------------|---------|-----------|-------------|
+| tiny    | 4      | 128   | 4     | 512  | top 2           | 4       | 128x2x4   | 32 / 4      |
+| small   | 6      | 384   | 6     | 1536 | top 2           | 8       | 256x4x8   | 224 / 16    |
+| base    | 12     | 768   | 12    | 3072 | top 2 (10, 11)  | 32      | 512x8x16  | 224 / 16    |
+| large   | 24     | 1024  | 16    | 4096 | top 3 (21..23)  | 32      | 512x8x16  | 224 / 16    |
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+VARIANTS: dict[str, dict[str, Any]] = {
+    "tiny": dict(depth=4, width=128, heads=4, mlp_dim=512, num_soft_layers=2,
+                 num_experts=4, decoder_width=128, decoder_depth=2,
+                 decoder_heads=4, image_size=32, patch_size=4),
+    "small": dict(depth=6, width=384, heads=6, mlp_dim=1536, num_soft_layers=2,
+                  num_experts=8, decoder_width=256, decoder_depth=4,
+                  decoder_heads=8, image_size=224, patch_size=16),
+    "base": dict(depth=12, width=768, heads=12, mlp_dim=3072, num_soft_layers=2,
+                 num_experts=32, decoder_width=512, decoder_depth=8,
+                 decoder_heads=16, image_size=224, patch_size=16),
+    "large": dict(depth=24, width=1024, heads=16, mlp_dim=4096,
+                  num_soft_layers=3, num_experts=32, decoder_width=512,
+                  decoder_depth=8, decoder_heads=16, image_size=224,
+                  patch_size=16),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+  """Everything the EVE backbone and its pretraining heads need."""
+
+  variant: str = "tiny"
+  depth: int = 4
+  width: int = 128
+  heads: int = 4
+  mlp_dim: int = 512
+  num_soft_layers: int = 2  # soft-router MoE in the top N blocks
+  num_experts: int = 4
+  top_k: int = 2
+  capacity_factor: float = 1.25
+  aux_loss_weight: float = 0.001  # alpha of eq. 7
+  add_modality_to_experts: bool = True  # the released weights do this
+  decoder_width: int = 128
+  decoder_depth: int = 2
+  decoder_heads: int = 4
+  image_size: int = 32
+  patch_size: int = 4
+  vocab_size: int = 64
+  max_text_len: int = 40
+  max_text_positions: int = 196
+  layer_scale_init: float = 0.1
+  drop_path: float = 0.1
+  activation: str = "gelu"  # "quick_gelu" to load the released weights
+  dtype: str = "float32"  # compute dtype; params stay float32
+
+  @property
+  def num_patches(self) -> int:
+    return (self.image_size // self.patch_size) ** 2
+
+  @property
+  def head_dim(self) -> int:
+    return self.width // self.heads
+
+  def soft_layer(self, i: int) -> bool:
+    """Whether block i (0-based) has the soft-router MoE."""
+    return i >= self.depth - self.num_soft_layers
+
+  @classmethod
+  def from_config(cls, model_cfg: Any, vocab_size: int | None = None
+                  ) -> "ModelConfig":
+    """Variant defaults, then every key of `model_cfg` that is set.
+
+    Args:
+      model_cfg: `config.model` (ConfigDict or dict) with at least `variant`.
+      vocab_size: the tokenizer's size, when known only at run time.
+    """
+    d = dict(model_cfg)
+    variant = d.get("variant", "tiny")
+    if variant not in VARIANTS:
+      raise ValueError(f"config.model.variant={variant!r} is not one of "
+                       f"{sorted(VARIANTS)}")
+    fields = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(d) - fields)
+    if unknown:
+      raise ValueError(f"config.model has unknown keys {unknown}; known: "
+                       f"{sorted(fields)}")
+    kw = dict(VARIANTS[variant])
+    kw.update({k: v for k, v in d.items() if v is not None})
+    if vocab_size is not None:
+      kw["vocab_size"] = vocab_size
+    cfg = cls(**kw)
+    cfg.validate()
+    return cfg
+
+  def validate(self) -> None:
+    if self.width % self.heads:
+      raise ValueError(f"model.width={self.width} is not divisible by "
+                       f"model.heads={self.heads}")
+    if self.decoder_width % self.decoder_heads:
+      raise ValueError(f"model.decoder_width={self.decoder_width} is not "
+                       f"divisible by model.decoder_heads={self.decoder_heads}")
+    if self.image_size % self.patch_size:
+      raise ValueError(f"model.image_size={self.image_size} is not a multiple "
+                       f"of model.patch_size={self.patch_size}")
+    if not 0 <= self.num_soft_layers <= self.depth:
+      raise ValueError(f"model.num_soft_layers={self.num_soft_layers} not in "
+                       f"[0, depth={self.depth}]")
+    if self.top_k > self.num_experts:
+      raise ValueError(f"model.top_k={self.top_k} > model.num_experts="
+                       f"{self.num_experts}")
+    if self.max_text_len > self.max_text_positions:
+      raise ValueError(f"max_text_len={self.max_text_len} exceeds "
+                       f"max_text_positions={self.max_text_positions}")
+    if self.activation not in ("gelu", "quick_gelu"):
+      raise ValueError(f"model.activation={self.activation!r} is not 'gelu' "
+                       "or 'quick_gelu'")
+    if self.dtype not in ("float32", "bfloat16"):
+      raise ValueError(f"model.dtype={self.dtype!r} is not 'float32' or "
+                       "'bfloat16'")
