@@ -43,11 +43,11 @@ class Attention(nnx.Module):
     """Args: x [B, L, D]; kv_valid [B, L] bool (False = padding key)."""
     dt = self.dtype
     x = x.astype(dt)
-    q = jnp.einsum("bld,dhk->blhk", x, self.q_kernel.value.astype(dt))
-    q = (q + self.q_bias.value.astype(dt)) * self.scale
-    k = jnp.einsum("btd,dhk->bthk", x, self.k_kernel.value.astype(dt))
-    v = jnp.einsum("btd,dhk->bthk", x, self.v_kernel.value.astype(dt))
-    v = v + self.v_bias.value.astype(dt)
+    q = jnp.einsum("bld,dhk->blhk", x, self.q_kernel[...].astype(dt))
+    q = (q + self.q_bias[...].astype(dt)) * self.scale
+    k = jnp.einsum("btd,dhk->bthk", x, self.k_kernel[...].astype(dt))
+    v = jnp.einsum("btd,dhk->bthk", x, self.v_kernel[...].astype(dt))
+    v = v + self.v_bias[...].astype(dt)
     logits = jnp.einsum("blhk,bthk->bhlt", q, k,
                         preferred_element_type=jnp.float32)
     if kv_valid is not None:
@@ -55,5 +55,5 @@ class Attention(nnx.Module):
                          jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(logits, axis=-1).astype(dt)
     out = jnp.einsum("bhlt,bthk->blhk", probs, v)
-    y = jnp.einsum("blhk,hkd->bld", out, self.out_kernel.value.astype(dt))
-    return y + self.out_bias.value.astype(dt)
+    y = jnp.einsum("blhk,hkd->bld", out, self.out_kernel[...].astype(dt))
+    return y + self.out_bias[...].astype(dt)

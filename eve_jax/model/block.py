@@ -83,7 +83,7 @@ class Block(nnx.Module):
     with jax.named_scope("attention"):
       h = self.attn(self.norm1(x), valid)
       if self.gamma_1 is not None:
-        h = h * self.gamma_1.value.astype(h.dtype)
+        h = h * self.gamma_1[...].astype(h.dtype)
       x = x + drop_path(h, self.drop_path_rate, rng1)
     stats = None
     with jax.named_scope(f"ffn_{self.ffn_kind}"):
@@ -94,6 +94,6 @@ class Block(nnx.Module):
       else:
         h, stats = self.ffn(self.norm2(x), modality, valid)
       if self.gamma_2 is not None:
-        h = h * self.gamma_2.value.astype(h.dtype)
+        h = h * self.gamma_2[...].astype(h.dtype)
       x = x + drop_path(h.astype(x.dtype), self.drop_path_rate, rng2)
     return x, stats

@@ -57,14 +57,14 @@ class ImageEmbed(nnx.Module):
     dt = self.dtype
     patches = patchify(images.astype(dt), self.patch)
     x = jnp.einsum("bnijc,ijcd->bnd", patches,
-                   self.patch_kernel.value.astype(dt))
-    x = x + self.patch_bias.value.astype(dt)
-    cls = jnp.broadcast_to(self.cls_token.value.astype(dt),
+                   self.patch_kernel[...].astype(dt))
+    x = x + self.patch_bias[...].astype(dt)
+    cls = jnp.broadcast_to(self.cls_token[...].astype(dt),
                            (x.shape[0], 1, x.shape[-1]))
     x = jnp.concatenate([cls, x], axis=1)
     # Positions are added here, before MIM keeps only the visible patches,
     # so every kept patch still knows where it was.
-    return x + self.pos_embed.value.astype(dt)[: x.shape[1]]
+    return x + self.pos_embed[...].astype(dt)[: x.shape[1]]
 
 
 class TextEmbed(nnx.Module):
@@ -80,6 +80,6 @@ class TextEmbed(nnx.Module):
     self.dtype = dtype
 
   def __call__(self, text: jax.Array) -> jax.Array:
-    x = jnp.take(self.word_embed.value, text, axis=0)
+    x = jnp.take(self.word_embed[...], text, axis=0)
     x = self.norm(x)
-    return x + self.pos_embed.value.astype(self.dtype)[: text.shape[1]]
+    return x + self.pos_embed[...].astype(self.dtype)[: text.shape[1]]

@@ -58,13 +58,13 @@ class EVE(nnx.Module):
     """[B, H, W, 3] -> [B, 1 + N, D], positions and image type added."""
     with jax.named_scope("embed_image"):
       x = self.image_embed(images)
-      return x + self.type_embed.value[IMAGE].astype(x.dtype)
+      return x + self.type_embed[...][IMAGE].astype(x.dtype)
 
   def embed_text(self, text: jax.Array) -> jax.Array:
     """[B, Lt] ids -> [B, Lt, D], positions and text type added."""
     with jax.named_scope("embed_text"):
       x = self.text_embed(text)
-      return x + self.type_embed.value[TEXT].astype(x.dtype)
+      return x + self.type_embed[...][TEXT].astype(x.dtype)
 
   def encode(self, image_tokens: jax.Array, text_tokens: jax.Array,
              text_valid: jax.Array, *, rng: jax.Array | None = None

@@ -70,11 +70,11 @@ class MIMDecoder(nnx.Module):
     """
     b = visible.shape[0]
     x = self.embed(visible)
-    full = jnp.broadcast_to(self.mask_token.value.astype(x.dtype),
+    full = jnp.broadcast_to(self.mask_token[...].astype(x.dtype),
                             (b, self.num_patches, x.shape[-1]))
     full = jax.vmap(lambda f, i, v: f.at[i].set(v))(full, keep_idx, x[:, 1:])
     x = jnp.concatenate([x[:, :1], full], axis=1)
-    x = x + self.pos_embed.value.astype(x.dtype)
+    x = x + self.pos_embed[...].astype(x.dtype)
     valid = jnp.ones(x.shape[:2], bool)
     for block in self.blocks:
       x, _ = block(x, valid=valid)

@@ -1,6 +1,6 @@
 """Small building blocks shared by the encoder, the MIM decoder and the heads.
 
-Every parameter carries logical axis names in its `axes` metadata (`embed`,
+Every parameter carries logical axis names in its `out_sharding` metadata (`embed`,
 `mlp`, `heads`, `kv`, `vocab`, `expert`, ...); `eve_jax.sharding` maps them
 to mesh axes. Layers compute in `dtype` and keep parameters in float32.
 
@@ -23,8 +23,10 @@ def param(rngs: nnx.Rngs, init, shape: Sequence[int],
           axes: Sequence[str | None]) -> nnx.Param:
   """A float32 parameter initialized by `init`, named by logical `axes`."""
   assert len(shape) == len(axes), (shape, axes)
+  # eager_sharding=False: the names are recorded (nnx.get_partition_spec
+  # reads them) but applied only by a jitted init under a mesh.
   return nnx.Param(init(rngs.params(), tuple(shape), jnp.float32),
-                   axes=tuple(axes))
+                   out_sharding=tuple(axes), eager_sharding=False)
 
 
 def activation_fn(name: str):
@@ -32,8 +34,9 @@ def activation_fn(name: str):
   if name == "gelu":
     return lambda x: jax.nn.gelu(x, approximate=False)
   if name == "quick_gelu":
+    # What the released EVE (CLIP-style) weights were trained with.
     return lambda x: x * jax.nn.sigmoid(1.702 * x)
-  raise ValueError(f"unknown activation {name!r}")
+  raise ValueError(f"activation: expected 'gelu' or 'quick_gelu', got {name!r}")
 
 
 class Dense(nnx.Module):
@@ -48,9 +51,9 @@ class Dense(nnx.Module):
 
   def __call__(self, x: jax.Array) -> jax.Array:
     y = jnp.einsum("...d,df->...f", x.astype(self.dtype),
-                   self.kernel.value.astype(self.dtype))
+                   self.kernel[...].astype(self.dtype))
     if self.bias is not None:
-      y = y + self.bias.value.astype(self.dtype)
+      y = y + self.bias[...].astype(self.dtype)
     return y
 
 
@@ -67,7 +70,7 @@ class LayerNorm(nnx.Module):
     mean = x32.mean(-1, keepdims=True)
     var = jnp.square(x32 - mean).mean(-1, keepdims=True)
     y = (x32 - mean) * jax.lax.rsqrt(var + LN_EPS)
-    return (y * self.scale.value + self.bias.value).astype(self.dtype)
+    return (y * self.scale[...] + self.bias[...]).astype(self.dtype)
 
 
 class MLP(nnx.Module):

@@ -23,6 +23,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from eve_jax.model.layers import activation_fn as gelu_fn
+
 _LN_EPS = 1e-6
 _KERNEL_INIT = nnx.initializers.truncated_normal(stddev=0.02)
 _ZEROS = nnx.initializers.zeros_init()
@@ -41,16 +43,6 @@ def expert_capacity(group_size: int, num_experts: int, top_k: int,
     return group_size
   c = math.ceil(top_k * group_size * capacity_factor / num_experts)
   return max(1, min(c, group_size))
-
-
-def gelu_fn(name: str) -> Callable[[jax.Array], jax.Array]:
-  """Activation by name: "gelu" (exact erf, as BEiT) or "quick_gelu"."""
-  if name == "gelu":
-    return lambda x: jax.nn.gelu(x, approximate=False)
-  if name == "quick_gelu":
-    # x * sigmoid(1.702 x): what the released EVE (CLIP-style) weights use.
-    return lambda x: x * jax.nn.sigmoid(1.702 * x)
-  raise ValueError(f"activation: expected 'gelu' or 'quick_gelu', got {name!r}")
 
 
 @flax.struct.dataclass

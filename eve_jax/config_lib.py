@@ -1,4 +1,8 @@
-"""Pieces shared by the config files: the arg parser and the default blocks."""
+"""What the files in configs/ share: the arg parser and the recipe blocks.
+
+It lives in the package (not next to the config files) so that a config file
+can be loaded from any working directory by path.
+"""
 
 from __future__ import annotations
 
@@ -57,4 +61,35 @@ def pretrain_config(variant: str) -> ml_collections.ConfigDict:
   c.data = ml_collections.ConfigDict(dict(
       name="corpora", dir="", tokenizer="", vocab_size=30522,
       num_tokenizer_captions=4000))
+  return c
+
+
+def shapes_config(variant: str) -> ml_collections.ConfigDict:
+  """EVE-Shapes pretraining sized for a CPU (tiny) or a quick check (small)."""
+  c = pretrain_config(variant)
+  c.data.name = "shapes"
+  c.data.vocab_size = 64
+  c.model.vocab_size = 64
+  c.model.max_text_len = 18  # the longest EVE-Shapes caption + CLS
+  c.optim.update(dict(lr=1e-3, warmup_steps=100, grad_clip_norm=1.0))
+  c.train.update(dict(steps=1500, batch_size=64, log_every=50,
+                      checkpoint_every=500, eval_every=500,
+                      eval_examples=512, eval_batch_size=128))
+  if variant == "small":
+    c.train.update(dict(steps=100, batch_size=8, eval_examples=64,
+                        eval_batch_size=8))
+  return c
+
+
+def get_pretrain_config(arg: str | None, default_variant: str
+                        ) -> ml_collections.ConfigDict:
+  """configs/base.py and configs/large.py: the paper's recipe for base and
+  large, EVE-Shapes for tiny and small."""
+  a = parse_arg(arg, variant=default_variant)
+  if a.variant in ("tiny", "small"):
+    return shapes_config(a.variant)
+  c = pretrain_config(a.variant)
+  if a.variant == "large":  # paper: 280k steps at peak lr 2e-4
+    c.optim.lr = 2e-4
+    c.train.steps = 280_000
   return c
