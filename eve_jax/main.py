@@ -11,6 +11,7 @@ debug verbosity (-v 1).
 
 from __future__ import annotations
 
+import logging as std_logging
 import sys
 import traceback
 
@@ -24,7 +25,17 @@ _WORKDIR = flags.DEFINE_string("workdir", None,
                                "Run directory: checkpoints, metrics, eval.")
 
 
+class _QuietLibraries(std_logging.Filter):
+  """Drops the INFO chatter of orbax/grain (dozens of lines per checkpoint);
+  their warnings and errors still show."""
+
+  def filter(self, record: std_logging.LogRecord) -> bool:
+    return (record.levelno >= std_logging.WARNING or not any(
+        f"/{lib}/" in record.pathname for lib in ("orbax", "grain")))
+
+
 def main(argv) -> None:
+  logging.get_absl_handler().addFilter(_QuietLibraries())
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   config = _CONFIG.value

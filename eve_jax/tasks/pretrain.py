@@ -205,7 +205,8 @@ class PretrainTask:
       (scalar loss, metrics dict of scalars).
     """
     cfg = model.cfg
-    r_mask, r_mlm, r_mim = jax.random.split(rng, 3)
+    r_mask, r_drop = jax.random.split(rng)
+    r_mlm, r_mim = jax.random.split(r_drop)
     text_in, text_mask, keep_idx, patch_mask = self.masks(
         r_mask, batch, cfg.num_patches)
     images = batch["image"]
@@ -246,7 +247,8 @@ def eval_sums(task: PretrainTask, model: EVEPretrainModel,
   cfg = model.cfg
   images, text, valid = batch["image"], batch["text"], batch["text_valid"]
   ex_valid = batch.get("example_valid", jnp.ones(text.shape[:1], bool))
-  text_in, text_mask, keep_idx, patch_mask = task.masks(rng, batch,
+  r_mask, _ = jax.random.split(rng)  # the masks `PretrainTask.loss` draws
+  text_in, text_mask, keep_idx, patch_mask = task.masks(r_mask, batch,
                                                         cfg.num_patches)
   text_mask = text_mask & ex_valid[:, None]
   patch_mask = patch_mask & ex_valid[:, None]
