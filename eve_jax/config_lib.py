@@ -71,8 +71,12 @@ def shapes_config(variant: str) -> ml_collections.ConfigDict:
   c.data.vocab_size = 64
   c.model.vocab_size = 64
   c.model.max_text_len = 18  # the longest EVE-Shapes caption + CLS
+  # Stochastic depth regularizes; on an endless procedural stream it only
+  # slows a 4-layer model down.
+  c.model.drop_path = 0.0
+  # 1e-3 learns shapes; 2e-3 learns colors faster but never shapes (measured).
   c.optim.update(dict(lr=1e-3, warmup_steps=100, grad_clip_norm=1.0))
-  c.train.update(dict(steps=1500, batch_size=64, log_every=50,
+  c.train.update(dict(steps=2000, batch_size=32, log_every=50,
                       checkpoint_every=500, eval_every=500,
                       eval_examples=512, eval_batch_size=128))
   if variant == "small":

@@ -243,12 +243,14 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
         pending, t_log, n_log = [], time.perf_counter(), 0
       if (config.train.eval_every and step % config.train.eval_every == 0
           ) or step == total_steps:
+        t_eval = time.perf_counter()
         last_eval = evaluate(eval_step, state.params, config, tokenizer,
                              model_cfg)
         writer.write_eval(step, last_eval)
         progress.message(f"eval at step {step}: " + json.dumps(
             {k: round(v, 4) for k, v in last_eval.items()}))
-        t_log = time.perf_counter()  # evaluation is not training throughput
+        # Evaluation time is not training throughput.
+        t_log += time.perf_counter() - t_eval
       if ckpt.should_save(step, total_steps):
         ckpt.save(step, state, train_iter.get_state())
     progress.close()

@@ -81,7 +81,7 @@ def test_config_errors_name_the_key():
 
 def _tiny(**kw) -> ModelConfig:
   kw = dict(dict(VARIANTS["tiny"], vocab_size=50, max_text_len=16,
-                 drop_path=0.0), **kw)
+                 drop_path=0.0, image_size=32, patch_size=4), **kw)
   return ModelConfig(**kw)
 
 

@@ -76,9 +76,11 @@ def test_train_and_eval_are_disjoint():
     train = ShapesSource(split="train", seed=0, image_size=IMAGE_SIZE, length=100)
     evals = ShapesSource(split="eval", seed=0, image_size=IMAGE_SIZE, length=100)
     assert train.stream_seed != evals.stream_seed
-    train_images = {train[i]["image"].tobytes() for i in range(100)}
-    eval_images = {evals[i]["image"].tobytes() for i in range(100)}
-    assert not train_images & eval_images
+    # Different streams: index by index the scenes differ (the world has only
+    # 48 one-object scenes, so equal scenes across the splits do occur).
+    same = sum(train[i]["image"].tobytes() == evals[i]["image"].tobytes()
+               for i in range(100))
+    assert same < 10
 
 
 def test_bad_arguments(tok):

@@ -92,7 +92,8 @@ def test_mim_baseline_and_norm_pix_targets():
 
 def _task_and_model(**model_kw):
   cfg = ModelConfig(**dict(dict(VARIANTS["tiny"], vocab_size=40,
-                                max_text_len=12), **model_kw))
+                                max_text_len=12, image_size=32, patch_size=4),
+                           **model_kw))
   model = EVEPretrainModel(cfg, rngs=nnx.Rngs(params=0))
   task = PretrainTask(MaskingConfig(), mask_id=MASK, cls_id=CLS,
                       vocab_size=40, num_special=4)

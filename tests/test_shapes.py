@@ -36,10 +36,12 @@ def test_same_seed_index_is_bitwise_identical():
 
 
 def test_different_index_or_seed_differs():
-    images = {shapes.generate(0, i).image.tobytes() for i in range(50)}
-    assert len(images) == 50
-    other_seed = {shapes.generate(1, i).image.tobytes() for i in range(50)}
-    assert not images & other_seed
+    # The world is small (48 distinct one-object scenes), so streams are
+    # compared index by index rather than as sets.
+    a = [shapes.generate(0, i).image.tobytes() for i in range(100)]
+    b = [shapes.generate(1, i).image.tobytes() for i in range(100)]
+    assert len(set(a)) > 80
+    assert sum(x != y for x, y in zip(a, b)) > 90
 
 
 def test_generate_caption_matches_generate():
@@ -72,10 +74,11 @@ def test_image_matches_caption_and_masks(image_size):
             mask = ex.object_masks[k]
             assert mask.sum() >= 3, (i, obj)
             assert (ex.image[mask] == shapes.COLORS[obj.color]).all()
-            # The object lies in its own column, so "left of" holds.
+            # The object lies inside one grid column, so objects never overlap.
             cols = np.nonzero(mask.any(axis=0))[0]
-            column = image_size / n
-            assert cols.min() + 0.5 >= k * column and cols.max() + 0.5 <= (k + 1) * column
+            column = image_size / shapes.GRID
+            c = int(obj.x_center // column)
+            assert cols.min() + 0.5 >= c * column and cols.max() + 0.5 <= (c + 1) * column
             centroid_x = np.nonzero(mask)[1].mean() + 0.5
             assert abs(centroid_x - obj.x_center) < 0.2 * image_size
         xs = [o.x_center for o in ex.objects]
@@ -85,17 +88,18 @@ def test_image_matches_caption_and_masks(image_size):
 
 
 def test_sizes_are_separable():
-    """At 32 px every large shape covers more pixels than any small one of its kind."""
+    """At 64 px (the tiny config) every large shape covers more pixels than any
+    small one of its kind, about 2.7x on average."""
     areas = collections.defaultdict(list)
     for i in range(600):
-        ex = shapes.generate(11, i, 32)
+        ex = shapes.generate(11, i, 64)
         for k, obj in enumerate(ex.objects):
             areas[obj.shape, obj.size].append(int(ex.object_masks[k].sum()))
     for shape in shapes.SHAPES:
         small, large = areas[shape, "small"], areas[shape, "large"]
         assert small and large
         assert min(large) > max(small), (shape, min(large), max(small))
-        assert np.mean(large) > 2.5 * np.mean(small)
+        assert np.mean(large) > 2.2 * np.mean(small)
 
 
 def test_object_count_frequencies_and_coverage():

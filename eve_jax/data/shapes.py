@@ -8,11 +8,14 @@ caption from a tiny grammar:
   3 objects: "a small red circle left of a large blue square left of a small
              white cross"
 
-Objects are listed left to right. The canvas width is split into n equal
-columns with one object per column, so objects never overlap and "left of"
-is always true, whatever the random y positions. Colors and shape names
-(`VISUAL_WORDS`) cannot be guessed from the rest of the caption, so masked
-word accuracy on them measures real use of the image (DESIGN.md section 4).
+Objects are listed left to right. The canvas is a 4 x 4 board of cells;
+the n objects take n distinct random columns and stand on the horizontal
+midline, so objects never overlap and "left of" is always true. At the tiny
+config's 64 px with 16 px patches every object lies in one patch column.
+Colors and shape names (`VISUAL_WORDS`) cannot be guessed from the rest of
+the caption, so masked-word accuracy on them measures real use of the image
+(DESIGN.md section 4); the full caption tells MIM what the masked objects
+look like and in which order they stand.
 
 Everything is a pure function of (seed, index): no global RNG state, so any
 record can be regenerated on any host in any order.
@@ -42,12 +45,12 @@ MAX_OBJECTS = 3
 
 # P(1 object), P(2 objects), P(3 objects).
 _COUNT_PROBS = (0.4, 0.4, 0.2)
-# Bounding half-extent of a shape as a fraction of image_size. The large one
-# must fit a third of the canvas (2 * 0.16 < 1/3) so the column layout never
-# overlaps; the area ratio large/small is ~3.5, clearly separable at 32 px.
-_RADIUS = {"small": 0.085, "large": 0.16}
-# Maximal horizontal jitter around the column center, fraction of image_size.
-_MAX_X_JITTER = 0.05
+# The canvas is a GRID x GRID board of cells (at 64 px and 16 px patches,
+# one cell per patch); an object is centered in its cell column.
+GRID = 4
+# Bounding half-extent of a shape as a fraction of the cell: the large one
+# nearly fills it, the small one has ~2.7x less area.
+_RADIUS = {"small": 0.28, "large": 0.46}
 
 
 class ShapeObject(NamedTuple):
@@ -79,26 +82,23 @@ class Example:
 
 
 def _sample_objects(rng: np.random.Generator, image_size: int) -> tuple[ShapeObject, ...]:
-    """Samples the scene layout; the caption depends only on this."""
+    """Samples the scene; the caption depends only on this.
+
+    n objects take n distinct random columns of the grid, listed left to
+    right, each centered in its column on the horizontal midline: no
+    overlap, and "left of" always true.
+    """
     n = int(rng.choice(3, p=_COUNT_PROBS)) + 1
     color_ids = rng.integers(len(COLORS), size=n)
     shape_ids = rng.integers(len(SHAPES), size=n)
     size_ids = rng.integers(len(SIZES), size=n)
-    u = rng.random((n, 2))
+    columns = np.sort(rng.choice(GRID, size=n, replace=False))
     colors = tuple(COLORS)
-    column = image_size / n
-    objects = []
-    for k in range(n):
-        size = SIZES[size_ids[k]]
-        r = _RADIUS[size] * image_size
-        # Jitter keeps the shape's bounding box inside its own column.
-        jitter = min(column / 2 - r, _MAX_X_JITTER * image_size)
-        x = (k + 0.5) * column + (2 * u[k, 0] - 1) * jitter
-        y = r + u[k, 1] * (image_size - 2 * r)
-        objects.append(
-            ShapeObject(colors[color_ids[k]], SHAPES[shape_ids[k]], size, float(x), float(y))
-        )
-    return tuple(objects)
+    cell = image_size / GRID
+    return tuple(
+        ShapeObject(colors[color_ids[k]], SHAPES[shape_ids[k]], SIZES[size_ids[k]],
+                    float((columns[k] + 0.5) * cell), image_size / 2)
+        for k in range(n))
 
 
 def _caption(objects: tuple[ShapeObject, ...]) -> str:
@@ -109,7 +109,7 @@ def _caption(objects: tuple[ShapeObject, ...]) -> str:
 
 def _shape_mask(obj: ShapeObject, image_size: int) -> np.ndarray:
     """Rasterizes one object (pixel centers inside the shape): bool [H, W]."""
-    r = _RADIUS[obj.size] * image_size
+    r = _RADIUS[obj.size] * image_size / GRID
     mask = np.zeros((image_size, image_size), dtype=bool)
     # Only the bounding box is evaluated: ~100 pixels instead of H * W.
     y0, y1 = max(int(obj.y_center - r), 0), min(int(obj.y_center + r) + 1, image_size)

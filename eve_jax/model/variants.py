@@ -7,7 +7,7 @@ Variant table (paper, Implementation Details and Appendix):
 
 | variant | layers | width | heads | MLP  | soft-MoE layers | experts | decoder   | image/patch |
 |---------|--------|-------|-------|------|-----------------|---------|-----------|-------------|
-| tiny    | 4      | 128   | 4     | 512  | top 2           | 4       | 128x2x4   | 32 / 4      |
+| tiny    | 4      | 128   | 4     | 512  | top 2           | 4       | 128x2x4   | 64 / 16     |
 | small   | 6      | 384   | 6     | 1536 | top 2           | 8       | 256x4x8   | 224 / 16    |
 | base    | 12     | 768   | 12    | 3072 | top 2 (10, 11)  | 32      | 512x8x16  | 224 / 16    |
 | large   | 24     | 1024  | 16    | 4096 | top 3 (21..23)  | 32      | 512x8x16  | 224 / 16    |
@@ -21,7 +21,7 @@ from typing import Any
 VARIANTS: dict[str, dict[str, Any]] = {
     "tiny": dict(depth=4, width=128, heads=4, mlp_dim=512, num_soft_layers=2,
                  num_experts=4, decoder_width=128, decoder_depth=2,
-                 decoder_heads=4, image_size=32, patch_size=4),
+                 decoder_heads=4, image_size=64, patch_size=16),
     "small": dict(depth=6, width=384, heads=6, mlp_dim=1536, num_soft_layers=2,
                   num_experts=8, decoder_width=256, decoder_depth=4,
                   decoder_heads=8, image_size=224, patch_size=16),
@@ -53,8 +53,8 @@ class ModelConfig:
   decoder_width: int = 128
   decoder_depth: int = 2
   decoder_heads: int = 4
-  image_size: int = 32
-  patch_size: int = 4
+  image_size: int = 64
+  patch_size: int = 16
   vocab_size: int = 64
   max_text_len: int = 40
   max_text_positions: int = 196
