@@ -70,7 +70,7 @@ def shapes_config(variant: str) -> ml_collections.ConfigDict:
   c.data.name = "shapes"
   c.data.vocab_size = 64
   c.model.vocab_size = 64
-  c.model.max_text_len = 18  # the longest EVE-Shapes caption + CLS
+  c.model.max_text_len = 17  # the longest EVE-Shapes caption (16 words) + CLS
   # Stochastic depth regularizes; on an endless procedural stream it only
   # slows a 4-layer model down.
   c.model.drop_path = 0.0

@@ -86,9 +86,11 @@ def _flatten(tree, prefix=""):
 
 
 def _main(*args, cwd=REPO, timeout=600):
+  """Runs the CLI as a user would: one CPU device, not the tests' 8 fake ones."""
+  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
   return subprocess.run([sys.executable, "-m", "eve_jax.main", *args],
                         cwd=cwd, capture_output=True, text=True,
-                        timeout=timeout)
+                        timeout=timeout, env=env)
 
 
 @pytest.mark.parametrize("config", ["configs/base.py", "configs/large.py"])
@@ -152,3 +154,17 @@ def test_tiny_pretraining_learns_to_use_the_image(tmp_path):
   assert ev["mlm_acc_visual_blank"] <= 0.5 * ev["mlm_acc_visual"], ev
   assert ev["mim_loss"] <= 0.7 * ev["mim_loss_baseline"], ev
   assert ev["num_masked_visual_words"] >= 500, ev
+
+
+def test_tiny_text_length_fits_the_longest_caption(tmp_path):
+  """max_text_len 17 = CLS + the 16 words of a three-object caption: nothing
+  of an EVE-Shapes caption is ever truncated."""
+  from eve_jax.data import shapes
+  from eve_jax.data.tokenizer import shapes_tokenizer
+  c = config_lib.get_pretrain_config("tiny", default_variant="base")
+  tok = shapes_tokenizer(str(tmp_path / "t.model"), vocab_size=64,
+                         num_captions=500)
+  longest = max((shapes.generate_caption(0, i) for i in range(500)),
+                key=lambda s: len(s.split()))
+  assert len(longest.split()) == 16
+  assert 1 + len(tok.encode(longest)) == c.model.max_text_len

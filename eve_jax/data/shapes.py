@@ -9,9 +9,9 @@ caption from a tiny grammar:
              white cross"
 
 Objects are listed left to right. The canvas is a 4 x 4 board of cells;
-the n objects take n distinct random columns and stand on the horizontal
-midline, so objects never overlap and "left of" is always true. At the tiny
-config's 64 px with 16 px patches every object lies in one patch column.
+the n objects take n distinct random columns of its second row, so objects
+never overlap and "left of" is always true. At the tiny config's 64 px with
+16 px patches every object lies inside one patch.
 Colors and shape names (`VISUAL_WORDS`) cannot be guessed from the rest of
 the caption, so masked-word accuracy on them measures real use of the image
 (DESIGN.md section 4); the full caption tells MIM what the masked objects
@@ -51,6 +51,9 @@ GRID = 4
 # Bounding half-extent of a shape as a fraction of the cell: the large one
 # nearly fills it, the small one has ~2.7x less area.
 _RADIUS = {"small": 0.28, "large": 0.46}
+# Objects stand in the second row of cells (center 1.5 cells from the top):
+# inside one 16 px patch each at 64 px, so a patch sees a whole shape.
+_ROW_CENTER = 1.5
 
 
 class ShapeObject(NamedTuple):
@@ -85,8 +88,8 @@ def _sample_objects(rng: np.random.Generator, image_size: int) -> tuple[ShapeObj
     """Samples the scene; the caption depends only on this.
 
     n objects take n distinct random columns of the grid, listed left to
-    right, each centered in its column on the horizontal midline: no
-    overlap, and "left of" always true.
+    right, each centered in its cell of the second row: no overlap, and
+    "left of" always true.
     """
     n = int(rng.choice(3, p=_COUNT_PROBS)) + 1
     color_ids = rng.integers(len(COLORS), size=n)
@@ -97,7 +100,7 @@ def _sample_objects(rng: np.random.Generator, image_size: int) -> tuple[ShapeObj
     cell = image_size / GRID
     return tuple(
         ShapeObject(colors[color_ids[k]], SHAPES[shape_ids[k]], SIZES[size_ids[k]],
-                    float((columns[k] + 0.5) * cell), image_size / 2)
+                    float((columns[k] + 0.5) * cell), _ROW_CENTER * cell)
         for k in range(n))
 
 
