@@ -118,6 +118,7 @@ def test_config_runs_from_another_directory(tmp_path):
               f"--workdir={tmp_path}/w", "--config.train.steps=1",
               "--config.train.batch_size=4", "--config.train.eval_examples=4",
               "--config.train.eval_batch_size=4", "--config.model.depth=1",
+              "--config.model.num_soft_layers=1",
               "--config.model.decoder_depth=1", cwd=str(tmp_path))
   assert out.returncode == 0, out.stderr[-2000:]
   assert read_jsonl(f"{tmp_path}/w/metrics.jsonl")[-1]["step"] == 1
