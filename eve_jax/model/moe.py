@@ -16,7 +16,7 @@ with `out_shardings`), so building a layer needs no mesh.
 from __future__ import annotations
 
 import math
-from typing import Callable, Sequence
+from typing import Sequence
 
 import flax.struct
 import jax
