@@ -197,15 +197,14 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   eval_step = jax.jit(functools.partial(
       _eval_step, graphdef=graphdef, task=task,
       visual_ids=jnp.asarray(tokenizer.word_ids(shapes.VISUAL_WORDS)),
-      blank=jnp.asarray(shapes.blank_image(model_cfg.image_size),
-                        jnp.float32) / 127.5 - 1.0))
+      blank=jnp.asarray(data_pipeline.normalize_image(
+          shapes.blank_image(model_cfg.image_size)))))
 
   writer = MetricWriter(workdir, enabled=is_main)
   last_eval: dict[str, Any] = {}
   if start >= total_steps:
     logging.info("already at step %d of %d: nothing to train", start,
                  total_steps)
-    step_fn = None
   else:
     batch = next(train_iter)
     t0 = time.perf_counter()

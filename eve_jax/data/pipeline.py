@@ -26,6 +26,11 @@ SPLITS = ("train", "eval")
 TRAIN_LENGTH = 2**30
 
 
+def normalize_image(image: np.ndarray) -> np.ndarray:
+    """uint8 [..., 3] -> float32 in [-1, 1]: mean = std = 0.5 in [0, 1] units."""
+    return image.astype(np.float32) / 127.5 - 1.0
+
+
 def split_seed(seed: int, split: str) -> int:
     """Generator stream of `split`: train and eval never share a stream.
 
@@ -78,8 +83,7 @@ class _Preprocess(grain.transforms.Map):
     def map(self, record: dict[str, Any]) -> dict[str, np.ndarray]:
         ids, valid = self._tokenizer.encode_batch([record["caption"]], self._max_text_len)
         return {
-            # mean = std = 0.5 in [0, 1] units, i.e. pixels in [-1, 1].
-            "image": record["image"].astype(np.float32) / 127.5 - 1.0,
+            "image": normalize_image(record["image"]),
             "text": ids[0],
             "text_valid": valid[0],
             "index": np.int64(record["index"]),
