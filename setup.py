@@ -16,7 +16,7 @@ setup(
         # jax 0.10.2 is the newest release that supports Python 3.11.
         "jax>=0.10.2",
         "flax>=0.12.8,<0.13",
-        "optax>=0.2.4",
+        "optax>=0.2.6",  # optax.tree.norm
         "orbax-checkpoint>=0.11",
         "grain>=0.2.12",
         "tensorflow-datasets>=4.9.7",
