@@ -20,13 +20,23 @@ trunc_normal = jax.nn.initializers.truncated_normal(stddev=0.02)
 
 
 def param(rngs: nnx.Rngs, init, shape: Sequence[int],
-          axes: Sequence[str | None]) -> nnx.Param:
-  """A float32 parameter initialized by `init`, named by logical `axes`."""
+          axes: Sequence[str | None], dtype=jnp.float32) -> nnx.Param:
+  """A parameter initialized by `init`, named by logical `axes`."""
   assert len(shape) == len(axes), (shape, axes)
   # eager_sharding=False: the names are recorded (nnx.get_partition_spec
   # reads them) but applied only by a jitted init under a mesh.
-  return nnx.Param(init(rngs.params(), tuple(shape), jnp.float32),
+  return nnx.Param(init(rngs.params(), tuple(shape), dtype),
                    out_sharding=tuple(axes), eager_sharding=False)
+
+
+def layer_norm(x: jax.Array, scale: jax.Array, bias: jax.Array,
+               dtype) -> jax.Array:
+  """LayerNorm over the last axis (eps 1e-6), statistics in float32."""
+  x32 = x.astype(jnp.float32)
+  mean = x32.mean(-1, keepdims=True)
+  var = jnp.square(x32 - mean).mean(-1, keepdims=True)
+  y = (x32 - mean) * jax.lax.rsqrt(var + LN_EPS)
+  return (y * scale.astype(jnp.float32) + bias.astype(jnp.float32)).astype(dtype)
 
 
 def activation_fn(name: str):
@@ -66,11 +76,7 @@ class LayerNorm(nnx.Module):
     self.dtype = dtype
 
   def __call__(self, x: jax.Array) -> jax.Array:
-    x32 = x.astype(jnp.float32)
-    mean = x32.mean(-1, keepdims=True)
-    var = jnp.square(x32 - mean).mean(-1, keepdims=True)
-    y = (x32 - mean) * jax.lax.rsqrt(var + LN_EPS)
-    return (y * self.scale[...] + self.bias[...]).astype(self.dtype)
+    return layer_norm(x, self.scale[...], self.bias[...], self.dtype)
 
 
 class MLP(nnx.Module):

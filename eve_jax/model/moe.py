@@ -24,8 +24,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 from eve_jax.model.layers import activation_fn as gelu_fn
+from eve_jax.model.layers import layer_norm, param
 
-_LN_EPS = 1e-6
 _KERNEL_INIT = nnx.initializers.truncated_normal(stddev=0.02)
 _ZEROS = nnx.initializers.zeros_init()
 _ONES = nnx.initializers.ones_init()
@@ -151,12 +151,6 @@ class MoEStats:
   expert_counts: jax.Array
 
 
-def _param(rngs: nnx.Rngs, init, shape: Sequence[int], dtype,
-           names: tuple[str | None, ...]) -> nnx.Param:
-  return nnx.Param(init(rngs.params(), tuple(shape), dtype),
-                   out_sharding=names, eager_sharding=False)
-
-
 class ModalityMoE(nnx.Module):
   """Soft-router layer: E experts, top-K, modality-aware router (eqs. 4-7).
 
@@ -182,17 +176,17 @@ class ModalityMoE(nnx.Module):
     self.activation = activation
     self.dtype = dtype
     e, d, f, m = num_experts, dim, hidden, num_modalities
-    self.kernel = _param(rngs, _KERNEL_INIT, (d, e), param_dtype,
-                         ("embed", None))
+    self.kernel = param(rngs, _KERNEL_INIT, (d, e), ("embed", None),
+                        param_dtype)
     # Small normal rather than zeros: the router sees the modality from step 0.
-    self.modality_embed = _param(rngs, _KERNEL_INIT, (m, d), param_dtype,
-                                 (None, "embed"))
-    self.wi = _param(rngs, _KERNEL_INIT, (e, d, f), param_dtype,
-                     ("expert", "embed", "mlp"))
-    self.bi = _param(rngs, _ZEROS, (e, f), param_dtype, ("expert", "mlp"))
-    self.wo = _param(rngs, _KERNEL_INIT, (e, f, d), param_dtype,
-                     ("expert", "mlp", "embed"))
-    self.bo = _param(rngs, _ZEROS, (e, d), param_dtype, ("expert", "embed"))
+    self.modality_embed = param(rngs, _KERNEL_INIT, (m, d), (None, "embed"),
+                                param_dtype)
+    self.wi = param(rngs, _KERNEL_INIT, (e, d, f), ("expert", "embed", "mlp"),
+                    param_dtype)
+    self.bi = param(rngs, _ZEROS, (e, f), ("expert", "mlp"), param_dtype)
+    self.wo = param(rngs, _KERNEL_INIT, (e, f, d), ("expert", "mlp", "embed"),
+                    param_dtype)
+    self.bo = param(rngs, _ZEROS, (e, d), ("expert", "embed"), param_dtype)
 
   def __call__(self, x: jax.Array, modality: jax.Array,
                valid: jax.Array) -> tuple[jax.Array, MoEStats]:
@@ -246,17 +240,6 @@ class ModalityMoE(nnx.Module):
                     expert_counts=counts)
 
 
-def _layer_norm(x: jax.Array, scale: jax.Array, bias: jax.Array,
-                dtype) -> jax.Array:
-  """LayerNorm over the last axis, statistics in float32."""
-  x32 = x.astype(jnp.float32)
-  mean = jnp.mean(x32, axis=-1, keepdims=True)
-  var = jnp.mean(jnp.square(x32 - mean), axis=-1, keepdims=True)
-  y = (x32 - mean) * jax.lax.rsqrt(var + _LN_EPS)
-  y = y * scale.astype(jnp.float32) + bias.astype(jnp.float32)
-  return y.astype(dtype)
-
-
 class ModalityFFN(nnx.Module):
   """Hard-router layer: one pre-LayerNorm FFN per modality, picked by id.
 
@@ -272,19 +255,19 @@ class ModalityFFN(nnx.Module):
     self.activation = activation
     self.dtype = dtype
     m, d, f = num_modalities, dim, hidden
-    self.norm_scale = _param(rngs, _ONES, (m, d), param_dtype, (None, "embed"))
-    self.norm_bias = _param(rngs, _ZEROS, (m, d), param_dtype, (None, "embed"))
-    self.wi = _param(rngs, _KERNEL_INIT, (m, d, f), param_dtype,
-                     (None, "embed", "mlp"))
-    self.bi = _param(rngs, _ZEROS, (m, f), param_dtype, (None, "mlp"))
-    self.wo = _param(rngs, _KERNEL_INIT, (m, f, d), param_dtype,
-                     (None, "mlp", "embed"))
-    self.bo = _param(rngs, _ZEROS, (m, d), param_dtype, (None, "embed"))
+    self.norm_scale = param(rngs, _ONES, (m, d), (None, "embed"), param_dtype)
+    self.norm_bias = param(rngs, _ZEROS, (m, d), (None, "embed"), param_dtype)
+    self.wi = param(rngs, _KERNEL_INIT, (m, d, f), (None, "embed", "mlp"),
+                    param_dtype)
+    self.bi = param(rngs, _ZEROS, (m, f), (None, "mlp"), param_dtype)
+    self.wo = param(rngs, _KERNEL_INIT, (m, f, d), (None, "mlp", "embed"),
+                    param_dtype)
+    self.bo = param(rngs, _ZEROS, (m, d), (None, "embed"), param_dtype)
 
   def _ffn(self, x: jax.Array, m: int) -> jax.Array:
     """FFN_m(LN_m(x)) for x [B, L, D]."""
     dt = self.dtype
-    h = _layer_norm(x, self.norm_scale[...][m], self.norm_bias[...][m], dt)
+    h = layer_norm(x, self.norm_scale[...][m], self.norm_bias[...][m], dt)
     h = jnp.einsum("BLD,DF->BLF", h, self.wi[...][m].astype(dt))
     h = gelu_fn(self.activation)(h + self.bi[...][m].astype(dt))
     h = jnp.einsum("BLF,FD->BLD", h, self.wo[...][m].astype(dt))
