@@ -79,11 +79,17 @@ def check_data(config: ml_collections.ConfigDict) -> None:
                   "'shapes', 'corpora'")
 
 
-def make_train_data(config, tokenizer, model_cfg: ModelConfig):
+def _shapes_dataset(config, tokenizer, model_cfg: ModelConfig, **kw):
+  """EVE-Shapes batches at the model's image size and text length."""
   return data_pipeline.make_shapes_dataset(
-      split="train", seed=config.seed, batch_size=config.train.batch_size,
-      image_size=model_cfg.image_size, tokenizer=tokenizer,
-      max_text_len=model_cfg.max_text_len,
+      seed=config.seed, image_size=model_cfg.image_size, tokenizer=tokenizer,
+      max_text_len=model_cfg.max_text_len, **kw)
+
+
+def make_train_data(config, tokenizer, model_cfg: ModelConfig):
+  return _shapes_dataset(
+      config, tokenizer, model_cfg, split="train",
+      batch_size=config.train.batch_size,
       process_index=jax.process_index(), process_count=jax.process_count())
 
 
@@ -92,11 +98,10 @@ def eval_batches(config, tokenizer, model_cfg: ModelConfig
   """The held-out set, every batch padded to eval_batch_size with
   `example_valid` False on the padding rows (one compiled shape)."""
   bs = config.train.eval_batch_size
-  ds = data_pipeline.make_shapes_dataset(
-      split="eval", seed=config.seed, batch_size=bs,
-      image_size=model_cfg.image_size, tokenizer=tokenizer,
-      max_text_len=model_cfg.max_text_len, num_examples=config.train.eval_examples,
-      shuffle=False, repeat=False, drop_remainder=False)
+  ds = _shapes_dataset(
+      config, tokenizer, model_cfg, split="eval", batch_size=bs,
+      num_examples=config.train.eval_examples, shuffle=False, repeat=False,
+      drop_remainder=False)
   for batch in ds:
     n = batch["text"].shape[0]
     batch = {k: v for k, v in batch.items() if k in ("image", "text",

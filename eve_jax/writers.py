@@ -14,6 +14,7 @@ import sys
 import time
 from typing import Any, Mapping
 
+import numpy as np
 from absl import logging
 
 
@@ -22,8 +23,8 @@ def _jsonable(v: Any) -> Any:
     f = float(v)
   except (TypeError, ValueError):
     return v
-  if f.is_integer() and not isinstance(v, float) and abs(f) < 2**53:
-    return int(f)
+  if isinstance(v, (int, np.integer)):
+    return int(v)
   return f if math.isfinite(f) else str(f)
 
 

@@ -16,7 +16,6 @@ with `out_shardings`), so building a layer needs no mesh.
 from __future__ import annotations
 
 import math
-from typing import Sequence
 
 import flax.struct
 import jax
