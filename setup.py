@@ -31,5 +31,8 @@ setup(
     ],
     extras_require={
         "test": ["pytest>=8", "pytest-timeout>=2.3"],
+        # Accelerator builds of the same jax (launch/README.md).
+        "tpu": ["jax[tpu]>=0.10.2"],
+        "cuda12": ["jax[cuda12]>=0.10.2"],
     },
 )

@@ -10,6 +10,7 @@ import dataclasses
 
 import ml_collections
 
+from eve_jax import sharding
 from eve_jax.model.variants import VARIANTS, ModelConfig
 
 
@@ -61,6 +62,9 @@ def pretrain_config(variant: str) -> ml_collections.ConfigDict:
   c.data = ml_collections.ConfigDict(dict(
       name="corpora", dir="", tokenizer="", vocab_size=30522,
       num_tokenizer_captions=4000))
+  # --config.mesh.data=2 --config.mesh.expert=4 ...; see eve_jax/sharding.py.
+  c.mesh = sharding.mesh_config()
+  c.axis_rules = sharding.rules_config()
   return c
 
 

@@ -4,6 +4,10 @@ r"""The entry point: reads flags, then runs the task the config names.
       [--config.train.steps=50 --config.seed=1 ...]
 
 Running it again with the same --workdir resumes from the last checkpoint.
+
+Several hosts: every process runs the same command. On a Cloud TPU VM and
+under SLURM's `srun` they find each other by themselves; elsewhere pass
+--coordinator=HOST:PORT --num_processes=N --process_id=I (launch/README.md).
 Bad input (a config typo, missing data, a mismatched checkpoint) ends with
 one line on stderr and exit code 1; the full traceback goes to the log at
 debug verbosity (-v 1).
@@ -11,7 +15,10 @@ debug verbosity (-v 1).
 
 from __future__ import annotations
 
+import glob
+import importlib.util
 import logging as std_logging
+import os
 import sys
 import traceback
 
@@ -23,6 +30,13 @@ _CONFIG = config_flags.DEFINE_config_file(
     lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None,
                                "Run directory: checkpoints, metrics, eval.")
+_COORDINATOR = flags.DEFINE_string(
+    "coordinator", None, "HOST:PORT of process 0, for a multi-process run "
+    "outside Cloud TPU and SLURM (which are detected by themselves).")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None,
+                                      "Processes in a multi-process run.")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None,
+                                   "This process's index in [0, N).")
 
 
 class _QuietLibraries(std_logging.Filter):
@@ -45,15 +59,65 @@ def main(argv) -> None:
   if not _WORKDIR.value:
     raise app.UsageError("--workdir is required")
   # Imported here so that `--help` and flag errors do not pay for JAX.
-  from eve_jax import train  # pylint: disable=g-import-not-at-top
+  from eve_jax import sharding, train  # pylint: disable=g-import-not-at-top
   tasks = {"pretrain": train.run}
   if config.task not in tasks:
     _fail(f"config.task={config.task!r} is not one of {sorted(tasks)}")
   try:
-    tasks[config.task](config, _WORKDIR.value)
+    init_distributed()
+    mesh = sharding.make_mesh(config.mesh)
+    tasks[config.task](config, _WORKDIR.value, mesh)
   except (ValueError, FileNotFoundError, KeyError) as e:
     logging.debug("%s", traceback.format_exc())
     _fail(str(e).strip().splitlines()[0] if str(e).strip() else repr(e))
+
+
+def cluster_detected() -> str | None:
+  """The multi-host environment jax.distributed can configure itself from:
+  'slurm' inside an `srun` step of several tasks, 'tpu' on a Cloud TPU VM
+  (one host or a pod slice), else None."""
+  if (int(os.environ.get("SLURM_NTASKS", "1")) > 1
+      and "SLURM_STEP_ID" in os.environ):
+    return "slurm"
+  # TPU chips show up as /dev/accel* (v2-v4) or /dev/vfio/* (v5e and later;
+  # VFIO also exists on other machines, hence the libtpu check).
+  has_libtpu = importlib.util.find_spec("libtpu") is not None
+  if (glob.glob("/dev/accel[0-9]*") or os.environ.get("TPU_WORKER_HOSTNAMES")
+      or (has_libtpu and glob.glob("/dev/vfio/[0-9]*"))):
+    return "tpu"
+  return None
+
+
+def init_distributed() -> None:
+  """Joins the other processes, from the flags or the detected cluster.
+
+  Must run before anything touches a device. Raises ValueError (one line)
+  for an incomplete or inconsistent set of flags.
+  """
+  import jax  # pylint: disable=g-import-not-at-top
+  given = {"coordinator": _COORDINATOR.value,
+           "num_processes": _NUM_PROCESSES.value,
+           "process_id": _PROCESS_ID.value}
+  if any(v is not None for v in given.values()):
+    missing = [f"--{k}" for k, v in given.items() if v is None]
+    if missing:
+      raise ValueError(f"a multi-process run needs --coordinator, "
+                       f"--num_processes and --process_id; missing "
+                       f"{', '.join(missing)}")
+    if not 0 <= given["process_id"] < given["num_processes"]:
+      raise ValueError(f"--process_id={given['process_id']} is not in "
+                       f"[0, --num_processes={given['num_processes']})")
+    jax.distributed.initialize(
+        coordinator_address=given["coordinator"],
+        num_processes=given["num_processes"], process_id=given["process_id"])
+  elif cluster_detected():
+    logging.info("%s detected: jax.distributed.initialize()",
+                 cluster_detected())
+    jax.distributed.initialize()
+  if jax.process_count() > 1:
+    logging.info("process %d of %d, %d local devices of %d",
+                 jax.process_index(), jax.process_count(),
+                 jax.local_device_count(), jax.device_count())
 
 
 def _fail(message: str) -> None:

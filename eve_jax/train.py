@@ -1,12 +1,16 @@
 """The pretraining loop: restore, step, log, evaluate, checkpoint.
 
-shapes -> jitted init -> ahead-of-time compiled step with donation -> loop.
-The step is plain JAX over the model's parameter State: `nnx.merge` happens
-inside the traced function, so nothing stateful crosses the jit boundary.
+shapes -> shardings -> jitted init with out_shardings -> ahead-of-time
+compiled step with donation -> loop. The step is plain JAX over the model's
+parameter State: `nnx.merge` happens inside the traced function, so nothing
+stateful crosses the jit boundary. The same code runs on one device, a mesh
+of devices, or several processes (each feeds its own rows of the global
+batch; process 0 writes metrics; all write checkpoints together).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import os
@@ -21,7 +25,9 @@ import numpy as np
 import optax
 from absl import logging
 from flax import nnx
+from jax.experimental import multihost_utils
 
+from eve_jax import sharding
 from eve_jax.checkpoint import Checkpointer
 from eve_jax.data import pipeline as data_pipeline
 from eve_jax.data import shapes
@@ -48,8 +54,25 @@ class DataError(ValueError):
 
 def build_tokenizer(config: ml_collections.ConfigDict, workdir: str
                     ) -> Tokenizer:
-  """The run's tokenizer, saved in DIR/tokenizer.model (trained once)."""
+  """The run's tokenizer, saved in DIR/tokenizer.model (trained once).
+
+  With several processes, process 0 makes the file and the others read it
+  (the workdir must be on a filesystem every process sees).
+  """
   path = os.path.join(workdir, "tokenizer.model")
+  if jax.process_count() > 1:
+    if jax.process_index() == 0:
+      _make_tokenizer(config, path)
+    multihost_utils.sync_global_devices("eve_jax tokenizer written")
+    if not os.path.exists(path):
+      raise DataError(f"process {jax.process_index()} cannot see {path} that "
+                      "process 0 wrote: the workdir must be on a filesystem "
+                      "shared by all processes")
+    return Tokenizer(path)
+  return _make_tokenizer(config, path)
+
+
+def _make_tokenizer(config, path: str) -> Tokenizer:
   if os.path.exists(path):
     return Tokenizer(path)
   if config.data.tokenizer:
@@ -86,26 +109,44 @@ def _shapes_dataset(config, tokenizer, model_cfg: ModelConfig, **kw):
       max_text_len=model_cfg.max_text_len, **kw)
 
 
-def make_train_data(config, tokenizer, model_cfg: ModelConfig):
+def make_train_data(config, tokenizer, model_cfg: ModelConfig,
+                    shard: tuple[int, int] = (0, 1)):
+  """This process's training batches: shard (index, count) of the records,
+  batch_size / count rows per batch (see `sharding.process_batch_slice`)."""
+  index, count = shard
   return _shapes_dataset(
       config, tokenizer, model_cfg, split="train",
-      batch_size=config.train.batch_size,
-      process_index=jax.process_index(), process_count=jax.process_count())
+      batch_size=config.train.batch_size // count,
+      process_index=index, process_count=count)
 
 
-def eval_batches(config, tokenizer, model_cfg: ModelConfig
+def eval_batches(config, tokenizer, model_cfg: ModelConfig,
+                 shard: tuple[int, int] = (0, 1)
                  ) -> Iterator[dict[str, np.ndarray]]:
-  """The held-out set, every batch padded to eval_batch_size with
-  `example_valid` False on the padding rows (one compiled shape)."""
-  bs = config.train.eval_batch_size
+  """This process's rows of the held-out set.
+
+  Every batch has eval_batch_size / count rows, padding rows marked by
+  `example_valid` False (one compiled shape), and every process yields the
+  same number of batches (the eval step is one program across processes).
+  """
+  index, count = shard
+  bs = config.train.eval_batch_size // count
+  rows = -(-config.train.eval_examples // count)  # the largest shard
+  num_batches = -(-rows // bs)
   ds = _shapes_dataset(
       config, tokenizer, model_cfg, split="eval", batch_size=bs,
       num_examples=config.train.eval_examples, shuffle=False, repeat=False,
-      drop_remainder=False)
-  for batch in ds:
-    n = batch["text"].shape[0]
+      drop_remainder=False, process_index=index, process_count=count)
+  it = iter(ds)
+  template = None
+  for _ in range(num_batches):
+    batch = next(it, None)
+    if batch is None:  # this shard ran out first: an all-padding batch
+      batch = {k: v[:0] for k, v in template.items()}
     batch = {k: v for k, v in batch.items() if k in ("image", "text",
                                                      "text_valid")}
+    template = template or batch
+    n = batch["text"].shape[0]
     batch["example_valid"] = np.ones((n,), bool)
     if n < bs:
       batch = {k: np.concatenate([v, np.zeros((bs - n,) + v.shape[1:],
@@ -131,12 +172,14 @@ def train_step(state: TrainState, batch, *, graphdef, task: PretrainTask,
                     opt_state=opt_state), metrics
 
 
-def evaluate(eval_step, params, config, tokenizer, model_cfg) -> dict:
+def evaluate(eval_step, params, config, tokenizer, model_cfg,
+             to_global=lambda b: b, shard=(0, 1)) -> dict:
   """Sums `eval_sums` over the whole held-out set, same masks every time."""
   rng = jax.random.key(config.seed + 1)
   total = None
-  for i, batch in enumerate(eval_batches(config, tokenizer, model_cfg)):
-    sums = eval_step(params, batch, jax.random.fold_in(rng, i))
+  for i, batch in enumerate(eval_batches(config, tokenizer, model_cfg,
+                                         shard)):
+    sums = eval_step(params, to_global(batch), jax.random.fold_in(rng, i))
     total = sums if total is None else jax.tree.map(jnp.add, total, sums)
   return eval_metrics(jax.device_get(total))
 
@@ -149,26 +192,74 @@ def _write_config(config, workdir: str) -> None:
   os.replace(path + ".tmp", path)
 
 
-def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+@dataclasses.dataclass
+class RunResult:
+  """What `run` ends with: the last evaluation and the final train state
+  (global arrays on the run's mesh)."""
+  eval: dict[str, Any]
+  state: TrainState
+
+
+def run(config: ml_collections.ConfigDict, workdir: str,
+        mesh: jax.sharding.Mesh | None = None) -> RunResult:
   """Trains (or resumes) the configured pretraining run in `workdir`.
 
-  Returns the last evaluation's metrics.
+  Args:
+    config: the whole config (configs/base.py etc.).
+    workdir: run directory; an existing one is resumed.
+    mesh: the device mesh; default `sharding.make_mesh(config.mesh)` over
+      all devices of all processes.
   """
   check_data(config)
-  os.makedirs(workdir, exist_ok=True)
-  is_main = jax.process_index() == 0
-  tokenizer = build_tokenizer(config, workdir)
+  mesh = sharding.make_mesh(config.mesh) if mesh is None else mesh
+  rules = sharding.parse_rules(config.axis_rules)
+  for name in ("batch_size", "eval_batch_size"):
+    sharding.check_batch(f"train.{name}", config.train[name], mesh, rules)
+  logging.info("mesh %s over %d devices, %d processes",
+               dict(mesh.shape), mesh.size, jax.process_count())
+  with sharding.use(mesh, rules):
+    return _run(config, workdir, mesh, rules)
+
+
+@dataclasses.dataclass
+class Program:
+  """Everything compiled about a run, built before any array exists.
+
+  Attributes:
+    model_cfg, task, graphdef: the model and its pretraining objectives.
+    abstract: the TrainState as ShapeDtypeStructs carrying their shardings.
+    state_shardings, batch_sharding, eval_sharding: NamedShardings.
+    init: jitted rng -> TrainState, each device making only its shards.
+    step: jitted (state, batch) -> (state, metrics), state donated.
+    eval_step: jitted (params, batch, rng) -> replicated metric sums.
+    init_rng: the key `init` is called with.
+  """
+  model_cfg: ModelConfig
+  task: PretrainTask
+  graphdef: Any
+  abstract: TrainState
+  state_shardings: Any
+  batch_sharding: jax.sharding.NamedSharding
+  eval_sharding: jax.sharding.NamedSharding
+  init: Any
+  step: Any
+  eval_step: Any
+  init_rng: jax.Array
+
+
+def build_program(config, tokenizer: Tokenizer, mesh: jax.sharding.Mesh,
+                  rules: sharding.Rules) -> Program:
+  """Shapes -> shardings -> jitted init and step (traced later, under
+  `sharding.use(mesh, rules)`)."""
   model_cfg = ModelConfig.from_config(config.model,
                                       vocab_size=tokenizer.vocab_size)
-  if is_main:
-    _write_config(config, workdir)
-
+  sharding.check_experts(model_cfg.num_experts, model_cfg.num_soft_layers,
+                         mesh, rules)
   task = PretrainTask(
       masking=MaskingConfig(**config.masking), mask_id=tokenizer.mask_id,
       cls_id=tokenizer.cls_id, vocab_size=tokenizer.vocab_size,
       num_special=max(tokenizer.special_ids) + 1)
-  total_steps = config.train.steps
-  tx, schedule = make_optimizer(config.optim, total_steps)
+  tx, schedule = make_optimizer(config.optim, config.train.steps)
 
   def init(rng):
     model = EVEPretrainModel(model_cfg, rngs=nnx.Rngs(params=rng))
@@ -180,30 +271,69 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
       lambda: EVEPretrainModel(model_cfg, rngs=nnx.Rngs(params=0))))
   init_rng, base_rng = jax.random.split(jax.random.key(config.seed))
   abstract = jax.eval_shape(init, init_rng)
-  counts = count_params(abstract.params, model_cfg)
+  state_sh = sharding.tree_shardings(abstract, mesh, rules)
+  batch_sh = sharding.batch_sharding(mesh, rules, config.train.batch_size)
+  eval_sh = sharding.batch_sharding(mesh, rules, config.train.eval_batch_size)
+  replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+  step = jax.jit(
+      functools.partial(train_step, graphdef=graphdef, task=task, tx=tx,
+                        schedule=schedule, base_rng=base_rng),
+      in_shardings=(state_sh, batch_sh), out_shardings=(state_sh, replicated),
+      donate_argnums=(0,))
+  eval_step = jax.jit(
+      functools.partial(
+          _eval_step, graphdef=graphdef, task=task,
+          visual_ids=jnp.asarray(tokenizer.word_ids(shapes.VISUAL_WORDS)),
+          blank=jnp.asarray(data_pipeline.normalize_image(
+              shapes.blank_image(model_cfg.image_size)))),
+      in_shardings=(state_sh.params, eval_sh, replicated),
+      out_shardings=replicated)
+  return Program(
+      model_cfg=model_cfg, task=task, graphdef=graphdef,
+      abstract=sharding.with_shardings(abstract, state_sh),
+      state_shardings=state_sh, batch_sharding=batch_sh,
+      eval_sharding=eval_sh,
+      init=jax.jit(init, out_shardings=state_sh), step=step,
+      eval_step=eval_step, init_rng=init_rng)
+
+
+def _run(config, workdir: str, mesh, rules) -> RunResult:
+  os.makedirs(workdir, exist_ok=True)
+  is_main = jax.process_index() == 0
+  tokenizer = build_tokenizer(config, workdir)
+  prog = build_program(config, tokenizer, mesh, rules)
+  model_cfg = prog.model_cfg
+  if is_main:
+    _write_config(config, workdir)
+  total_steps = config.train.steps
+  counts = count_params(prog.abstract.params, model_cfg)
   logging.info("model %s: %s", model_cfg.variant,
                ", ".join(f"{k} {v:,}" for k, v in counts.items()))
 
+  bs, eval_bs = config.train.batch_size, config.train.eval_batch_size
+  shard = sharding.process_batch_slice(prog.batch_sharding, bs)
+  eval_shard = sharding.process_batch_slice(prog.eval_sharding, eval_bs)
+  if config.train.eval_examples < eval_shard[1]:
+    raise ValueError(f"train.eval_examples={config.train.eval_examples} is "
+                     f"fewer than the {eval_shard[1]} processes' data shards")
+  to_global = functools.partial(sharding.global_batch,
+                                sharding=prog.batch_sharding, batch_size=bs)
+  to_global_eval = functools.partial(
+      sharding.global_batch, sharding=prog.eval_sharding, batch_size=eval_bs)
+
   ckpt = Checkpointer(workdir, every=config.train.checkpoint_every,
                       keep=config.train.keep_checkpoints)
-  train_iter = iter(make_train_data(config, tokenizer, model_cfg))
+  train_iter = iter(make_train_data(config, tokenizer, model_cfg, shard))
   start = ckpt.latest_step()
   if start is None:
-    state = jax.jit(init)(init_rng)
+    # Each device initializes only its own shards: no full copy anywhere.
+    state = prog.init(prog.init_rng)
     start = 0
   else:
-    state, data_state = ckpt.restore(start, abstract)
+    state, data_state = ckpt.restore(start, prog.abstract)
     train_iter.set_state(data_state)
     logging.info("resumed from %s at step %d", ckpt.directory, start)
-
-  step_fn = jax.jit(functools.partial(
-      train_step, graphdef=graphdef, task=task, tx=tx, schedule=schedule,
-      base_rng=base_rng), donate_argnums=(0,))
-  eval_step = jax.jit(functools.partial(
-      _eval_step, graphdef=graphdef, task=task,
-      visual_ids=jnp.asarray(tokenizer.word_ids(shapes.VISUAL_WORDS)),
-      blank=jnp.asarray(data_pipeline.normalize_image(
-          shapes.blank_image(model_cfg.image_size)))))
+  step_fn, eval_step = prog.step, prog.eval_step
 
   writer = MetricWriter(workdir, enabled=is_main)
   last_eval: dict[str, Any] = {}
@@ -211,17 +341,15 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     logging.info("already at step %d of %d: nothing to train", start,
                  total_steps)
   else:
-    batch = next(train_iter)
+    batch = to_global(next(train_iter))
     t0 = time.perf_counter()
     compiled = step_fn.lower(state, batch).compile()
     compile_s = time.perf_counter() - t0
-    cost = compiled.cost_analysis()
-    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-    flops = float((cost or {}).get("flops", 0.0))
+    flops = _xla_flops(compiled) * mesh.size
     logging.info("step compiled in %.1fs; XLA counts %.3g FLOPs per step "
-                 "(%.3g per sample)", compile_s, flops,
-                 flops / config.train.batch_size)
+                 "(%.3g per sample)", compile_s, flops, flops / bs)
     writer.write(start, dict(compile_s=compile_s, xla_flops_per_step=flops,
+                             mesh=dict(mesh.shape),
                              **{f"params_{k}": v for k, v in counts.items()}),
                  file="run.jsonl")
 
@@ -231,11 +359,11 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     step = start
     while step < total_steps:
       if step > start:
-        batch = next(train_iter)
+        batch = to_global(next(train_iter))
       state, metrics = compiled(state, batch)
       step += 1
       pending.append(metrics)
-      n_log += config.train.batch_size
+      n_log += bs
       if step % config.train.log_every == 0 or step == total_steps:
         means = {k: float(np.mean([float(m[k]) for m in pending]))
                  for k in pending[0]}
@@ -249,7 +377,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
           ) or step == total_steps:
         t_eval = time.perf_counter()
         last_eval = evaluate(eval_step, state.params, config, tokenizer,
-                             model_cfg)
+                             model_cfg, to_global_eval, eval_shard)
         writer.write_eval(step, last_eval)
         progress.message(f"eval at step {step}: " + json.dumps(
             {k: round(v, 4) for k, v in last_eval.items()}))
@@ -260,7 +388,14 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     progress.close()
   ckpt.close()
   writer.close()
-  return last_eval
+  return RunResult(eval=last_eval, state=state)
+
+
+def _xla_flops(compiled) -> float:
+  """FLOPs of one device's program, as XLA's cost analysis counts them."""
+  cost = compiled.cost_analysis()
+  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+  return float((cost or {}).get("flops", 0.0))
 
 
 def _eval_step(params, batch, rng, *, graphdef, task, visual_ids, blank):

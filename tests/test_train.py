@@ -6,11 +6,12 @@ import shutil
 import subprocess
 import sys
 
+import jax
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from eve_jax import config_lib, train
+from eve_jax import config_lib, sharding, train
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -40,7 +41,7 @@ def restore_params(workdir, step):
 
 def test_outputs_and_bitwise_resume(tmp_path):
   a, b = str(tmp_path / "a"), str(tmp_path / "b")
-  ev = train.run(micro_config(), a)
+  ev = train.run(micro_config(), a).eval
   for name in ("config.json", "metrics.jsonl", "eval.json", "tokenizer.model",
                "checkpoints", "tensorboard"):
     assert os.path.exists(os.path.join(a, name)), name
@@ -130,7 +131,9 @@ def test_base_variant_one_step(tmp_path):
   batch 2 on the CPU, and reports its parameter counts."""
   c = micro_config(steps=1, batch_size=2, eval_examples=2, eval_batch_size=2)
   c.model = config_lib.model_config("base", vocab_size=64, max_text_len=18)
-  train.run(c, str(tmp_path))
+  c.mesh.data = 1  # one device: batch 2 does not split 8 ways
+  train.run(c, str(tmp_path),
+            sharding.make_mesh(c.mesh, devices=jax.devices()[:1]))
   run = read_jsonl(os.path.join(tmp_path, "run.jsonl"))[0]
   from test_model import expected_counts  # pylint: disable=g-import-not-at-top
   from eve_jax.data.tokenizer import Tokenizer  # pylint: disable=g-import-not-at-top

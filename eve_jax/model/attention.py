@@ -14,6 +14,9 @@ import jax.numpy as jnp
 from flax import nnx
 
 from eve_jax.model.layers import param, trunc_normal
+from eve_jax.sharding import constrain
+
+_QKV = ("act_batch", "act_seq", "act_heads", None)  # [B, L, H, K]
 
 _zeros = jax.nn.initializers.zeros
 
@@ -48,12 +51,13 @@ class Attention(nnx.Module):
     k = jnp.einsum("btd,dhk->bthk", x, self.k_kernel[...].astype(dt))
     v = jnp.einsum("btd,dhk->bthk", x, self.v_kernel[...].astype(dt))
     v = v + self.v_bias[...].astype(dt)
+    q, k, v = (constrain(t, _QKV) for t in (q, k, v))
     logits = jnp.einsum("blhk,bthk->bhlt", q, k,
                         preferred_element_type=jnp.float32)
     if kv_valid is not None:
       logits = jnp.where(kv_valid[:, None, None, :], logits,
                          jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(logits, axis=-1).astype(dt)
-    out = jnp.einsum("bhlt,bthk->blhk", probs, v)
+    out = constrain(jnp.einsum("bhlt,bthk->blhk", probs, v), _QKV)
     y = jnp.einsum("blhk,hkd->bld", out, self.out_kernel[...].astype(dt))
     return y + self.out_bias[...].astype(dt)

@@ -21,6 +21,9 @@ from flax import nnx
 from eve_jax.model.attention import Attention
 from eve_jax.model.layers import LayerNorm, MLP, drop_path, param
 from eve_jax.model.moe import ModalityFFN, ModalityMoE, MoEStats
+from eve_jax.sharding import constrain
+
+_TOKENS = ("act_batch", "act_seq", "act_embed")  # the residual stream
 
 
 class Block(nnx.Module):
@@ -84,7 +87,7 @@ class Block(nnx.Module):
       h = self.attn(self.norm1(x), valid)
       if self.gamma_1 is not None:
         h = h * self.gamma_1[...].astype(h.dtype)
-      x = x + drop_path(h, self.drop_path_rate, rng1)
+      x = constrain(x + drop_path(h, self.drop_path_rate, rng1), _TOKENS)
     stats = None
     with jax.named_scope(f"ffn_{self.ffn_kind}"):
       if self.ffn_kind == "dense":
@@ -96,4 +99,5 @@ class Block(nnx.Module):
       if self.gamma_2 is not None:
         h = h * self.gamma_2[...].astype(h.dtype)
       x = x + drop_path(h.astype(x.dtype), self.drop_path_rate, rng2)
+      x = constrain(x, _TOKENS)
     return x, stats

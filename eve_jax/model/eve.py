@@ -21,6 +21,7 @@ from eve_jax.model.embeddings import ImageEmbed, TextEmbed
 from eve_jax.model.layers import LayerNorm, param, trunc_normal
 from eve_jax.model.moe import MoEStats
 from eve_jax.model.variants import ModelConfig
+from eve_jax.sharding import constrain
 
 IMAGE, TEXT = 0, 1
 
@@ -89,7 +90,7 @@ class EVE(nnx.Module):
          jnp.full((b, lt), TEXT, jnp.int32)], axis=1)
     valid = jnp.concatenate([jnp.ones((b, li), bool), text_valid], axis=1)
     counts = (li, lt)  # tokens per modality id, for the hard-router gather
-    x = self.pre_norm(x)
+    x = constrain(self.pre_norm(x), ("act_batch", "act_seq", "act_embed"))
     stats = []
     rngs = (jax.random.split(rng, len(self.blocks)) if rng is not None
             else [None] * len(self.blocks))

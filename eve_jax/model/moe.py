@@ -24,6 +24,7 @@ from flax import nnx
 
 from eve_jax.model.layers import activation_fn as gelu_fn
 from eve_jax.model.layers import layer_norm, param
+from eve_jax.sharding import constrain
 
 _KERNEL_INIT = nnx.initializers.truncated_normal(stddev=0.02)
 _ZEROS = nnx.initializers.zeros_init()
@@ -218,12 +219,22 @@ class ModalityMoE(nnx.Module):
       x_in = x_m if self.add_modality_to_experts else x
       x_in = x_in.astype(self.dtype)
       buf = jnp.einsum("GSEC,GSD->EGCD", d.dispatch.astype(self.dtype), x_in)
+      # Dispatch where the groups are (split over act_batch = data x fsdp x
+      # expert), then move the buffer to experts x act_group: resharding
+      # between the two layouts is an all-to-all on `expert`. Constraining
+      # only the second makes GSPMD all-gather the tokens instead.
+      buf = constrain(buf, (None, "act_batch", None, "act_embed"))
+      buf = constrain(buf, ("act_expert", "act_group", None, "act_embed"))
       h = jnp.einsum("EGCD,EDF->EGCF", buf, self.wi[...].astype(self.dtype))
       act = gelu_fn(self.activation)
       h = act(h + self.bi[...].astype(self.dtype)[:, None, None, :])
+      h = constrain(h, ("act_expert", "act_group", None, "act_mlp"))
       out = jnp.einsum("EGCF,EFD->EGCD", h, self.wo[...].astype(self.dtype))
       out = out + self.bo[...].astype(self.dtype)[:, None, None, :]
+      out = constrain(out, ("act_expert", "act_group", None, "act_embed"))
+      out = constrain(out, (None, "act_batch", None, "act_embed"))  # and back
       y = jnp.einsum("GSEC,EGCD->GSD", d.combine.astype(self.dtype), out)
+      y = constrain(y, ("act_batch", "act_seq", "act_embed"))
     return y, stats
 
   def _stats(self, d: Dispatch, modality: jax.Array, valid: jax.Array,

@@ -1,0 +1,44 @@
+#!/usr/bin/env bash
+# eve_jax on one GPU node (e.g. 8x H100): one process that drives every
+# local GPU. See launch/README.md.
+set -euo pipefail
+
+usage() {
+  cat <<'USAGE'
+usage: launch/gpu_node.sh [--dry-run] MAIN_ARGS...
+
+Runs `python -m eve_jax.main MAIN_ARGS...` as one process using all of this
+machine's GPUs, e.g.
+
+  launch/gpu_node.sh --config=configs/base.py --workdir=/data/eve_base \
+      --config.mesh.data=-1 --config.mesh.expert=8
+
+Install first (in a venv, Python >= 3.11):  pip install -e '.[cuda12]'
+PYTHON=... picks the interpreter (default: python). Relative paths in
+MAIN_ARGS are relative to the current directory. Inside a SLURM job step
+(srun) use launch/slurm_gpu.sbatch instead: JAX would take SLURM's
+one-process-per-GPU layout there and use GPU 0 only.
+
+  --dry-run    print the command instead of running it
+  -h, --help   this help
+USAGE
+}
+
+dry_run="${DRY_RUN:-0}"
+while [[ $# -gt 0 ]]; do
+  case "$1" in
+    --dry-run) dry_run=1; shift ;;
+    -h|--help) usage; exit 0 ;;
+    --) shift; break ;;
+    *) break ;;
+  esac
+done
+
+cmd=("${PYTHON:-python}" -m eve_jax.main "$@")
+if [[ "$dry_run" == 1 ]]; then
+  printf '%q' "${cmd[0]}"
+  printf ' %q' "${cmd[@]:1}"
+  echo
+else
+  exec "${cmd[@]}"
+fi
