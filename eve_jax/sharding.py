@@ -199,6 +199,16 @@ def constrain(x: jax.Array, names: Sequence[str | None]) -> jax.Array:
   return jax.lax.with_sharding_constraint(x, spec)
 
 
+def logical_size(name: str) -> int:
+  """How many devices logical axis `name` is split over under the active
+  mesh and rules (1 outside `use(...)`)."""
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty:
+    return 1
+  axes = dict(flax_spmd.get_logical_axis_rules()).get(name, ())
+  return math.prod(dict(mesh.shape).get(a, 1) for a in axes)
+
+
 def batch_sharding(mesh: jax.sharding.Mesh, rules: Rules, batch_size: int
                    ) -> NamedSharding:
   """Layout of a [B, ...] input batch: B split as `act_batch` says."""

@@ -221,6 +221,11 @@ def run(config: ml_collections.ConfigDict, workdir: str,
     return _run(config, workdir, mesh, rules)
 
 
+def parse_objectives(text: str) -> tuple[str, ...]:
+  """"mlm,mim" -> ("mlm", "mim") (validated by PretrainTask)."""
+  return tuple(o.strip() for o in str(text).split(",") if o.strip())
+
+
 @dataclasses.dataclass
 class Program:
   """Everything compiled about a run, built before any array exists.
@@ -251,14 +256,17 @@ def build_program(config, tokenizer: Tokenizer, mesh: jax.sharding.Mesh,
                   rules: sharding.Rules) -> Program:
   """Shapes -> shardings -> jitted init and step (traced later, under
   `sharding.use(mesh, rules)`)."""
+  objectives = parse_objectives(config.objectives)
   model_cfg = ModelConfig.from_config(config.model,
                                       vocab_size=tokenizer.vocab_size)
+  if "itc" in objectives:
+    model_cfg = dataclasses.replace(model_cfg, matching_heads=True)
   sharding.check_experts(model_cfg.num_experts, model_cfg.num_soft_layers,
                          mesh, rules)
   task = PretrainTask(
       masking=MaskingConfig(**config.masking), mask_id=tokenizer.mask_id,
       cls_id=tokenizer.cls_id, vocab_size=tokenizer.vocab_size,
-      num_special=max(tokenizer.special_ids) + 1)
+      num_special=max(tokenizer.special_ids) + 1, objectives=objectives)
   tx, schedule = make_optimizer(config.optim, config.train.steps)
 
   def init(rng):

@@ -34,11 +34,13 @@ class Block(nnx.Module):
                activation: str = "gelu", num_experts: int = 0,
                top_k: int = 2, capacity_factor: float = 1.25,
                aux_loss_weight: float = 0.001,
-               add_modality_to_experts: bool = True, dtype=jnp.float32,
-               rngs: nnx.Rngs):
+               add_modality_to_experts: bool = True,
+               moe_dispatch: str = "gather", moe_experts: str = "auto",
+               attention: str = "einsum",
+               dtype=jnp.float32, rngs: nnx.Rngs):
     self.ffn_kind = ffn
     self.norm1 = LayerNorm(dim, dtype=dtype, rngs=rngs)
-    self.attn = Attention(dim, heads, dtype=dtype, rngs=rngs)
+    self.attn = Attention(dim, heads, impl=attention, dtype=dtype, rngs=rngs)
     if ffn == "dense":
       self.norm2 = LayerNorm(dim, dtype=dtype, rngs=rngs)
       self.ffn = MLP(dim, mlp_dim, activation=activation, dtype=dtype,
@@ -52,7 +54,8 @@ class Block(nnx.Module):
       self.ffn = ModalityMoE(
           dim, mlp_dim, num_experts, top_k, capacity_factor=capacity_factor,
           add_modality_to_experts=add_modality_to_experts,
-          aux_loss_weight=aux_loss_weight, activation=activation, dtype=dtype,
+          aux_loss_weight=aux_loss_weight, activation=activation,
+          dispatch=moe_dispatch, experts=moe_experts, dtype=dtype,
           rngs=rngs)
     else:
       raise ValueError(f"unknown ffn kind {ffn!r}")

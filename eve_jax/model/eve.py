@@ -42,15 +42,23 @@ class EVE(nnx.Module):
     # Stochastic depth grows linearly with depth (BEiT).
     rates = [cfg.drop_path * i / max(cfg.depth - 1, 1)
              for i in range(cfg.depth)]
+
+    def dense_soft(i):  # the benchmark's same-active-FLOPs dense model
+      return cfg.soft_layer(i) and cfg.soft_ffn == "dense"
+
     self.blocks = nnx.List([
-        Block(cfg.width, cfg.heads, cfg.mlp_dim,
-              ffn="soft" if cfg.soft_layer(i) else "hard",
+        Block(cfg.width, cfg.heads,
+              cfg.top_k * cfg.mlp_dim if dense_soft(i) else cfg.mlp_dim,
+              ffn=("dense" if dense_soft(i) else
+                   "soft" if cfg.soft_layer(i) else "hard"),
               layer_scale_init=cfg.layer_scale_init,
               drop_path_rate=rates[i], activation=cfg.activation,
               num_experts=cfg.num_experts, top_k=cfg.top_k,
               capacity_factor=cfg.capacity_factor,
               aux_loss_weight=cfg.aux_loss_weight,
               add_modality_to_experts=cfg.add_modality_to_experts,
+              moe_dispatch=cfg.moe_dispatch, moe_experts=cfg.moe_experts,
+              attention=cfg.attention,
               dtype=dt, rngs=rngs)
         for i in range(cfg.depth)])
     self.norm = LayerNorm(cfg.width, dtype=dt, rngs=rngs)
@@ -94,8 +102,13 @@ class EVE(nnx.Module):
     stats = []
     rngs = (jax.random.split(rng, len(self.blocks)) if rng is not None
             else [None] * len(self.blocks))
+    def run(block, x, r):
+      return block(x, valid=valid, modality=modality, counts=counts, rng=r)
+
+    if self.cfg.remat:  # keep only block inputs; recompute the rest
+      run = nnx.remat(run)
     for block, r in zip(self.blocks, rngs):
-      x, s = block(x, valid=valid, modality=modality, counts=counts, rng=r)
+      x, s = run(block, x, r)
       if s is not None:
         stats.append(s)
     return self.norm(x), stats

@@ -52,7 +52,8 @@ class MIMDecoder(nnx.Module):
     self.blocks = nnx.List([
         Block(dd, cfg.decoder_heads, 4 * dd, ffn="dense",
               layer_scale_init=None, drop_path_rate=0.0,
-              activation=cfg.activation, dtype=dt, rngs=rngs)
+              activation=cfg.activation, attention=cfg.attention, dtype=dt,
+              rngs=rngs)
         for _ in range(cfg.decoder_depth)])
     self.norm = LayerNorm(dd, dtype=dt, rngs=rngs)
     self.pred = Dense(dd, cfg.patch_size ** 2 * 3, axes=("embed", None),
@@ -81,8 +82,42 @@ class MIMDecoder(nnx.Module):
     return self.pred(self.norm(x))[:, 1:].astype(jnp.float32)
 
 
+class MatchingHeads(nnx.Module):
+  """Image-text contrastive (ITC) and matching (ITM) heads.
+
+  ITC: CLS states of the image-only and the text-only pass -> bias-free
+  projections (D -> P) -> unit vectors; similarities over a learned
+  temperature (init 0.07, kept in [0.001, 0.5]). ITM: Linear(D, 2) on the
+  text CLS of a fused [image ; text] pass (match / no match).
+  """
+
+  def __init__(self, dim: int, proj_dim: int, *, dtype=jnp.float32,
+               rngs: nnx.Rngs):
+    self.image_proj = Dense(dim, proj_dim, axes=("embed", "mlp"),
+                            use_bias=False, dtype=dtype, rngs=rngs)
+    self.text_proj = Dense(dim, proj_dim, axes=("embed", "mlp"),
+                           use_bias=False, dtype=dtype, rngs=rngs)
+    self.temp = param(rngs, jax.nn.initializers.constant(0.07), (), ())
+    self.itm = Dense(dim, 2, axes=("embed", None), dtype=dtype, rngs=rngs)
+
+  def similarities(self, image_cls: jax.Array, text_cls: jax.Array
+                   ) -> jax.Array:
+    """[B, D] x2 -> [B_image, B_text] float32 cosine similarity / temp."""
+    def unit(x):
+      x = x.astype(jnp.float32)
+      return x * jax.lax.rsqrt(jnp.sum(x * x, -1, keepdims=True) + 1e-12)
+    img = unit(self.image_proj(image_cls))
+    txt = unit(self.text_proj(text_cls))
+    temp = jnp.clip(self.temp[...], 0.001, 0.5)
+    return img @ txt.T / temp
+
+  def match_logits(self, fused_text_cls: jax.Array) -> jax.Array:
+    """[B, D] -> [B, 2] float32 (no match, match)."""
+    return self.itm(fused_text_cls).astype(jnp.float32)
+
+
 class EVEPretrainModel(nnx.Module):
-  """The backbone plus both pretraining heads."""
+  """The backbone plus the pretraining heads (MLM, MIM; ITC/ITM optional)."""
 
   def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
     dt = jnp.dtype(cfg.dtype)
@@ -90,3 +125,5 @@ class EVEPretrainModel(nnx.Module):
     self.backbone = EVE(cfg, rngs=rngs)
     self.mlm_head = MLMHead(cfg.width, cfg.vocab_size, dtype=dt, rngs=rngs)
     self.mim_decoder = MIMDecoder(cfg, rngs=rngs)
+    self.matching = (MatchingHeads(cfg.width, cfg.width, dtype=dt, rngs=rngs)
+                     if cfg.matching_heads else None)

@@ -62,6 +62,18 @@ class ModelConfig:
   drop_path: float = 0.1
   activation: str = "gelu"  # "quick_gelu" to load the released weights
   dtype: str = "float32"  # compute dtype; params stay float32
+  # Speed knobs (outputs unchanged up to float rounding):
+  moe_dispatch: str = "gather"  # or "einsum" (one-hot, vmoe's form)
+  # Experts as one batched einsum or E separate matmuls; "auto": separate
+  # on CPU when the experts are not sharded (faster there), else batched.
+  moe_experts: str = "auto"
+  attention: str = "einsum"  # or "xla" / "cudnn": jax.nn.dot_product_attention
+  remat: bool = False  # recompute each block's activations in the backward
+  # "dense" swaps every soft-router MoE for a dense FFN of top_k * mlp_dim
+  # hidden units (the same active FLOPs): the benchmark's comparison model.
+  soft_ffn: str = "moe"
+  # ITC projections + temperature and the ITM head (objectives itc, itm).
+  matching_heads: bool = False
 
   @property
   def num_patches(self) -> int:
@@ -124,6 +136,13 @@ class ModelConfig:
     if self.activation not in ("gelu", "quick_gelu"):
       raise ValueError(f"model.activation={self.activation!r} is not 'gelu' "
                        "or 'quick_gelu'")
+    for name, allowed in (("moe_dispatch", ("gather", "einsum")),
+                          ("moe_experts", ("auto", "batched", "unrolled")),
+                          ("attention", ("einsum", "xla", "cudnn")),
+                          ("soft_ffn", ("moe", "dense"))):
+      if getattr(self, name) not in allowed:
+        raise ValueError(f"model.{name}={getattr(self, name)!r} is not one "
+                         f"of {list(allowed)}")
     if self.dtype not in ("float32", "bfloat16"):
       raise ValueError(f"model.dtype={self.dtype!r} is not 'float32' or "
                        "'bfloat16'")

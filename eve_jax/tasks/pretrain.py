@@ -8,6 +8,14 @@ Two forward passes per batch (paper, eqs. 8-10):
        pixels; MSE on masked patches only.
   L = L_mlm + L_mim + sum of the MoE aux losses (already times alpha).
 
+The objectives the paper compares against in Table 1 are here too, as real
+losses (`PretrainTask.objectives`, e.g. ("mlm", "itc", "itm")):
+  ITC: an image-only and a text-only pass, CLS projections, symmetric
+       cross-entropy over the batch's similarity matrix.
+  ITM: three fused passes, the pair and two hard negatives (an image for
+       each text and a text for each image, drawn from the ITC
+       similarities), match / no-match cross-entropy on the text CLS.
+
 Legend: B batch, N patches, Nv visible patches, L text length, V vocabulary,
 Q = P*P*3 pixel values per patch.
 """
@@ -145,6 +153,77 @@ def mim_pass(model: EVEPretrainModel, images: jax.Array, text: jax.Array,
   return pred, _sum_stats(stats)
 
 
+def itc_pass(model: EVEPretrainModel, images: jax.Array, text: jax.Array,
+             text_valid: jax.Array, rng: jax.Array | None
+             ) -> tuple[jax.Array, dict[str, jax.Array]]:
+  """Image-only and text-only passes -> [B, B] float32 similarities / temp
+  (rows images, columns texts), MoE stats of both passes."""
+  bb = model.backbone
+  r_img, r_txt = (jax.random.split(rng) if rng is not None else (None, None))
+  img = bb.embed_image(images)
+  txt = bb.embed_text(text)
+  img_states, s_img = bb.encode(img, txt[:, :0], text_valid[:, :0],
+                                rng=r_img)
+  txt_states, s_txt = bb.encode(img[:, :0], txt, text_valid, rng=r_txt)
+  with jax.named_scope("itc_head"):
+    sims = model.matching.similarities(img_states[:, 0], txt_states[:, 0])
+  return sims, _sum_stats(s_img + s_txt)
+
+
+def contrastive_loss(sims: jax.Array) -> jax.Array:
+  """Symmetric cross-entropy of a [B, B] similarity matrix whose diagonal
+  holds the true pairs: (image->text + text->image) / 2."""
+  labels = jnp.arange(sims.shape[0])
+  return (cross_entropy(sims, labels) + cross_entropy(sims.T, labels)) / 2
+
+
+def cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
+  """Mean cross-entropy of [B, C] float32 logits against [B] int labels."""
+  logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+  return -jnp.mean(jnp.take_along_axis(logp, labels[:, None], axis=-1))
+
+
+def hard_negatives(rng: jax.Array, sims: jax.Array
+                   ) -> tuple[jax.Array, jax.Array]:
+  """For each text an image, and for each image a text, that it is not paired
+  with, drawn with probability softmax(similarity) (ALBEF's hard negatives).
+
+  Returns:
+    (neg_image [B] int32: an image index per text,
+     neg_text [B] int32: a text index per image).
+  """
+  sims = jax.lax.stop_gradient(sims.astype(jnp.float32))
+  off_diag = ~jnp.eye(sims.shape[0], dtype=bool)
+  r_img, r_txt = jax.random.split(rng)
+  neg_min = jnp.finfo(jnp.float32).min
+  neg_image = jax.random.categorical(
+      r_img, jnp.where(off_diag, sims.T, neg_min), axis=-1)
+  neg_text = jax.random.categorical(
+      r_txt, jnp.where(off_diag, sims, neg_min), axis=-1)
+  return neg_image.astype(jnp.int32), neg_text.astype(jnp.int32)
+
+
+def itm_pass(model: EVEPretrainModel, images: jax.Array, text: jax.Array,
+             text_valid: jax.Array, sims: jax.Array, neg_rng: jax.Array,
+             rng: jax.Array | None):
+  """The pair, a hard-negative image and a hard-negative text through the
+  fused encoder -> ([3B, 2] logits, [3B] labels (1 = match), MoE stats)."""
+  neg_image, neg_text = hard_negatives(neg_rng, sims)
+  b = images.shape[0]
+  all_images = jnp.concatenate([images, images[neg_image], images])
+  all_text = jnp.concatenate([text, text, text[neg_text]])
+  all_valid = jnp.concatenate([text_valid, text_valid,
+                               text_valid[neg_text]])
+  bb = model.backbone
+  img = bb.embed_image(all_images)
+  states, stats = bb.encode(img, bb.embed_text(all_text), all_valid, rng=rng)
+  with jax.named_scope("itm_head"):
+    logits = model.matching.match_logits(states[:, img.shape[1]])
+  labels = jnp.concatenate([jnp.ones((b,), jnp.int32),
+                            jnp.zeros((2 * b,), jnp.int32)])
+  return logits, labels, _sum_stats(stats)
+
+
 def masked_mean(x: jax.Array, mask: jax.Array) -> jax.Array:
   """Mean of x over the True entries of mask (0 when there are none)."""
   m = mask.astype(jnp.float32)
@@ -174,6 +253,16 @@ class PretrainTask:
   cls_id: int
   vocab_size: int
   num_special: int  # ids below this are specials: never a random token
+  objectives: tuple[str, ...] = ("mlm", "mim")
+
+  def __post_init__(self):
+    unknown = set(self.objectives) - {"mlm", "mim", "itc", "itm"}
+    if unknown or not self.objectives:
+      raise ValueError(f"objectives {list(self.objectives)}: expected a "
+                       "non-empty subset of mlm, mim, itc, itm")
+    if "itm" in self.objectives and "itc" not in self.objectives:
+      raise ValueError("objective itm draws its hard negatives from itc's "
+                       "similarities: add itc")
 
   def masks(self, rng: jax.Array, batch: dict[str, jax.Array],
             num_patches: int):
@@ -206,23 +295,42 @@ class PretrainTask:
     """
     cfg = model.cfg
     r_mask, r_drop = jax.random.split(rng)
+    # The same keys as before ITC/ITM existed, so MLM+MIM runs reproduce.
     r_mlm, r_mim = jax.random.split(r_drop)
     text_in, text_mask, keep_idx, patch_mask = self.masks(
         r_mask, batch, cfg.num_patches)
-    images = batch["image"]
-    logits, s_mlm = mlm_pass(model, images, text_in, batch["text_valid"],
-                             r_mlm if train else None)
-    mlm_loss, mlm_acc = mlm_loss_and_acc(logits, batch["text"], text_mask)
-    pred, s_mim = mim_pass(model, images, batch["text"], batch["text_valid"],
-                           keep_idx, r_mim if train else None)
-    target = patch_targets(images, cfg.patch_size, self.masking.norm_pix_loss)
-    mim_loss = masked_mean(mim_patch_errors(pred, target), patch_mask)
-    aux = s_mlm["aux_loss"] + s_mim["aux_loss"]
-    loss = mlm_loss + mim_loss + aux
-    routed = s_mlm["routed"] + s_mim["routed"]
-    dropped = s_mlm["dropped"] + s_mim["dropped"]
-    metrics = dict(loss=loss, mlm_loss=mlm_loss, mim_loss=mim_loss,
-                   aux_loss=aux, mlm_acc=mlm_acc,
+    images, text, valid = batch["image"], batch["text"], batch["text_valid"]
+    drop = (lambda r: r) if train else (lambda r: None)
+    metrics, stats = {}, []
+    if "mlm" in self.objectives:
+      logits, s = mlm_pass(model, images, text_in, valid, drop(r_mlm))
+      metrics["mlm_loss"], metrics["mlm_acc"] = mlm_loss_and_acc(
+          logits, text, text_mask)
+      stats.append(s)
+    if "mim" in self.objectives:
+      pred, s = mim_pass(model, images, text, valid, keep_idx, drop(r_mim))
+      target = patch_targets(images, cfg.patch_size,
+                             self.masking.norm_pix_loss)
+      metrics["mim_loss"] = masked_mean(mim_patch_errors(pred, target),
+                                        patch_mask)
+      stats.append(s)
+    if "itc" in self.objectives:
+      r_itc, r_itm, r_neg = jax.random.split(jax.random.fold_in(r_drop, 1), 3)
+      sims, s = itc_pass(model, images, text, valid, drop(r_itc))
+      metrics["itc_loss"] = contrastive_loss(sims)
+      stats.append(s)
+      if "itm" in self.objectives:
+        itm_logits, labels, s = itm_pass(model, images, text, valid, sims,
+                                         r_neg, drop(r_itm))
+        metrics["itm_loss"] = cross_entropy(itm_logits, labels)
+        metrics["itm_acc"] = jnp.mean(
+            (itm_logits.argmax(-1) == labels).astype(jnp.float32))
+        stats.append(s)
+    aux = sum(s["aux_loss"] for s in stats)
+    routed = sum(s["routed"] for s in stats)
+    dropped = sum(s["dropped"] for s in stats)
+    loss = sum(v for k, v in metrics.items() if k.endswith("_loss")) + aux
+    metrics.update(loss=loss, aux_loss=aux,
                    dropped_token_frac=dropped / jnp.maximum(routed, 1.0))
     return loss, metrics
 
