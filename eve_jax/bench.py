@@ -1,11 +1,15 @@
 r"""Training-step benchmark: samples/s, MFU, MoE vs dense, objective costs.
 
   python -m eve_jax.bench --config=configs/base.py:small [--steps 10] \
-      [--batch_size 16] [--compare=dense] [--compare=objectives] [--json]
+      [--batch_size 16] [--objectives=mlm,mim] [--compare=dense] \
+      [--compare=objectives] [--json]
 
-Everything is measured in one process, so ratios compare like with like:
-  peak_flops   a large matmul in the model's compute dtype, timed here, times
-               the number of devices;
+Everything is measured in one process, so ratios compare like with like;
+the models being compared are stepped in turn (A, B, A, B, ...) so that a
+shared machine's slow drifts hit them alike, and step_s is the median.
+  peak_flops   a large matmul in the model's compute dtype, timed here before
+               and after the steps (the best call), times the number of
+               devices;
   mfu          samples_per_s * flops_per_sample_analytic / peak_flops, the
                analytic count being eve_jax.flops (active experts only);
   moe_step_over_dense  step time of the model over the same model with every
@@ -44,6 +48,9 @@ _BATCH = flags.DEFINE_integer("batch_size", 0, "Global batch; 0 = the "
 _COMPARE = flags.DEFINE_multi_enum(
     "compare", [], ["dense", "objectives"],
     "Also measure the dense model and/or the other objective sets.")
+_OBJECTIVES = flags.DEFINE_string(
+    "objectives", None, "Objectives of the measured step, e.g. mlm,itc,itm "
+    "(default: the config's, mlm,mim).")
 _JSON = flags.DEFINE_bool("json", False, "Print one JSON object.")
 _MATMUL_N = flags.DEFINE_integer("matmul_size", 0, "Side of the peak-FLOPs "
                                  "matmul; 0 = 2048 on CPU, 8192 otherwise.")
@@ -175,6 +182,33 @@ class Runner:
     }
 
 
+class _Retimed:
+  """A runner timed afresh (its earlier times kept aside)."""
+
+  def __init__(self, runner: Runner):
+    self.runner = runner
+    runner.times = []
+
+  def step(self, timed: bool = True) -> None:
+    self.runner.step(timed)
+
+  def summary(self) -> dict:
+    return self.runner.summary()
+
+
+def _time_interleaved(runners: dict, steps: int, warmup: int) -> None:
+  """Warms up, then steps every runner `steps` times, interleaved (every
+  model sees the same drift of a shared machine) and rotated (each follows
+  each other equally often)."""
+  order = list(runners.values())
+  for r in order:
+    for _ in range(warmup):
+      r.step(timed=False)
+  for i in range(steps):
+    for r in order[i % len(order):] + order[:i % len(order)]:
+      r.step()
+
+
 def run(config, *, steps: int, warmup: int, batch_size: int,
         compare=(), matmul_size: int = 0) -> dict:
   """The benchmark's JSON object (see the module docstring)."""
@@ -194,27 +228,34 @@ def run(config, *, steps: int, warmup: int, batch_size: int,
   dev = jax.devices()[0]
   n = matmul_size or (2048 if dev.platform == "cpu" else 8192)
 
-  runners = {"main": Runner(config, vocab, batch_size)}
+  main_runner = Runner(config, vocab, batch_size)
+  peak = matmul_peak(dtype, n)
+  # Phase 1: the model (and its dense twin). Phase 2: the other objective
+  # sets against the model, once phase 1's runners are gone: several big
+  # models held at once slow each other down (measured: 1.05 -> 1.18 for
+  # the MoE/dense ratio on a 2-core CPU), so each phase holds only its own.
+  phase1 = {"main": main_runner}
   if "dense" in compare:
     dense_cfg = config.copy_and_resolve_references()
     dense_cfg.model.soft_ffn = "dense"
-    runners["dense"] = Runner(dense_cfg, vocab, batch_size)
+    phase1["dense"] = Runner(dense_cfg, vocab, batch_size)
+  _time_interleaved(phase1, steps, warmup)
+  results = {k: r.summary() for k, r in phase1.items()}
+  del phase1
   if "objectives" in compare:
+    phase2 = {config.objectives: _Retimed(main_runner)}
     for objectives in OBJECTIVE_SETS:
       if objectives != config.objectives:
         c = config.copy_and_resolve_references()
         c.objectives = objectives
-        runners[objectives] = Runner(c, vocab, batch_size)
-  peak = matmul_peak(dtype, n)
-  for r in runners.values():
-    for _ in range(warmup):
-      r.step(timed=False)
-  for _ in range(steps):  # interleaved: every model sees the same drift
-    for r in runners.values():
-      r.step()
+        phase2[objectives] = Runner(c, vocab, batch_size)
+    _time_interleaved(phase2, steps, warmup)
+    results["objectives"] = {k: r.summary()["samples_per_s"]
+                             for k, r in phase2.items()}
+    del phase2
   peak = max(peak, matmul_peak(dtype, n)) * jax.device_count()
 
-  main = runners["main"].summary()
+  main = results["main"]
   out = {
       "config": config.model.variant,
       "device": f"{jax.device_count()} x {dev.device_kind} ({dev.platform})",
@@ -228,14 +269,14 @@ def run(config, *, steps: int, warmup: int, batch_size: int,
   out["mfu"] = out["samples_per_s"] * out["flops_per_sample_analytic"] / peak
   out["flops_xla_over_analytic"] = (out["flops_per_sample_xla"]
                                     / out["flops_per_sample_analytic"])
-  if "dense" in runners:
-    dense = runners["dense"].summary()
+  if "dense" in results:
+    dense = results["dense"]
     out["dense_step_s"] = dense["step_s"]
     out["dense_samples_per_s"] = dense["samples_per_s"]
     out["moe_step_over_dense"] = main["step_s"] / dense["step_s"]
-  if "objectives" in compare:
-    per = {o: (runners[o] if o in runners else runners["main"]).summary()[
-        "samples_per_s"] for o in OBJECTIVE_SETS}
+  if "objectives" in results:
+    per = {o: results["objectives"][o] for o in OBJECTIVE_SETS
+           if o in results["objectives"]}
     out["objectives_samples_per_s"] = per
     out["mlm_mim_over_mlm_itc_itm"] = per["mlm,mim"] / per["mlm,itc,itm"]
   return out
@@ -259,8 +300,11 @@ def main(argv) -> None:
     raise app.UsageError("--config is required, e.g. "
                          "--config=configs/base.py:small")
   logging.set_verbosity(logging.WARNING)
+  config = _CONFIG.value
+  if _OBJECTIVES.value:
+    config.objectives = _OBJECTIVES.value
   try:
-    out = run(_CONFIG.value, steps=_STEPS.value, warmup=_WARMUP.value,
+    out = run(config, steps=_STEPS.value, warmup=_WARMUP.value,
               batch_size=_BATCH.value, compare=tuple(_COMPARE.value),
               matmul_size=_MATMUL_N.value)
   except ValueError as e:
