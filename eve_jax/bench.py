@@ -118,7 +118,6 @@ class Runner:
   drifts of a shared machine then hit all of them alike)."""
 
   def __init__(self, config, vocab, batch_size: int):
-    import jax  # pylint: disable=g-import-not-at-top
     from eve_jax import sharding, train  # pylint: disable=g-import-not-at-top
     config = config.copy_and_resolve_references()
     config.train.batch_size = batch_size
@@ -139,7 +138,6 @@ class Runner:
       self.compile_s = time.perf_counter() - t0
     self.times: list[float] = []
     self.metrics = None
-    del jax
 
   def step(self, timed: bool = True) -> None:
     import jax  # pylint: disable=g-import-not-at-top
