@@ -160,9 +160,8 @@ def tree_shardings(abstract: Any, mesh: jax.sharding.Mesh, rules: Rules
   def one(x):
     if _is_var(x):
       names = x.get_metadata().get("out_sharding") or ()
-      value = x.get_value() if hasattr(x, "get_value") else x.value
-      spec = (logical_to_spec(names, value.shape, rules, shape) if names
-              else P())
+      spec = (logical_to_spec(names, x.get_value().shape, rules, shape)
+              if names else P())
       return x.replace(NamedSharding(mesh, spec))
     return NamedSharding(mesh, P())
 
@@ -205,8 +204,13 @@ def logical_size(name: str) -> int:
   mesh = jax.sharding.get_abstract_mesh()
   if mesh.empty:
     return 1
-  axes = dict(flax_spmd.get_logical_axis_rules()).get(name, ())
-  return math.prod(dict(mesh.shape).get(a, 1) for a in axes)
+  return _axes_size(dict(mesh.shape), flax_spmd.get_logical_axis_rules(),
+                    name)
+
+
+def _axes_size(mesh_shape_: dict[str, int], rules: Rules, name: str) -> int:
+  """The product of the mesh axes that `rules` map logical `name` to."""
+  return math.prod(mesh_shape_.get(a, 1) for a in dict(rules).get(name, ()))
 
 
 def batch_sharding(mesh: jax.sharding.Mesh, rules: Rules, batch_size: int
@@ -219,8 +223,7 @@ def batch_sharding(mesh: jax.sharding.Mesh, rules: Rules, batch_size: int
 
 def data_parallel_size(mesh: jax.sharding.Mesh, rules: Rules) -> int:
   """How many ways `act_batch` splits the batch (the product of its axes)."""
-  table = dict(rules)
-  return math.prod(mesh.shape[a] for a in table.get("act_batch", ()))
+  return _axes_size(dict(mesh.shape), rules, "act_batch")
 
 
 def check_batch(name: str, batch_size: int, mesh: jax.sharding.Mesh,
@@ -237,7 +240,7 @@ def check_experts(num_experts: int, num_soft_layers: int,
                   mesh: jax.sharding.Mesh, rules: Rules) -> None:
   """One-line error unless the experts split evenly over the expert axes."""
   axes = dict(rules).get("expert", ())
-  n = math.prod(mesh.shape[a] for a in axes)
+  n = _axes_size(dict(mesh.shape), rules, "expert")
   if num_soft_layers and num_experts % n:
     raise ValueError(f"model.num_experts={num_experts} is not divisible by "
                      f"the expert-parallel size {n} "
@@ -264,11 +267,7 @@ def process_batch_slice(sharding: NamedSharding, batch_size: int
 
 def global_batch(local: dict[str, np.ndarray], sharding: NamedSharding,
                  batch_size: int) -> dict[str, jax.Array]:
-  """This process's rows -> global arrays of `batch_size` rows on the mesh."""
-  out = {}
-  for k, v in local.items():
-    shape = (batch_size,) + v.shape[1:]
-    spec = P(*sharding.spec, *([None] * (v.ndim - len(sharding.spec))))
-    out[k] = jax.make_array_from_process_local_data(
-        NamedSharding(sharding.mesh, spec), v, shape)
-  return out
+  """This process's rows -> global arrays of `batch_size` rows on the mesh
+  (`sharding` splits the first dim; the rest are replicated)."""
+  return {k: jax.make_array_from_process_local_data(
+      sharding, v, (batch_size,) + v.shape[1:]) for k, v in local.items()}

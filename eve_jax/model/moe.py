@@ -118,21 +118,24 @@ def route(logits: jax.Array, valid: jax.Array, top_k: int,
                   gates=jnp.where(kept, gates, 0.0))
 
 
-def slot_sources(d: Dispatch, num_experts: int, capacity: int) -> jax.Array:
-  """[G, E * C] int32: the (token, choice) each expert slot holds, as
-  s * K + k, or S * K for an empty slot. The inverse of (expert_choice,
-  position) over kept choices."""
+def slot_maps(d: Dispatch, num_experts: int, capacity: int
+              ) -> tuple[jax.Array, jax.Array]:
+  """The index form of a routing, both ways.
+
+  Returns:
+    slots: [G, S, K] int32 flat slot e * C + c of each choice, E * C when
+      the choice was dropped.
+    sources: [G, E * C] int32 the (token, choice) each slot holds, as
+      s * K + k, or S * K for an empty slot.
+  """
   g, s, k = d.expert_choice.shape
-  slot = _slots(d, capacity, num_experts * capacity)
-  src = jnp.full((g, num_experts * capacity), s * k, jnp.int32)
+  empty = num_experts * capacity
+  slots = jnp.where(d.kept, d.expert_choice * capacity + d.position, empty)
   flat = jnp.arange(s * k, dtype=jnp.int32).reshape(1, s, k)
-  return src.at[jnp.arange(g)[:, None, None], slot].set(
-      jnp.broadcast_to(flat, (g, s, k)), mode="drop")
-
-
-def _slots(d: Dispatch, capacity: int, empty: int) -> jax.Array:
-  """[G, S, K] int32 flat slot e * C + c of each choice, `empty` if dropped."""
-  return jnp.where(d.kept, d.expert_choice * capacity + d.position, empty)
+  sources = jnp.full((g, empty), s * k, jnp.int32).at[
+      jnp.arange(g)[:, None, None], slots].set(
+          jnp.broadcast_to(flat, (g, s, k)), mode="drop")
+  return slots, sources
 
 
 @jax.custom_vjp
@@ -175,30 +178,29 @@ def _gather_rows_bwd(res, g_y):
 gather_rows.defvjp(_gather_rows_fwd, _gather_rows_bwd)
 
 
-def gather_dispatch(x: jax.Array, d: Dispatch, num_experts: int,
-                    capacity: int) -> jax.Array:
+def gather_dispatch(x: jax.Array, slots: jax.Array, sources: jax.Array,
+                    num_experts: int, capacity: int) -> jax.Array:
   """[G, S, D] tokens -> [G, E, C, D] expert buffer, empty slots zero.
 
   A gather: no FLOPs, unlike the one-hot einsum whose cost grows with S.
+  `slots`, `sources`: from `slot_maps`.
   """
-  g, s, dim = x.shape
-  k = d.expert_choice.shape[-1]
-  src = slot_sources(d, num_experts, capacity) // k  # token, S when empty
-  slots = _slots(d, capacity, num_experts * capacity)  # [G, S, K]
-  buf = gather_rows(x, src, slots)
+  g, _, dim = x.shape
+  k = slots.shape[-1]
+  buf = gather_rows(x, sources // k, slots)  # sources // K: the token
   return buf.reshape(g, num_experts, capacity, dim)
 
 
-def gather_combine(out: jax.Array, d: Dispatch) -> jax.Array:
+def gather_combine(out: jax.Array, slots: jax.Array, sources: jax.Array,
+                   gates: jax.Array) -> jax.Array:
   """[G, E, C, D] expert outputs -> [G, S, D]: sum_k gate_k * out[e_k, c_k]
-  over each token's kept choices."""
+  over each token's kept choices (`gates` 0 where dropped)."""
   g, e, c, dim = out.shape
-  _, s, k = d.expert_choice.shape
-  slots = _slots(d, c, e * c).reshape(g, s * k)
-  src = slot_sources(d, e, c)[:, :, None]  # [G, E*C, 1], S*K when empty
-  picked = gather_rows(out.reshape(g, e * c, dim), slots, src)
+  _, s, k = slots.shape
+  picked = gather_rows(out.reshape(g, e * c, dim), slots.reshape(g, s * k),
+                       sources[:, :, None])
   return jnp.einsum("GSKD,GSK->GSD", picked.reshape(g, s, k, dim),
-                    d.gates.astype(out.dtype))
+                    gates.astype(out.dtype))
 
 
 def load_balancing_loss(probs: jax.Array, expert_choice: jax.Array,
@@ -310,8 +312,9 @@ class ModalityMoE(nnx.Module):
     _, group_size, _ = x.shape
     valid = valid.astype(bool)
     with jax.named_scope("router"):
-      # A one-hot product, not jnp.take: its gradient is then a small matmul
-      # instead of a scatter-add of every token into M rows (slow on CPU).
+      # As a one-hot product (its gradient a small matmul, not a scatter-add
+      # over every token); as fast as jnp.take on the CPU measured, and kept
+      # because the measured runs in README.md used it.
       one_hot = jax.nn.one_hot(modality, self.num_modalities,
                                dtype=jnp.float32)
       b_m = jnp.einsum("GSM,MD->GSD", one_hot,
@@ -331,8 +334,9 @@ class ModalityMoE(nnx.Module):
       x_in = x_m if self.add_modality_to_experts else x
       x_in = x_in.astype(self.dtype)
       if self.dispatch == "gather":
-        buf = jnp.swapaxes(gather_dispatch(x_in, d, self.num_experts,
-                                           capacity), 0, 1)
+        slots, sources = slot_maps(d, self.num_experts, capacity)
+        buf = jnp.swapaxes(gather_dispatch(x_in, slots, sources,
+                                           self.num_experts, capacity), 0, 1)
       else:  # one-hot einsum: G*S*E*C*D multiply-adds
         buf = jnp.einsum("GSEC,GSD->EGCD", d.dispatch.astype(self.dtype),
                          x_in)
@@ -370,7 +374,7 @@ class ModalityMoE(nnx.Module):
                       ("act_expert", "act_group", None, "act_embed"))
       out = constrain(out, (None, "act_batch", None, "act_embed"))  # and back
       if self.dispatch == "gather":
-        y = gather_combine(jnp.swapaxes(out, 0, 1), d)
+        y = gather_combine(jnp.swapaxes(out, 0, 1), slots, sources, d.gates)
       else:
         y = jnp.einsum("GSEC,EGCD->GSD", d.combine.astype(self.dtype), out)
       y = constrain(y, ("act_batch", "act_seq", "act_embed"))
