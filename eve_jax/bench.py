@@ -2,7 +2,7 @@ r"""Training-step benchmark: samples/s, MFU, MoE vs dense, objective costs.
 
   python -m eve_jax.bench --config=configs/base.py:small [--steps 10] \
       [--batch_size 16] [--objectives=mlm,mim] [--compare=dense] \
-      [--compare=objectives] [--json]
+      [--compare=objectives] [--compare=scan] [--json]
 
 Everything is measured in one process, so ratios compare like with like;
 the models being compared are stepped in turn (A, B, A, B, ...) so that a
@@ -17,6 +17,11 @@ shared machine's slow drifts hit them alike, and step_s is the median.
                FLOPs (--compare=dense);
   objectives   samples/s of mlm,mim against mlm,itc,itm and mlm,mim,itc,itm
                at the same batch (--compare=objectives; the paper's Table 1).
+  scan         step and compile time of the model with the hard-router
+               blocks scanned (model.scan_layers) and unrolled
+               (--compare=scan). XLA's cost analysis counts a scanned
+               block once, not once per layer: flops_per_sample_xla is low
+               for a scanned model; the analytic count is not.
 
 The step is the real training step (train.build_program): forward, backward
 and AdamW update, parameters and optimizer state donated. EVE-Shapes
@@ -46,8 +51,9 @@ _WARMUP = flags.DEFINE_integer("warmup", 2, "Untimed steps after compiling.")
 _BATCH = flags.DEFINE_integer("batch_size", 0, "Global batch; 0 = the "
                               "config's train.batch_size.")
 _COMPARE = flags.DEFINE_multi_enum(
-    "compare", [], ["dense", "objectives"],
-    "Also measure the dense model and/or the other objective sets.")
+    "compare", [], ["dense", "objectives", "scan"],
+    "Also measure the dense model, the other objective sets and/or the "
+    "model with model.scan_layers flipped.")
 _OBJECTIVES = flags.DEFINE_string(
     "objectives", None, "Objectives of the measured step, e.g. mlm,itc,itm "
     "(default: the config's, mlm,mim).")
@@ -237,6 +243,10 @@ def run(config, *, steps: int, warmup: int, batch_size: int,
     dense_cfg = config.copy_and_resolve_references()
     dense_cfg.model.soft_ffn = "dense"
     phase1["dense"] = Runner(dense_cfg, vocab, batch_size)
+  if "scan" in compare:
+    scan_cfg = config.copy_and_resolve_references()
+    scan_cfg.model.scan_layers = not config.model.scan_layers
+    phase1["scan"] = Runner(scan_cfg, vocab, batch_size)
   _time_interleaved(phase1, steps, warmup)
   results = {k: r.summary() for k, r in phase1.items()}
   del phase1
@@ -272,6 +282,16 @@ def run(config, *, steps: int, warmup: int, batch_size: int,
     out["dense_step_s"] = dense["step_s"]
     out["dense_samples_per_s"] = dense["samples_per_s"]
     out["moe_step_over_dense"] = main["step_s"] / dense["step_s"]
+  if "scan" in results:
+    a, b = main, results["scan"]
+    scanned, unrolled = (a, b) if config.model.scan_layers else (b, a)
+    out["scan"] = dict(
+        scanned_step_s=scanned["step_s"], unrolled_step_s=unrolled["step_s"],
+        scanned_compile_s=scanned["compile_s"],
+        unrolled_compile_s=unrolled["compile_s"],
+        scanned_peak_memory_bytes=scanned["peak_memory_bytes"],
+        unrolled_peak_memory_bytes=unrolled["peak_memory_bytes"])
+    out["scan_step_over_unrolled"] = scanned["step_s"] / unrolled["step_s"]
   if "objectives" in results:
     per = {o: results["objectives"][o] for o in OBJECTIVE_SETS
            if o in results["objectives"]}

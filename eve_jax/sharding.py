@@ -43,6 +43,7 @@ DEFAULT_RULES = {
     "vocab": "tensor",
     "expert": "expert",
     "norm": "",
+    "layers": "",  # the stacked axis of scanned blocks: kept whole
     "act_batch": "data,fsdp,expert",
     "act_seq": "",
     "act_embed": "",

@@ -1,4 +1,5 @@
-"""Writes tests/golden/sharding_{base,large}.txt: every parameter's layout.
+"""Writes tests/golden/sharding_{base,large}[_scan].txt: every parameter's
+layout, unrolled and with `model.scan_layers`.
 
   python tests/dump_sharding.py
 
@@ -26,10 +27,16 @@ GOLDEN = os.path.join(os.path.dirname(os.path.abspath(__file__)), "golden")
 MESH_SHAPE = dict(data=2, fsdp=4, expert=8, tensor=2)
 
 
-def layout(variant: str) -> str:
-  """The golden text for `variant` with the paper's 30,522-word vocabulary."""
-  cfg = ModelConfig.from_config(config_lib.model_config(variant),
-                                vocab_size=30522)
+VARIANTS = ("base", "large", "base_scan", "large_scan")
+
+
+def layout(name: str) -> str:
+  """The golden text for `name` (a variant, `_scan` for scan_layers) with
+  the paper's 30,522-word vocabulary."""
+  variant, _, scan = name.partition("_")
+  cfg = ModelConfig.from_config(
+      config_lib.model_config(variant, scan_layers=bool(scan)),
+      vocab_size=30522)
   rules = sharding.parse_rules(sharding.DEFAULT_RULES)
   state = nnx.state(nnx.eval_shape(
       lambda: EVEPretrainModel(cfg, rngs=nnx.Rngs(0))), nnx.Param)
@@ -46,7 +53,7 @@ def layout(variant: str) -> str:
 
 if __name__ == "__main__":
   os.makedirs(GOLDEN, exist_ok=True)
-  for v in ("base", "large"):
+  for v in VARIANTS:
     with open(os.path.join(GOLDEN, f"sharding_{v}.txt"), "w") as f:
       f.write(layout(v))
     print("wrote", os.path.join(GOLDEN, f"sharding_{v}.txt"))

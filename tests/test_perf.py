@@ -13,6 +13,7 @@ import pytest
 from flax import nnx
 
 from eve_jax import config_lib, flops
+from eve_jax.model import eve
 from eve_jax.model.attention import Attention
 from eve_jax.model.heads import EVEPretrainModel
 from eve_jax.model.moe import ModalityMoE
@@ -125,7 +126,8 @@ def test_fused_attention_equals_einsum_attention():
 
 def _tiny(**model):
   c = config_lib.get_pretrain_config("tiny", default_variant="base")
-  c.model.update(dict(depth=2, num_soft_layers=1, decoder_depth=1, **model))
+  c.model.update({**dict(depth=2, num_soft_layers=1, decoder_depth=1),
+                  **model})
   return ModelConfig.from_config(c.model, vocab_size=64)
 
 
@@ -158,15 +160,42 @@ def _loss_and_grads(cfg, task, batch, with_metrics=False):
   return ((loss, metrics) if with_metrics else loss), grads
 
 
-def test_remat_changes_nothing_but_memory():
-  cfg = _tiny()
-  batch = _batch(cfg)
-  v0, g0 = _loss_and_grads(cfg, _task(), batch)
-  v1, g1 = _loss_and_grads(_tiny(remat=True), _task(), batch)
-  np.testing.assert_allclose(float(v0), float(v1), rtol=1e-6)
-  for a, b in zip(jax.tree.leaves(g0), jax.tree.leaves(g1)):
-    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5,
-                               atol=1e-7)
+def test_remat_and_scanned_layers_change_nothing_but_memory_and_layout():
+  """remat recomputes activations; scan_layers stacks the hard-router
+  blocks and runs them with nnx.scan. Alone or together: the same initial
+  values, loss and gradients as the plain unrolled model, with drop path on
+  so each scanned layer's own rate and key count."""
+  def cfg(**kw):
+    return _tiny(depth=4, num_soft_layers=1, drop_path=0.3, **kw)
+
+  plain = cfg()
+  assert eve.num_scanned(cfg(scan_layers=True)) == 3
+  batch = _batch(plain)
+  v0, g0 = _loss_and_grads(plain, _task(), batch)
+  init0 = nnx.to_pure_dict(nnx.state(EVEPretrainModel(plain,
+                                                      rngs=nnx.Rngs(0)),
+                                     nnx.Param))
+  for kw in (dict(remat=True), dict(scan_layers=True),
+             dict(scan_layers=True, remat=True)):
+    c = cfg(**kw)
+    v1, g1 = _loss_and_grads(c, _task(), batch)
+    np.testing.assert_allclose(float(v0), float(v1), rtol=1e-6, err_msg=kw)
+    init1 = nnx.to_pure_dict(nnx.state(EVEPretrainModel(c, rngs=nnx.Rngs(0)),
+                                       nnx.Param))
+    for want, got in ((init0, init1), (nnx.to_pure_dict(g0),
+                                       nnx.to_pure_dict(g1))):
+      if c.scan_layers:
+        assert got["backbone"]["scanned"]["ffn"]["wi"].shape == (
+            3, 2, plain.width, plain.mlp_dim)
+        want = dict(want, backbone=eve.scan_layout(want["backbone"], plain))
+      assert jax.tree.structure(want) == jax.tree.structure(got)
+      for x, y in zip(jax.tree.leaves(want), jax.tree.leaves(got)):
+        np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-5,
+                                   atol=1e-7, err_msg=str(kw))
+  back = eve.unscan_layout(eve.scan_layout(init0["backbone"], plain), plain)
+  assert jax.tree.structure(back) == jax.tree.structure(init0["backbone"])
+  for x, y in zip(jax.tree.leaves(back), jax.tree.leaves(init0["backbone"])):
+    np.testing.assert_array_equal(x, y)
 
 
 def test_bfloat16_compute_keeps_float32_parameters():

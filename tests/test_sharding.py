@@ -15,7 +15,9 @@ from flax import nnx
 from eve_jax import config_lib, sharding, train
 from eve_jax.checkpoint import Checkpointer
 from eve_jax.data.tokenizer import Tokenizer
+from eve_jax.model import eve
 from eve_jax.model.moe import ModalityMoE
+from eve_jax.model.variants import ModelConfig
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RULES = sharding.parse_rules(sharding.DEFAULT_RULES)
@@ -98,11 +100,12 @@ def test_process_batch_slice_single_process():
   assert sharding.process_batch_slice(sh, 8) == (0, 1)
 
 
-@pytest.mark.parametrize("variant", ["base", "large"])
+@pytest.mark.parametrize("variant", ["base", "large", "base_scan",
+                                     "large_scan"])
 def test_parameter_layouts_match_the_golden_files(variant):
-  """Every EVE-Base/Large parameter's names and layout on a 2x4x8x2 mesh, as
-  reviewed in tests/golden/; regenerate with `python tests/dump_sharding.py`
-  only when a change is intended."""
+  """Every EVE-Base/Large parameter's names and layout on a 2x4x8x2 mesh,
+  unrolled and with scan_layers, as reviewed in tests/golden/; regenerate
+  with `python tests/dump_sharding.py` only when a change is intended."""
   sys.path.insert(0, os.path.join(REPO, "tests"))
   import dump_sharding  # pylint: disable=g-import-not-at-top
   with open(os.path.join(dump_sharding.GOLDEN, f"sharding_{variant}.txt")) as f:
@@ -118,7 +121,14 @@ def test_parameter_layouts_match_the_golden_files(variant):
     if "['wi']" in line and "'expert'" in line:
       assert "P('expert', 'fsdp', 'tensor')" in line, line
   assert sum("'expert'" in line for line in got) == (
-      4 * (2 if variant == "base" else 3))
+      4 * (2 if variant.startswith("base") else 3))
+  if variant.endswith("_scan"):  # hard-router blocks stacked, kept whole
+    depth = 12 if variant.startswith("base") else 24
+    scanned = [line for line in got if line.startswith("['backbone']"
+                                                       "['scanned']")]
+    assert scanned and all(
+        f" [{depth - (2 if depth == 12 else 3)}, " in line
+        and "['layers'," in line and "P(None" in line for line in scanned)
 
 
 # --- the MoE layer under expert parallelism ---------------------------------
@@ -311,6 +321,29 @@ def test_meshes_train_the_same(trained):
   wi = out.state.params["backbone"]["blocks"][1]["ffn"]["wi"][...]
   assert wi.sharding.spec == jax.sharding.PartitionSpec(None, "fsdp",
                                                         "tensor")
+
+
+def test_scanned_layers_train_the_same_on_a_mesh(trained, tmp_path):
+  """model.scan_layers on data=2 x fsdp=2 x tensor=2: the losses and, back in
+  the unrolled layout, the parameters of the unrolled one-device run; the
+  stacked weights keep their `layers` axis whole."""
+  config = micro_config(data=2, fsdp=2, tensor=2)
+  config.model.scan_layers = True
+  out = _train(config, tmp_path)
+  ref_dir, ref = trained[()]
+  np.testing.assert_allclose(_losses(tmp_path), _losses(ref_dir), rtol=1e-4)
+  wi = out.state.params["backbone"]["scanned"]["ffn"]["wi"][...]
+  assert wi.shape[0] == 1  # the micro model's one hard-router block
+  assert wi.sharding.spec == jax.sharding.PartitionSpec(None, None, "fsdp",
+                                                        "tensor")
+  got = nnx.to_pure_dict(out.state.params)
+  cfg = ModelConfig.from_config(config.model, vocab_size=64)
+  got["backbone"] = eve.unscan_layout(got["backbone"], cfg)
+  want = nnx.to_pure_dict(ref.state.params)
+  assert jax.tree.structure(got) == jax.tree.structure(want)
+  for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-3,
+                               atol=1e-5)
 
 
 @pytest.mark.slow

@@ -71,7 +71,8 @@ class Block(nnx.Module):
   def __call__(self, x: jax.Array, *, valid: jax.Array,
                modality: jax.Array | None = None,
                counts: Sequence[int] | None = None,
-               rng: jax.Array | None = None
+               rng: jax.Array | None = None,
+               drop_path_rate: float | jax.Array | None = None
                ) -> tuple[jax.Array, MoEStats | None]:
     """Args:
       x: [B, L, D] tokens.
@@ -79,10 +80,13 @@ class Block(nnx.Module):
       modality: [B, L] int32 modality ids (0 image, 1 text); "hard"/"soft".
       counts: static tokens per modality in every sequence ("hard" gather).
       rng: PRNG key for drop path, None at evaluation.
+      drop_path_rate: overrides the rate given at construction; a scanned
+        stack of blocks passes each layer's rate as a scalar array.
 
     Returns:
       ([B, L, D] tokens, MoEStats for a "soft" block else None).
     """
+    rate = self.drop_path_rate if drop_path_rate is None else drop_path_rate
     rng1 = rng2 = None
     if rng is not None:
       rng1, rng2 = jax.random.split(rng)
@@ -90,7 +94,7 @@ class Block(nnx.Module):
       h = self.attn(self.norm1(x), valid)
       if self.gamma_1 is not None:
         h = h * self.gamma_1[...].astype(h.dtype)
-      x = constrain(x + drop_path(h, self.drop_path_rate, rng1), _TOKENS)
+      x = constrain(x + drop_path(h, rate, rng1), _TOKENS)
     stats = None
     with jax.named_scope(f"ffn_{self.ffn_kind}"):
       if self.ffn_kind == "dense":
@@ -101,6 +105,6 @@ class Block(nnx.Module):
         h, stats = self.ffn(self.norm2(x), modality, valid)
       if self.gamma_2 is not None:
         h = h * self.gamma_2[...].astype(h.dtype)
-      x = x + drop_path(h.astype(x.dtype), self.drop_path_rate, rng2)
+      x = x + drop_path(h.astype(x.dtype), rate, rng2)
       x = constrain(x, _TOKENS)
     return x, stats

@@ -12,9 +12,12 @@ L = Li + Lt, D width.
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from flax.nnx import spmd
 
 from eve_jax.model.block import Block
 from eve_jax.model.embeddings import ImageEmbed, TextEmbed
@@ -24,6 +27,23 @@ from eve_jax.model.variants import ModelConfig
 from eve_jax.sharding import constrain
 
 IMAGE, TEXT = 0, 1
+# Scanned parameters' leading axis gets this logical name in their metadata.
+_LAYERS = {nnx.PARTITION_NAME: "layers"}
+
+
+def num_scanned(cfg: ModelConfig) -> int:
+  """How many bottom blocks `scan_layers` stacks: the hard-router ones."""
+  return cfg.depth - cfg.num_soft_layers if cfg.scan_layers else 0
+
+
+def _stack(blocks: list[Block]) -> Block:
+  """One Block whose every parameter is the blocks' stacked along a new
+  leading axis, named `layers` in its sharding metadata. Its own
+  `drop_path_rate` is unused: `EVE.encode` passes each layer's."""
+  graphdef, _ = nnx.split(blocks[0])
+  state = jax.tree.map(lambda *xs: jnp.stack(xs),
+                       *[nnx.state(b) for b in blocks])
+  return nnx.merge(graphdef, spmd.add_axis(state, 0, _LAYERS))
 
 
 class EVE(nnx.Module):
@@ -40,27 +60,34 @@ class EVE(nnx.Module):
                             (None, "embed"))
     self.pre_norm = LayerNorm(cfg.width, dtype=dt, rngs=rngs)
     # Stochastic depth grows linearly with depth (BEiT).
-    rates = [cfg.drop_path * i / max(cfg.depth - 1, 1)
-             for i in range(cfg.depth)]
+    self.rates = rates = tuple(cfg.drop_path * i / max(cfg.depth - 1, 1)
+                               for i in range(cfg.depth))
 
     def dense_soft(i):  # the benchmark's same-active-FLOPs dense model
       return cfg.soft_layer(i) and cfg.soft_ffn == "dense"
 
-    self.blocks = nnx.List([
-        Block(cfg.width, cfg.heads,
-              cfg.top_k * cfg.mlp_dim if dense_soft(i) else cfg.mlp_dim,
-              ffn=("dense" if dense_soft(i) else
-                   "soft" if cfg.soft_layer(i) else "hard"),
-              layer_scale_init=cfg.layer_scale_init,
-              drop_path_rate=rates[i], activation=cfg.activation,
-              num_experts=cfg.num_experts, top_k=cfg.top_k,
-              capacity_factor=cfg.capacity_factor,
-              aux_loss_weight=cfg.aux_loss_weight,
-              add_modality_to_experts=cfg.add_modality_to_experts,
-              moe_dispatch=cfg.moe_dispatch, moe_experts=cfg.moe_experts,
-              attention=cfg.attention,
-              dtype=dt, rngs=rngs)
-        for i in range(cfg.depth)])
+    def block(i, rngs, rate):
+      return Block(cfg.width, cfg.heads,
+                   cfg.top_k * cfg.mlp_dim if dense_soft(i) else cfg.mlp_dim,
+                   ffn=("dense" if dense_soft(i) else
+                        "soft" if cfg.soft_layer(i) else "hard"),
+                   layer_scale_init=cfg.layer_scale_init,
+                   drop_path_rate=rate, activation=cfg.activation,
+                   num_experts=cfg.num_experts, top_k=cfg.top_k,
+                   capacity_factor=cfg.capacity_factor,
+                   aux_loss_weight=cfg.aux_loss_weight,
+                   add_modality_to_experts=cfg.add_modality_to_experts,
+                   moe_dispatch=cfg.moe_dispatch, moe_experts=cfg.moe_experts,
+                   attention=cfg.attention, dtype=dt, rngs=rngs)
+
+    # Built unrolled in any case, so a model's initial values do not depend
+    # on scan_layers; with it, the hard-router blocks (all alike) are then
+    # stacked into one Block whose parameters carry a leading [num_scanned]
+    # `layers` axis, and `blocks` keeps only the rest.
+    blocks = [block(i, rngs, rates[i]) for i in range(cfg.depth)]
+    self.num_scanned = n = num_scanned(cfg)
+    self.scanned = _stack(blocks[:n]) if n else None
+    self.blocks = nnx.List(blocks[n:])
     self.norm = LayerNorm(cfg.width, dtype=dt, rngs=rngs)
 
   def embed_image(self, images: jax.Array) -> jax.Array:
@@ -100,15 +127,60 @@ class EVE(nnx.Module):
     counts = (li, lt)  # tokens per modality id, for the hard-router gather
     x = constrain(self.pre_norm(x), ("act_batch", "act_seq", "act_embed"))
     stats = []
-    rngs = (jax.random.split(rng, len(self.blocks)) if rng is not None
-            else [None] * len(self.blocks))
-    def run(block, x, r):
-      return block(x, valid=valid, modality=modality, counts=counts, rng=r)
+    n = self.num_scanned
+    rngs = (jax.random.split(rng, self.cfg.depth) if rng is not None
+            else [None] * self.cfg.depth)
+
+    def run(block, x, r, rate=None):
+      return block(x, valid=valid, modality=modality, counts=counts, rng=r,
+                   drop_path_rate=rate)
 
     if self.cfg.remat:  # keep only block inputs; recompute the rest
       run = nnx.remat(run)
-    for block, r in zip(self.blocks, rngs):
+    if n:
+      def layer(block, x, r, rate):
+        return run(block, x, r, rate)[0]
+      rates = jnp.asarray(self.rates[:n], jnp.float32)
+      if rng is None:  # evaluation: no drop path, nothing to scan but weights
+        layer_fn = nnx.scan(lambda b, x: layer(b, x, None, None),
+                            in_axes=(0, nnx.Carry), out_axes=nnx.Carry,
+                            transform_metadata=_LAYERS)
+        x = layer_fn(self.scanned, x)
+      else:
+        layer_fn = nnx.scan(layer, in_axes=(0, nnx.Carry, 0, 0),
+                            out_axes=nnx.Carry, transform_metadata=_LAYERS)
+        x = layer_fn(self.scanned, x, rngs[:n], rates)
+    for block, r in zip(self.blocks, rngs[n:]):
       x, s = run(block, x, r)
       if s is not None:
         stats.append(s)
     return self.norm(x), stats
+
+
+def scan_layout(tree: dict, cfg: ModelConfig) -> dict:
+  """An unrolled backbone's nested dict -> the `scan_layers` layout.
+
+  `tree` is `nnx.to_pure_dict` of an `EVE` built without scan_layers (or any
+  dict shaped like it, e.g. optimizer moments): {"blocks": {0: ..., ...},
+  ...}. Blocks 0..n-1 (n = `num_scanned(cfg)` of the scanned config) are
+  stacked along a new leading axis under "scanned"; the rest are renumbered
+  from 0 under "blocks". Everything else is passed through.
+  """
+  n = num_scanned(dataclasses.replace(cfg, scan_layers=True))
+  out = {k: v for k, v in tree.items() if k != "blocks"}
+  blocks = tree["blocks"]
+  out["scanned"] = jax.tree.map(lambda *xs: jnp.stack(xs),
+                                *[blocks[i] for i in range(n)])
+  out["blocks"] = {i - n: blocks[i] for i in range(n, cfg.depth)}
+  return out
+
+
+def unscan_layout(tree: dict, cfg: ModelConfig) -> dict:
+  """The inverse of `scan_layout`."""
+  n = num_scanned(dataclasses.replace(cfg, scan_layers=True))
+  out = {k: v for k, v in tree.items() if k not in ("blocks", "scanned")}
+  blocks = {i: jax.tree.map(lambda x, i=i: x[i], tree["scanned"])
+            for i in range(n)}
+  blocks.update({i + n: b for i, b in tree["blocks"].items()})
+  out["blocks"] = blocks
+  return out

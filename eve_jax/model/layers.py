@@ -94,15 +94,17 @@ class MLP(nnx.Module):
     return self.fc2(activation_fn(self.activation)(self.fc1(x)))
 
 
-def drop_path(x: jax.Array, rate: float, rng: jax.Array | None) -> jax.Array:
+def drop_path(x: jax.Array, rate: float | jax.Array, rng: jax.Array | None
+              ) -> jax.Array:
   """Stochastic depth: zero a sample's whole residual branch with prob `rate`.
 
   Args:
     x: [B, ...] the residual branch.
-    rate: drop probability; 0 or `rng is None` (evaluation) is the identity.
+    rate: drop probability, a float or a scalar array (a scanned layer's
+      rate); a float 0 or `rng is None` (evaluation) is the identity.
     rng: a PRNG key, or None.
   """
-  if rate <= 0.0 or rng is None:
+  if rng is None or (isinstance(rate, (int, float)) and rate <= 0.0):
     return x
   keep = jax.random.bernoulli(rng, 1.0 - rate, (x.shape[0],) + (1,) *
                               (x.ndim - 1))

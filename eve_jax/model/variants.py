@@ -69,6 +69,10 @@ class ModelConfig:
   moe_experts: str = "auto"
   attention: str = "einsum"  # or "xla" / "cudnn": jax.nn.dot_product_attention
   remat: bool = False  # recompute each block's activations in the backward
+  # Hard-router blocks as one stacked block run by nnx.scan (parameters get
+  # a leading `layers` axis): one compiled block instead of depth copies.
+  # Changes the parameter layout; `eve.scan_layout`/`unscan_layout` convert.
+  scan_layers: bool = False
   # "dense" swaps every soft-router MoE for a dense FFN of top_k * mlp_dim
   # hidden units (the same active FLOPs): the benchmark's comparison model.
   soft_ffn: str = "moe"
