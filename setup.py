@@ -30,7 +30,9 @@ setup(
         "tensorboardX>=2.6",
     ],
     extras_require={
-        "test": ["pytest>=8", "pytest-timeout>=2.3"],
+        # scikit-image: real photos (PNG, JPEG, GIF) bundled in its wheel,
+        # for tests/test_prepare.py; its deps are small, scipy comes with jax.
+        "test": ["pytest>=8", "pytest-timeout>=2.3", "scikit-image>=0.26"],
         # Accelerator builds of the same jax (launch/README.md).
         "tpu": ["jax[tpu]>=0.10.2"],
         "cuda12": ["jax[cuda12]>=0.10.2"],

@@ -11,9 +11,11 @@ signal modeling on the built-in EVE-Shapes data: 2,000 steps of batch 32 in
 
 With no arg: EVE-Base as in the paper (12 layers, 768 wide, 12 heads,
 soft-router MoE with 32 experts top-2 in layers 10-11; AdamW 5e-4, b2 0.98,
-wd 0.05, 10k warmup + cosine, batch 2048, 480k steps at 224 px) on the
-COCO + VG + SBU + CC3M mixture, which this version does not read yet: it
-stops with a one-line error saying so.
+wd 0.05, 10k warmup + cosine, batch 2048, 480k steps at 224 px) on COCO +
+VG + SBU + CC3M prepared under --config.data.dir (README, "Real corpora"):
+
+  python -m eve_jax.main --config=configs/base.py --config.data.dir=/data/eve \
+      --workdir=DIR
 """
 
 from eve_jax import config_lib

@@ -62,9 +62,13 @@ def pretrain_config(variant: str) -> ml_collections.ConfigDict:
       steps=480_000, batch_size=2048, log_every=50, checkpoint_every=5_000,
       keep_checkpoints=3, eval_every=10_000, eval_examples=4096,
       eval_batch_size=256))
+  # Prepared corpora (python -m eve_jax.data.prepare) under data.dir, one
+  # per subdirectory; "name:weight" to weight them, default by pair counts
+  # (their union, as the paper). The tokenizer defaults to
+  # data.dir/tokenizer.model (`prepare tokenizer`).
   c.data = ml_collections.ConfigDict(dict(
-      name="corpora", dir="", tokenizer="", vocab_size=30522,
-      num_tokenizer_captions=4000))
+      name="corpora", dir="", mixture="coco,vg,sbu,cc3m", tokenizer="",
+      num_threads=8, vocab_size=30522, num_tokenizer_captions=4000))
   # --config.mesh.data=2 --config.mesh.expert=4 ...; see eve_jax/sharding.py.
   c.mesh = sharding.mesh_config()
   c.axis_rules = sharding.rules_config()
@@ -75,6 +79,9 @@ def shapes_config(variant: str) -> ml_collections.ConfigDict:
   """EVE-Shapes pretraining sized for a CPU (tiny) or a quick check (small)."""
   c = pretrain_config(variant)
   c.data.name = "shapes"
+  # --config.data.dir=DIR trains on prepared corpora instead: every corpus
+  # under DIR unless data.mixture names some.
+  c.data.mixture = ""
   c.data.vocab_size = 64
   c.model.vocab_size = 64
   c.model.max_text_len = 17  # the longest EVE-Shapes caption (16 words) + CLS
@@ -102,5 +109,6 @@ def get_pretrain_config(arg: str | None, default_variant: str
   c = pretrain_config(a.variant)
   if a.variant == "large":  # paper: 280k steps at peak lr 2e-4
     c.optim.lr = 2e-4
+    c.data.mixture = "coco,vg,sbu,cc3m,cc12m"  # 21M pairs
     c.train.steps = 280_000
   return c

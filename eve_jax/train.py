@@ -29,8 +29,10 @@ from jax.experimental import multihost_utils
 
 from eve_jax import sharding
 from eve_jax.checkpoint import Checkpointer
+from eve_jax.data import corpora
 from eve_jax.data import pipeline as data_pipeline
 from eve_jax.data import shapes
+from eve_jax.data.corpora import DataError
 from eve_jax.data.tokenizer import Tokenizer, shapes_tokenizer
 from eve_jax.model.heads import EVEPretrainModel
 from eve_jax.model.params_count import count_params
@@ -47,9 +49,6 @@ class TrainState:
   params: Any  # nnx.State of the model's nnx.Param variables
   opt_state: Any
 
-
-class DataError(ValueError):
-  """The configured data cannot be read; the message says what to do."""
 
 
 def build_tokenizer(config: ml_collections.ConfigDict, workdir: str
@@ -75,9 +74,16 @@ def build_tokenizer(config: ml_collections.ConfigDict, workdir: str
 def _make_tokenizer(config, path: str) -> Tokenizer:
   if os.path.exists(path):
     return Tokenizer(path)
-  if config.data.tokenizer:
-    tok = Tokenizer(config.data.tokenizer)
-    with open(config.data.tokenizer, "rb") as src, open(path, "wb") as dst:
+  source = config.data.tokenizer
+  if not source and uses_corpora(config):
+    source = corpora_tokenizer(config)
+  if source:
+    try:
+      tok = Tokenizer(source)
+    except (OSError, RuntimeError) as e:
+      raise DataError(f"cannot read the tokenizer {source}: "
+                      f"{str(e).strip().splitlines()[0][:200]}") from None
+    with open(source, "rb") as src, open(path, "wb") as dst:
       dst.write(src.read())
     return tok
   if config.data.name == "shapes":
@@ -88,18 +94,57 @@ def _make_tokenizer(config, path: str) -> Tokenizer:
                   "has no built-in tokenizer")
 
 
-def check_data(config: ml_collections.ConfigDict) -> None:
+def uses_corpora(config: ml_collections.ConfigDict) -> bool:
+  """Prepared corpora (`data.dir`) rather than the built-in EVE-Shapes."""
+  return bool(config.data.dir) or config.data.name == "corpora"
+
+
+def corpora_tokenizer(config: ml_collections.ConfigDict) -> str:
+  """`data.tokenizer`, else DIR/tokenizer.model; a one-line error naming
+  the command that makes it when there is none."""
+  if config.data.tokenizer:
+    return config.data.tokenizer
+  root = os.path.abspath(os.path.expanduser(config.data.dir))
+  path = os.path.join(root, "tokenizer.model")
+  if not os.path.isfile(path):
+    dirs = " ".join(c.directory for c in corpora.parse_mixture(
+        config.data.dir, config.data.mixture))
+    raise DataError(f"no tokenizer: set --config.data.tokenizer or make "
+                    f"{path} with `{corpora.PREPARE} tokenizer --out {path} "
+                    f"{dirs}`")
+  return path
+
+
+def check_data(config: ml_collections.ConfigDict, workdir: str = ""
+               ) -> None:
   """Fails fast, in one line, when the configured data cannot be read."""
-  if config.data.name == "shapes":
+  if uses_corpora(config):
+    mix = corpora.parse_mixture(config.data.dir, config.data.mixture)
+    corpora.open_splits(mix, "train")
+    if not os.path.isfile(os.path.join(workdir, "tokenizer.model")):
+      tok = corpora_tokenizer(config)
+      if not os.path.isfile(tok):
+        raise DataError(f"config.data.tokenizer={tok} does not exist")
     return
-  if config.data.name == "corpora":
-    raise DataError(
-        "this config pretrains on COCO + Visual Genome + SBU + CC3M "
-        "(+ CC12M for large) image-text pairs, and reading those corpora is "
-        "not supported yet; run the CPU-sized model on the built-in "
-        "EVE-Shapes data instead: --config=configs/base.py:tiny")
-  raise DataError(f"config.data.name={config.data.name!r} is not one of "
-                  "'shapes', 'corpora'")
+  if config.data.name != "shapes":
+    raise DataError(f"config.data.name={config.data.name!r} is not one of "
+                    "'shapes', 'corpora'")
+
+
+def _corpora_data(config, tokenizer, model_cfg: ModelConfig, **kw):
+  return corpora.make_dataset(
+      corpora.parse_mixture(config.data.dir, config.data.mixture),
+      seed=config.seed, image_size=model_cfg.image_size, tokenizer=tokenizer,
+      max_text_len=model_cfg.max_text_len,
+      num_threads=config.data.num_threads, **kw)
+
+
+def eval_corpora(config) -> list[corpora.Corpus]:
+  """The mixture's corpora that hold an eval split (`prepare
+  --eval_images`); pretraining evaluates on those."""
+  return [c for c in corpora.parse_mixture(config.data.dir,
+                                           config.data.mixture)
+          if os.path.isfile(os.path.join(c.directory, "eval_pairs.npy"))]
 
 
 def _shapes_dataset(config, tokenizer, model_cfg: ModelConfig, **kw):
@@ -114,6 +159,10 @@ def make_train_data(config, tokenizer, model_cfg: ModelConfig,
   """This process's training batches: shard (index, count) of the records,
   batch_size / count rows per batch (see `sharding.process_batch_slice`)."""
   index, count = shard
+  if uses_corpora(config):
+    return _corpora_data(config, tokenizer, model_cfg, split="train",
+                         batch_size=config.train.batch_size // count,
+                         process_index=index, process_count=count)
   return _shapes_dataset(
       config, tokenizer, model_cfg, split="train",
       batch_size=config.train.batch_size // count,
@@ -133,19 +182,31 @@ def eval_batches(config, tokenizer, model_cfg: ModelConfig,
   bs = config.train.eval_batch_size // count
   rows = -(-config.train.eval_examples // count)  # the largest shard
   num_batches = -(-rows // bs)
-  ds = _shapes_dataset(
-      config, tokenizer, model_cfg, split="eval", batch_size=bs,
-      num_examples=config.train.eval_examples, shuffle=False, repeat=False,
-      drop_remainder=False, process_index=index, process_count=count)
-  it = iter(ds)
-  template = None
+  if uses_corpora(config):
+    mix = eval_corpora(config)
+    if not mix:
+      return
+    it = corpora.make_dataset(
+        mix, split="eval", seed=config.seed, batch_size=bs,
+        image_size=model_cfg.image_size, tokenizer=tokenizer,
+        max_text_len=model_cfg.max_text_len, process_index=index,
+        process_count=count, train=False,
+        num_examples=config.train.eval_examples,
+        num_threads=config.data.num_threads)
+  else:
+    it = iter(_shapes_dataset(
+        config, tokenizer, model_cfg, split="eval", batch_size=bs,
+        num_examples=config.train.eval_examples, shuffle=False, repeat=False,
+        drop_remainder=False, process_index=index, process_count=count))
+  size, length = model_cfg.image_size, model_cfg.max_text_len
+  empty = dict(image=np.zeros((0, size, size, 3), np.float32),
+               text=np.zeros((0, length), np.int32),
+               text_valid=np.zeros((0, length), bool))
   for _ in range(num_batches):
-    batch = next(it, None)
-    if batch is None:  # this shard ran out first: an all-padding batch
-      batch = {k: v[:0] for k, v in template.items()}
-    batch = {k: v for k, v in batch.items() if k in ("image", "text",
-                                                     "text_valid")}
-    template = template or batch
+    # A shard that ran out first (or lost images that do not decode) pads
+    # with all-padding batches.
+    batch = next(it, None) or empty
+    batch = {k: batch[k] for k in empty}
     n = batch["text"].shape[0]
     batch["example_valid"] = np.ones((n,), bool)
     if n < bs:
@@ -181,6 +242,8 @@ def evaluate(eval_step, params, config, tokenizer, model_cfg,
                                          shard)):
     sums = eval_step(params, to_global(batch), jax.random.fold_in(rng, i))
     total = sums if total is None else jax.tree.map(jnp.add, total, sums)
+  if total is None:  # corpora without an eval split (`prepare --eval_images`)
+    return {}
   return eval_metrics(jax.device_get(total))
 
 
@@ -210,7 +273,7 @@ def run(config: ml_collections.ConfigDict, workdir: str,
     mesh: the device mesh; default `sharding.make_mesh(config.mesh)` over
       all devices of all processes.
   """
-  check_data(config)
+  check_data(config, workdir)
   mesh = sharding.make_mesh(config.mesh) if mesh is None else mesh
   rules = sharding.parse_rules(config.axis_rules)
   for name in ("batch_size", "eval_batch_size"):
@@ -288,12 +351,19 @@ def build_program(config, tokenizer: Tokenizer, mesh: jax.sharding.Mesh,
                         schedule=schedule, base_rng=base_rng),
       in_shardings=(state_sh, batch_sh), out_shardings=(state_sh, replicated),
       donate_argnums=(0,))
+  if uses_corpora(config):
+    # No word list that only the image can tell; the "blank" image (the
+    # text-only baseline) is mid-gray.
+    visual_ids = jnp.zeros((0,), jnp.int32)
+    blank = jnp.zeros((model_cfg.image_size,) * 2 + (3,), jnp.float32)
+  else:
+    visual_ids = jnp.asarray(tokenizer.word_ids(shapes.VISUAL_WORDS))
+    blank = jnp.asarray(data_pipeline.normalize_image(
+        shapes.blank_image(model_cfg.image_size)))
   eval_step = jax.jit(
       functools.partial(
-          _eval_step, graphdef=graphdef, task=task,
-          visual_ids=jnp.asarray(tokenizer.word_ids(shapes.VISUAL_WORDS)),
-          blank=jnp.asarray(data_pipeline.normalize_image(
-              shapes.blank_image(model_cfg.image_size)))),
+          _eval_step, graphdef=graphdef, task=task, visual_ids=visual_ids,
+          blank=blank),
       in_shardings=(state_sh.params, eval_sh, replicated),
       out_shardings=replicated)
   return Program(
@@ -378,6 +448,9 @@ def _run(config, workdir: str, mesh, rules) -> RunResult:
         dt = time.perf_counter() - t_log
         means["samples_per_s"] = n_log / max(dt, 1e-9)
         means["lr"] = float(pending[-1]["lr"])
+        if isinstance(train_iter, corpora.CorpusIterator):
+          # Images that did not decode, dropped so far (this process).
+          means["data_skipped"] = train_iter.skipped
         writer.write(step, means)
         progress.update(step, means)
         pending, t_log, n_log = [], time.perf_counter(), 0
@@ -386,9 +459,10 @@ def _run(config, workdir: str, mesh, rules) -> RunResult:
         t_eval = time.perf_counter()
         last_eval = evaluate(eval_step, state.params, config, tokenizer,
                              model_cfg, to_global_eval, eval_shard)
-        writer.write_eval(step, last_eval)
-        progress.message(f"eval at step {step}: " + json.dumps(
-            {k: round(v, 4) for k, v in last_eval.items()}))
+        if last_eval:
+          writer.write_eval(step, last_eval)
+          progress.message(f"eval at step {step}: " + json.dumps(
+              {k: round(v, 4) for k, v in last_eval.items()}))
         # Evaluation time is not training throughput.
         t_log += time.perf_counter() - t_eval
       if ckpt.should_save(step, total_steps):

@@ -96,11 +96,22 @@ def _main(*args, cwd=REPO, timeout=600):
 
 @pytest.mark.parametrize("config", ["configs/base.py", "configs/large.py"])
 def test_real_corpora_configs_stop_with_one_line(tmp_path, config):
+  """No --config.data.dir, or one without the corpora: one line naming the
+  directory and the command that prepares them; nothing written."""
   out = _main(f"--config={config}", f"--workdir={tmp_path}/w")
   assert out.returncode == 1
   last = out.stderr.strip().splitlines()[-1]
-  assert last.startswith("eve_jax: error:") and "configs/base.py:tiny" in last
+  assert last.startswith("eve_jax: error:") and "config.data.dir" in last
+  assert "configs/base.py:tiny" in last
   assert "Traceback" not in out.stderr
+  os.makedirs(tmp_path / "data")
+  out = _main(f"--config={config}", f"--workdir={tmp_path}/w",
+              f"--config.data.dir={tmp_path}/data")
+  last = out.stderr.strip().splitlines()[-1]
+  assert out.returncode == 1 and "Traceback" not in out.stderr
+  assert (f"no prepared corpus 'coco' at {tmp_path}/data/coco" in last
+          and "python -m eve_jax.data.prepare coco" in last), last
+  assert not os.path.exists(tmp_path / "w")
 
 
 def test_config_typo_is_one_line(tmp_path):

@@ -382,6 +382,7 @@ def eval_sums(task: PretrainTask, model: EVEPretrainModel,
       mlm_count=f32(text_mask).sum(),
       visual_correct=(correct * f32(is_visual)).sum(),
       visual_blank_correct=(correct_blank * f32(is_visual)).sum(),
+      blank_correct=(correct_blank * f32(text_mask)).sum(),
       visual_count=f32(is_visual).sum(),
       mim_err=(mim_patch_errors(pred, target) * f32(patch_mask)).sum(),
       mim_base_err=(mim_patch_errors(
@@ -396,8 +397,10 @@ def eval_sums(task: PretrainTask, model: EVEPretrainModel,
 def eval_metrics(sums: dict[str, float]) -> dict[str, float]:
   """Turns the summed `eval_sums` of a whole evaluation set into eval.json."""
   div = lambda a, b: float(sums[a]) / max(float(sums[b]), 1.0)
-  return dict(
+  out = dict(
       mlm_acc=div("mlm_correct", "mlm_count"),
+      # Every masked word again with a blank image: what the text alone gets.
+      mlm_acc_blank=div("blank_correct", "mlm_count"),
       mlm_acc_visual=div("visual_correct", "visual_count"),
       mlm_acc_visual_blank=div("visual_blank_correct", "visual_count"),
       mim_loss=div("mim_err", "patch_count"),
@@ -406,3 +409,8 @@ def eval_metrics(sums: dict[str, float]) -> dict[str, float]:
       num_masked_tokens=int(sums["mlm_count"]),
       num_masked_visual_words=int(sums["visual_count"]),
   )
+  if not out["num_masked_visual_words"]:  # real corpora: no such word list
+    for k in ("mlm_acc_visual", "mlm_acc_visual_blank",
+              "num_masked_visual_words"):
+      del out[k]
+  return out
