@@ -112,3 +112,69 @@ def get_pretrain_config(arg: str | None, default_variant: str
     c.data.mixture = "coco,vg,sbu,cc3m,cc12m"  # 21M pairs
     c.train.steps = 280_000
   return c
+
+
+# Paper appendix: peak learning rates (base, large), batch, resolution.
+_FINETUNE = {
+    "vqa": dict(lr=(3e-5, 3e-5), batch=128, image_size=480),
+    "nlvr2": dict(lr=(4e-5, 3e-5), batch=128, image_size=384),
+    "retrieval": dict(lr=(3.5e-5, 5e-5), batch=256, image_size=384),
+}
+
+
+def finetune_config(task: str, arg: str | None) -> ml_collections.ConfigDict:
+  """configs/{vqa,nlvr2,retrieval}.py: the paper's fine-tuning recipe for
+  base / large (AdamW, wd 0.01, 10% warmup, cosine, 10 epochs), and `tiny`:
+  the tiny pretrained model on the EVE-Shapes version of the task."""
+  a = parse_arg(arg, variant="base")
+  recipe = _FINETUNE[task]
+  tiny = a.variant == "tiny"
+  c = ml_collections.ConfigDict()
+  c.task = task
+  c.seed = 0
+  # A pretraining workdir or converted checkpoint (eve_jax/pretrained.py);
+  # '' trains from scratch.
+  c.init_from = ""
+  c.model = model_config(
+      a.variant, max_text_len=17 if tiny else 40,
+      image_size=VARIANTS[a.variant]["image_size"] if tiny
+      else recipe["image_size"])
+  c.optim = ml_collections.ConfigDict(dict(
+      lr=recipe["lr"][a.variant == "large"], head_lr_mult=10.0,
+      warmup_frac=0.1, b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.01,
+      grad_clip_norm=0.0, end_lr_frac=0.0))
+  c.train = ml_collections.ConfigDict(dict(
+      epochs=10, steps=0, batch_size=recipe["batch"], eval_batch_size=256,
+      log_every=50, eval_every=0, checkpoint_every=1000,
+      keep_checkpoints=2))
+  c.data = ml_collections.ConfigDict(dict(
+      dir="", image_dir="", tokenizer="", num_threads=8, shapes=False))
+  if task == "vqa":
+    c.data.update(dict(train_splits="train2014", eval_split="val2014",
+                       test_split=""))
+    c.vqa = ml_collections.ConfigDict(dict(min_answer_count=9))
+  elif task == "nlvr2":
+    c.data.update(dict(train="train.json", eval="dev.json",
+                       test="test1.json"))
+  else:
+    c.data.update(dict(karpathy="dataset_coco.json", image_root=""))
+    # ITC picks the top k candidates, ITM reranks them (paper: 128).
+    c.retrieval = ml_collections.ConfigDict(dict(k_test=128))
+  c.mesh = sharding.mesh_config()
+  c.axis_rules = sharding.rules_config()
+  if tiny:
+    # EVE-Shapes versions of the task, written into the workdir on first
+    # use (eve_jax/data/shapes_tasks.py) unless data.dir is given.
+    c.data.shapes = True
+    c.data.num_threads = 2
+    c.model.drop_path = 0.0
+    c.optim.update(dict(lr=5e-4, grad_clip_norm=1.0))
+    c.train.update(dict(epochs=3, batch_size=32, eval_batch_size=100,
+                        log_every=20, checkpoint_every=500))
+    if task == "vqa":
+      c.data.update(dict(train_splits="train2014", eval_split="val2014",
+                         test_split="test2015"))
+    elif task == "retrieval":
+      c.data.karpathy = "dataset_shapes.json"
+      c.retrieval.k_test = 16
+  return c

@@ -59,8 +59,9 @@ def main(argv) -> None:
   if not _WORKDIR.value:
     raise app.UsageError("--workdir is required")
   # Imported here so that `--help` and flag errors do not pay for JAX.
-  from eve_jax import sharding, train  # pylint: disable=g-import-not-at-top
-  tasks = {"pretrain": train.run}
+  from eve_jax import finetune, sharding, train  # pylint: disable=g-import-not-at-top
+  tasks = {"pretrain": train.run, "vqa": finetune.run, "nlvr2": finetune.run,
+           "retrieval": finetune.run}
   if config.task not in tasks:
     _fail(f"config.task={config.task!r} is not one of {sorted(tasks)}")
   try:

@@ -160,6 +160,8 @@ def tree_shardings(abstract: Any, mesh: jax.sharding.Mesh, rules: Rules
 
   def one(x):
     if _is_var(x):
+      if not hasattr(x.get_value(), "shape"):
+        return x  # an optax.MaskedNode: state multi_transform leaves empty
       names = x.get_metadata().get("out_sharding") or ()
       spec = (logical_to_spec(names, x.get_value().shape, rules, shape)
               if names else P())

@@ -97,9 +97,12 @@ class Progress:
   def update(self, step: int, metrics: Mapping[str, Any]) -> None:
     if not self.enabled:
       return
+    # The task's accuracy-like metric, when it logs one.
+    acc = next((k for k in ("mlm_acc", "vqa_score", "nlvr2_train_acc",
+                            "itm_acc") if k in metrics), None)
+    acc = f"{acc} {float(metrics[acc]):.3f} " if acc else ""
     line = (f"step {step}/{self.total} loss {float(metrics['loss']):.4f} "
-            f"mlm_acc {float(metrics.get('mlm_acc', float('nan'))):.3f} "
-            f"{float(metrics['samples_per_s']):.1f} samples/s "
+            f"{acc}{float(metrics['samples_per_s']):.1f} samples/s "
             f"ETA {_fmt_time(self.eta(step))}")
     if self.tty:
       self.stream.write("\r" + line.ljust(100))

@@ -50,16 +50,19 @@ class Attention(nnx.Module):
     self.dtype = dtype
     self.scale = k ** -0.5
 
-  def __call__(self, x: jax.Array, kv_valid: jax.Array | None = None
-               ) -> jax.Array:
-    """Args: x [B, L, D]; kv_valid [B, L] bool (False = padding key)."""
+  def __call__(self, x: jax.Array, kv_valid: jax.Array | None = None,
+               kv: jax.Array | None = None) -> jax.Array:
+    """Args: x [B, L, D] queries (and keys/values unless `kv`); kv_valid
+    [B, T] bool (False = padding key); kv [B, T, D] keys/values for
+    cross-attention (the NLVR2 fusion head)."""
     dt = self.dtype
     x = x.astype(dt)
+    kv = x if kv is None else kv.astype(dt)
     q = jnp.einsum("bld,dhk->blhk", x, self.q_kernel[...].astype(dt))
     # The 1/sqrt(K) scale is applied here, so the cores below use scale 1.
     q = (q + self.q_bias[...].astype(dt)) * self.scale
-    k = jnp.einsum("btd,dhk->bthk", x, self.k_kernel[...].astype(dt))
-    v = jnp.einsum("btd,dhk->bthk", x, self.v_kernel[...].astype(dt))
+    k = jnp.einsum("btd,dhk->bthk", kv, self.k_kernel[...].astype(dt))
+    v = jnp.einsum("btd,dhk->bthk", kv, self.v_kernel[...].astype(dt))
     v = v + self.v_bias[...].astype(dt)
     q, k, v = (constrain(t, _QKV) for t in (q, k, v))
     if self.impl == "einsum":

@@ -116,7 +116,7 @@ def patch_targets(images: jax.Array, patch: int, norm_pix: bool
   return t
 
 
-def _sum_stats(stats: list[MoEStats]) -> dict[str, jax.Array]:
+def sum_moe_stats(stats: list[MoEStats]) -> dict[str, jax.Array]:
   zero = jnp.zeros((), jnp.float32)
   return dict(
       aux_loss=sum((s.aux_loss for s in stats), zero),
@@ -135,7 +135,7 @@ def mlm_pass(model: EVEPretrainModel, images: jax.Array, text_in: jax.Array,
   states, stats = bb.encode(img, txt, text_valid, rng=rng)
   with jax.named_scope("mlm_head"):
     logits = model.mlm_head(states[:, img.shape[1]:])
-  return logits, _sum_stats(stats)
+  return logits, sum_moe_stats(stats)
 
 
 def mim_pass(model: EVEPretrainModel, images: jax.Array, text: jax.Array,
@@ -150,7 +150,7 @@ def mim_pass(model: EVEPretrainModel, images: jax.Array, text: jax.Array,
   states, stats = bb.encode(vis, txt, text_valid, rng=rng)
   with jax.named_scope("mim_decoder"):
     pred = model.mim_decoder(states[:, : vis.shape[1]], keep_idx)
-  return pred, _sum_stats(stats)
+  return pred, sum_moe_stats(stats)
 
 
 def itc_pass(model: EVEPretrainModel, images: jax.Array, text: jax.Array,
@@ -167,7 +167,7 @@ def itc_pass(model: EVEPretrainModel, images: jax.Array, text: jax.Array,
   txt_states, s_txt = bb.encode(img[:, :0], txt, text_valid, rng=r_txt)
   with jax.named_scope("itc_head"):
     sims = model.matching.similarities(img_states[:, 0], txt_states[:, 0])
-  return sims, _sum_stats(s_img + s_txt)
+  return sims, sum_moe_stats(s_img + s_txt)
 
 
 def contrastive_loss(sims: jax.Array) -> jax.Array:
@@ -183,17 +183,25 @@ def cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
   return -jnp.mean(jnp.take_along_axis(logp, labels[:, None], axis=-1))
 
 
-def hard_negatives(rng: jax.Array, sims: jax.Array
+def hard_negatives(rng: jax.Array, sims: jax.Array,
+                   positive: jax.Array | None = None
                    ) -> tuple[jax.Array, jax.Array]:
   """For each text an image, and for each image a text, that it is not paired
   with, drawn with probability softmax(similarity) (ALBEF's hard negatives).
+
+  Args:
+    sims: [B, B] image-text similarities.
+    positive: [B, B] bool, the pairs that match (default the diagonal;
+      retrieval adds the other captions of the same image).
 
   Returns:
     (neg_image [B] int32: an image index per text,
      neg_text [B] int32: a text index per image).
   """
   sims = jax.lax.stop_gradient(sims.astype(jnp.float32))
-  off_diag = ~jnp.eye(sims.shape[0], dtype=bool)
+  if positive is None:
+    positive = jnp.eye(sims.shape[0], dtype=bool)
+  off_diag = ~positive
   r_img, r_txt = jax.random.split(rng)
   neg_min = jnp.finfo(jnp.float32).min
   neg_image = jax.random.categorical(
@@ -205,10 +213,11 @@ def hard_negatives(rng: jax.Array, sims: jax.Array
 
 def itm_pass(model: EVEPretrainModel, images: jax.Array, text: jax.Array,
              text_valid: jax.Array, sims: jax.Array, neg_rng: jax.Array,
-             rng: jax.Array | None):
+             rng: jax.Array | None, positive: jax.Array | None = None):
   """The pair, a hard-negative image and a hard-negative text through the
-  fused encoder -> ([3B, 2] logits, [3B] labels (1 = match), MoE stats)."""
-  neg_image, neg_text = hard_negatives(neg_rng, sims)
+  fused encoder -> ([3B, 2] logits, [3B] labels (1 = match), MoE stats).
+  `positive` as in `hard_negatives`."""
+  neg_image, neg_text = hard_negatives(neg_rng, sims, positive)
   b = images.shape[0]
   all_images = jnp.concatenate([images, images[neg_image], images])
   all_text = jnp.concatenate([text, text, text[neg_text]])
@@ -221,7 +230,7 @@ def itm_pass(model: EVEPretrainModel, images: jax.Array, text: jax.Array,
     logits = model.matching.match_logits(states[:, img.shape[1]])
   labels = jnp.concatenate([jnp.ones((b,), jnp.int32),
                             jnp.zeros((2 * b,), jnp.int32)])
-  return logits, labels, _sum_stats(stats)
+  return logits, labels, sum_moe_stats(stats)
 
 
 def masked_mean(x: jax.Array, mask: jax.Array) -> jax.Array:

@@ -1,0 +1,333 @@
+"""The fine-tuning loop for VQA, NLVR2 and retrieval (config.task).
+
+Like `train` (pretraining): shapes -> shardings -> jitted init -> AOT
+compiled step with donated state -> loop with logging, evaluation and orbax
+checkpoints (train state + data iterator), resumable in the same workdir.
+What differs:
+
+  - the model and loss come from a task object (eve_jax/tasks/{vqa,nlvr2,
+    retrieval}.py): `build_model`, `train_examples`, `encode_train`, `loss`,
+    `evaluate`;
+  - parameters start from `config.init_from` (a pretraining workdir or a
+    converted checkpoint, `eve_jax.pretrained`), the report in
+    DIR/init_report.json; `--config.init_from=''` starts from scratch;
+  - AdamW with warmup over the first `optim.warmup_frac` of the steps and a
+    cosine decay; everything outside `backbone` (the new heads) at
+    `optim.head_lr_mult` x the learning rate;
+  - `train.steps` = `train.epochs` x examples / batch unless set.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import math
+import os
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from absl import logging
+from flax import nnx
+
+from eve_jax import pretrained, sharding
+from eve_jax.checkpoint import Checkpointer
+from eve_jax.data import finetune_data
+from eve_jax.data.corpora import DataError
+from eve_jax.data.tokenizer import Tokenizer, shapes_tokenizer
+from eve_jax.model.variants import ModelConfig
+from eve_jax.optim import decay_mask, make_schedule
+from eve_jax.train import TrainState, _write_config, _xla_flops
+from eve_jax.writers import MetricWriter, Progress
+
+
+def _tasks():
+  from eve_jax.tasks import nlvr2, retrieval, vqa  # pylint: disable=g-import-not-at-top
+  return {"vqa": vqa.VQATask, "nlvr2": nlvr2.NLVR2Task,
+          "retrieval": retrieval.RetrievalTask}
+
+
+def tokenizer_for(config, workdir: str) -> Tokenizer:
+  """DIR/tokenizer.model once made; else `data.tokenizer`, the init_from
+  run's, or (EVE-Shapes tasks) the one tiny pretraining trains, copied."""
+  path = os.path.join(workdir, "tokenizer.model")
+  if os.path.exists(path):
+    return Tokenizer(path)
+  source = config.data.tokenizer or (
+      pretrained.tokenizer_path(config.init_from) if config.init_from
+      else "")
+  if source:
+    with open(source, "rb") as src, open(path, "wb") as dst:
+      dst.write(src.read())
+    return Tokenizer(path)
+  if config.data.get("shapes", False):
+    return shapes_tokenizer(path, vocab_size=64, num_captions=4000,
+                            seed=config.seed)
+  raise DataError("no tokenizer: set --config.init_from (a pretraining "
+                  "workdir) or --config.data.tokenizer")
+
+
+def make_optimizer(optim_cfg, total_steps: int):
+  """AdamW (decoupled wd on matmul weights), warmup + cosine; the heads'
+  learning rate `head_lr_mult` x the backbone's."""
+  warmup = int(round(optim_cfg.warmup_frac * total_steps))
+  schedule = make_schedule(optim_cfg.lr, warmup, total_steps,
+                           optim_cfg.end_lr_frac)
+
+  def adamw(scale):
+    return optax.adamw(lambda s: scale * schedule(s), b1=optim_cfg.b1,
+                       b2=optim_cfg.b2, eps=optim_cfg.eps,
+                       weight_decay=optim_cfg.weight_decay, mask=decay_mask)
+
+  def labels(params):
+    return jax.tree_util.tree_map_with_path(
+        lambda p, _: "backbone" if getattr(p[0], "key", None) == "backbone"
+        else "head", params)
+
+  parts = []
+  if optim_cfg.grad_clip_norm:
+    parts.append(optax.clip_by_global_norm(optim_cfg.grad_clip_norm))
+  parts.append(optax.multi_transform(
+      {"backbone": adamw(1.0), "head": adamw(optim_cfg.head_lr_mult)},
+      labels))
+  return optax.chain(*parts), schedule
+
+
+def _step(state: TrainState, batch, *, graphdef, task, tx, schedule,
+          base_rng):
+  rng = jax.random.fold_in(base_rng, state.step)
+
+  def loss_fn(params):
+    return task.loss(nnx.merge(graphdef, params), batch, rng)
+
+  (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+      state.params)
+  updates, opt_state = tx.update(grads, state.opt_state, state.params)
+  metrics = dict(metrics, loss=loss, grad_norm=optax.tree.norm(grads),
+                 lr=schedule(state.step))
+  return TrainState(step=state.step + 1,
+                    params=optax.apply_updates(state.params, updates),
+                    opt_state=opt_state), metrics
+
+
+@dataclasses.dataclass
+class RunResult:
+  eval: dict[str, Any]
+  state: TrainState
+  init_report: dict[str, list] | None
+
+
+def run(config: ml_collections.ConfigDict, workdir: str,
+        mesh: jax.sharding.Mesh | None = None) -> RunResult:
+  """Fine-tunes (or resumes) `config.task` in `workdir`."""
+  tasks = _tasks()
+  if config.task not in tasks:
+    raise ValueError(f"config.task={config.task!r} is not one of "
+                     f"{sorted(tasks)}")
+  if config.init_from:
+    pretrained.read_config(config.init_from)  # fail before anything else
+  mesh = sharding.make_mesh(config.mesh) if mesh is None else mesh
+  rules = sharding.parse_rules(config.axis_rules)
+  for name in ("batch_size", "eval_batch_size"):
+    sharding.check_batch(f"train.{name}", config.train[name], mesh, rules)
+  with sharding.use(mesh, rules):
+    return _run(config, workdir, mesh, rules, tasks[config.task])
+
+
+def _run(config, workdir, mesh, rules, task_cls) -> RunResult:
+  os.makedirs(workdir, exist_ok=True)
+  is_main = jax.process_index() == 0
+  if config.data.get("shapes", False) and not config.data.dir:
+    _write_shapes_tasks(config, workdir, is_main)
+  tokenizer = tokenizer_for(config, workdir)
+  model_cfg = ModelConfig.from_config(config.model,
+                                      vocab_size=tokenizer.vocab_size)
+  task = task_cls(config, tokenizer, model_cfg)
+  if is_main:
+    _write_config(config, workdir)
+  bs = config.train.batch_size
+  steps = config.train.steps or math.ceil(
+      config.train.epochs * task.num_train / bs)
+  tx, schedule = make_optimizer(config.optim, steps)
+  logging.info("%s: %d training examples, %d steps of %d", task.name,
+               task.num_train, steps, bs)
+
+  graphdef, abstract_params = nnx.split(
+      nnx.eval_shape(lambda: task.build_model(nnx.Rngs(0))), nnx.Param)
+
+  def init(rng):
+    params = nnx.state(task.build_model(nnx.Rngs(rng)), nnx.Param)
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                      opt_state=tx.init(params))
+
+  init_rng, base_rng = jax.random.split(jax.random.key(config.seed))
+  abstract = jax.eval_shape(init, init_rng)
+  state_sh = sharding.tree_shardings(abstract, mesh, rules)
+  batch_sh = sharding.batch_sharding(mesh, rules, bs)
+  eval_sh = sharding.batch_sharding(mesh, rules, config.train.eval_batch_size)
+  replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+  step_fn = jax.jit(
+      functools.partial(_step, graphdef=graphdef, task=task, tx=tx,
+                        schedule=schedule, base_rng=base_rng),
+      in_shardings=(state_sh, batch_sh), out_shardings=(state_sh, replicated),
+      donate_argnums=(0,))
+
+  shard = sharding.process_batch_slice(batch_sh, bs)
+  eval_shard = sharding.process_batch_slice(eval_sh,
+                                            config.train.eval_batch_size)
+  train_iter = finetune_data.train_batches(
+      task.train_examples, task.encode_train, batch_size=bs // shard[1],
+      seed=config.seed, process_index=shard[0], process_count=shard[1],
+      num_threads=config.data.num_threads)
+  ckpt = Checkpointer(workdir, every=config.train.checkpoint_every,
+                      keep=config.train.keep_checkpoints)
+  start = ckpt.latest_step()
+  report = None
+  if start is None:
+    state = jax.jit(init, out_shardings=state_sh)(init_rng)
+    if config.init_from:
+      state, report = _load_pretrained(config, state, state_sh, model_cfg,
+                                       workdir, is_main)
+    start = 0
+  else:
+    state, data_state = ckpt.restore(start, sharding.with_shardings(
+        abstract, state_sh))
+    train_iter.set_state(data_state)
+    logging.info("resumed from %s at step %d", ckpt.directory, start)
+
+  eval_fns = {}
+
+  def run_eval(examples, encode, fn):
+    """fn(model, batch) -> [b, ...] per example, over all `examples`:
+    numpy [len(examples), ...] (every process gets all rows)."""
+    if fn not in eval_fns:
+      eval_fns[fn] = _eval_fn(fn, graphdef, state_sh.params, eval_sh,
+                              replicated)
+    compiled = eval_fns[fn]
+    outs, rows = [], []
+    for batch in finetune_data.eval_batches(
+        examples, encode, global_batch=config.train.eval_batch_size,
+        process_index=eval_shard[0], process_count=eval_shard[1],
+        num_threads=config.data.num_threads):
+      g = sharding.global_batch(batch, eval_sh, config.train.eval_batch_size)
+      out, row = jax.device_get(compiled(state.params, g))
+      outs.append(out)
+      rows.append(row)
+    out, row = np.concatenate(outs), np.concatenate(rows)
+    order = np.argsort(np.where(row < 0, np.iinfo(np.int64).max, row),
+                       kind="stable")[:len(examples)]
+    return out[order]
+
+  writer = MetricWriter(workdir, enabled=is_main)
+  last_eval: dict[str, Any] = {}
+  to_global = functools.partial(sharding.global_batch, sharding=batch_sh,
+                                batch_size=bs)
+  if start < steps:
+    batch = to_global(next(train_iter))
+    t0 = time.perf_counter()
+    compiled = step_fn.lower(state, batch).compile()
+    compile_s = time.perf_counter() - t0
+    writer.write(start, dict(compile_s=compile_s, mesh=dict(mesh.shape),
+                             xla_flops_per_step=_xla_flops(compiled)
+                             * mesh.size, total_steps=steps),
+                 file="run.jsonl")
+    progress = Progress(steps, start, enabled=is_main)
+    pending, t_log, n_log = [], time.perf_counter(), 0
+    step = start
+    while step < steps:
+      if step > start:
+        batch = to_global(next(train_iter))
+      state, metrics = compiled(state, batch)
+      step += 1
+      pending.append(metrics)
+      n_log += bs
+      if step % config.train.log_every == 0 or step == steps:
+        means = {k: float(np.mean([float(m[k]) for m in pending]))
+                 for k in pending[0]}
+        means["samples_per_s"] = n_log / max(time.perf_counter() - t_log,
+                                             1e-9)
+        means["lr"] = float(pending[-1]["lr"])
+        writer.write(step, means)
+        progress.update(step, means)
+        pending, t_log, n_log = [], time.perf_counter(), 0
+      if (config.train.eval_every and step % config.train.eval_every == 0
+          ) or step == steps:
+        t_eval = time.perf_counter()
+        last_eval = task.evaluate(run_eval, workdir, is_main)
+        if last_eval:
+          writer.write_eval(step, last_eval)
+          progress.message(f"eval at step {step}: " + json.dumps(
+              {k: round(v, 4) for k, v in last_eval.items()}))
+        t_log += time.perf_counter() - t_eval
+      if ckpt.should_save(step, steps):
+        ckpt.save(step, state, train_iter.get_state())
+    progress.close()
+  else:
+    logging.info("already at step %d of %d", start, steps)
+  ckpt.close()
+  writer.close()
+  return RunResult(eval=last_eval, state=state, init_report=report)
+
+
+def _write_shapes_tasks(config, workdir: str, is_main: bool) -> None:
+  """EVE-Shapes versions of the tasks in the official formats, written
+  once into DIR/shapes_tasks; `config.data.dir` pointed at this task's."""
+  from eve_jax.data import shapes_tasks  # pylint: disable=g-import-not-at-top
+  root = os.path.join(workdir, "shapes_tasks")
+  done = os.path.join(root, "written")
+  if is_main and not os.path.exists(done):
+    logging.info("writing the EVE-Shapes downstream tasks to %s", root)
+    shapes_tasks.write_all(root, image_size=config.model.image_size,
+                           seed=config.seed)
+    with open(done, "w") as f:
+      f.write("ok\n")
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+    multihost_utils.sync_global_devices("eve_jax shapes tasks written")
+  config.data.dir = os.path.join(root, config.task)
+
+
+def _eval_fn(fn, graphdef, params_sh, eval_sh, replicated):
+  """jit of fn(model, batch) -> (outputs, rows), batch laid out on the mesh
+  and the outputs gathered to every device."""
+  def f(params, batch):
+    model = nnx.merge(graphdef, params)
+    return fn(model, batch), batch["row"]
+  return jax.jit(f, in_shardings=(params_sh, eval_sh),
+                 out_shardings=replicated)
+
+
+def _load_pretrained(config, state, state_sh, model_cfg, workdir, is_main):
+  """Replaces the matching parameters of a fresh state by the checkpoint's
+  (each put straight into its sharding), writes DIR/init_report.json."""
+  source, step = pretrained.load_params(config.init_from)
+  src_model = pretrained.read_config(config.init_from).get("model", {})
+  target = nnx.to_pure_dict(state.params)
+  loaded, report = pretrained.match(target, source, src_model, model_cfg)
+  shardings = nnx.to_pure_dict(state_sh.params)
+
+  def put(path, leaf):
+    key = tuple(getattr(k, "key", getattr(k, "idx", None)) for k in path)
+    if key not in loaded:
+      return leaf
+    sh = shardings
+    for k in key:
+      sh = sh[k]
+    return jax.device_put(loaded[key].astype(leaf.dtype), sh)
+
+  params = jax.tree_util.tree_map_with_path(put, target)
+  new_params = state.params
+  nnx.replace_by_pure_dict(new_params, params)
+  logging.info("init_from %s (step %d): %s", config.init_from, step,
+               pretrained.summary(report))
+  if is_main:
+    with open(os.path.join(workdir, "init_report.json"), "w") as f:
+      json.dump(dict(report, init_from=os.path.abspath(config.init_from),
+                     step=int(step)), f, indent=1)
+  # The optimizer moments start at zero either way; only params change.
+  return state.replace(params=new_params), report

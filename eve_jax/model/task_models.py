@@ -1,0 +1,152 @@
+"""Fine-tuning models: the EVE backbone plus a head per downstream task.
+
+Each keeps the backbone under the attribute `backbone` (the name the
+pretraining model uses), so `eve_jax.pretrained` loads it by path; the
+retrieval model's `matching` heads are the pretraining ITC/ITM heads and
+load too when the pretraining run had them.
+
+  VQAModel       [image ; question] -> text CLS -> Linear(D, 2D) - LN -
+                 GELU - Linear(2D, A) answer logits (paper: a two-layer
+                 classifier on the T_cls token).
+  NLVR2Model     (image_0, sentence) and (image_1, sentence) as two fused
+                 passes -> bi-attention (each sequence attends to the other)
+                 -> attention pooling -> [p_0 ; p_1] -> two-layer classifier.
+  RetrievalModel unimodal image / text passes + ITC projections, and ITM on
+                 a fused pass (eve_jax/tasks/pretrain.py's itc/itm passes).
+
+Legend: B batch, L = Li + Lt tokens, D width, A answers.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from eve_jax.model.attention import Attention
+from eve_jax.model.eve import EVE
+from eve_jax.model.heads import MatchingHeads
+from eve_jax.model.layers import Dense, LayerNorm, activation_fn
+from eve_jax.model.moe import MoEStats
+from eve_jax.model.variants import ModelConfig
+
+
+def fused(backbone: EVE, images: jax.Array, text: jax.Array,
+          text_valid: jax.Array, rng: jax.Array | None
+          ) -> tuple[jax.Array, jax.Array, list[MoEStats]]:
+  """[image ; text] through the backbone.
+
+  Returns:
+    (states [B, L, D], valid [B, L] bool, MoE stats); the text CLS is
+    states[:, L - Lt].
+  """
+  img = backbone.embed_image(images)
+  txt = backbone.embed_text(text)
+  states, stats = backbone.encode(img, txt, text_valid, rng=rng)
+  valid = jnp.concatenate([jnp.ones(img.shape[:2], bool), text_valid], 1)
+  return states, valid, stats
+
+
+class ClassifierHead(nnx.Module):
+  """[..., D_in] -> Linear(D_in, H) - LayerNorm - GELU - Linear(H, C)."""
+
+  def __init__(self, d_in: int, hidden: int, classes: int, *,
+               dtype=jnp.float32, rngs: nnx.Rngs):
+    self.fc1 = Dense(d_in, hidden, axes=("embed", "mlp"), dtype=dtype,
+                     rngs=rngs)
+    self.norm = LayerNorm(hidden, dtype=dtype, rngs=rngs)
+    self.fc2 = Dense(hidden, classes, axes=("mlp", None), dtype=dtype,
+                     rngs=rngs)
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    h = activation_fn("gelu")(self.norm(self.fc1(x)))
+    return self.fc2(h).astype(jnp.float32)
+
+
+class VQAModel(nnx.Module):
+
+  def __init__(self, cfg: ModelConfig, num_answers: int, *, rngs: nnx.Rngs):
+    dt = jnp.dtype(cfg.dtype)
+    self.cfg = cfg
+    self.backbone = EVE(cfg, rngs=rngs)
+    self.vqa_head = ClassifierHead(cfg.width, 2 * cfg.width, num_answers,
+                                   dtype=dt, rngs=rngs)
+
+  def __call__(self, images, text, text_valid, rng=None):
+    """-> ([B, A] float32 answer logits, MoE stats)."""
+    states, _, stats = fused(self.backbone, images, text, text_valid, rng)
+    cls = states[:, states.shape[1] - text.shape[1]]
+    return self.vqa_head(cls), stats
+
+
+class NLVR2Model(nnx.Module):
+
+  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+    dt = jnp.dtype(cfg.dtype)
+    d = cfg.width
+    self.cfg = cfg
+    self.backbone = EVE(cfg, rngs=rngs)
+    # Bi-attention: sequence 0 attends to 1 (attn0) and 1 to 0 (attn1).
+    self.norm0 = LayerNorm(d, dtype=dt, rngs=rngs)
+    self.norm1 = LayerNorm(d, dtype=dt, rngs=rngs)
+    self.attn0 = Attention(d, cfg.heads, dtype=dt, rngs=rngs)
+    self.attn1 = Attention(d, cfg.heads, dtype=dt, rngs=rngs)
+    self.pool = Dense(d, 1, axes=("embed", None), dtype=dt, rngs=rngs)
+    self.classifier = ClassifierHead(2 * d, 2 * d, 2, dtype=dt, rngs=rngs)
+
+  def _pool(self, h: jax.Array, valid: jax.Array) -> jax.Array:
+    """Attention pooling: [B, L, D] -> [B, D], padding excluded."""
+    scores = self.pool(h)[..., 0].astype(jnp.float32)
+    scores = jnp.where(valid, scores, jnp.finfo(jnp.float32).min)
+    w = jax.nn.softmax(scores, axis=-1)
+    return jnp.einsum("bl,bld->bd", w.astype(h.dtype), h)
+
+  def __call__(self, images0, images1, text, text_valid, rng=None):
+    """-> ([B, 2] float32 logits (false, true), MoE stats of both passes)."""
+    b = text.shape[0]
+    states, valid, stats = fused(
+        self.backbone, jnp.concatenate([images0, images1]),
+        jnp.concatenate([text, text]),
+        jnp.concatenate([text_valid, text_valid]), rng)
+    h0, h1 = states[:b], states[b:]
+    v0, v1 = valid[:b], valid[b:]
+    n0, n1 = self.norm0(h0), self.norm1(h1)
+    f0 = h0 + self.attn0(n0, v1, kv=n1)
+    f1 = h1 + self.attn1(n1, v0, kv=n0)
+    pooled = jnp.concatenate([self._pool(f0, v0), self._pool(f1, v1)], -1)
+    return self.classifier(pooled), stats
+
+
+class RetrievalModel(nnx.Module):
+  """The backbone and ITC/ITM heads under the pretraining model's names, so
+  `pretrain.itc_pass` / `pretrain.itm_pass` run on it as they are."""
+
+  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+    dt = jnp.dtype(cfg.dtype)
+    self.cfg = cfg
+    self.backbone = EVE(cfg, rngs=rngs)
+    self.matching = MatchingHeads(cfg.width, cfg.width, dtype=dt, rngs=rngs)
+
+  def image_features(self, images: jax.Array) -> jax.Array:
+    """[B, H, W, 3] -> [B, D] image CLS of the image-only pass."""
+    bb = self.backbone
+    img = bb.embed_image(images)
+    empty = jnp.zeros((img.shape[0], 0), jnp.int32)
+    states, _ = bb.encode(img, bb.embed_text(empty),
+                          jnp.zeros(empty.shape, bool))
+    return states[:, 0]
+
+  def text_features(self, text: jax.Array, text_valid: jax.Array
+                    ) -> jax.Array:
+    """[B, Lt] -> [B, D] text CLS of the text-only pass."""
+    bb = self.backbone
+    txt = bb.embed_text(text)
+    states, _ = bb.encode(txt[:, :0], txt, text_valid)
+    return states[:, 0]
+
+  def match_scores(self, images, text, text_valid) -> jax.Array:
+    """Fused pass -> [B] ITM log-probability of "match" (reranking)."""
+    states, _, _ = fused(self.backbone, images, text, text_valid, None)
+    logits = self.matching.match_logits(states[:, states.shape[1]
+                                               - text.shape[1]])
+    return jax.nn.log_softmax(logits, -1)[:, 1]

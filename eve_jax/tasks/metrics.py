@@ -1,0 +1,465 @@
+"""Downstream metrics: VQA accuracy, answer vocabulary, retrieval, NLVR2.
+
+Pure Python / numpy, no JAX: these run on host over gathered predictions.
+
+Which official definitions they follow:
+  VQA: answer normalization and the 10-annotator accuracy of the official
+       VQA evaluation script (GT-Vision-Lab/VQA, vqaEval.py: the
+       `contractions` table, `manualMap`, `articles`, `punct`, the
+       `periodStrip` / `commaStrip` regexes, `processPunctuation`,
+       `processDigitArticle`, and the leave-one-annotator-out average).
+       Deviations from that script are opt-in or documented in
+       `vqa_accuracy`.
+  Answer vocabulary and soft targets: the VQAv2 classifier fine-tuning rule
+       of ViLT / VLMo / BEiT-3-style code (answers seen at least 9 times,
+       score 0.3 / 0.6 / 0.9 / 1.0 for 1 / 2 / 3 / 4+ annotators).
+  Retrieval: recall@K for text retrieval (image -> texts, hit if any of the
+       image's captions is in the top K) and image retrieval (text ->
+       images), as in ALBEF / ViLT / EVE, with ties resolved explicitly
+       against the correct item (see `retrieval_recall`), plus the ITC
+       top-k -> ITM rerank (`rerank_topk`).
+  NLVR2: plain accuracy.
+
+All rates are fractions in [0, 1], not percent.
+"""
+
+from __future__ import annotations
+
+import collections
+import fractions
+import re
+from typing import Callable, Iterable, Sequence
+
+import numpy as np
+
+# ---------------------------------------------------------------------------
+# VQA answer normalization (official vqaEval.py)
+# ---------------------------------------------------------------------------
+
+# The official table, entry for entry, quirks included: keys are looked up
+# AFTER lowercasing, so the capitalized keys ("Im", "Ive", "Id've", "I'dve")
+# can never match; "she's" maps to itself (there is no "shes" key and no
+# plain "id" key); "somebody'd" maps the wrong way, to "somebodyd". Fixing
+# any of these would change scores relative to the leaderboard.
+CONTRACTIONS: dict[str, str] = {
+    "aint": "ain't", "arent": "aren't", "cant": "can't",
+    "couldve": "could've", "couldnt": "couldn't",
+    "couldn'tve": "couldn't've", "couldnt've": "couldn't've",
+    "didnt": "didn't", "doesnt": "doesn't", "dont": "don't",
+    "hadnt": "hadn't", "hadnt've": "hadn't've", "hadn'tve": "hadn't've",
+    "hasnt": "hasn't", "havent": "haven't", "hed": "he'd",
+    "hed've": "he'd've", "he'dve": "he'd've", "hes": "he's",
+    "howd": "how'd", "howll": "how'll", "hows": "how's",
+    "Id've": "I'd've", "I'dve": "I'd've", "Im": "I'm", "Ive": "I've",
+    "isnt": "isn't", "itd": "it'd", "itd've": "it'd've",
+    "it'dve": "it'd've", "itll": "it'll", "let's": "let's",
+    "maam": "ma'am", "mightnt": "mightn't", "mightnt've": "mightn't've",
+    "mightn'tve": "mightn't've", "mightve": "might've",
+    "mustnt": "mustn't", "mustve": "must've", "neednt": "needn't",
+    "notve": "not've", "oclock": "o'clock", "oughtnt": "oughtn't",
+    "ow's'at": "'ow's'at", "'ows'at": "'ow's'at", "'ow'sat": "'ow's'at",
+    "shant": "shan't", "shed've": "she'd've", "she'dve": "she'd've",
+    "she's": "she's", "shouldve": "should've", "shouldnt": "shouldn't",
+    "shouldnt've": "shouldn't've", "shouldn'tve": "shouldn't've",
+    "somebody'd": "somebodyd", "somebodyd've": "somebody'd've",
+    "somebody'dve": "somebody'd've", "somebodyll": "somebody'll",
+    "somebodys": "somebody's", "someoned": "someone'd",
+    "someoned've": "someone'd've", "someone'dve": "someone'd've",
+    "someonell": "someone'll", "someones": "someone's",
+    "somethingd": "something'd", "somethingd've": "something'd've",
+    "something'dve": "something'd've", "somethingll": "something'll",
+    "thats": "that's", "thered": "there'd", "thered've": "there'd've",
+    "there'dve": "there'd've", "therere": "there're", "theres": "there's",
+    "theyd": "they'd", "theyd've": "they'd've", "they'dve": "they'd've",
+    "theyll": "they'll", "theyre": "they're", "theyve": "they've",
+    "twas": "'twas", "wasnt": "wasn't", "wed've": "we'd've",
+    "we'dve": "we'd've", "weve": "we've", "werent": "weren't",
+    "whatll": "what'll", "whatre": "what're", "whats": "what's",
+    "whatve": "what've", "whens": "when's", "whered": "where'd",
+    "wheres": "where's", "whereve": "where've", "whod": "who'd",
+    "whod've": "who'd've", "who'dve": "who'd've", "wholl": "who'll",
+    "whos": "who's", "whove": "who've", "whyll": "why'll",
+    "whyre": "why're", "whys": "why's", "wont": "won't",
+    "wouldve": "would've", "wouldnt": "wouldn't",
+    "wouldnt've": "wouldn't've", "wouldn'tve": "wouldn't've",
+    "yall": "y'all", "yall'll": "y'all'll", "y'allll": "y'all'll",
+    "yall'd've": "y'all'd've", "y'alld've": "y'all'd've",
+    "y'all'dve": "y'all'd've", "youd": "you'd", "youd've": "you'd've",
+    "you'dve": "you'd've", "youll": "you'll", "youre": "you're",
+    "youve": "you've",
+}
+
+# Number words -> digits ("manualMap"); only zero..ten, and "none" -> "0".
+NUMBER_WORDS: dict[str, str] = {
+    "none": "0", "zero": "0", "one": "1", "two": "2", "three": "3",
+    "four": "4", "five": "5", "six": "6", "seven": "7", "eight": "8",
+    "nine": "9", "ten": "10",
+}
+
+ARTICLES = frozenset({"a", "an", "the"})
+
+# The official list, in its order. Not in it: "." (handled by the period
+# regex), "'" (so "don't" survives), ":" , "#", "&", "%", "$", "*", "~".
+PUNCTUATION = (";", "/", "[", "]", '"', "{", "}", "(", ")", "=", "+", "\\",
+               "_", "-", ">", "<", "@", "`", ",", "?", "!")
+
+# Verbatim from the official script. "(?!<=\d)" was presumably meant as a
+# lookbehind "(?<!\d)" but is a lookahead that can never fail in front of a
+# ".", so in effect this removes every "." that is not followed by a digit:
+# "3.5" and ".5" keep theirs, "5." and "yes." lose theirs.
+_PERIOD_STRIP = re.compile(r"(?!<=\d)(\.)(?!\d)")
+_COMMA_STRIP = re.compile(r"(\d)(,)(\d)")
+# The official call is `periodStrip.sub("", text, re.UNICODE)`: the third
+# positional argument of `sub` is `count`, so at most re.UNICODE == 32
+# periods are removed. Kept for exactness (it never matters for real
+# answers).
+_PERIOD_STRIP_COUNT = int(re.UNICODE)
+
+
+def process_punctuation(text: str) -> str:
+  """The official `processPunctuation`.
+
+  For each mark p of PUNCTUATION: if "p " or " p" occurs in the ORIGINAL
+  text, or the text contains a comma between two digits anywhere, every p is
+  deleted; otherwise every p becomes a space ("hot-dog" -> "hot dog",
+  "1,000" -> "1000"; note the digit-comma test is global, so "1,000 hot-dog"
+  -> "1000 hotdog"). Then periods not followed by a digit are deleted.
+  Case is not changed.
+  """
+  out = text
+  has_digit_comma = _COMMA_STRIP.search(text) is not None
+  for p in PUNCTUATION:
+    # Tested on `text`, not `out`: the official script looks at the input.
+    if (p + " " in text or " " + p in text) or has_digit_comma:
+      out = out.replace(p, "")
+    else:
+      out = out.replace(p, " ")
+  return _PERIOD_STRIP.sub("", out, count=_PERIOD_STRIP_COUNT)
+
+
+def process_digit_article(text: str) -> str:
+  """The official `processDigitArticle`.
+
+  Lowercase, split on whitespace, map number words to digits, drop
+  articles, then replace words found in CONTRACTIONS; join with one space.
+  """
+  words = []
+  for word in text.lower().split():
+    word = NUMBER_WORDS.get(word, word)
+    if word not in ARTICLES:
+      words.append(word)
+  return " ".join(CONTRACTIONS.get(w, w) for w in words)
+
+
+def normalize_answer(text: str) -> str:
+  """The full normalization the official script applies to a prediction.
+
+  Newlines and tabs -> spaces, strip, `process_punctuation`, then
+  `process_digit_article`. E.g. "Two" -> "2", "the red ball!" -> "red
+  ball", "Yes." -> "yes", "isnt" -> "isn't", "3.5" -> "3.5".
+
+  Which steps the official script applies to what (vqaEval.py, evaluate):
+    prediction: all of the above, always.
+    GT answers: only `process_punctuation` (no lowercasing, digits,
+      articles or contractions, not even strip), and only when the
+      question's annotators disagree (more than one distinct raw answer);
+      unanimous GT answers are compared raw. This leans on the VQA
+      annotation files' answers being already normalized.
+  `vqa_accuracy` by default applies this whole function to both sides (so
+  "two" matches ten raw "2"s and "Two" matches "two"); pass
+  `official_gt_rule=True` for the script's exact GT handling.
+  """
+  text = text.replace("\n", " ").replace("\t", " ").strip()
+  return process_digit_article(process_punctuation(text))
+
+
+# ---------------------------------------------------------------------------
+# VQA accuracy
+# ---------------------------------------------------------------------------
+
+
+def vqa_accuracy(prediction: str, gt_answers: Sequence[str], *,
+                 official_gt_rule: bool = False) -> float:
+  """The official VQA accuracy of one prediction, in [0, 1].
+
+  With n GT answers (10 in VQAv2), leave each annotator i out in turn:
+  acc_i = min(1, #{j != i : gt_j == prediction} / 3), and return the mean
+  over i. With m matching answers out of 10 this is 0, 0.3, 0.6, 0.9 for
+  m = 0, 1, 2, 3 and 1.0 for m >= 4. With n == 1 there is nothing to
+  leave out (the official formula would always give 0), so the result is
+  min(1, m / 3) over the single answer: 0 or 1/3.
+
+  Args:
+    prediction: the model's answer string.
+    gt_answers: [n] the annotators' answers, n >= 1, duplicates kept.
+    official_gt_rule: False (default): `normalize_answer` on the prediction
+      and on every GT answer. True: exactly what vqaEval.py does to the GT
+      side (`process_punctuation` only, and only if the raw GT answers are
+      not all equal; see `normalize_answer`); the prediction is always
+      fully normalized.
+
+  Returns:
+    The accuracy as a float; exact multiples of 1/(3n) computed with
+    fractions, so e.g. one match in ten gives exactly 0.3.
+  """
+  gt_answers = list(gt_answers)
+  n = len(gt_answers)
+  if n == 0:
+    raise ValueError("vqa_accuracy needs at least one GT answer")
+  pred = normalize_answer(prediction)
+  if official_gt_rule:
+    if len(set(gt_answers)) > 1:
+      gts = [process_punctuation(a) for a in gt_answers]
+    else:
+      gts = gt_answers
+  else:
+    gts = [normalize_answer(a) for a in gt_answers]
+  match = [g == pred for g in gts]
+  total = sum(match)
+  if n == 1:
+    return float(fractions.Fraction(min(total, 3), 3))
+  # Leaving annotator i out leaves total - match[i] matches among the rest.
+  acc = sum(fractions.Fraction(min(total - int(mi), 3), 3) for mi in match)
+  return float(acc / n)
+
+
+def mean_vqa_accuracy(predictions: Sequence[str],
+                      gt_answer_lists: Sequence[Sequence[str]], *,
+                      official_gt_rule: bool = False) -> float:
+  """Mean `vqa_accuracy` over questions ([Q] predictions, [Q] GT lists)."""
+  if len(predictions) != len(gt_answer_lists):
+    raise ValueError(f"{len(predictions)} predictions for "
+                     f"{len(gt_answer_lists)} questions")
+  if not predictions:
+    raise ValueError("mean_vqa_accuracy of no questions")
+  return float(np.mean([
+      vqa_accuracy(p, g, official_gt_rule=official_gt_rule)
+      for p, g in zip(predictions, gt_answer_lists)]))
+
+
+# ---------------------------------------------------------------------------
+# Answer vocabulary and soft targets (VQAv2 classifier fine-tuning)
+# ---------------------------------------------------------------------------
+
+# Written as a table, not min(1, 0.3 * c): 0.3 * 3 is 0.8999999999999999.
+_SOFT_SCORE = {1: 0.3, 2: 0.6, 3: 0.9}
+
+
+def soft_score(count: int) -> float:
+  """Target score of an answer given by `count` annotators (0 for 0)."""
+  if count <= 0:
+    return 0.0
+  return _SOFT_SCORE.get(count, 1.0)
+
+
+def build_answer_vocab(answer_lists: Iterable[Sequence[str]],
+                       min_count: int = 9) -> list[str]:
+  """The answers (normalized) seen at least `min_count` times.
+
+  Every string of every sequence is normalized with `normalize_answer` and
+  counted once per occurrence. Order: descending count, then alphabetical,
+  so the label ids do not depend on the data's order. (ViLT / BEiT-3 keep
+  first-appearance order instead, so their label ids differ from these;
+  the set of answers is the same.)
+
+  Which strings to pass decides the vocabulary. The published 3,129-answer
+  VQAv2 vocabulary (train + val, min_count 9, as in ViLT, BEiT-3 and
+  bottom-up-attention) counts ONE answer per question, the annotation's
+  `multiple_choice_answer`: pass `[[q["multiple_choice_answer"]] for q in
+  annotations]`. Passing all ten annotator answers per question counts each
+  question up to ten times and gives a larger vocabulary. (Not testable
+  here without the data set.)
+
+  Args:
+    answer_lists: per question, the answers to count.
+    min_count: keep answers counted at least this many times.
+
+  Returns:
+    The vocabulary, a list of distinct normalized answers.
+  """
+  counts = collections.Counter(
+      normalize_answer(a) for answers in answer_lists for a in answers)
+  kept = [(a, c) for a, c in counts.items() if c >= min_count]
+  kept.sort(key=lambda ac: (-ac[1], ac[0]))
+  return [a for a, _ in kept]
+
+
+def answer_index(vocab: Sequence[str]) -> dict[str, int]:
+  """{answer: label id} for a vocabulary from `build_answer_vocab`."""
+  return {a: i for i, a in enumerate(vocab)}
+
+
+def soft_scores(gt_answers: Sequence[str], vocab_index: dict[str, int]
+                ) -> tuple[np.ndarray, np.ndarray]:
+  """Sparse soft targets of one question.
+
+  Each annotator's answer is normalized; each distinct one that is in the
+  vocabulary gets `soft_score(count)` (0.3, 0.6, 0.9, 1.0 for 1, 2, 3, 4+
+  annotators). Answers outside the vocabulary are dropped (the question
+  may end with no target at all, as in ViLT).
+
+  Args:
+    gt_answers: [n] the annotators' answers (10 in VQAv2).
+    vocab_index: {normalized answer: label id}.
+
+  Returns:
+    (indices int32 [m], scores float32 [m]), sorted by label id.
+  """
+  counts = collections.Counter(normalize_answer(a) for a in gt_answers)
+  pairs = sorted((vocab_index[a], soft_score(c)) for a, c in counts.items()
+                 if a in vocab_index)
+  indices = np.array([i for i, _ in pairs], dtype=np.int32)
+  scores = np.array([s for _, s in pairs], dtype=np.float32)
+  return indices, scores
+
+
+def soft_target_vector(gt_answers: Sequence[str],
+                       vocab_index: dict[str, int],
+                       num_answers: int) -> np.ndarray:
+  """`soft_scores` as a dense float32 [num_answers] vector (zeros elsewhere)."""
+  indices, scores = soft_scores(gt_answers, vocab_index)
+  if indices.size and indices.max() >= num_answers:
+    raise ValueError(f"label id {indices.max()} >= num_answers {num_answers}")
+  target = np.zeros((num_answers,), np.float32)
+  target[indices] = scores
+  return target
+
+
+# ---------------------------------------------------------------------------
+# Retrieval
+# ---------------------------------------------------------------------------
+
+
+def retrieval_recall(sims: np.ndarray, text_to_image: Sequence[int],
+                     ks: Sequence[int] = (1, 5, 10),
+                     row_chunk: int = 1024) -> dict[str, float]:
+  """Recall@K for text retrieval (TR) and image retrieval (IR).
+
+  TR, per image: rank all texts by sims[image]; a hit at K if the image's
+  best-ranked caption (any of its captions, e.g. 5 in COCO / Flickr30K) is
+  within the top K. IR, per text: rank all images by sims[:, text]; a hit at
+  K if its image is within the top K.
+
+  Ties are resolved explicitly and pessimistically, never by array order:
+  the 0-based rank of the correct item is the number of WRONG items whose
+  score is >= its score (strictly greater ones, plus tied ones, which are
+  put before it). So a correct item tied with a wrong one misses R@1. For
+  TR the correct item is the image's highest-scoring caption, and ties
+  between two of the image's own captions cost nothing (either one is
+  right). -inf scores (e.g. outside the reranked top k) are ordinary
+  values, so a correct item at -inf has rank >= the number of finite wrong
+  items; NaN is rejected.
+
+  Args:
+    sims: [num_images, num_texts] similarity (higher = more similar).
+    text_to_image: [num_texts] the image id (row) of each text; every image
+      must have at least one text.
+    ks: the K values.
+    row_chunk: images (TR) or texts (IR) per chunk; bounds the boolean
+      temporaries to [row_chunk, num_texts] / [num_images, row_chunk].
+
+  Returns:
+    {"tr_r{K}": ..., "ir_r{K}": ... for each K, "r_mean": mean of all
+    of them}, as fractions in [0, 1].
+  """
+  sims = np.asarray(sims)
+  if sims.ndim != 2:
+    raise ValueError(f"sims must be [num_images, num_texts], got {sims.shape}")
+  num_images, num_texts = sims.shape
+  t2i = np.asarray(text_to_image, dtype=np.int64)
+  if t2i.shape != (num_texts,):
+    raise ValueError(f"text_to_image has shape {t2i.shape}, sims has "
+                     f"{num_texts} texts")
+  if num_texts == 0 or num_images == 0:
+    raise ValueError("retrieval_recall needs at least one image and text")
+  if t2i.min() < 0 or t2i.max() >= num_images:
+    raise ValueError(f"text_to_image out of range [0, {num_images})")
+  if np.bincount(t2i, minlength=num_images).min() == 0:
+    raise ValueError("every image needs at least one text")
+  if np.isnan(sims).any():
+    raise ValueError("sims contains NaN")
+
+  # TR: rank of each image's best caption among the wrong texts.
+  tr_rank = np.empty((num_images,), np.int64)
+  for start in range(0, num_images, row_chunk):
+    rows = sims[start:start + row_chunk]
+    own = t2i[None, :] == np.arange(start, start + rows.shape[0])[:, None]
+    best = np.where(own, rows, -np.inf).max(axis=1)
+    tr_rank[start:start + rows.shape[0]] = (
+        (rows >= best[:, None]) & ~own).sum(axis=1)
+
+  # IR: rank of each text's image among the other images; the correct
+  # image itself always satisfies >=, hence the - 1.
+  correct = sims[t2i, np.arange(num_texts)]
+  ir_rank = np.empty((num_texts,), np.int64)
+  for start in range(0, num_texts, row_chunk):
+    cols = sims[:, start:start + row_chunk]
+    ir_rank[start:start + cols.shape[1]] = (
+        cols >= correct[None, start:start + cols.shape[1]]).sum(axis=0) - 1
+
+  out = {}
+  for k in ks:
+    out[f"tr_r{k}"] = float(np.mean(tr_rank < k))
+  for k in ks:
+    out[f"ir_r{k}"] = float(np.mean(ir_rank < k))
+  out["r_mean"] = float(np.mean(list(out.values())))
+  return out
+
+
+def rerank_topk(itc_sims: np.ndarray, k: int,
+                score_fn: Callable[[int, np.ndarray], np.ndarray]
+                ) -> np.ndarray:
+  """Rescore each row's top-k ITC candidates; everything else -> -inf.
+
+  The ALBEF / EVE retrieval protocol: ITM (expensive, one fused pass per
+  pair) scores only the k (128) best candidates of the cheap ITC ranking.
+  Rows are queries; for text -> image ranking pass the transpose and
+  transpose the result back. ALBEF's final score is ITM + ITC; if that is
+  wanted, score_fn adds itc_sims[row, candidates] itself.
+
+  Args:
+    itc_sims: [num_queries, num_candidates] ITC similarities.
+    k: candidates per row to rescore (clamped to num_candidates).
+    score_fn: score_fn(row, candidate_indices int64 [k]) -> [k] scores for
+      those candidates of that row. The candidates come in descending ITC
+      order, ties by lower index (a stable sort).
+
+  Returns:
+    [num_queries, num_candidates] float (float32 unless itc_sims is
+    float64): score_fn's scores at each row's top-k, -inf elsewhere.
+  """
+  itc_sims = np.asarray(itc_sims)
+  if itc_sims.ndim != 2:
+    raise ValueError(f"itc_sims must be 2-D, got {itc_sims.shape}")
+  if k < 1:
+    raise ValueError(f"k must be >= 1, got {k}")
+  k = min(k, itc_sims.shape[1])
+  dtype = np.result_type(itc_sims.dtype, np.float32)
+  out = np.full(itc_sims.shape, -np.inf, dtype=dtype)
+  # Stable sort of the negation: descending score, ties by lower index.
+  topk = np.argsort(-itc_sims, axis=1, kind="stable")[:, :k]
+  for row in range(itc_sims.shape[0]):
+    candidates = topk[row]
+    scores = np.asarray(score_fn(row, candidates))
+    if scores.shape != (k,):
+      raise ValueError(f"score_fn returned shape {scores.shape} for row "
+                       f"{row}, expected ({k},)")
+    out[row, candidates] = scores
+  return out
+
+
+# ---------------------------------------------------------------------------
+# NLVR2
+# ---------------------------------------------------------------------------
+
+
+def nlvr2_accuracy(predictions: Sequence, labels: Sequence) -> float:
+  """Fraction of predictions equal to their labels ([N] each, N >= 1)."""
+  predictions = np.asarray(predictions)
+  labels = np.asarray(labels)
+  if predictions.shape != labels.shape or predictions.ndim != 1:
+    raise ValueError(f"predictions {predictions.shape} and labels "
+                     f"{labels.shape} must be equal-length vectors")
+  if predictions.size == 0:
+    raise ValueError("nlvr2_accuracy of no examples")
+  return float(np.mean(predictions == labels))

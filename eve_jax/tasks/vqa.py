@@ -1,0 +1,134 @@
+"""VQAv2 fine-tuning: answer classification with soft scores and BCE.
+
+Data (`config.data`): the official files under `dir`:
+  v2_OpenEnded_mscoco_{split}_questions.json, v2_mscoco_{split}_annotations.json
+for each split of `train_splits` (comma-separated; the paper trains on
+train2014,val2014 and reports test-dev from the evaluation server),
+`eval_split` (annotated: vqa_acc) and `test_split` (questions only: a
+prediction file in the server's format, DIR/vqa_{test_split}_predictions.json).
+Images: `image_dir` (default dir/images), or its {split}/ subfolder when it
+exists (COCO's train2014/, val2014/, test2015/ folders).
+
+The answer vocabulary is every answer that is the majority answer of at
+least `vqa.min_answer_count` training questions (9 gives the usual 3,129 on
+VQAv2 train+val), normalized as the official evaluation does. Targets are
+soft scores (0.3 / 0.6 / 0.9 / 1.0 for 1 / 2 / 3 / 4+ annotators); the loss
+is binary cross-entropy summed over answers, averaged over questions.
+"""
+
+from __future__ import annotations
+
+import collections
+import os
+
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from eve_jax.data import downstream, finetune_data
+from eve_jax.data.corpora import DataError
+from eve_jax.model.task_models import VQAModel
+from eve_jax.tasks import metrics as M
+from eve_jax.tasks.pretrain import sum_moe_stats
+
+
+def _majority(answers) -> str:
+  counts = collections.Counter(M.normalize_answer(a) for a in answers)
+  return max(counts.items(), key=lambda kv: (kv[1], -len(kv[0]), kv[0]))[0]
+
+
+class VQATask:
+  """See the module docstring. `metric` is what eval.json leads with."""
+
+  name = "vqa"
+  metric = "vqa_acc"
+
+  def __init__(self, config, tokenizer, model_cfg):
+    self.tokenizer = tokenizer
+    self.model_cfg = model_cfg
+    d = config.data
+    self.dir = d.dir
+    self.image_dir = d.image_dir or os.path.join(d.dir, "images")
+    splits = [s.strip() for s in d.train_splits.split(",") if s.strip()]
+    self.train_examples = [ex for s in splits for ex in self._load(s, True)]
+    self.eval_examples = self._load(d.eval_split, True) if d.eval_split \
+        else []
+    self.test_split = d.test_split
+    self.test_examples = self._load(d.test_split, False) if d.test_split \
+        else []
+    self.vocab = M.build_answer_vocab(
+        [[_majority(ex.answers)] for ex in self.train_examples],
+        min_count=config.vqa.min_answer_count)
+    if not self.vocab:
+      raise DataError(f"no answer is the majority answer of "
+                      f"{config.vqa.min_answer_count}+ training questions "
+                      f"in {self.dir}")
+    self.answer_index = M.answer_index(self.vocab)
+    self.num_train = len(self.train_examples)
+
+  def _load(self, split: str, annotated: bool):
+    questions = os.path.join(
+        self.dir, f"v2_OpenEnded_mscoco_{split}_questions.json")
+    annotations = (os.path.join(self.dir, f"v2_mscoco_{split}_annotations."
+                                "json") if annotated else None)
+    sub = os.path.join(self.image_dir, split)
+    images = sub if os.path.isdir(sub) else self.image_dir
+    try:
+      examples = downstream.load_vqa(questions, annotations, images)
+      downstream.check_images(examples)
+    except downstream.DownstreamDataError as e:
+      raise DataError(str(e)) from None
+    return examples
+
+  def build_model(self, rngs):
+    return VQAModel(self.model_cfg, len(self.vocab), rngs=rngs)
+
+  def _inputs(self, ex) -> dict[str, np.ndarray]:
+    ids, valid = self.tokenizer.encode_batch([ex.question],
+                                             self.model_cfg.max_text_len)
+    return dict(image=finetune_data.read_image(ex.image_path,
+                                               self.model_cfg.image_size),
+                text=ids[0], text_valid=valid[0])
+
+  def encode_train(self, ex) -> dict[str, np.ndarray]:
+    out = self._inputs(ex)
+    out["target"] = M.soft_target_vector(ex.answers, self.answer_index,
+                                         len(self.vocab))
+    return out
+
+  encode_eval = _inputs
+
+  def loss(self, model, batch, rng):
+    logits, stats = model(batch["image"], batch["text"], batch["text_valid"],
+                          rng=rng)
+    target = batch["target"]
+    bce = optax.sigmoid_binary_cross_entropy(logits, target).sum(-1).mean()
+    s = sum_moe_stats(stats)
+    # The soft score of the top answer: the training-set VQA score.
+    top = jnp.take_along_axis(target, logits.argmax(-1)[:, None], -1)
+    return bce + s["aux_loss"], dict(
+        vqa_loss=bce, aux_loss=s["aux_loss"], vqa_score=top.mean(),
+        dropped_token_frac=s["dropped"] / jnp.maximum(s["routed"], 1.0))
+
+  @staticmethod
+  def predict(model, batch):
+    logits, _ = model(batch["image"], batch["text"], batch["text_valid"])
+    return logits.argmax(-1).astype(jnp.int32)
+
+  def evaluate(self, run_eval, workdir: str, is_main: bool) -> dict:
+    """vqa_acc on eval_split; the test split's predictions written out."""
+    out = {}
+    if self.eval_examples:
+      pred = run_eval(self.eval_examples, self.encode_eval, self.predict)
+      answers = [self.vocab[int(i)] for i in pred]
+      out["vqa_acc"] = M.mean_vqa_accuracy(
+          answers, [ex.answers for ex in self.eval_examples])
+    if self.test_examples:
+      pred = run_eval(self.test_examples, self.encode_eval, self.predict)
+      if is_main:
+        downstream.write_vqa_predictions(
+            os.path.join(workdir, f"vqa_{self.test_split}_predictions.json"),
+            [(ex.question_id, self.vocab[int(i)])
+             for ex, i in zip(self.test_examples, pred)])
+    return out
+
