@@ -218,9 +218,12 @@ def _run(config, workdir, mesh, rules, task_cls) -> RunResult:
       out, row = jax.device_get(compiled(state.params, g))
       outs.append(out)
       rows.append(row)
-    out, row = np.concatenate(outs), np.concatenate(rows)
-    order = np.argsort(np.where(row < 0, np.iinfo(np.int64).max, row),
+    out, row = np.concatenate(outs), np.concatenate(rows).astype(np.int64)
+    # Padding rows (-1) sort last; every real row appears exactly once.
+    order = np.argsort(np.where(row < 0, len(examples), row),
                        kind="stable")[:len(examples)]
+    if not np.array_equal(row[order], np.arange(len(examples))):
+      raise RuntimeError("evaluation lost or repeated examples")
     return out[order]
 
   writer = MetricWriter(workdir, enabled=is_main)

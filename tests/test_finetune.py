@@ -219,3 +219,26 @@ def test_a_checkpoint_of_another_width_is_one_line(pretrained_dir,
   cfg.model.update(dict(width=64, heads=2))
   with pytest.raises(pretrained.InitError, match="in the checkpoint but"):
     finetune.run(cfg, str(tmp_path / "w"))
+
+
+# --- transfer (slow: about 25 minutes on 2 cores) ----------------------------
+
+
+@pytest.mark.slow
+def test_tiny_pretraining_transfers_to_every_task(tmp_path):
+  """The issue's check: configs/base.py:tiny pretrained as in README, then
+  each tiny task fine-tuned from it and from scratch with the same command
+  and `--config.init_from=''`; the pretrained start wins clearly."""
+  pre = str(tmp_path / "pretrain")
+  train.run(config_lib.get_pretrain_config("tiny", default_variant="base"),
+            pre)
+  for task, key, margin in (("vqa", "vqa_acc", 0.05),
+                            ("nlvr2", "nlvr2_acc", 0.05),
+                            ("retrieval", "r_mean", 0.05)):
+    got = {}
+    for init in (pre, ""):
+      c = config_lib.finetune_config(task, "tiny")
+      c.init_from = init
+      got[init] = finetune.run(c, str(tmp_path / f"{task}_{bool(init)}")
+                               ).eval[key]
+    assert got[pre] >= got[""] + margin, (task, got)
