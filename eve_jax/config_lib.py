@@ -154,7 +154,7 @@ def finetune_config(task: str, arg: str | None) -> ml_collections.ConfigDict:
       dir="", image_dir="", tokenizer="", num_threads=8, shapes=False))
   if task == "vqa":
     c.data.update(dict(train_splits="train2014", eval_split="val2014",
-                       test_split=""))
+                       test_split="", vg_qa="", vg_image_dir=""))
     c.vqa = ml_collections.ConfigDict(dict(min_answer_count=9))
   elif task == "nlvr2":
     c.data.update(dict(train="train.json", eval="dev.json",

@@ -35,7 +35,7 @@ import optax
 from absl import logging
 from flax import nnx
 
-from eve_jax import pretrained, sharding
+from eve_jax import loop, pretrained, sharding
 from eve_jax.checkpoint import Checkpointer
 from eve_jax.data import finetune_data
 from eve_jax.data.corpora import DataError
@@ -43,7 +43,7 @@ from eve_jax.data.tokenizer import Tokenizer, shapes_tokenizer
 from eve_jax.model.variants import ModelConfig
 from eve_jax.optim import decay_mask, make_schedule
 from eve_jax.train import TrainState, _write_config, _xla_flops
-from eve_jax.writers import MetricWriter, Progress
+from eve_jax.writers import MetricWriter
 
 
 def _tasks():
@@ -202,9 +202,9 @@ def _run(config, workdir, mesh, rules, task_cls) -> RunResult:
 
   eval_fns = {}
 
-  def run_eval(examples, encode, fn):
-    """fn(model, batch) -> [b, ...] per example, over all `examples`:
-    numpy [len(examples), ...] (every process gets all rows)."""
+  def run_eval(examples, encode, fn, *, params):
+    """fn(model, batch) -> [b, ...] per example, over all `examples`, with
+    `params`: numpy [len(examples), ...] (every process gets all rows)."""
     if fn not in eval_fns:
       eval_fns[fn] = _eval_fn(fn, graphdef, state_sh.params, eval_sh,
                               replicated)
@@ -215,7 +215,7 @@ def _run(config, workdir, mesh, rules, task_cls) -> RunResult:
         process_index=eval_shard[0], process_count=eval_shard[1],
         num_threads=config.data.num_threads):
       g = sharding.global_batch(batch, eval_sh, config.train.eval_batch_size)
-      out, row = jax.device_get(compiled(state.params, g))
+      out, row = jax.device_get(compiled(params, g))
       outs.append(out)
       rows.append(row)
     out, row = np.concatenate(outs), np.concatenate(rows).astype(np.int64)
@@ -239,37 +239,14 @@ def _run(config, workdir, mesh, rules, task_cls) -> RunResult:
                              xla_flops_per_step=_xla_flops(compiled)
                              * mesh.size, total_steps=steps),
                  file="run.jsonl")
-    progress = Progress(steps, start, enabled=is_main)
-    pending, t_log, n_log = [], time.perf_counter(), 0
-    step = start
-    while step < steps:
-      if step > start:
-        batch = to_global(next(train_iter))
-      state, metrics = compiled(state, batch)
-      step += 1
-      pending.append(metrics)
-      n_log += bs
-      if step % config.train.log_every == 0 or step == steps:
-        means = {k: float(np.mean([float(m[k]) for m in pending]))
-                 for k in pending[0]}
-        means["samples_per_s"] = n_log / max(time.perf_counter() - t_log,
-                                             1e-9)
-        means["lr"] = float(pending[-1]["lr"])
-        writer.write(step, means)
-        progress.update(step, means)
-        pending, t_log, n_log = [], time.perf_counter(), 0
-      if (config.train.eval_every and step % config.train.eval_every == 0
-          ) or step == steps:
-        t_eval = time.perf_counter()
-        last_eval = task.evaluate(run_eval, workdir, is_main)
-        if last_eval:
-          writer.write_eval(step, last_eval)
-          progress.message(f"eval at step {step}: " + json.dumps(
-              {k: round(v, 4) for k, v in last_eval.items()}))
-        t_log += time.perf_counter() - t_eval
-      if ckpt.should_save(step, steps):
-        ckpt.save(step, state, train_iter.get_state())
-    progress.close()
+    state, last_eval = loop.run_steps(
+        state, compiled, batch, (to_global(b) for b in train_iter),
+        start=start, total_steps=steps, batch_size=bs,
+        log_every=config.train.log_every, eval_every=config.train.eval_every,
+        evaluate=lambda s: task.evaluate(
+            functools.partial(run_eval, params=s.params), workdir, is_main),
+        data_state=train_iter.get_state, writer=writer, ckpt=ckpt,
+        is_main=is_main)
   else:
     logging.info("already at step %d of %d", start, steps)
   ckpt.close()

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import os
 import time
 from typing import Any, Iterator
@@ -27,7 +26,7 @@ from absl import logging
 from flax import nnx
 from jax.experimental import multihost_utils
 
-from eve_jax import sharding
+from eve_jax import loop, sharding
 from eve_jax.checkpoint import Checkpointer
 from eve_jax.data import corpora
 from eve_jax.data import pipeline as data_pipeline
@@ -40,7 +39,7 @@ from eve_jax.model.variants import ModelConfig
 from eve_jax.optim import make_optimizer
 from eve_jax.tasks.pretrain import (MaskingConfig, PretrainTask, eval_metrics,
                                     eval_sums)
-from eve_jax.writers import MetricWriter, Progress
+from eve_jax.writers import MetricWriter
 
 
 @flax.struct.dataclass
@@ -431,43 +430,18 @@ def _run(config, workdir: str, mesh, rules) -> RunResult:
                              **{f"params_{k}": v for k, v in counts.items()}),
                  file="run.jsonl")
 
-    progress = Progress(total_steps, start, enabled=is_main)
-    pending: list[dict[str, jax.Array]] = []
-    t_log, n_log = time.perf_counter(), 0
-    step = start
-    while step < total_steps:
-      if step > start:
-        batch = to_global(next(train_iter))
-      state, metrics = compiled(state, batch)
-      step += 1
-      pending.append(metrics)
-      n_log += bs
-      if step % config.train.log_every == 0 or step == total_steps:
-        means = {k: float(np.mean([float(m[k]) for m in pending]))
-                 for k in pending[0]}
-        dt = time.perf_counter() - t_log
-        means["samples_per_s"] = n_log / max(dt, 1e-9)
-        means["lr"] = float(pending[-1]["lr"])
-        if isinstance(train_iter, corpora.CorpusIterator):
-          # Images that did not decode, dropped so far (this process).
-          means["data_skipped"] = train_iter.skipped
-        writer.write(step, means)
-        progress.update(step, means)
-        pending, t_log, n_log = [], time.perf_counter(), 0
-      if (config.train.eval_every and step % config.train.eval_every == 0
-          ) or step == total_steps:
-        t_eval = time.perf_counter()
-        last_eval = evaluate(eval_step, state.params, config, tokenizer,
-                             model_cfg, to_global_eval, eval_shard)
-        if last_eval:
-          writer.write_eval(step, last_eval)
-          progress.message(f"eval at step {step}: " + json.dumps(
-              {k: round(v, 4) for k, v in last_eval.items()}))
-        # Evaluation time is not training throughput.
-        t_log += time.perf_counter() - t_eval
-      if ckpt.should_save(step, total_steps):
-        ckpt.save(step, state, train_iter.get_state())
-    progress.close()
+    extra = None
+    if isinstance(train_iter, corpora.CorpusIterator):
+      # Images that did not decode, dropped so far (this process).
+      extra = lambda: {"data_skipped": train_iter.skipped}  # noqa: E731
+    state, last_eval = loop.run_steps(
+        state, compiled, batch, (to_global(b) for b in train_iter),
+        start=start, total_steps=total_steps, batch_size=bs,
+        log_every=config.train.log_every, eval_every=config.train.eval_every,
+        evaluate=lambda s: evaluate(eval_step, s.params, config, tokenizer,
+                                    model_cfg, to_global_eval, eval_shard),
+        data_state=train_iter.get_state, writer=writer, ckpt=ckpt,
+        is_main=is_main, log_extra=extra)
   ckpt.close()
   writer.close()
   return RunResult(eval=last_eval, state=state)

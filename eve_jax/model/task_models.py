@@ -10,7 +10,7 @@ load too when the pretraining run had them.
                  classifier on the T_cls token).
   NLVR2Model     (image_0, sentence) and (image_1, sentence) as two fused
                  passes -> bi-attention (each sequence attends to the other)
-                 -> attention pooling -> [p_0 ; p_1] -> two-layer classifier.
+                 -> the two text CLS states -> two-layer classifier.
   RetrievalModel unimodal image / text passes + ITC projections, and ITM on
                  a fused pass (eve_jax/tasks/pretrain.py's itc/itm passes).
 
@@ -91,15 +91,7 @@ class NLVR2Model(nnx.Module):
     self.norm1 = LayerNorm(d, dtype=dt, rngs=rngs)
     self.attn0 = Attention(d, cfg.heads, dtype=dt, rngs=rngs)
     self.attn1 = Attention(d, cfg.heads, dtype=dt, rngs=rngs)
-    self.pool = Dense(d, 1, axes=("embed", None), dtype=dt, rngs=rngs)
     self.classifier = ClassifierHead(2 * d, 2 * d, 2, dtype=dt, rngs=rngs)
-
-  def _pool(self, h: jax.Array, valid: jax.Array) -> jax.Array:
-    """Attention pooling: [B, L, D] -> [B, D], padding excluded."""
-    scores = self.pool(h)[..., 0].astype(jnp.float32)
-    scores = jnp.where(valid, scores, jnp.finfo(jnp.float32).min)
-    w = jax.nn.softmax(scores, axis=-1)
-    return jnp.einsum("bl,bld->bd", w.astype(h.dtype), h)
 
   def __call__(self, images0, images1, text, text_valid, rng=None):
     """-> ([B, 2] float32 logits (false, true), MoE stats of both passes)."""
@@ -113,7 +105,10 @@ class NLVR2Model(nnx.Module):
     n0, n1 = self.norm0(h0), self.norm1(h1)
     f0 = h0 + self.attn0(n0, v1, kv=n1)
     f1 = h1 + self.attn1(n1, v0, kv=n0)
-    pooled = jnp.concatenate([self._pool(f0, v0), self._pool(f1, v1)], -1)
+    # Each pass's text CLS (the position pretraining's ITM reads), now
+    # informed by the other image.
+    cls = states.shape[1] - text.shape[1]
+    pooled = jnp.concatenate([f0[:, cls], f1[:, cls]], -1)
     return self.classifier(pooled), stats
 
 

@@ -5,7 +5,9 @@ Data (`config.data`): the official files under `dir`:
 for each split of `train_splits` (comma-separated; the paper trains on
 train2014,val2014 and reports test-dev from the evaluation server),
 `eval_split` (annotated: vqa_acc) and `test_split` (questions only: a
-prediction file in the server's format, DIR/vqa_{test_split}_predictions.json).
+prediction file in the server's format, DIR/vqa_{test_split}_predictions.json),
+and optionally Visual Genome QA (`vg_qa` = question_answers.json, images in
+`vg_image_dir`) added to the training questions.
 Images: `image_dir` (default dir/images), or its {split}/ subfolder when it
 exists (COCO's train2014/, val2014/, test2015/ folders).
 
@@ -51,6 +53,14 @@ class VQATask:
     self.image_dir = d.image_dir or os.path.join(d.dir, "images")
     splits = [s.strip() for s in d.train_splits.split(",") if s.strip()]
     self.train_examples = [ex for s in splits for ex in self._load(s, True)]
+    if d.get("vg_qa"):  # Visual Genome QA as extra training data (optional;
+      # the paper does not use it)
+      try:
+        vg = downstream.load_vg_qa(d.vg_qa, d.vg_image_dir)
+        downstream.check_images(vg)
+      except downstream.DownstreamDataError as e:
+        raise DataError(str(e)) from None
+      self.train_examples += vg
     self.eval_examples = self._load(d.eval_split, True) if d.eval_split \
         else []
     self.test_split = d.test_split
