@@ -147,6 +147,8 @@ def _run(config, workdir, mesh, rules, task_cls) -> RunResult:
   tokenizer = tokenizer_for(config, workdir)
   model_cfg = ModelConfig.from_config(config.model,
                                       vocab_size=tokenizer.vocab_size)
+  sharding.check_experts(model_cfg.num_experts, model_cfg.num_soft_layers,
+                         mesh, rules)
   task = task_cls(config, tokenizer, model_cfg)
   if is_main:
     _write_config(config, workdir)
@@ -157,7 +159,7 @@ def _run(config, workdir, mesh, rules, task_cls) -> RunResult:
   logging.info("%s: %d training examples, %d steps of %d", task.name,
                task.num_train, steps, bs)
 
-  graphdef, abstract_params = nnx.split(
+  graphdef, _ = nnx.split(
       nnx.eval_shape(lambda: task.build_model(nnx.Rngs(0))), nnx.Param)
 
   def init(rng):
