@@ -8,13 +8,59 @@ batch source, the evaluation, and extra numbers for the log lines.
 from __future__ import annotations
 
 import json
+import signal
+import threading
 import time
 from typing import Any, Callable, Iterator
 
+import jax
 import numpy as np
+from absl import logging
 
 from eve_jax.checkpoint import Checkpointer
 from eve_jax.writers import MetricWriter, Progress
+
+
+class StopRequest:
+  """SIGTERM / SIGINT (preemption, Ctrl-C): finish the step, save a
+  checkpoint, return normally (exit code 0). A second signal interrupts at
+  once (KeyboardInterrupt).
+
+  With several processes all must stop at the same step (the checkpoint is
+  written by all): they agree every `sync_every` steps with one tiny
+  all-gather, so a signal to any process stops all of them there.
+  """
+
+  def __init__(self):
+    self.signal: int | None = None
+    self._previous = {}
+
+  def _handle(self, signum, frame):
+    del frame
+    if self.signal is not None:
+      raise KeyboardInterrupt(f"signal {signum} again")
+    self.signal = signum
+    logging.warning("received %s: stopping after this step with a "
+                    "checkpoint", signal.Signals(signum).name)
+
+  def __enter__(self) -> "StopRequest":
+    if threading.current_thread() is threading.main_thread():
+      for s in (signal.SIGTERM, signal.SIGINT):
+        self._previous[s] = signal.signal(s, self._handle)
+    return self
+
+  def __exit__(self, *_):
+    for s, handler in self._previous.items():
+      signal.signal(s, handler)
+
+  def requested(self, step: int, sync_every: int) -> bool:
+    local = self.signal is not None
+    if jax.process_count() == 1:
+      return local
+    if step % max(sync_every, 1):
+      return False
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+    return bool(np.any(multihost_utils.process_allgather(np.int32(local))))
 
 
 def run_steps(state: Any, compiled: Callable, first_batch: Any,
@@ -40,10 +86,34 @@ def run_steps(state: Any, compiled: Callable, first_batch: Any,
   Returns:
     (final state, the last evaluation).
   """
+  with StopRequest() as stop:
+    return _steps(state, compiled, first_batch, batches, stop, start=start,
+                  total_steps=total_steps, batch_size=batch_size,
+                  log_every=log_every, eval_every=eval_every,
+                  evaluate=evaluate, data_state=data_state, writer=writer,
+                  ckpt=ckpt, is_main=is_main, log_extra=log_extra)
+
+
+def _steps(state, compiled, first_batch, batches, stop: StopRequest, *,
+           start, total_steps, batch_size, log_every, eval_every, evaluate,
+           data_state, writer, ckpt, is_main, log_extra):
   progress = Progress(total_steps, start, enabled=is_main)
   pending: list[dict[str, Any]] = []
   t_log, n_log = time.perf_counter(), 0
   last_eval: dict[str, float] = {}
+
+  def flush(step):
+    """One log line: the means of the steps since the last one."""
+    nonlocal pending, t_log, n_log
+    means = {k: float(np.mean([float(m[k]) for m in pending]))
+             for k in pending[0]}
+    means["samples_per_s"] = n_log / max(time.perf_counter() - t_log, 1e-9)
+    means["lr"] = float(pending[-1]["lr"])
+    means.update(log_extra() if log_extra else {})
+    writer.write(step, means)
+    progress.update(step, means)
+    pending, t_log, n_log = [], time.perf_counter(), 0
+
   step = start
   while step < total_steps:
     batch = first_batch if step == start else next(batches)
@@ -52,14 +122,15 @@ def run_steps(state: Any, compiled: Callable, first_batch: Any,
     pending.append(metrics)
     n_log += batch_size
     if step % log_every == 0 or step == total_steps:
-      means = {k: float(np.mean([float(m[k]) for m in pending]))
-               for k in pending[0]}
-      means["samples_per_s"] = n_log / max(time.perf_counter() - t_log, 1e-9)
-      means["lr"] = float(pending[-1]["lr"])
-      means.update(log_extra() if log_extra else {})
-      writer.write(step, means)
-      progress.update(step, means)
-      pending, t_log, n_log = [], time.perf_counter(), 0
+      flush(step)
+    if stop.requested(step, log_every):
+      if pending:
+        flush(step)
+      ckpt.save(step, state, data_state())
+      progress.message(f"stopped at step {step} by "
+                       f"{signal.Signals(stop.signal or 15).name}; "
+                       "checkpoint saved, the same command resumes")
+      break
     if (eval_every and step % eval_every == 0) or step == total_steps:
       t_eval = time.perf_counter()
       last_eval = evaluate(state)

@@ -187,3 +187,43 @@ def test_tiny_text_length_fits_the_longest_caption(tmp_path):
                 key=lambda s: len(s.split()))
   assert len(longest.split()) == 16
   assert 1 + len(tok.encode(longest)) == c.model.max_text_len
+
+
+def test_sigterm_saves_a_checkpoint_and_exits_0_then_resumes(tmp_path):
+  """A preempted run: SIGTERM mid-training -> the step finishes, a
+  checkpoint at that step, exit code 0; the same command resumes there."""
+  import signal  # pylint: disable=g-import-not-at-top
+  import time  # pylint: disable=g-import-not-at-top
+  wd = str(tmp_path / "w")
+  args = ["--config=configs/base.py:tiny", f"--workdir={wd}",
+          "--config.model.depth=2", "--config.model.decoder_depth=1",
+          "--config.train.batch_size=8", "--config.train.log_every=1",
+          "--config.train.checkpoint_every=0", "--config.train.eval_every=0",
+          "--config.train.eval_examples=8", "--config.train.eval_batch_size=8",
+          "--config.data.num_tokenizer_captions=500"]
+  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+  proc = subprocess.Popen(
+      [sys.executable, "-m", "eve_jax.main", *args,
+       "--config.train.steps=100000"], cwd=REPO, env=env,
+      stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+  metrics = os.path.join(wd, "metrics.jsonl")
+  deadline = time.time() + 300
+  while time.time() < deadline and proc.poll() is None:
+    if os.path.exists(metrics) and len(read_jsonl(metrics)) >= 3:
+      break
+    time.sleep(0.2)
+  assert proc.poll() is None, proc.stderr.read()[-2000:]
+  proc.send_signal(signal.SIGTERM)
+  _, err = proc.communicate(timeout=120)
+  assert proc.returncode == 0, err[-2000:]
+  rows = read_jsonl(metrics)
+  stopped = rows[-1]["step"]
+  assert 3 <= stopped < 100000
+  assert "stopped at step" in err
+  assert sorted(int(d) for d in os.listdir(os.path.join(wd, "checkpoints"))
+                if d.isdigit()) == [stopped]
+  out = _main(*args, f"--config.train.steps={stopped + 2}")
+  assert out.returncode == 0, out.stderr[-2000:]
+  assert f"at step {stopped}" in out.stderr  # "resumed from ... at step N"
+  assert [r["step"] for r in read_jsonl(metrics)][-2:] == [stopped + 1,
+                                                           stopped + 2]
