@@ -42,7 +42,8 @@ from eve_jax.data.corpora import DataError
 from eve_jax.data.tokenizer import Tokenizer, shapes_tokenizer
 from eve_jax.model.variants import ModelConfig
 from eve_jax.optim import decay_mask, make_schedule
-from eve_jax.train import TrainState, _write_config, _xla_flops
+from eve_jax.train import (TrainState, _write_config, _xla_flops,
+                           build_tokenizer, copy_tokenizer, train_step)
 from eve_jax.writers import MetricWriter
 
 
@@ -52,19 +53,17 @@ def _tasks():
           "retrieval": retrieval.RetrievalTask}
 
 
-def tokenizer_for(config, workdir: str) -> Tokenizer:
-  """DIR/tokenizer.model once made; else `data.tokenizer`, the init_from
-  run's, or (EVE-Shapes tasks) the one tiny pretraining trains, copied."""
-  path = os.path.join(workdir, "tokenizer.model")
+def _make_tokenizer(config, path: str) -> Tokenizer:
+  """For `train.build_tokenizer`: DIR/tokenizer.model once made; else
+  `data.tokenizer`, the init_from run's, or (EVE-Shapes tasks) the one tiny
+  pretraining trains."""
   if os.path.exists(path):
     return Tokenizer(path)
   source = config.data.tokenizer or (
       pretrained.tokenizer_path(config.init_from) if config.init_from
       else "")
   if source:
-    with open(source, "rb") as src, open(path, "wb") as dst:
-      dst.write(src.read())
-    return Tokenizer(path)
+    return copy_tokenizer(source, path)
   if config.data.get("shapes", False):
     return shapes_tokenizer(path, vocab_size=64, num_captions=4000,
                             seed=config.seed)
@@ -98,28 +97,10 @@ def make_optimizer(optim_cfg, total_steps: int):
   return optax.chain(*parts), schedule
 
 
-def _step(state: TrainState, batch, *, graphdef, task, tx, schedule,
-          base_rng):
-  rng = jax.random.fold_in(base_rng, state.step)
-
-  def loss_fn(params):
-    return task.loss(nnx.merge(graphdef, params), batch, rng)
-
-  (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-      state.params)
-  updates, opt_state = tx.update(grads, state.opt_state, state.params)
-  metrics = dict(metrics, loss=loss, grad_norm=optax.tree.norm(grads),
-                 lr=schedule(state.step))
-  return TrainState(step=state.step + 1,
-                    params=optax.apply_updates(state.params, updates),
-                    opt_state=opt_state), metrics
-
-
 @dataclasses.dataclass
 class RunResult:
   eval: dict[str, Any]
   state: TrainState
-  init_report: dict[str, list] | None
 
 
 def run(config: ml_collections.ConfigDict, workdir: str,
@@ -144,7 +125,7 @@ def _run(config, workdir, mesh, rules, task_cls) -> RunResult:
   is_main = jax.process_index() == 0
   if config.data.get("shapes", False) and not config.data.dir:
     _write_shapes_tasks(config, workdir, is_main)
-  tokenizer = tokenizer_for(config, workdir)
+  tokenizer = build_tokenizer(config, workdir, make=_make_tokenizer)
   model_cfg = ModelConfig.from_config(config.model,
                                       vocab_size=tokenizer.vocab_size)
   sharding.check_experts(model_cfg.num_experts, model_cfg.num_soft_layers,
@@ -174,7 +155,7 @@ def _run(config, workdir, mesh, rules, task_cls) -> RunResult:
   eval_sh = sharding.batch_sharding(mesh, rules, config.train.eval_batch_size)
   replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
   step_fn = jax.jit(
-      functools.partial(_step, graphdef=graphdef, task=task, tx=tx,
+      functools.partial(train_step, graphdef=graphdef, task=task, tx=tx,
                         schedule=schedule, base_rng=base_rng),
       in_shardings=(state_sh, batch_sh), out_shardings=(state_sh, replicated),
       donate_argnums=(0,))
@@ -189,11 +170,10 @@ def _run(config, workdir, mesh, rules, task_cls) -> RunResult:
   ckpt = Checkpointer(workdir, every=config.train.checkpoint_every,
                       keep=config.train.keep_checkpoints)
   start = ckpt.latest_step()
-  report = None
   if start is None:
     state = jax.jit(init, out_shardings=state_sh)(init_rng)
     if config.init_from:
-      state, report = _load_pretrained(config, state, state_sh, model_cfg,
+      state = _load_pretrained(config, state, state_sh, model_cfg,
                                        workdir, is_main)
     start = 0
   else:
@@ -253,7 +233,7 @@ def _run(config, workdir, mesh, rules, task_cls) -> RunResult:
     logging.info("already at step %d of %d", start, steps)
   ckpt.close()
   writer.close()
-  return RunResult(eval=last_eval, state=state, init_report=report)
+  return RunResult(eval=last_eval, state=state)
 
 
 def _write_shapes_tasks(config, workdir: str, is_main: bool) -> None:
@@ -312,4 +292,4 @@ def _load_pretrained(config, state, state_sh, model_cfg, workdir, is_main):
       json.dump(dict(report, init_from=os.path.abspath(config.init_from),
                      step=int(step)), f, indent=1)
   # The optimizer moments start at zero either way; only params change.
-  return state.replace(params=new_params), report
+  return state.replace(params=new_params)

@@ -50,24 +50,39 @@ class TrainState:
 
 
 
-def build_tokenizer(config: ml_collections.ConfigDict, workdir: str
-                    ) -> Tokenizer:
-  """The run's tokenizer, saved in DIR/tokenizer.model (trained once).
+def build_tokenizer(config: ml_collections.ConfigDict, workdir: str,
+                    make=None) -> Tokenizer:
+  """The run's tokenizer, saved in DIR/tokenizer.model (made once by
+  `make(config, path)`, default pretraining's `_make_tokenizer`).
 
   With several processes, process 0 makes the file and the others read it
   (the workdir must be on a filesystem every process sees).
   """
+  make = make or _make_tokenizer
   path = os.path.join(workdir, "tokenizer.model")
   if jax.process_count() > 1:
     if jax.process_index() == 0:
-      _make_tokenizer(config, path)
+      make(config, path)
     multihost_utils.sync_global_devices("eve_jax tokenizer written")
     if not os.path.exists(path):
       raise DataError(f"process {jax.process_index()} cannot see {path} that "
                       "process 0 wrote: the workdir must be on a filesystem "
                       "shared by all processes")
     return Tokenizer(path)
-  return _make_tokenizer(config, path)
+  return make(config, path)
+
+
+def copy_tokenizer(source: str, path: str) -> Tokenizer:
+  """Loads the tokenizer at `source` (one-line error if it cannot) and
+  copies it to `path`, the run's own."""
+  try:
+    tok = Tokenizer(source)
+  except (OSError, RuntimeError) as e:
+    raise DataError(f"cannot read the tokenizer {source}: "
+                    f"{str(e).strip().splitlines()[0][:200]}") from None
+  with open(source, "rb") as src, open(path, "wb") as dst:
+    dst.write(src.read())
+  return tok
 
 
 def _make_tokenizer(config, path: str) -> Tokenizer:
@@ -77,14 +92,7 @@ def _make_tokenizer(config, path: str) -> Tokenizer:
   if not source and uses_corpora(config):
     source = corpora_tokenizer(config)
   if source:
-    try:
-      tok = Tokenizer(source)
-    except (OSError, RuntimeError) as e:
-      raise DataError(f"cannot read the tokenizer {source}: "
-                      f"{str(e).strip().splitlines()[0][:200]}") from None
-    with open(source, "rb") as src, open(path, "wb") as dst:
-      dst.write(src.read())
-    return tok
+    return copy_tokenizer(source, path)
   if config.data.name == "shapes":
     return shapes_tokenizer(path, vocab_size=config.data.vocab_size,
                             num_captions=config.data.num_tokenizer_captions,
@@ -214,20 +222,22 @@ def eval_batches(config, tokenizer, model_cfg: ModelConfig,
     yield batch
 
 
-def train_step(state: TrainState, batch, *, graphdef, task: PretrainTask,
+def train_step(state: TrainState, batch, *, graphdef, task,
                tx: optax.GradientTransformation, schedule, base_rng):
-  """One optimizer step. Per-step randomness = fold_in(base_rng, step)."""
+  """One optimizer step of any task whose `loss(model, batch, rng)` returns
+  (loss, metrics); pretraining and fine-tuning both step with it.
+  Per-step randomness = fold_in(base_rng, step)."""
   rng = jax.random.fold_in(base_rng, state.step)
 
   def loss_fn(params):
-    model = nnx.merge(graphdef, params)
-    return task.loss(model, batch, rng, train=True)
+    return task.loss(nnx.merge(graphdef, params), batch, rng)
 
-  (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+  (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+      state.params)
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
-  metrics["grad_norm"] = optax.tree.norm(grads)
-  metrics["lr"] = schedule(state.step)
+  metrics = dict(metrics, loss=loss, grad_norm=optax.tree.norm(grads),
+                 lr=schedule(state.step))
   return TrainState(step=state.step + 1, params=params,
                     opt_state=opt_state), metrics
 

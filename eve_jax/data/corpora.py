@@ -166,10 +166,9 @@ class _Example(grain.transforms.RandomMap):
 
 
 def _pairs(split: records.CorpusSplit, c: int, process_index: int,
-           process_count: int, seed: int, shuffle: bool, repeat: bool,
-           limit: int | None = None) -> grain.MapDataset:
-  n = split.num_pairs if limit is None else min(limit, split.num_pairs)
-  ds = grain.MapDataset.range(n)
+           process_count: int, seed: int, shuffle: bool, repeat: bool
+           ) -> grain.MapDataset:
+  ds = grain.MapDataset.range(split.num_pairs)
   ds = ds.slice(slice(process_index, None, process_count))
   if shuffle:
     ds = ds.shuffle(seed=seed)

@@ -17,7 +17,6 @@ import jax.numpy as jnp
 import numpy as np
 
 from eve_jax.data import downstream, finetune_data
-from eve_jax.data.corpora import DataError
 from eve_jax.model.task_models import NLVR2Model
 from eve_jax.tasks import metrics as M
 from eve_jax.tasks.pretrain import sum_moe_stats, cross_entropy
@@ -41,12 +40,9 @@ class NLVR2Task:
   def _load(self, name: str):
     path = finetune_data.resolve(self.dir, name)
     split = os.path.splitext(os.path.basename(name))[0]
-    try:
-      examples = downstream.load_nlvr2(path,
-                                       os.path.join(self.image_dir, split))
-      downstream.check_images(examples)
-    except downstream.DownstreamDataError as e:
-      raise DataError(str(e)) from None
+    examples = downstream.load_nlvr2(path, os.path.join(self.image_dir,
+                                                         split))
+    downstream.check_images(examples)
     return examples
 
   def build_model(self, rngs):

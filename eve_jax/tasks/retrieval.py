@@ -26,7 +26,6 @@ import jax.numpy as jnp
 import numpy as np
 
 from eve_jax.data import downstream, finetune_data
-from eve_jax.data.corpora import DataError
 from eve_jax.model.task_models import RetrievalModel
 from eve_jax.tasks import metrics as M
 from eve_jax.tasks.pretrain import cross_entropy, itc_pass, itm_pass
@@ -56,13 +55,10 @@ class RetrievalTask:
     self.k_test = config.retrieval.k_test
     path = finetune_data.resolve(d.dir, d.karpathy)
     root = d.image_root or os.path.join(d.dir, "images")
-    try:
-      train = downstream.load_karpathy(path, root, "train")
-      self.test_images = downstream.load_karpathy(path, root,
-                                                  d.get("eval_split", "test"))
-      downstream.check_images(train + self.test_images)
-    except downstream.DownstreamDataError as e:
-      raise DataError(str(e)) from None
+    train = downstream.load_karpathy(path, root, "train")
+    self.test_images = downstream.load_karpathy(path, root,
+                                                d.get("eval_split", "test"))
+    downstream.check_images(train + self.test_images)
     self.train_examples = [(img.image_path, cap, i)
                            for i, img in enumerate(train)
                            for cap in img.captions]

@@ -55,11 +55,8 @@ class VQATask:
     self.train_examples = [ex for s in splits for ex in self._load(s, True)]
     if d.get("vg_qa"):  # Visual Genome QA as extra training data (optional;
       # the paper does not use it)
-      try:
-        vg = downstream.load_vg_qa(d.vg_qa, d.vg_image_dir)
-        downstream.check_images(vg)
-      except downstream.DownstreamDataError as e:
-        raise DataError(str(e)) from None
+      vg = downstream.load_vg_qa(d.vg_qa, d.vg_image_dir)
+      downstream.check_images(vg)
       self.train_examples += vg
     self.eval_examples = self._load(d.eval_split, True) if d.eval_split \
         else []
@@ -83,11 +80,8 @@ class VQATask:
                                 "json") if annotated else None)
     sub = os.path.join(self.image_dir, split)
     images = sub if os.path.isdir(sub) else self.image_dir
-    try:
-      examples = downstream.load_vqa(questions, annotations, images)
-      downstream.check_images(examples)
-    except downstream.DownstreamDataError as e:
-      raise DataError(str(e)) from None
+    examples = downstream.load_vqa(questions, annotations, images)
+    downstream.check_images(examples)
     return examples
 
   def build_model(self, rngs):
