@@ -33,6 +33,11 @@ setup(
         # scikit-image: real photos (PNG, JPEG, GIF) bundled in its wheel,
         # for tests/test_prepare.py; its deps are small, scipy comes with jax.
         "test": ["pytest>=8", "pytest-timeout>=2.3", "scikit-image>=0.26"],
+        # python -m eve_jax.convert: reading PyTorch checkpoints (BEiTv2,
+        # released EVE), the released Hugging Face tokenizer, and the
+        # transformers BEiT the conversion tests compare against. Install a
+        # CPU torch first where the default wheel would be a CUDA build.
+        "convert": ["torch>=2.1", "transformers>=4.40", "tokenizers>=0.19"],
         # Accelerator builds of the same jax (launch/README.md).
         "tpu": ["jax[tpu]>=0.10.2"],
         "cuda12": ["jax[cuda12]>=0.10.2"],

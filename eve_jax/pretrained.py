@@ -58,31 +58,52 @@ def read_config(directory: str) -> dict[str, Any]:
 
 
 def tokenizer_path(directory: str) -> str:
-  path = os.path.join(directory, "tokenizer.model")
-  if not os.path.isfile(path):
-    raise InitError(f"config.init_from={directory} has no tokenizer.model")
-  return path
+  """DIR/tokenizer.model (SentencePiece), else DIR/tokenizer.json (a Hugging
+  Face tokenizer, as `python -m eve_jax.convert eve` writes)."""
+  for name in ("tokenizer.model", "tokenizer.json"):
+    path = os.path.join(directory, name)
+    if os.path.isfile(path):
+      return path
+  raise InitError(f"config.init_from={directory} has no tokenizer.model or "
+                  "tokenizer.json")
 
 
-def load_params(directory: str) -> tuple[dict[str, Any], int]:
-  """(the newest checkpoint's parameters as a nested dict, its step)."""
+def load_params(directory: str, flag: str = "config.init_from"
+                ) -> tuple[dict[str, Any], int]:
+  """(the newest checkpoint's parameters as a nested dict, its step).
+
+  Parameters only (no optimizer moments), onto this process's first
+  device, whatever mesh the run saved them from: a run on 8 devices starts
+  one on 1. `flag` names the directory's origin in errors.
+  """
   import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
   ckpt_dir = os.path.join(os.path.abspath(directory), "checkpoints")
   if not os.path.isdir(ckpt_dir):
-    raise InitError(f"config.init_from={directory} has no checkpoints/")
-  mngr = ocp.CheckpointManager(ckpt_dir, item_names=("state", "data"))
-  step = mngr.latest_step()
-  if step is None:
-    raise InitError(f"config.init_from={directory}: checkpoints/ holds no "
-                    "finished checkpoint")
-  out = mngr.restore(step, args=ocp.args.Composite(
-      state=ocp.args.StandardRestore()))
-  mngr.close()
-  state = out.state
-  if "params" not in state:
-    raise InitError(f"config.init_from={directory}: checkpoint {step} has "
-                    "no params")
-  return _pure(state["params"]), step
+    raise InitError(f"{flag}={directory} has no checkpoints/")
+  # A finished checkpoint is a plain step folder; an interrupted write is
+  # still named N.orbax-checkpoint-tmp-*.
+  steps = sorted(int(d) for d in os.listdir(ckpt_dir) if d.isdigit()
+                 and os.path.isdir(os.path.join(ckpt_dir, d, "state")))
+  if not steps:
+    raise InitError(f"{flag}={directory}: checkpoints/ holds no finished "
+                    "checkpoint")
+  step = steps[-1]
+  path = os.path.join(ckpt_dir, str(step), "state")
+  with ocp.PyTreeCheckpointer() as reader:
+    tree = reader.metadata(path)
+    tree = getattr(tree, "item_metadata", tree)
+    tree = getattr(tree, "tree", tree)
+    if "params" not in tree:
+      raise InitError(f"{flag}={directory}: checkpoint {step} has no params")
+    dev = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    target = {"params": jax.tree.map(
+        lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=dev),
+        tree["params"])}
+    out = reader.restore(path, args=ocp.args.PyTreeRestore(
+        item=target, partial_restore=True,
+        restore_args=jax.tree.map(
+            lambda _: ocp.ArrayRestoreArgs(sharding=dev), target)))
+  return _pure(out["params"]), step
 
 
 def interpolate_positions(pos: np.ndarray, num_patches: int) -> np.ndarray:

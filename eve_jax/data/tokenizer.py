@@ -223,3 +223,26 @@ def shapes_tokenizer(
     tokenizer = Tokenizer(train_tokenizer(captions, model_path, vocab_size))
     tokenizer.word_ids(shapes.VISUAL_WORDS)
     return tokenizer
+
+
+def load_tokenizer(path: str):
+    """The tokenizer at `path`: a Hugging Face tokenizer.json (what a
+    converted released-EVE checkpoint carries; chosen by a `.json` name, or
+    JSON content in a run's copied DIR/tokenizer.model) or a SentencePiece
+    model (everything else, unchanged).
+
+    Returns:
+      A `Tokenizer` or an `eve_jax.data.hf_tokenizer.HFTokenizer` (the same
+      interface).
+    """
+    if not path.endswith(".json"):
+        try:
+            with open(path, "rb") as f:
+                head = f.read(64).lstrip()
+        except OSError:
+            head = b""  # Tokenizer gives the one-line error
+        if not head.startswith(b"{"):
+            return Tokenizer(path)
+    from eve_jax.data.hf_tokenizer import HFTokenizer  # pylint: disable=g-import-not-at-top
+
+    return HFTokenizer(path)

@@ -35,6 +35,7 @@ class Block(nnx.Module):
                top_k: int = 2, capacity_factor: float = 1.25,
                aux_loss_weight: float = 0.001,
                add_modality_to_experts: bool = True,
+               normalize_gates: bool = False,
                moe_dispatch: str = "gather", moe_experts: str = "auto",
                attention: str = "einsum",
                dtype=jnp.float32, rngs: nnx.Rngs):
@@ -54,7 +55,7 @@ class Block(nnx.Module):
       self.ffn = ModalityMoE(
           dim, mlp_dim, num_experts, top_k, capacity_factor=capacity_factor,
           add_modality_to_experts=add_modality_to_experts,
-          aux_loss_weight=aux_loss_weight, activation=activation,
+          normalize_gates=normalize_gates, aux_loss_weight=aux_loss_weight, activation=activation,
           dispatch=moe_dispatch, experts=moe_experts, dtype=dtype,
           rngs=rngs)
     else:

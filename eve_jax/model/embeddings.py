@@ -41,7 +41,7 @@ class ImageEmbed(nnx.Module):
   """[B, H, W, 3] pixels -> [B, 1 + N, D] (CLS first, positions added)."""
 
   def __init__(self, image_size: int, patch: int, dim: int, *,
-               dtype=jnp.float32, rngs: nnx.Rngs):
+               positions: bool = True, dtype=jnp.float32, rngs: nnx.Rngs):
     n = (image_size // patch) ** 2
     self.patch = patch
     self.patch_kernel = param(rngs, trunc_normal, (patch, patch, 3, dim),
@@ -49,8 +49,9 @@ class ImageEmbed(nnx.Module):
     self.patch_bias = param(rngs, jax.nn.initializers.zeros, (dim,),
                             ("embed",))
     self.cls_token = param(rngs, trunc_normal, (dim,), ("embed",))
-    self.pos_embed = param(rngs, trunc_normal, (1 + n, dim),
-                           (None, "embed"))
+    # None: no absolute positions (a BEiT stack that used relative bias).
+    self.pos_embed = (param(rngs, trunc_normal, (1 + n, dim), (None, "embed"))
+                      if positions else None)
     self.dtype = dtype
 
   def __call__(self, images: jax.Array) -> jax.Array:
@@ -62,6 +63,8 @@ class ImageEmbed(nnx.Module):
     cls = jnp.broadcast_to(self.cls_token[...].astype(dt),
                            (x.shape[0], 1, x.shape[-1]))
     x = jnp.concatenate([cls, x], axis=1)
+    if self.pos_embed is None:
+      return x
     # Positions are added here, before MIM keeps only the visible patches,
     # so every kept patch still knows where it was.
     return x + self.pos_embed[...].astype(dt)[: x.shape[1]]
@@ -71,15 +74,17 @@ class TextEmbed(nnx.Module):
   """[B, L] token ids -> [B, L, D]: LN(word embedding) + position."""
 
   def __init__(self, vocab_size: int, max_positions: int, dim: int, *,
-               dtype=jnp.float32, rngs: nnx.Rngs):
+               positions: bool = True, dtype=jnp.float32, rngs: nnx.Rngs):
     self.word_embed = param(rngs, trunc_normal, (vocab_size, dim),
                             ("vocab", "embed"))
     self.norm = LayerNorm(dim, dtype=dtype, rngs=rngs)
-    self.pos_embed = param(rngs, trunc_normal, (max_positions, dim),
-                           (None, "embed"))
+    self.pos_embed = (param(rngs, trunc_normal, (max_positions, dim),
+                            (None, "embed")) if positions else None)
     self.dtype = dtype
 
   def __call__(self, text: jax.Array) -> jax.Array:
     x = jnp.take(self.word_embed[...], text, axis=0)
     x = self.norm(x)
+    if self.pos_embed is None:
+      return x
     return x + self.pos_embed[...].astype(self.dtype)[: text.shape[1]]

@@ -53,12 +53,15 @@ class EVE(nnx.Module):
     dt = jnp.dtype(cfg.dtype)
     self.cfg = cfg
     self.image_embed = ImageEmbed(cfg.image_size, cfg.patch_size, cfg.width,
-                                  dtype=dt, rngs=rngs)
+                                  positions=cfg.position_embed, dtype=dt,
+                                  rngs=rngs)
     self.text_embed = TextEmbed(cfg.vocab_size, cfg.max_text_positions,
-                                cfg.width, dtype=dt, rngs=rngs)
-    self.type_embed = param(rngs, trunc_normal, (2, cfg.width),
-                            (None, "embed"))
-    self.pre_norm = LayerNorm(cfg.width, dtype=dt, rngs=rngs)
+                                cfg.width, positions=cfg.position_embed,
+                                dtype=dt, rngs=rngs)
+    self.type_embed = (param(rngs, trunc_normal, (2, cfg.width),
+                             (None, "embed")) if cfg.type_embed else None)
+    self.pre_norm = (LayerNorm(cfg.width, dtype=dt, rngs=rngs)
+                     if cfg.pre_norm else None)
     # Stochastic depth grows linearly with depth (BEiT).
     self.rates = rates = tuple(cfg.drop_path * i / max(cfg.depth - 1, 1)
                                for i in range(cfg.depth))
@@ -77,6 +80,7 @@ class EVE(nnx.Module):
                    capacity_factor=cfg.capacity_factor,
                    aux_loss_weight=cfg.aux_loss_weight,
                    add_modality_to_experts=cfg.add_modality_to_experts,
+                   normalize_gates=cfg.moe_normalize_gates,
                    moe_dispatch=cfg.moe_dispatch, moe_experts=cfg.moe_experts,
                    attention=cfg.attention, dtype=dt, rngs=rngs)
 
@@ -94,12 +98,16 @@ class EVE(nnx.Module):
     """[B, H, W, 3] -> [B, 1 + N, D], positions and image type added."""
     with jax.named_scope("embed_image"):
       x = self.image_embed(images)
+      if self.type_embed is None:
+        return x
       return x + self.type_embed[...][IMAGE].astype(x.dtype)
 
   def embed_text(self, text: jax.Array) -> jax.Array:
     """[B, Lt] ids -> [B, Lt, D], positions and text type added."""
     with jax.named_scope("embed_text"):
       x = self.text_embed(text)
+      if self.type_embed is None:
+        return x
       return x + self.type_embed[...][TEXT].astype(x.dtype)
 
   def encode(self, image_tokens: jax.Array, text_tokens: jax.Array,
@@ -125,7 +133,9 @@ class EVE(nnx.Module):
          jnp.full((b, lt), TEXT, jnp.int32)], axis=1)
     valid = jnp.concatenate([jnp.ones((b, li), bool), text_valid], axis=1)
     counts = (li, lt)  # tokens per modality id, for the hard-router gather
-    x = constrain(self.pre_norm(x), ("act_batch", "act_seq", "act_embed"))
+    if self.pre_norm is not None:
+      x = self.pre_norm(x)
+    x = constrain(x, ("act_batch", "act_seq", "act_embed"))
     stats = []
     n = self.num_scanned
     rngs = (jax.random.split(rng, self.cfg.depth) if rng is not None

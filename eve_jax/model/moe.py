@@ -118,6 +118,18 @@ def route(logits: jax.Array, valid: jax.Array, top_k: int,
                   gates=jnp.where(kept, gates, 0.0))
 
 
+def normalize_gates(d: Dispatch) -> Dispatch:
+  """Each token's kept gates divided by their sum (DeepSpeed's top2gating,
+  what the released EVE soft-router layers compute): a token whose choices
+  were all dropped keeps zeros; one with a choice dropped gives the other
+  all the weight."""
+  total = jnp.sum(d.gates, axis=-1)  # [G, S]
+  # DeepSpeed clamps the denominator at float32 eps the same way.
+  inv = 1.0 / jnp.maximum(total, jnp.finfo(jnp.float32).eps)
+  return d.replace(gates=d.gates * inv[..., None],
+                   combine=d.combine * inv[..., None, None])
+
+
 def slot_maps(d: Dispatch, num_experts: int, capacity: int
               ) -> tuple[jax.Array, jax.Array]:
   """The index form of a routing, both ways.
@@ -262,6 +274,7 @@ class ModalityMoE(nnx.Module):
   def __init__(self, dim: int, hidden: int, num_experts: int, top_k: int = 2,
                *, num_modalities: int = 2, capacity_factor: float = 1.25,
                add_modality_to_experts: bool = True,
+               normalize_gates: bool = False,
                aux_loss_weight: float = 0.001, activation: str = "gelu",
                dispatch: str = "gather", experts: str = "auto",
                dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs):
@@ -280,6 +293,7 @@ class ModalityMoE(nnx.Module):
     self.num_modalities = num_modalities
     self.capacity_factor = capacity_factor
     self.add_modality_to_experts = add_modality_to_experts
+    self.normalize_gates = normalize_gates
     self.aux_loss_weight = aux_loss_weight
     gelu_fn(activation)  # fail early on a bad name
     self.activation = activation
@@ -326,6 +340,8 @@ class ModalityMoE(nnx.Module):
       capacity = expert_capacity(group_size, self.num_experts, self.top_k,
                                  self.capacity_factor)
       d = route(logits, valid, self.top_k, capacity)
+      if self.normalize_gates:
+        d = normalize_gates(d)
       aux = load_balancing_loss(d.probs, d.expert_choice, valid,
                                 self.aux_loss_weight)
       stats = self._stats(d, modality, valid, aux)

@@ -79,13 +79,54 @@ class VQAModel(nnx.Module):
     return self.vqa_head(cls), stats
 
 
+class BiAttentionHead(nnx.Module):
+  """The released EVE NLVR2 head (its `--biattn`): each pass's final states
+  attend to the other pass's (attn1: 0 -> 1, attn2: 1 -> 0), [attended ;
+  own] -> Linear(2D, D) - ReLU per token, attention pooling (scores
+  ReLU(Linear(D, 1)), padding -1e4), [pooled_0 ; pooled_1] ->
+  Linear(2D, 2). `model.nlvr2_head="biattn"`; loads converted weights."""
+
+  def __init__(self, d: int, heads: int, *, dtype=jnp.float32,
+               rngs: nnx.Rngs):
+    self.attn1 = Attention(d, heads, dtype=dtype, rngs=rngs)
+    self.attn2 = Attention(d, heads, dtype=dtype, rngs=rngs)
+    self.fc = Dense(2 * d, d, axes=("mlp", "embed"), dtype=dtype, rngs=rngs)
+    self.pool = Dense(d, 1, axes=("embed", None), dtype=dtype, rngs=rngs)
+    self.output = Dense(2 * d, 2, axes=("mlp", None), dtype=dtype,
+                        rngs=rngs)
+
+  def _pool(self, f: jax.Array, valid: jax.Array) -> jax.Array:
+    """[B, L, D] -> [B, D], softmax-weighted over the valid tokens."""
+    score = jax.nn.relu(self.pool(f)[..., 0]).astype(jnp.float32)
+    # An additive -1e4, as released (not -inf): identical unless all of a
+    # row is padding, which never happens (image tokens are always there).
+    score = score - 1e4 * (~valid).astype(jnp.float32)
+    w = jax.nn.softmax(score, axis=-1).astype(f.dtype)
+    return jnp.einsum("bl,bld->bd", w, f)
+
+  def __call__(self, h0, h1, v0, v1) -> jax.Array:
+    """Final states [B, L, D] and valid [B, L] of both passes -> [B, 2]
+    float32 logits (false, true)."""
+    a0 = self.attn1(h0, v1, kv=h1)
+    a1 = self.attn2(h1, v0, kv=h0)
+    f0 = jax.nn.relu(self.fc(jnp.concatenate([a0, h0], -1)))
+    f1 = jax.nn.relu(self.fc(jnp.concatenate([a1, h1], -1)))
+    pooled = jnp.concatenate([self._pool(f0, v0), self._pool(f1, v1)], -1)
+    return self.output(pooled).astype(jnp.float32)
+
+
 class NLVR2Model(nnx.Module):
+  """`model.nlvr2_head`: "eve_jax" (below) or "biattn" (`BiAttentionHead`,
+  the released head)."""
 
   def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
     dt = jnp.dtype(cfg.dtype)
     d = cfg.width
     self.cfg = cfg
     self.backbone = EVE(cfg, rngs=rngs)
+    if cfg.nlvr2_head == "biattn":
+      self.biattn = BiAttentionHead(d, cfg.heads, dtype=dt, rngs=rngs)
+      return
     # Bi-attention: sequence 0 attends to 1 (attn0) and 1 to 0 (attn1).
     self.norm0 = LayerNorm(d, dtype=dt, rngs=rngs)
     self.norm1 = LayerNorm(d, dtype=dt, rngs=rngs)
@@ -102,6 +143,8 @@ class NLVR2Model(nnx.Module):
         jnp.concatenate([text_valid, text_valid]), rng)
     h0, h1 = states[:b], states[b:]
     v0, v1 = valid[:b], valid[b:]
+    if self.cfg.nlvr2_head == "biattn":
+      return self.biattn(h0, h1, v0, v1), stats
     n0, n1 = self.norm0(h0), self.norm1(h1)
     f0 = h0 + self.attn0(n0, v1, kv=n1)
     f1 = h1 + self.attn1(n1, v0, kv=n0)

@@ -61,6 +61,20 @@ class ModelConfig:
   layer_scale_init: float = 0.1
   drop_path: float = 0.1
   activation: str = "gelu"  # "quick_gelu" to load the released weights
+  # Embedding-level switches, on for EVE; off to match a plain BEiT stack
+  # (eve_jax.convert's parity tests): the LayerNorm before the blocks,
+  # learned absolute positions (image and text), the modality type table.
+  pre_norm: bool = True
+  position_embed: bool = True
+  type_embed: bool = True
+  # Divide each token's kept top-k gates by their sum (DeepSpeed top2gating,
+  # what the released soft-router layers compute) instead of using the raw
+  # softmax values (paper eq. 5).
+  moe_normalize_gates: bool = False
+  # NLVR2 head: "eve_jax" (LayerNorm + attention per side, classifier on
+  # the two text CLS) or "biattn" (the released head: cross-attention,
+  # per-token MLP, attention pooling; what converted NLVR2 weights load).
+  nlvr2_head: str = "eve_jax"
   dtype: str = "float32"  # compute dtype; params stay float32
   # Speed knobs (outputs unchanged up to float rounding):
   moe_dispatch: str = "gather"  # or "einsum" (one-hot, vmoe's form)
@@ -143,7 +157,8 @@ class ModelConfig:
     for name, allowed in (("moe_dispatch", ("gather", "einsum")),
                           ("moe_experts", ("auto", "batched", "unrolled")),
                           ("attention", ("einsum", "xla", "cudnn")),
-                          ("soft_ffn", ("moe", "dense"))):
+                          ("soft_ffn", ("moe", "dense")),
+                          ("nlvr2_head", ("eve_jax", "biattn"))):
       if getattr(self, name) not in allowed:
         raise ValueError(f"model.{name}={getattr(self, name)!r} is not one "
                          f"of {list(allowed)}")

@@ -1,0 +1,153 @@
+"""Running a converted (or any eve_jax) checkpoint on a user's images and
+text: features, VQA answers, image-text scores.
+
+  python -m eve_jax.convert run --model DIR --image cat.jpg \
+      --text "what is the cat doing?" [--top 5] [--save out.npz]
+
+Images are resized (bicubic) to the model's resolution and normalized with
+mean = std = 0.5, as the released evaluation transform does; text is
+tokenized with DIR's tokenizer and padded to `max_text_len`.
+
+Legend: B batch, L = Li + Lt tokens, D width, A answers.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from eve_jax import pretrained
+from eve_jax.convert import output
+from eve_jax.convert.source import ConversionError
+from eve_jax.data import transforms
+from eve_jax.data.pipeline import normalize_image
+from eve_jax.data.tokenizer import load_tokenizer
+
+
+def load_images(paths: Sequence[str], size: int) -> np.ndarray:
+  """Image files -> float32 [B, size, size, 3] in [-1, 1]."""
+  out = []
+  for p in paths:
+    try:
+      with open(p, "rb") as f:
+        out.append(transforms.decode(f.read(), size, None))
+    except (OSError, ValueError) as e:
+      raise ConversionError(f"{p}: cannot read the image "
+                            f"({type(e).__name__}: {e})") from None
+  return normalize_image(np.stack(out))
+
+
+def image_text_outputs(model, images: jax.Array, text: jax.Array,
+                       text_valid: jax.Array) -> dict[str, jax.Array]:
+  """Every output the backbone gives for B (image, text) pairs.
+
+  Returns:
+    states [B, L, D] of the fused pass, image_states [B, Li, D] of an
+    image-only pass, image_features [B, D] (their CLS) and, when there is
+    text, text_cls [B, D] (the fused pass's text CLS) and text_features
+    [B, D] (text CLS of a text-only pass).
+  """
+  bb = model.backbone
+  img, txt = bb.embed_image(images), bb.embed_text(text)
+  image_only, _ = bb.encode(img, txt[:, :0], text_valid[:, :0])
+  out = {"states": image_only, "image_states": image_only,
+         "image_features": image_only[:, 0]}
+  if text.shape[1]:  # without text (a converted BEiT) the passes coincide
+    states, _ = bb.encode(img, txt, text_valid)
+    text_only, _ = bb.encode(txt[:, :0], txt, text_valid)
+    out.update(states=states, text_cls=states[:, img.shape[1]],
+               text_features=text_only[:, 0])
+  return out
+
+
+_outputs = nnx.jit(image_text_outputs)
+_call = nnx.jit(lambda model, *args: model(*args))
+
+
+def run(directory: str, image_paths: Sequence[str], texts: Sequence[str],
+        top: int = 5) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+  """Loads DIR and runs it on the pairs (image_paths[i], texts[i]) (an
+  NLVR2 model: on (image_paths[2i], image_paths[2i + 1], texts[i])).
+
+  Returns:
+    (a JSON-able summary: per image the VQA top answers, the ITM/ITC
+    scores or the NLVR2 probability of "true", and feature norms; the
+    arrays by name).
+  """
+  model, config = output.load(directory)
+  nlvr2 = bool(texts) and "nlvr2" in config.get("heads", [])
+  if nlvr2:  # a statement about two images: one text per image pair
+    if len(image_paths) != 2 * len(texts):
+      raise ConversionError(f"NLVR2 model: {len(image_paths)} images but "
+                            f"{len(texts)} texts: give two --image per "
+                            "--text")
+    texts = [t for t in texts for _ in range(2)]
+  elif texts and len(image_paths) != len(texts):
+    raise ConversionError(f"{len(image_paths)} images but {len(texts)} "
+                          "texts: give one --text per --image (or none)")
+  cfg = model.backbone.cfg
+  images = jnp.asarray(load_images(image_paths, cfg.image_size))
+  if texts:
+    tok = load_tokenizer(pretrained.tokenizer_path(directory))
+    ids, valid = tok.encode_batch(list(texts), cfg.max_text_len)
+  else:  # image features only (e.g. a converted BEiT, which has no text)
+    tok = None
+    ids = np.zeros((len(image_paths), 0), np.int32)
+    valid = ids.astype(bool)
+  arrays = {k: np.asarray(v) for k, v in _outputs(
+      model, images, jnp.asarray(ids), jnp.asarray(valid)).items()}
+  rows = [{"image": p} for p in image_paths]
+  if tok is not None:
+    for row, t, r, m in zip(rows, texts, ids, valid):
+      row.update(text=t, tokens=[tok.id_to_piece(i)
+                                 for i, v in zip(r, m) if v])
+  else:
+    config = dict(config, heads=[])  # the heads need text
+  heads = config.get("heads", [])
+  if "vqa" in heads:
+    logits, _ = _call(model, images, jnp.asarray(ids), jnp.asarray(valid))
+    arrays["vqa_logits"] = np.asarray(logits)
+    answers = _answers(directory, logits.shape[-1])
+    probs = jax.nn.sigmoid(logits)  # soft-score BCE: independent answers
+    for row, p in zip(rows, np.asarray(probs)):
+      best = np.argsort(-p)[:top]
+      row["vqa"] = [[answers[i], round(float(p[i]), 4)] for i in best]
+  if nlvr2:
+    logits, _ = _call(model, images[0::2], images[1::2],
+                      jnp.asarray(ids[0::2]), jnp.asarray(valid[0::2]))
+    arrays["nlvr2_logits"] = np.asarray(logits)
+    p_true = np.asarray(jax.nn.softmax(logits, -1))[:, 1]
+    for i, p in enumerate(p_true):
+      rows[2 * i]["nlvr2_true_prob"] = round(float(p), 4)
+  if "retrieval" in heads:
+    m = model.matching
+    sims = m.similarities(jnp.asarray(arrays["image_features"]),
+                          jnp.asarray(arrays["text_features"]))
+    match = nnx.jit(type(model).match_scores)(
+        model, images, jnp.asarray(ids), jnp.asarray(valid))
+    arrays["itc_similarity"] = np.asarray(sims)
+    arrays["itm_log_prob"] = np.asarray(match)
+    for i, row in enumerate(rows):
+      row["itc"] = round(float(sims[i, i]), 4)
+      row["itm_prob"] = round(float(np.exp(match[i])), 4)
+  for i, row in enumerate(rows):
+    row["feature_norms"] = {k: round(float(np.linalg.norm(arrays[k][i])), 4)
+                            for k in ("image_features", "text_features",
+                                      "text_cls") if k in arrays}
+  return {"model": os.path.abspath(directory), "pairs": rows}, arrays
+
+
+def _answers(directory: str, n: int) -> list[str]:
+  path = os.path.join(directory, "answers.json")
+  if os.path.isfile(path):
+    with open(path) as f:
+      answers = json.load(f)
+    if len(answers) == n:
+      return [str(a) for a in answers]
+  return [f"answer_{i}" for i in range(n)]

@@ -1,0 +1,332 @@
+"""The released EVE weights (PyTorch, github.com/ssyze/EVE) <-> eve_jax.
+
+Layout (prefix `backbone.`): `patch_embed` (conv), `class_embedding_vision`,
+`type_embed_vision`, `pos_embed_vision` [1 + N, D], `word_embedding`,
+`layer_norm_text`, `pos_embed_text` [196, D], `type_embed_text`,
+`pre_layrnorm`, `norm`; per layer `encoder.layers.{i}.`: `norm1`,
+`attn.qkv.weight` [3D, D] (no bias: `attn.q_bias`, `attn.v_bias`, k gets
+zeros), `attn.proj`, `gamma_1`, `gamma_2`, then either `norm2_imag` +
+`mlp_imag` and `norm2_text` + `mlp_text` (hard router) or `norm2_vl` +
+`mlp_moe.moe.gate.wg.weight` [E, D] + `mlp_moe.moe.experts.experts.{e}.
+fc1/fc2` + `mlp_moe.moe.vision_embed` / `text_embed` [D] (soft router).
+Heads: VQA `output.0` Linear(D, 2D), `output.1` LayerNorm, `output.3`
+Linear(2D, answers); retrieval `itc_vision_proj_head`, `itc_text_proj_head`
+(no bias), `itc_temp`, `itm_head`; NLVR2 (`--biattn`) `attn1`, `attn2`
+(nn.MultiheadAttention), `fc.0`, `attn_pool.fc.0`, `nlvr2_output`
+(eve_jax's `BiAttentionHead`, `model.nlvr2_head="biattn"`).
+
+`from_released` and `to_released` are exact inverses on every tensor they
+map. What the released code computes differently from eve_jax is listed in
+`DIFFERENCES` (and in every conversion report).
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any, Sequence
+
+import numpy as np
+
+from eve_jax.convert import layout
+from eve_jax.convert.source import ConversionError, Source
+from eve_jax.model.variants import VARIANTS
+
+_B = "backbone."
+_L = _B + "encoder.layers.{i}."
+_MOE = "mlp_moe.moe."
+
+DIFFERENCES = [
+    "soft router, second choice: the released top2gating adds Gumbel noise "
+    "to the logits before picking each token's 2nd expert, in training AND "
+    "at inference, so its outputs are random; eve_jax takes the 2nd-largest "
+    "logit (the noise-free choice)",
+    "soft router, capacity: released groups are the whole batch (capacity "
+    "ceil(2 * B * L / E), at least 4, padding tokens routed too); eve_jax "
+    "groups one sample (ceil(2 * L / E) with capacity_factor 1.0, padding "
+    "never routed): identical for a batch of one sample without padding "
+    "over capacity",
+    "VQA head LayerNorm: released eps 1e-5 (torch default), eve_jax 1e-6",
+    "retrieval: the released forward_eval takes image/text CLS features "
+    "before the final `norm`; its training (and eve_jax) after it",
+    "modality split: released layers split [image ; text] by position "
+    "(hard router: the last 40 tokens are text; soft router: the first "
+    "1 + N are image), eve_jax by explicit modality ids: the same for "
+    "image + 40 text tokens, image-only and text-only passes",
+]
+
+# Tensors with no eve_jax counterpart: (regex, why).
+_DROP = [
+    (r"backbone\.position_ids_(vision|text)", "buffer: position ids"),
+    (r"backbone\.mask_embed_vision", "pretraining mask token"),
+    (r"itc_vl_(vision|text)_proj_head\.weight",
+     "unused by the released forward (its 'vl' ITC heads)"),
+]
+
+
+def _layers(sd: dict) -> int:
+  idx = [int(m.group(1)) for k in sd
+         if (m := re.match(r"backbone\.encoder\.layers\.(\d+)\.", k))]
+  if not idx:
+    raise ConversionError("no backbone.encoder.layers.{i}.* tensors: not a "
+                          "released EVE checkpoint")
+  return 1 + max(idx)
+
+
+def model_config(sd: dict, path: str, heads: int | None = None
+                 ) -> dict[str, Any]:
+  """The eve_jax `config.model` a released state dict implies."""
+  need = [_B + "class_embedding_vision", _B + "patch_embed.weight",
+          _B + "word_embedding.weight", _B + "pos_embed_text",
+          _B + "pos_embed_vision", _L.format(i=0) + "norm1.weight"]
+  for k in need:
+    if k not in sd:
+      raise ConversionError(f"{path}: missing {k}: not a released EVE "
+                            "checkpoint")
+  depth = _layers(sd)
+  width = int(sd[_B + "class_embedding_vision"].shape[-1])
+  patch = int(sd[_B + "patch_embed.weight"].shape[-1])
+  grid = int(round((sd[_B + "pos_embed_vision"].shape[0] - 1) ** 0.5))
+  soft = [i for i in range(depth)
+          if _L.format(i=i) + _MOE + "gate.wg.weight" in sd]
+  if soft != list(range(depth - len(soft), depth)):
+    raise ConversionError(f"{path}: soft-router layers {soft} are not the "
+                          "top ones: eve_jax puts them in the top "
+                          "num_soft_layers blocks")
+  hard0 = _L.format(i=0) + "mlp_imag.fc1.weight"
+  first = (_L.format(i=soft[0]) + _MOE + "experts.experts.0.fc1.weight"
+           if soft else hard0)
+  if first not in sd:
+    raise ConversionError(f"{path}: missing {first}")
+  variant = next((v for v, t in VARIANTS.items()
+                  if t["depth"] == depth and t["width"] == width), "base")
+  return dict(
+      variant=variant, depth=depth, width=width,
+      heads=heads or max(width // 64, 1), mlp_dim=int(sd[first].shape[0]),
+      num_soft_layers=len(soft),
+      num_experts=(int(sd[_L.format(i=soft[0]) + _MOE + "gate.wg.weight"]
+                       .shape[0]) if soft else VARIANTS[variant]
+                   ["num_experts"]),
+      top_k=2, capacity_factor=1.0, add_modality_to_experts=True,
+      moe_normalize_gates=True, activation="quick_gelu",
+      image_size=grid * patch, patch_size=patch,
+      vocab_size=int(sd[_B + "word_embedding.weight"].shape[0]),
+      max_text_len=40,
+      max_text_positions=int(sd[_B + "pos_embed_text"].shape[0]))
+
+
+def from_released(sd: dict[str, np.ndarray], path: str,
+                  heads: int | None = None, drop: Sequence[str] = ()
+                  ) -> tuple[dict, dict[str, Any], dict[str, Any]]:
+  """A released state dict -> (eve_jax params, config.model dict, report
+  pieces {"dropped", "heads"}). `drop`: key prefixes to leave out."""
+  cfg = model_config(sd, path, heads)
+  src = Source(sd, path)
+  for pattern, why in _DROP:
+    src.drop_matching(pattern, why)
+  src.drop_prefixes(drop)
+  d, f, h, p = cfg["width"], cfg["mlp_dim"], cfg["heads"], cfg["patch_size"]
+  n = (cfg["image_size"] // p) ** 2
+  e = cfg["num_experts"]
+
+  def ln(key, dim=d):
+    return layout.norm(src.take(key + ".weight", (dim,)),
+                       src.take(key + ".bias", (dim,)))
+
+  def linear(key, out_dim, in_dim, bias=True):
+    w = src.take(key + ".weight", (out_dim, in_dim))
+    return (w, src.take(key + ".bias", (out_dim,))) if bias else w
+
+  backbone = {
+      "image_embed": {
+          "patch_kernel": layout.patch_kernel(
+              src.take(_B + "patch_embed.weight", (d, 3, p, p))),
+          "patch_bias": src.take(_B + "patch_embed.bias", (d,)),
+          "cls_token": src.take(_B + "class_embedding_vision", (d,)),
+          "pos_embed": src.take(_B + "pos_embed_vision", (1 + n, d)),
+      },
+      "text_embed": {
+          "word_embed": src.take(_B + "word_embedding.weight",
+                                 (cfg["vocab_size"], d)),
+          "norm": ln(_B + "layer_norm_text"),
+          "pos_embed": src.take(_B + "pos_embed_text",
+                                (cfg["max_text_positions"], d)),
+      },
+      "type_embed": np.stack([src.take(_B + "type_embed_vision", (d,)),
+                              src.take(_B + "type_embed_text", (d,))]),
+      "pre_norm": ln(_B + "pre_layrnorm"),
+      "norm": ln(_B + "norm"),
+  }
+  blocks = {}
+  for i in range(cfg["depth"]):
+    b = _L.format(i=i)
+    qkv = src.take(b + "attn.qkv.weight", (3 * d, d))
+    block = {
+        "norm1": ln(b + "norm1"),
+        "attn": layout.attention(
+            qkv[:d], qkv[d:2 * d], qkv[2 * d:],
+            src.take(b + "attn.q_bias", (d,)),
+            src.take(b + "attn.v_bias", (d,)),
+            *linear(b + "attn.proj", d, d), h),
+        "gamma_1": src.take(b + "gamma_1", (d,)),
+        "gamma_2": src.take(b + "gamma_2", (d,)),
+    }
+    if i >= cfg["depth"] - cfg["num_soft_layers"]:
+      m = b + _MOE
+      block["norm2"] = ln(b + "norm2_vl")
+      block["ffn"] = layout.soft_ffn(
+          src.take(m + "gate.wg.weight", (e, d)),
+          np.stack([src.take(m + "vision_embed", (d,)),
+                    src.take(m + "text_embed", (d,))]),
+          [linear(f"{m}experts.experts.{j}.fc1", f, d) for j in range(e)],
+          [linear(f"{m}experts.experts.{j}.fc2", d, f) for j in range(e)])
+    else:
+      norms = [(src.take(b + f"norm2_{s}.weight", (d,)),
+                src.take(b + f"norm2_{s}.bias", (d,)))
+               for s in ("imag", "text")]
+      block["ffn"] = layout.hard_ffn(
+          norms, [linear(b + f"mlp_{s}.fc1", f, d) for s in ("imag", "text")],
+          [linear(b + f"mlp_{s}.fc2", d, f) for s in ("imag", "text")])
+    blocks[i] = block
+  backbone["blocks"] = blocks
+  params = {"backbone": backbone}
+  heads_found = []
+  if src.has("output.0.weight") and src.sd["output.0.weight"].shape == (
+      2 * d, d):
+    answers = src.shape("output.3.bias", "the VQA head's answer biases")[0]
+    w1, b1 = linear("output.0", 2 * d, d)
+    w2, b2 = linear("output.3", answers, 2 * d)
+    params["vqa_head"] = {
+        "fc1": {"kernel": layout.linear_in(w1), "bias": b1},
+        "norm": ln("output.1", 2 * d),
+        "fc2": {"kernel": layout.linear_in(w2), "bias": b2},
+    }
+    cfg_heads = {"vqa_answers": int(answers)}
+    heads_found.append("vqa")
+  else:
+    cfg_heads = {}
+    src.drop_matching(r"output\..*", "NLVR2 classifier without bi-attention "
+                      "(two text CLS concatenated): no eve_jax counterpart")
+  if src.has("attn1.in_proj_weight"):  # the NLVR2 --biattn head
+    params["biattn"] = _biattn_from(src, linear, d, h)
+    cfg["nlvr2_head"] = "biattn"
+    heads_found.append("nlvr2")
+  # Retrieval fine-tuned files name the heads itc_*/itm_head; pretrained
+  # ones mitc_*/mitm_head (the released retrieval code renames them so).
+  pre = next((q for q in ("", "m") if src.has(q + "itc_vision_proj_head."
+                                               "weight")), None)
+  if pre is not None:
+    proj = src.shape(pre + "itc_vision_proj_head.weight", "")[0]
+    params["matching"] = {
+        "image_proj": {"kernel": layout.linear_in(
+            linear(pre + "itc_vision_proj_head", proj, d, bias=False))},
+        "text_proj": {"kernel": layout.linear_in(
+            linear(pre + "itc_text_proj_head", proj, d, bias=False))},
+        "temp": src.take(pre + "itc_temp", ()),
+    }
+    itm_w, itm_b = linear(pre + "itm_head", 2, d)
+    params["matching"]["itm"] = {"kernel": layout.linear_in(itm_w),
+                                 "bias": itm_b}
+    heads_found.append("retrieval")
+  src.check_all_used()
+  dropped = src.dropped_report()
+  if "biattn" in params:
+    dropped += [[f"{a}.in_proj_bias[{d}:{2 * d}]", [d],
+                 "k bias: shifts each query's logits equally, cancels in "
+                 "softmax"] for a in ("attn1", "attn2")]
+  return params, cfg, {"dropped": dropped, "heads": heads_found,
+                       **cfg_heads}
+
+
+def _biattn_from(src: Source, linear, d: int, heads: int) -> dict:
+  """The NLVR2 bi-attention head: two nn.MultiheadAttention (fused
+  in_proj [3D, D] and bias [3D]), fc.0, attn_pool.fc.0, nlvr2_output."""
+  out = {}
+  for name in ("attn1", "attn2"):
+    w = src.take(name + ".in_proj_weight", (3 * d, d))
+    b = src.take(name + ".in_proj_bias", (3 * d,))
+    out[name] = layout.attention(w[:d], w[d:2 * d], w[2 * d:], b[:d],
+                                 b[2 * d:], *linear(name + ".out_proj", d, d),
+                                 heads)
+  for name, key, shape in (("fc", "fc.0", (d, 2 * d)),
+                           ("pool", "attn_pool.fc.0", (1, d)),
+                           ("output", "nlvr2_output", (2, 2 * d))):
+    w, b = linear(key, *shape)
+    out[name] = {"kernel": layout.linear_in(w), "bias": b}
+  return out
+
+
+def to_released(params: dict, cfg: dict[str, Any]) -> dict[str, np.ndarray]:
+  """eve_jax params (as `from_released` returns them) -> the released
+  state dict (the tensors it maps)."""
+  bb = params["backbone"]
+  sd = {}
+
+  def ln(key, p):
+    sd[key + ".weight"], sd[key + ".bias"] = p["scale"], p["bias"]
+
+  def lin(key, w, b=None):
+    sd[key + ".weight"] = w
+    if b is not None:
+      sd[key + ".bias"] = b
+
+  ie, te = bb["image_embed"], bb["text_embed"]
+  sd[_B + "patch_embed.weight"] = layout.patch_weight(ie["patch_kernel"])
+  sd[_B + "patch_embed.bias"] = ie["patch_bias"]
+  sd[_B + "class_embedding_vision"] = ie["cls_token"]
+  sd[_B + "pos_embed_vision"] = ie["pos_embed"]
+  sd[_B + "word_embedding.weight"] = te["word_embed"]
+  ln(_B + "layer_norm_text", te["norm"])
+  sd[_B + "pos_embed_text"] = te["pos_embed"]
+  sd[_B + "type_embed_vision"] = bb["type_embed"][0]
+  sd[_B + "type_embed_text"] = bb["type_embed"][1]
+  ln(_B + "pre_layrnorm", bb["pre_norm"])
+  ln(_B + "norm", bb["norm"])
+  for i in range(cfg["depth"]):
+    b, blk = _L.format(i=i), bb["blocks"][i]
+    q_w, k_w, v_w, q_b, v_b, o_w, o_b = layout.attention_torch(blk["attn"])
+    sd[b + "attn.qkv.weight"] = np.concatenate([q_w, k_w, v_w])
+    sd[b + "attn.q_bias"], sd[b + "attn.v_bias"] = q_b, v_b
+    lin(b + "attn.proj", o_w, o_b)
+    ln(b + "norm1", blk["norm1"])
+    sd[b + "gamma_1"], sd[b + "gamma_2"] = blk["gamma_1"], blk["gamma_2"]
+    ffn = blk["ffn"]
+    if i >= cfg["depth"] - cfg["num_soft_layers"]:
+      m = b + _MOE
+      ln(b + "norm2_vl", blk["norm2"])
+      sd[m + "gate.wg.weight"] = np.ascontiguousarray(ffn["kernel"].T)
+      sd[m + "vision_embed"] = ffn["modality_embed"][0]
+      sd[m + "text_embed"] = ffn["modality_embed"][1]
+      for j in range(ffn["wi"].shape[0]):
+        w1, b1, w2, b2 = layout.ffn_torch(ffn, j)
+        lin(f"{m}experts.experts.{j}.fc1", w1, b1)
+        lin(f"{m}experts.experts.{j}.fc2", w2, b2)
+    else:
+      for j, s in enumerate(("imag", "text")):
+        sd[b + f"norm2_{s}.weight"] = ffn["norm_scale"][j]
+        sd[b + f"norm2_{s}.bias"] = ffn["norm_bias"][j]
+        w1, b1, w2, b2 = layout.ffn_torch(ffn, j)
+        lin(b + f"mlp_{s}.fc1", w1, b1)
+        lin(b + f"mlp_{s}.fc2", w2, b2)
+  if "vqa_head" in params:
+    v = params["vqa_head"]
+    lin("output.0", layout.linear_in(v["fc1"]["kernel"]), v["fc1"]["bias"])
+    ln("output.1", v["norm"])
+    lin("output.3", layout.linear_in(v["fc2"]["kernel"]), v["fc2"]["bias"])
+  if "biattn" in params:
+    ba = params["biattn"]
+    for name in ("attn1", "attn2"):
+      q_w, k_w, v_w, q_b, v_b, o_w, o_b = layout.attention_torch(ba[name])
+      sd[name + ".in_proj_weight"] = np.concatenate([q_w, k_w, v_w])
+      sd[name + ".in_proj_bias"] = np.concatenate(
+          [q_b, np.zeros_like(q_b), v_b])  # the k bias it dropped
+      lin(name + ".out_proj", o_w, o_b)
+    for name, key in (("fc", "fc.0"), ("pool", "attn_pool.fc.0"),
+                      ("output", "nlvr2_output")):
+      lin(key, layout.linear_in(ba[name]["kernel"]), ba[name]["bias"])
+  if "matching" in params:
+    mt = params["matching"]
+    lin("itc_vision_proj_head", layout.linear_in(mt["image_proj"]["kernel"]))
+    lin("itc_text_proj_head", layout.linear_in(mt["text_proj"]["kernel"]))
+    sd["itc_temp"] = mt["temp"]
+    lin("itm_head", layout.linear_in(mt["itm"]["kernel"]), mt["itm"]["bias"])
+  return sd
