@@ -117,11 +117,17 @@ def patch_targets(images: jax.Array, patch: int, norm_pix: bool
 
 
 def sum_moe_stats(stats: list[MoEStats]) -> dict[str, jax.Array]:
+  """One pass's soft-router stats: scalars summed over its layers, and
+  `expert_counts` [S, M, E] per layer (eve_jax/viz/routing.py; unused
+  outputs cost nothing under jit)."""
   zero = jnp.zeros((), jnp.float32)
+  counts = (jnp.stack([s.expert_counts for s in stats]) if stats
+            else jnp.zeros((0, 2, 0), jnp.float32))
   return dict(
       aux_loss=sum((s.aux_loss for s in stats), zero),
       dropped=sum((s.dropped for s in stats), zero),
       routed=sum((s.routed for s in stats), zero),
+      expert_counts=counts,
   )
 
 
@@ -400,6 +406,8 @@ def eval_sums(task: PretrainTask, model: EVEPretrainModel,
       patch_count=f32(patch_mask).sum(),
       dropped=stats["dropped"] + s_mim["dropped"],
       routed=stats["routed"] + s_mim["routed"],
+      # Figure 6's numbers: the MLM pass sees every image token.
+      expert_counts=stats["expert_counts"],
   )
 
 

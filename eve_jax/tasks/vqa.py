@@ -16,11 +16,14 @@ least `vqa.min_answer_count` training questions (9 gives the usual 3,129 on
 VQAv2 train+val), normalized as the official evaluation does. Targets are
 soft scores (0.3 / 0.6 / 0.9 / 1.0 for 1 / 2 / 3 / 4+ annotators); the loss
 is binary cross-entropy summed over answers, averaged over questions.
+The vocabulary, in classifier order, is written to DIR/answers.json at each
+evaluation (`python -m eve_jax.predict vqa` reads it).
 """
 
 from __future__ import annotations
 
 import collections
+import json
 import os
 
 import jax.numpy as jnp
@@ -32,6 +35,17 @@ from eve_jax.data.corpora import DataError
 from eve_jax.model.task_models import VQAModel
 from eve_jax.tasks import metrics as M
 from eve_jax.tasks.pretrain import sum_moe_stats
+
+
+ANSWERS_FILE = "answers.json"
+
+
+def write_answers(workdir: str, vocab) -> None:
+  """DIR/answers.json: the answer of each classifier output, in order."""
+  path = os.path.join(workdir, ANSWERS_FILE)
+  with open(path + ".tmp", "w") as f:
+    json.dump(list(vocab), f)
+  os.replace(path + ".tmp", path)
 
 
 def _majority(answers) -> str:
@@ -120,8 +134,11 @@ class VQATask:
     return logits.argmax(-1).astype(jnp.int32)
 
   def evaluate(self, run_eval, workdir: str, is_main: bool) -> dict:
-    """vqa_acc on eval_split; the test split's predictions written out."""
+    """vqa_acc on eval_split; the test split's predictions and the answer
+    vocabulary written out."""
     out = {}
+    if is_main:
+      write_answers(workdir, self.vocab)
     if self.eval_examples:
       pred = run_eval(self.eval_examples, self.encode_eval, self.predict)
       answers = [self.vocab[int(i)] for i in pred]
