@@ -11,7 +11,21 @@ from __future__ import annotations
 import os
 from typing import Any
 
+import jax
 import orbax.checkpoint as ocp
+
+
+def _names(tree: Any) -> list[tuple[str, Any]]:
+  """Leaves with dotted names ("params.backbone.norm.scale"), as orbax
+  names them with nnx Variables' trailing ".value" dropped."""
+  out = []
+  for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+    parts = [str(getattr(k, "key", getattr(k, "idx", getattr(k, "name", k))))
+             for k in path]
+    if parts and parts[-1] == "value":
+      parts = parts[:-1]
+    out.append((".".join(parts), leaf))
+  return out
 
 
 class Checkpointer:
@@ -50,11 +64,39 @@ class Checkpointer:
           state=ocp.args.StandardRestore(abstract_state),
           data=ocp.args.JsonRestore()))
     except (ValueError, KeyError, TypeError) as e:
-      first = str(e).strip().splitlines()[0] if str(e).strip() else repr(e)
+      what = self.mismatch(step, abstract_state)
+      if what is None:
+        what = str(e).strip().splitlines()[0] if str(e).strip() else repr(e)
       raise ValueError(
           f"checkpoint {self.directory}/{step} does not match this model "
-          f"config: {first[:300]}") from None
+          f"config: {what[:300]}") from None
     return out.state, out.data
+
+  def mismatch(self, step: int, abstract_state: Any) -> str | None:
+    """The first array (parameters first) whose shape differs between the
+    checkpoint at `step` and `abstract_state`, or that only one of them has,
+    in words; None if their shapes agree."""
+    path = os.path.join(self.directory, str(step), "state")
+    try:
+      with ocp.StandardCheckpointer() as reader:
+        meta = reader.metadata(path)
+    except (OSError, ValueError, KeyError, TypeError):
+      return None
+    meta = getattr(getattr(meta, "item_metadata", meta), "tree", meta)
+    saved = {n: tuple(getattr(m, "shape", ()) or ())
+             for n, m in _names(meta)}
+    wanted = {n: tuple(x.shape) for n, x in _names(abstract_state)}
+    order = sorted(wanted.keys() | saved.keys(),
+                   key=lambda n: (not n.startswith("params."), n))
+    for n in order:
+      if n in wanted and n in saved and wanted[n] != saved[n]:
+        return (f"{n} is {list(saved[n])} in the checkpoint but "
+                f"{list(wanted[n])} in this model")
+      if n not in saved:
+        return f"{n} {list(wanted[n])} of this model is not in the checkpoint"
+      if n not in wanted:
+        return f"{n} {list(saved[n])} of the checkpoint is not in this model"
+    return None
 
   def wait(self) -> None:
     self._mngr.wait_until_finished()

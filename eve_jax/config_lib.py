@@ -43,6 +43,18 @@ def model_config(variant: str, **overrides) -> ml_collections.ConfigDict:
   return ml_collections.ConfigDict(dataclasses.asdict(ModelConfig(**kw)))
 
 
+def reliability_config() -> dict:
+  """train.* keys every task has.
+
+  max_bad_steps: stop (one-line error) after this many steps in a row with
+    a non-finite loss or gradient; each is skipped, not applied. 0: never.
+  allow_config_change: resume a workdir whose config.json differs from this
+    config in what is trained (model, objectives, optimizer, data, seed);
+    refused by default (`eve_jax.run_config`).
+  """
+  return dict(max_bad_steps=10, allow_config_change=False)
+
+
 def pretrain_config(variant: str) -> ml_collections.ConfigDict:
   """Paper recipe (Implementation Details, Appendix) for `variant`."""
   c = ml_collections.ConfigDict()
@@ -61,7 +73,9 @@ def pretrain_config(variant: str) -> ml_collections.ConfigDict:
   c.train = ml_collections.ConfigDict(dict(
       steps=480_000, batch_size=2048, log_every=50, checkpoint_every=5_000,
       keep_checkpoints=3, eval_every=10_000, eval_examples=4096,
-      eval_batch_size=256))
+      eval_batch_size=256,
+      # Each evaluation also draws DIR/viz/ (reconstructions, routing).
+      viz=True, **reliability_config()))
   # Prepared corpora (python -m eve_jax.data.prepare) under data.dir, one
   # per subdirectory; "name:weight" to weight them, default by pair counts
   # (their union, as the paper). The tokenizer defaults to
@@ -149,7 +163,7 @@ def finetune_config(task: str, arg: str | None) -> ml_collections.ConfigDict:
   c.train = ml_collections.ConfigDict(dict(
       epochs=10, steps=0, batch_size=recipe["batch"], eval_batch_size=256,
       log_every=50, eval_every=0, checkpoint_every=1000,
-      keep_checkpoints=2))
+      keep_checkpoints=2, **reliability_config()))
   c.data = ml_collections.ConfigDict(dict(
       dir="", image_dir="", tokenizer="", num_threads=8, shapes=False))
   if task == "vqa":

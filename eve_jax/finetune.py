@@ -35,14 +35,14 @@ import optax
 from absl import logging
 from flax import nnx
 
-from eve_jax import loop, pretrained, sharding
+from eve_jax import loop, pretrained, run_config, sharding
 from eve_jax.checkpoint import Checkpointer
 from eve_jax.data import finetune_data
 from eve_jax.data.corpora import DataError
-from eve_jax.data.tokenizer import Tokenizer, shapes_tokenizer
+from eve_jax.data.tokenizer import Tokenizer, load_tokenizer, shapes_tokenizer
 from eve_jax.model.variants import ModelConfig
 from eve_jax.optim import decay_mask, make_schedule
-from eve_jax.train import (TrainState, _write_config, _xla_flops,
+from eve_jax.train import (TrainState, _xla_flops,
                            build_tokenizer, copy_tokenizer, train_step)
 from eve_jax.writers import MetricWriter
 
@@ -58,7 +58,7 @@ def _make_tokenizer(config, path: str) -> Tokenizer:
   `data.tokenizer`, the init_from run's, or (EVE-Shapes tasks) the one tiny
   pretraining trains."""
   if os.path.exists(path):
-    return Tokenizer(path)
+    return load_tokenizer(path)
   source = config.data.tokenizer or (
       pretrained.tokenizer_path(config.init_from) if config.init_from
       else "")
@@ -110,6 +110,7 @@ def run(config: ml_collections.ConfigDict, workdir: str,
   if config.task not in tasks:
     raise ValueError(f"config.task={config.task!r} is not one of "
                      f"{sorted(tasks)}")
+  ModelConfig.from_config(config.model)  # a bad model key: before any file
   if config.init_from:
     pretrained.read_config(config.init_from)  # fail before anything else
   mesh = sharding.make_mesh(config.mesh) if mesh is None else mesh
@@ -131,8 +132,6 @@ def _run(config, workdir, mesh, rules, task_cls) -> RunResult:
   sharding.check_experts(model_cfg.num_experts, model_cfg.num_soft_layers,
                          mesh, rules)
   task = task_cls(config, tokenizer, model_cfg)
-  if is_main:
-    _write_config(config, workdir)
   bs = config.train.batch_size
   steps = config.train.steps or math.ceil(
       config.train.epochs * task.num_train / bs)
@@ -170,6 +169,7 @@ def _run(config, workdir, mesh, rules, task_cls) -> RunResult:
   ckpt = Checkpointer(workdir, every=config.train.checkpoint_every,
                       keep=config.train.keep_checkpoints)
   start = ckpt.latest_step()
+  changed = run_config.check(config, workdir, start)
   if start is None:
     state = jax.jit(init, out_shardings=state_sh)(init_rng)
     if config.init_from:
@@ -181,6 +181,8 @@ def _run(config, workdir, mesh, rules, task_cls) -> RunResult:
         abstract, state_sh))
     train_iter.set_state(data_state)
     logging.info("resumed from %s at step %d", ckpt.directory, start)
+  if is_main:  # after a successful restore
+    run_config.write(config, workdir, start, changed)
 
   eval_fns = {}
 
@@ -228,7 +230,7 @@ def _run(config, workdir, mesh, rules, task_cls) -> RunResult:
         evaluate=lambda s: task.evaluate(
             functools.partial(run_eval, params=s.params), workdir, is_main),
         data_state=train_iter.get_state, writer=writer, ckpt=ckpt,
-        is_main=is_main)
+        is_main=is_main, max_bad_steps=config.train.max_bad_steps)
   else:
     logging.info("already at step %d of %d", start, steps)
   ckpt.close()

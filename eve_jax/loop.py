@@ -69,7 +69,8 @@ def run_steps(state: Any, compiled: Callable, first_batch: Any,
               evaluate: Callable[[Any], dict[str, float]],
               data_state: Callable[[], Any], writer: MetricWriter,
               ckpt: Checkpointer, is_main: bool,
-              log_extra: Callable[[], dict[str, float]] | None = None
+              log_extra: Callable[[], dict[str, float]] | None = None,
+              max_bad_steps: int = 0
               ) -> tuple[Any, dict[str, float]]:
   """Steps from `start` to `total_steps`.
 
@@ -82,37 +83,79 @@ def run_steps(state: Any, compiled: Callable, first_batch: Any,
     evaluate: state -> eval.json numbers ({} to write nothing).
     data_state: the iterator state saved with each checkpoint.
     log_extra: more numbers for each log line (e.g. images skipped).
+    max_bad_steps: stop with `NonFiniteError` after this many steps in a row
+      whose loss or gradient was not finite (each one skipped by the step
+      function, which reports it as metrics["nonfinite"]); 0: never stop.
+      Counted at log steps, so the stop comes at the first log step after.
 
   Returns:
     (final state, the last evaluation).
   """
   with StopRequest() as stop:
-    return _steps(state, compiled, first_batch, batches, stop, start=start,
-                  total_steps=total_steps, batch_size=batch_size,
-                  log_every=log_every, eval_every=eval_every,
-                  evaluate=evaluate, data_state=data_state, writer=writer,
-                  ckpt=ckpt, is_main=is_main, log_extra=log_extra)
+    try:
+      return _steps(state, compiled, first_batch, batches, stop, start=start,
+                    total_steps=total_steps, batch_size=batch_size,
+                    log_every=log_every, eval_every=eval_every,
+                    evaluate=evaluate, data_state=data_state, writer=writer,
+                    ckpt=ckpt, is_main=is_main, log_extra=log_extra,
+                    max_bad_steps=max_bad_steps)
+    except Exception:
+      # A checkpoint still being written finishes before the error leaves:
+      # what was saved is not lost to a later failure.
+      ckpt.wait()
+      raise
+
+
+class NonFiniteError(ValueError):
+  """Too many non-finite steps in a row; the message is one line."""
+
+
+def log_means(pending: list[dict[str, Any]]) -> dict[str, float]:
+  """The log line of the steps since the last one: the means over the
+  steps that were applied, `skipped_steps` = how many were not (non-finite
+  loss or gradient), the lr of the last step."""
+  rows = [{k: float(v) for k, v in m.items()} for m in pending]
+  good = [r for r in rows if not r.get("nonfinite", 0.0)] or rows
+  means = {k: float(np.mean([r[k] for r in good]))
+           for k in rows[0] if k != "nonfinite"}
+  means["skipped_steps"] = int(sum(r.get("nonfinite", 0.0) for r in rows))
+  means["lr"] = rows[-1]["lr"]
+  return means
 
 
 def _steps(state, compiled, first_batch, batches, stop: StopRequest, *,
            start, total_steps, batch_size, log_every, eval_every, evaluate,
-           data_state, writer, ckpt, is_main, log_extra):
+           data_state, writer, ckpt, is_main, log_extra, max_bad_steps):
   progress = Progress(total_steps, start, enabled=is_main)
   pending: list[dict[str, Any]] = []
   t_log, n_log = time.perf_counter(), 0
   last_eval: dict[str, float] = {}
+  bad_in_row = 0
 
   def flush(step):
-    """One log line: the means of the steps since the last one."""
-    nonlocal pending, t_log, n_log
-    means = {k: float(np.mean([float(m[k]) for m in pending]))
-             for k in pending[0]}
+    """One log line; raises NonFiniteError after too many bad steps."""
+    nonlocal pending, t_log, n_log, bad_in_row
+    first = step - len(pending) + 1
+    flags = [int(m.get("nonfinite", 0)) for m in pending]
+    means = log_means(pending)
     means["samples_per_s"] = n_log / max(time.perf_counter() - t_log, 1e-9)
-    means["lr"] = float(pending[-1]["lr"])
     means.update(log_extra() if log_extra else {})
     writer.write(step, means)
     progress.update(step, means)
     pending, t_log, n_log = [], time.perf_counter(), 0
+    for i, bad in enumerate(flags):
+      bad_in_row = bad_in_row + 1 if bad else 0
+      if max_bad_steps and bad_in_row >= max_bad_steps:
+        last = ckpt.latest_step()
+        raise NonFiniteError(
+            f"loss or gradient not finite for {bad_in_row} steps in a row "
+            f"(steps {first + i - bad_in_row + 1}-{first + i}, none applied; "
+            f"train.max_bad_steps={max_bad_steps}); the last checkpoint "
+            f"(step {last}) is intact: check the data or lower optim.lr")
+    if any(flags):
+      logging.warning("step %d: %d of the last %d steps had a non-finite "
+                      "loss or gradient and were skipped", step, sum(flags),
+                      len(flags))
 
   step = start
   while step < total_steps:
@@ -136,8 +179,10 @@ def _steps(state, compiled, first_batch, batches, stop: StopRequest, *,
       last_eval = evaluate(state)
       if last_eval:
         writer.write_eval(step, last_eval)
+        # The per-expert routing fractions go to eval.json, not the log.
         progress.message(f"eval at step {step}: " + json.dumps(
-            {k: round(v, 4) for k, v in last_eval.items()}))
+            {k: round(v, 4) for k, v in last_eval.items()
+             if not k.startswith("routing/")}))
       # Evaluation time is not training throughput.
       t_log += time.perf_counter() - t_eval
     if ckpt.should_save(step, total_steps):

@@ -15,6 +15,7 @@ debug verbosity (-v 1).
 
 from __future__ import annotations
 
+import ast
 import glob
 import importlib.util
 import logging as std_logging
@@ -56,6 +57,11 @@ def main(argv) -> None:
   if config is None:
     raise app.UsageError("--config is required, e.g. "
                          "--config=configs/base.py:tiny")
+  try:
+    config.task  # pylint: disable=pointless-statement
+  except OSError as e:  # ml_collections loads the file lazily
+    last = [x for x in str(e).splitlines() if x.strip()][-1].strip()
+    _fail(f"cannot load the --config file: {last}")
   if not _WORKDIR.value:
     raise app.UsageError("--workdir is required")
   # Imported here so that `--help` and flag errors do not pay for JAX.
@@ -126,13 +132,38 @@ def _fail(message: str) -> None:
   sys.exit(1)
 
 
-def run() -> None:
+def _error_text(e: Exception) -> str:
+  """One line from a flag-parsing error (absl and ml_collections sometimes
+  carry the repr of a multi-line message)."""
+  text = str(e.args[0]) if isinstance(e, KeyError) and e.args else str(e)
+  if len(text) > 1 and text[0] == text[-1] and text[0] in "'\"":
+    try:
+      text = str(ast.literal_eval(text))
+    except (ValueError, SyntaxError):
+      pass
+  lines = [line.strip() for line in text.strip().splitlines() if line.strip()]
+  if any(line.startswith("Traceback") for line in lines):
+    # ml_collections embeds the config file's traceback: keep the flag and
+    # the exception at its end.
+    head = lines[0].split("Traceback")[0].strip()
+    return f"{head} {lines[-1]}".strip()
+  return " ".join(lines) or repr(e)
+
+
+def _parse_flags(argv: list[str]) -> list[str]:
+  """absl's parsing, with its errors (--config.train.stpes=3, a value of
+  the wrong type) as our one line instead of absl's two."""
   try:
-    app.run(main)
-  except (AttributeError, KeyError, TypeError, ValueError) as e:
-    # ml_collections raises these for --config.a.b=... typos and bad types,
-    # while parsing flags, before main() runs.
-    _fail(str(e).strip().splitlines()[0] if str(e).strip() else repr(e))
+    return flags.FLAGS(argv)
+  except (flags.Error, AttributeError, KeyError, TypeError, ValueError) as e:
+    # ml_collections raises the non-flags errors for --config.a.b=...
+    # typos and bad types.
+    _fail(_error_text(e))
+    raise  # unreachable: _fail exits
+
+
+def run() -> None:
+  app.run(main, flags_parser=_parse_flags)
 
 
 if __name__ == "__main__":

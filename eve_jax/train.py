@@ -26,19 +26,21 @@ from absl import logging
 from flax import nnx
 from jax.experimental import multihost_utils
 
-from eve_jax import loop, sharding
+from eve_jax import loop, run_config, sharding
 from eve_jax.checkpoint import Checkpointer
 from eve_jax.data import corpora
 from eve_jax.data import pipeline as data_pipeline
 from eve_jax.data import shapes
 from eve_jax.data.corpora import DataError
-from eve_jax.data.tokenizer import Tokenizer, shapes_tokenizer
+from eve_jax.data.tokenizer import Tokenizer, load_tokenizer, shapes_tokenizer
 from eve_jax.model.heads import EVEPretrainModel
 from eve_jax.model.params_count import count_params
 from eve_jax.model.variants import ModelConfig
 from eve_jax.optim import make_optimizer
 from eve_jax.tasks.pretrain import (MaskingConfig, PretrainTask, eval_metrics,
                                     eval_sums)
+from eve_jax.viz import hook as viz_hook
+from eve_jax.viz import routing
 from eve_jax.writers import MetricWriter
 
 
@@ -68,7 +70,7 @@ def build_tokenizer(config: ml_collections.ConfigDict, workdir: str,
       raise DataError(f"process {jax.process_index()} cannot see {path} that "
                       "process 0 wrote: the workdir must be on a filesystem "
                       "shared by all processes")
-    return Tokenizer(path)
+    return load_tokenizer(path)
   return make(config, path)
 
 
@@ -76,7 +78,7 @@ def copy_tokenizer(source: str, path: str) -> Tokenizer:
   """Loads the tokenizer at `source` (one-line error if it cannot) and
   copies it to `path`, the run's own."""
   try:
-    tok = Tokenizer(source)
+    tok = load_tokenizer(source)
   except (OSError, RuntimeError) as e:
     raise DataError(f"cannot read the tokenizer {source}: "
                     f"{str(e).strip().splitlines()[0][:200]}") from None
@@ -87,7 +89,7 @@ def copy_tokenizer(source: str, path: str) -> Tokenizer:
 
 def _make_tokenizer(config, path: str) -> Tokenizer:
   if os.path.exists(path):
-    return Tokenizer(path)
+    return load_tokenizer(path)
   source = config.data.tokenizer
   if not source and uses_corpora(config):
     source = corpora_tokenizer(config)
@@ -234,34 +236,46 @@ def train_step(state: TrainState, batch, *, graphdef, task,
 
   (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(
       state.params)
+  grad_norm = optax.tree.norm(grads)
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
-  metrics = dict(metrics, loss=loss, grad_norm=optax.tree.norm(grads),
-                 lr=schedule(state.step))
-  return TrainState(step=state.step + 1, params=params,
-                    opt_state=opt_state), metrics
+  # A non-finite loss or gradient (a bad batch, an overflow) skips the
+  # update: parameters and optimizer state stay as they were, so a NaN never
+  # reaches a checkpoint. The step counter still advances with the data.
+  # `loop.run_steps` counts these and stops after train.max_bad_steps in a
+  # row.
+  finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+  keep = lambda new, old: jax.tree.map(  # noqa: E731
+      lambda n, o: jnp.where(finite, n, o), new, old)
+  metrics = dict(metrics, loss=loss, grad_norm=grad_norm,
+                 lr=schedule(state.step),
+                 nonfinite=(~finite).astype(jnp.int32))
+  return TrainState(step=state.step + 1,
+                    params=keep(params, state.params),
+                    opt_state=keep(opt_state, state.opt_state)), metrics
+
+
+def eval_batch_rng(config, i: int) -> jax.Array:
+  """The key evaluation batch i draws its masks from (every evaluation the
+  same)."""
+  return jax.random.fold_in(jax.random.key(config.seed + 1), i)
 
 
 def evaluate(eval_step, params, config, tokenizer, model_cfg,
              to_global=lambda b: b, shard=(0, 1)) -> dict:
   """Sums `eval_sums` over the whole held-out set, same masks every time."""
-  rng = jax.random.key(config.seed + 1)
   total = None
   for i, batch in enumerate(eval_batches(config, tokenizer, model_cfg,
                                          shard)):
-    sums = eval_step(params, to_global(batch), jax.random.fold_in(rng, i))
+    sums = eval_step(params, to_global(batch), eval_batch_rng(config, i))
     total = sums if total is None else jax.tree.map(jnp.add, total, sums)
   if total is None:  # corpora without an eval split (`prepare --eval_images`)
     return {}
-  return eval_metrics(jax.device_get(total))
-
-
-def _write_config(config, workdir: str) -> None:
-  path = os.path.join(workdir, "config.json")
-  text = config.to_json_best_effort(indent=1, sort_keys=True)
-  with open(path + ".tmp", "w") as f:
-    f.write(text)
-  os.replace(path + ".tmp", path)
+  total = jax.device_get(total)
+  # Figure 6's numbers: routing/layer{i}/{image,text}/expert{e}.
+  return dict(eval_metrics(total), **routing.metrics(
+      total["expert_counts"], model_cfg.top_k,
+      routing.soft_layers(model_cfg.depth, total["expert_counts"].shape[0])))
 
 
 @dataclasses.dataclass
@@ -282,6 +296,7 @@ def run(config: ml_collections.ConfigDict, workdir: str,
     mesh: the device mesh; default `sharding.make_mesh(config.mesh)` over
       all devices of all processes.
   """
+  ModelConfig.from_config(config.model)  # a bad model key: before any file
   check_data(config, workdir)
   mesh = sharding.make_mesh(config.mesh) if mesh is None else mesh
   rules = sharding.parse_rules(config.axis_rules)
@@ -390,8 +405,6 @@ def _run(config, workdir: str, mesh, rules) -> RunResult:
   tokenizer = build_tokenizer(config, workdir)
   prog = build_program(config, tokenizer, mesh, rules)
   model_cfg = prog.model_cfg
-  if is_main:
-    _write_config(config, workdir)
   total_steps = config.train.steps
   counts = count_params(prog.abstract.params, model_cfg)
   logging.info("model %s: %s", model_cfg.variant,
@@ -412,6 +425,7 @@ def _run(config, workdir: str, mesh, rules) -> RunResult:
                       keep=config.train.keep_checkpoints)
   train_iter = iter(make_train_data(config, tokenizer, model_cfg, shard))
   start = ckpt.latest_step()
+  changed = run_config.check(config, workdir, start)
   if start is None:
     # Each device initializes only its own shards: no full copy anywhere.
     state = prog.init(prog.init_rng)
@@ -420,9 +434,29 @@ def _run(config, workdir: str, mesh, rules) -> RunResult:
     state, data_state = ckpt.restore(start, prog.abstract)
     train_iter.set_state(data_state)
     logging.info("resumed from %s at step %d", ckpt.directory, start)
+  if is_main:  # after a successful restore
+    run_config.write(config, workdir, start, changed)
   step_fn, eval_step = prog.step, prog.eval_step
 
   writer = MetricWriter(workdir, enabled=is_main)
+  pictures = None
+  if config.train.get("viz", True):  # DIR/viz/ PNGs (eve_jax/viz/hook.py)
+    pictures = viz_hook.EvalPictures(
+        workdir, graphdef=prog.graphdef, task=prog.task, model_cfg=model_cfg,
+        params_sharding=prog.state_shardings.params,
+        batch_sharding=prog.eval_sharding,
+        first_batch=viz_hook.first_of(
+            lambda: eval_batches(config, tokenizer, model_cfg, eval_shard),
+            to_global_eval),
+        rng=eval_batch_rng(config, 0), writer=writer, is_main=is_main)
+
+  def evaluate_and_draw(s):
+    out = evaluate(eval_step, s.params, config, tokenizer, model_cfg,
+                   to_global_eval, eval_shard)
+    if pictures is not None and out:
+      pictures(int(s.step), s.params, out)
+    return out
+
   last_eval: dict[str, Any] = {}
   if start >= total_steps:
     logging.info("already at step %d of %d: nothing to train", start,
@@ -448,10 +482,10 @@ def _run(config, workdir: str, mesh, rules) -> RunResult:
         state, compiled, batch, (to_global(b) for b in train_iter),
         start=start, total_steps=total_steps, batch_size=bs,
         log_every=config.train.log_every, eval_every=config.train.eval_every,
-        evaluate=lambda s: evaluate(eval_step, s.params, config, tokenizer,
-                                    model_cfg, to_global_eval, eval_shard),
+        evaluate=evaluate_and_draw,
         data_state=train_iter.get_state, writer=writer, ckpt=ckpt,
-        is_main=is_main, log_extra=extra)
+        is_main=is_main, log_extra=extra,
+        max_bad_steps=config.train.max_bad_steps)
   ckpt.close()
   writer.close()
   return RunResult(eval=last_eval, state=state)

@@ -1,5 +1,6 @@
-"""What a run writes for people: metrics.jsonl, eval.json, TensorBoard,
-and a progress line on the terminal (or plain log lines when not on one).
+"""What a run writes for people: metrics.jsonl, eval.json, TensorBoard
+(scalars and images), and a progress line on the terminal (or plain log
+lines when not on one).
 
 Only process 0 writes (multi-host runs construct these with `enabled=False`
 elsewhere).
@@ -28,6 +29,21 @@ def _jsonable(v: Any) -> Any:
   return f if math.isfinite(f) else str(f)
 
 
+def _drop_partial_line(path: str) -> None:
+  """A run killed mid-write (kill -9, a dead node) can leave half a row at
+  the end of a JSON-lines file; cut it so the resumed run appends whole rows
+  after the complete ones."""
+  try:
+    with open(path, "rb+") as f:
+      data = f.read()
+      if data and not data.endswith(b"\n"):
+        f.truncate(data.rfind(b"\n") + 1)
+        logging.warning("%s ended in a partial row (a killed run); dropped "
+                        "it", path)
+  except FileNotFoundError:
+    pass
+
+
 class MetricWriter:
   """Appends one JSON object per logged step to DIR/metrics.jsonl and the
   same scalars to TensorBoard (DIR/tensorboard)."""
@@ -37,6 +53,8 @@ class MetricWriter:
     self.workdir = workdir
     self._tb = None
     if enabled:
+      for name in ("metrics.jsonl", "eval.jsonl", "run.jsonl"):
+        _drop_partial_line(os.path.join(workdir, name))
       from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
       self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
 
@@ -52,6 +70,14 @@ class MetricWriter:
     for k, v in row.items():
       if k != "step" and isinstance(v, (int, float)):
         self._tb.add_scalar(prefix + k, v, step)
+    self._tb.flush()
+
+  def image(self, step: int, tag: str, image: np.ndarray) -> None:
+    """A uint8 [H, W, 3] picture to TensorBoard (its Images tab)."""
+    if not self.enabled:
+      return
+    self._tb.add_image(tag, np.asarray(image, np.uint8), step,
+                       dataformats="HWC")
     self._tb.flush()
 
   def write_eval(self, step: int, metrics: Mapping[str, Any]) -> None:

@@ -256,6 +256,24 @@ def test_tiny_pretrains_on_a_prepared_corpus_and_resumes_exactly(root,
     for key in ("loss", "mlm_loss", "mim_loss", "data_skipped"):
       assert ra[key] == rb[key], (ra["step"], key)
 
+  # Resuming on a shard cut since: one line naming it; the run's files are
+  # untouched.
+  from test_reliability import snapshot  # pylint: disable=g-import-not-at-top
+  cut = str(tmp_path / "cut")
+  shutil.copytree(root, cut)
+  shard = next(str(p) for p in (tmp_path / "cut" / "a").iterdir()
+               if "array_record-00000" in p.name)
+  with open(shard, "rb") as f:
+    data = f.read()
+  with open(shard, "wb") as f:
+    f.write(data[:len(data) // 3])
+  before = snapshot(b)
+  c = _tiny_on(cut)
+  c.train.steps = 8
+  with pytest.raises(corpora.DataError, match="00000-of-.* cannot be read"):
+    train.run(c, b)
+  assert snapshot(b) == before
+
 
 def test_data_bench_reports_samples_per_core(root):
   out = subprocess.run(

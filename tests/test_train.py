@@ -123,6 +123,19 @@ def test_config_typo_is_one_line(tmp_path):
   out = _main("--config=configs/base.py:tiny", f"--workdir={tmp_path}/w",
               "--config.model.variant=huge")
   assert out.returncode == 1 and "huge" in out.stderr.strip().splitlines()[-1]
+  # A value of the wrong type, a config file that is not there, a bad arg:
+  # exactly one line each, naming what is wrong.
+  for args, words in (
+      (["--config=configs/base.py:tiny", "--config.train.steps=abc"],
+       ("--config.train.steps=abc", "int")),
+      (["--config=configs/nope.py"], ("configs/nope.py", "No such file")),
+      (["--config=configs/base.py:tinyy"], ("unknown variant 'tinyy'",))):
+    out = _main(*args, f"--workdir={tmp_path}/w")
+    assert out.returncode == 1, args
+    assert out.stderr.startswith("eve_jax: error: "), out.stderr
+    assert out.stderr.count("\n") == 1, out.stderr
+    assert all(w in out.stderr for w in words), out.stderr
+  assert not os.path.exists(tmp_path / "w")
 
 
 def test_config_runs_from_another_directory(tmp_path):
