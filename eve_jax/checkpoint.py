@@ -59,14 +59,18 @@ class Checkpointer:
       abstract_state: a pytree of jax.ShapeDtypeStruct (with shardings) as
         produced by `jax.eval_shape` of the init function.
     """
+    # Shapes first, from the metadata: a mismatch named in one line, before
+    # orbax starts reading arrays it would have to abandon.
+    what = self.mismatch(step, abstract_state)
+    if what is not None:
+      raise ValueError(f"checkpoint {self.directory}/{step} does not match "
+                       f"this model config: {what[:300]}")
     try:
       out = self._mngr.restore(step, args=ocp.args.Composite(
           state=ocp.args.StandardRestore(abstract_state),
           data=ocp.args.JsonRestore()))
     except (ValueError, KeyError, TypeError) as e:
-      what = self.mismatch(step, abstract_state)
-      if what is None:
-        what = str(e).strip().splitlines()[0] if str(e).strip() else repr(e)
+      what = str(e).strip().splitlines()[0] if str(e).strip() else repr(e)
       raise ValueError(
           f"checkpoint {self.directory}/{step} does not match this model "
           f"config: {what[:300]}") from None
