@@ -31,14 +31,22 @@ def micro_workdir(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def tiny_workdir(tmp_path_factory):
-  """`configs/base.py:tiny` trained as README says (about 5.5 minutes on 2
-  CPU cores; slow tests only), or the finished run EVE_JAX_TINY_WORKDIR
-  names."""
+  """README's first command, `configs/base.py:tiny` unchanged, run once per
+  session from the command line on one CPU device (about 5.5 minutes on 2
+  cores): test_train checks what it learned, test_viz and test_predict its
+  pictures, heat maps and predictions. EVE_JAX_TINY_WORKDIR names a
+  finished run to check instead."""
   d = os.environ.get("EVE_JAX_TINY_WORKDIR")
   if d:
     return d
-  from eve_jax import config_lib, train  # pylint: disable=g-import-not-at-top
-  d = str(tmp_path_factory.mktemp("tiny"))
-  train.run(config_lib.get_pretrain_config("tiny", default_variant="base"),
-            d)
+  import subprocess  # pylint: disable=g-import-not-at-top
+  import sys  # pylint: disable=g-import-not-at-top
+  d = str(tmp_path_factory.mktemp("tiny") / "w")
+  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+  out = subprocess.run(
+      [sys.executable, "-m", "eve_jax.main", "--config=configs/base.py:tiny",
+       f"--workdir={d}"], cwd=os.path.dirname(os.path.dirname(
+           os.path.abspath(__file__))), capture_output=True, text=True,
+      timeout=1500, env=env)
+  assert out.returncode == 0, out.stderr[-3000:]
   return d

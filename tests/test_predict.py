@@ -181,7 +181,6 @@ def test_vqa_answers_from_a_vqa_run(micro_workdir, tmp_path, capsys):
   assert code == 1 and "is a pretrain run; this needs a vqa run" in err
 
 
-@pytest.mark.slow
 def test_tiny_fill_names_masked_colors_as_often_as_eval_says(tiny_workdir,
                                                              tmp_path):
   """The issue's check: on held-out EVE-Shapes images (PNG files read back

@@ -266,7 +266,7 @@ def test_gradcam_command_bad_input_is_one_line(micro_workdir, tmp_path):
   assert "Traceback" not in out.stderr
 
 
-# --- measured on the README's tiny run (slow) ----------------------------------
+# --- measured on the README's tiny run (the tiny_workdir fixture) ------------
 
 
 def recon_correlations(path, rows=4, cell=128, pad=4):
@@ -299,7 +299,6 @@ def recon_correlations(path, rows=4, cell=128, pad=4):
   return out
 
 
-@pytest.mark.slow
 def test_tiny_run_draws_reconstructions_that_resemble_the_images(
     tiny_workdir):
   names = os.listdir(os.path.join(tiny_workdir, "viz"))
@@ -314,7 +313,6 @@ def test_tiny_run_draws_reconstructions_that_resemble_the_images(
   assert c["recon_masked_patches"] > 0.5, c
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("min_objects", [1, 2])
 def test_tiny_masked_color_word_points_at_its_object(tiny_workdir,
                                                      min_objects):
@@ -334,7 +332,6 @@ def test_tiny_masked_color_word_points_at_its_object(tiny_workdir,
   assert ig["hit_rate"] >= ig["chance_object"] + 0.15, got
 
 
-@pytest.mark.slow
 def test_tiny_reconstruction_leans_on_color_and_shape_words(tiny_workdir):
   """Figure 8's claim, measured: over 40 held-out captions with 75% of the
   patches masked, the word that helps reconstruct them most is a color or
