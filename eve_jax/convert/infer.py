@@ -25,22 +25,17 @@ from flax import nnx
 from eve_jax import pretrained
 from eve_jax.convert import output
 from eve_jax.convert.source import ConversionError
-from eve_jax.data import transforms
-from eve_jax.data.pipeline import normalize_image
+from eve_jax.data import finetune_data
 from eve_jax.data.tokenizer import load_tokenizer
 
 
 def load_images(paths: Sequence[str], size: int) -> np.ndarray:
-  """Image files -> float32 [B, size, size, 3] in [-1, 1]."""
-  out = []
-  for p in paths:
-    try:
-      with open(p, "rb") as f:
-        out.append(transforms.decode(f.read(), size, None))
-    except (OSError, ValueError) as e:
-      raise ConversionError(f"{p}: cannot read the image "
-                            f"({type(e).__name__}: {e})") from None
-  return normalize_image(np.stack(out))
+  """Image files -> float32 [B, size, size, 3] in [-1, 1], read as
+  fine-tuning evaluation reads them (`finetune_data.read_image`)."""
+  try:
+    return np.stack([finetune_data.read_image(p, size) for p in paths])
+  except ValueError as e:  # DataError: one line naming the file
+    raise ConversionError(str(e)) from None
 
 
 def image_text_outputs(model, images: jax.Array, text: jax.Array,
