@@ -177,42 +177,58 @@ def test_vqa_test_dev_and_visual_genome(tmp_path):
 # NLVR2.
 
 
-def _nlvr2_label(sentence: str, left, right) -> bool:
-  """A statement's truth, read independently of the writer."""
+def _nlvr2_label(sentence: str, left, right) -> tuple[bool, str]:
+  """A statement's truth and family, read independently of the writer."""
   pair = (left, right)
   if m := re.fullmatch(r"both images have a (\w+)", sentence):
-    return all(_has(objs, None, m[1]) for objs in pair)
+    return all(_has(objs, None, m[1]) for objs in pair), "both_have"
   if m := re.fullmatch(r"one image has a (?:(\w+) )?(\w+)", sentence):
-    return sum(_has(objs, m[1], m[2]) for objs in pair) == 1
+    return sum(_has(objs, m[1], m[2]) for objs in pair) == 1, "one_has"
   if m := re.fullmatch(r"no image has a (?:(\w+) )?(\w+)", sentence):
-    return not any(_has(objs, m[1], m[2]) for objs in pair)
+    return not any(_has(objs, m[1], m[2]) for objs in pair), "none_has"
   if m := re.fullmatch(r"the (left|right) image has more objects", sentence):
-    return (len(left) > len(right)) == (m[1] == "left") and len(left) != len(right)
+    return ((len(left) > len(right)) == (m[1] == "left")
+            and len(left) != len(right)), "more"
   if m := re.fullmatch(r"there are (\w+) objects in total", sentence):
-    return len(left) + len(right) == NUMBERS[m[1]]
+    return len(left) + len(right) == NUMBERS[m[1]], "total"
   if m := re.fullmatch(r"both images have (\w+) objects?", sentence):
-    return len(left) == len(right) == NUMBERS[m[1]]
+    return len(left) == len(right) == NUMBERS[m[1]], "both_count"
   raise AssertionError(f"unexpected statement {sentence!r}")
 
 
+@pytest.fixture(scope="module")
+def files_all_families(tmp_path_factory) -> shapes_tasks.TaskFiles:
+  out = tmp_path_factory.mktemp("shapes_tasks_all")
+  return shapes_tasks.write_all(
+      str(out), image_size=IMAGE_SIZE, seed=0,
+      sizes={"vqa": (1, 1, 1), "nlvr2": SIZES, "retrieval": (1, 1, 1)},
+      nlvr2_families=shapes_tasks.NLVR2_FAMILIES)
+
+
+@pytest.mark.parametrize("families", ["count", "all"])
 @pytest.mark.parametrize("position,split",
                          list(enumerate(shapes_tasks.SPLITS["nlvr2"])))
-def test_nlvr2_labels_match_the_images(files, position, split):
+def test_nlvr2_labels_match_the_images(request, families, position, split):
+  """Every label recomputed from the generator's scenes; the default
+  statements are the count families, every family can be asked for."""
+  files = request.getfixturevalue(
+      "files" if families == "count" else "files_all_families")
   examples = downstream.load_nlvr2(files.nlvr2[split], files.nlvr2_images[split])
   n = SIZES[position]
   assert len(examples) == n
   assert sum(e.label for e in examples) == n // 2  # balanced
   assert downstream.check_images(examples) == 2 * n
   stream = shapes_tasks.stream_seed(0, "nlvr2", split)
-  families = set()
+  seen = collections.Counter()
   for k, e in enumerate(examples):
     m = re.fullmatch(rf"{split}-(\d+)-0-0", e.identifier)
     assert m, e.identifier
     j = int(m[1])
     left, right = (shapes.generate(stream, 2 * j + i, IMAGE_SIZE) for i in (0, 1))
-    assert e.label == _nlvr2_label(e.sentence, left.objects, right.objects), e
+    label, family = _nlvr2_label(e.sentence, left.objects, right.objects)
+    assert e.label == label, e
+    seen[family, label] += 1
     assert len(e.sentence.split()) <= 6
-    families.add(" ".join(e.sentence.split()[:2]))
     folder = files.nlvr2_images[split]
     if split == "train":
       folder = os.path.join(folder, str(j % shapes_tasks.NLVR2_DIRECTORIES))
@@ -221,7 +237,19 @@ def test_nlvr2_labels_match_the_images(files, position, split):
     if k < 5:  # PNG is lossless: the generator's pixels exactly
       np.testing.assert_array_equal(_read_image(e.image_paths[0]), left.image)
       np.testing.assert_array_equal(_read_image(e.image_paths[1]), right.image)
-  assert len(families) >= 4
+  want = (shapes_tasks.COUNT_FAMILIES if families == "count"
+          else shapes_tasks.NLVR2_FAMILIES)
+  assert {f for f, _ in seen} == set(want), seen
+  if families == "count":  # 40 statements: every family both true and false
+    assert len(seen) == 2 * len(want), seen
+
+
+def test_nlvr2_families_are_checked(tmp_path):
+  with pytest.raises(ValueError, match="families must be some of"):
+    shapes_tasks.write_all(str(tmp_path), sizes=(1, 1, 1),
+                           nlvr2_families=("more", "fewer"))
+  with pytest.raises(ValueError, match="families must be some of"):
+    shapes_tasks.write_all(str(tmp_path), sizes=(1, 1, 1), nlvr2_families=())
 
 
 # --------------------------------------------------------------------------
@@ -329,13 +357,20 @@ def test_command_line(tmp_path):
   result = subprocess.run(
       [sys.executable, "-m", "eve_jax.data.shapes_tasks", "--out", str(out),
        "--train", "3", "--val", "2", "--test", "1", "--image_size", "32",
-       "--seed", "1"],
+       "--seed", "1", "--nlvr2_families", "more,one_has"],
       cwd=REPO, capture_output=True, text=True, timeout=120)
   assert result.returncode == 0, result.stderr
   assert "nlvr2: 6 statements, 12 images" in result.stdout
   expected = shapes_tasks.write_all(
-      str(tmp_path / "api"), image_size=32, sizes=(3, 2, 1), seed=1)
+      str(tmp_path / "api"), image_size=32, sizes=(3, 2, 1), seed=1,
+      nlvr2_families=("more", "one_has"))
   assert _tree(str(out)) == _tree(expected.root)
+  bad = subprocess.run(
+      [sys.executable, "-m", "eve_jax.data.shapes_tasks", "--out",
+       str(tmp_path / "bad"), "--nlvr2_families", "more,fewer"],
+      cwd=REPO, capture_output=True, text=True, timeout=120)
+  assert bad.returncode == 2
+  assert bad.stderr.count("\n") == 1 and "families must be" in bad.stderr
   (example,) = downstream.load_vqa(
       str(out / "vqa" / "v2_OpenEnded_mscoco_test2015_questions.json"),
       image_dir=str(out / "vqa" / "images"))[:1]

@@ -17,7 +17,7 @@ fine-tuning code run on them unchanged (and are exercised for real):
 Command line:
 
   python -m eve_jax.data.shapes_tasks --out DIR [--image_size 64]
-      [--train N --val N --test N] [--seed S]
+      [--train N --val N --test N] [--seed S] [--nlvr2_families more,total]
 
 Where every image comes from (so a test can regenerate it): split `split`
 of task `task` is the generator stream `stream_seed(seed, task, split)` =
@@ -369,50 +369,79 @@ def _write_vqa(out_dir: str, image_size: int, sizes: Sequence[int], seed: int
 Pair = Sequence[shapes.ShapeObject]
 
 
-def nlvr2_statement(rng: np.random.Generator
+# Statement families. Object counts compared across the pair are the
+# default: the tiny pretrained model learns them (README, "Fine-tuning").
+# Which objects are present ("one image has a red square") it does not:
+# after VQA fine-tuning it answers "is there a red square" at chance, so
+# those families are kept for larger models and `--nlvr2_families`.
+COUNT_FAMILIES: tuple[str, ...] = ("more", "total", "both_count")
+PRESENCE_FAMILIES: tuple[str, ...] = ("both_have", "one_has", "none_has")
+NLVR2_FAMILIES: tuple[str, ...] = PRESENCE_FAMILIES + COUNT_FAMILIES
+
+
+def check_families(families: Sequence[str]) -> tuple[str, ...]:
+  """Validates statement family names: -> a non-empty tuple of them."""
+  families = tuple(families)
+  unknown = [f for f in families if f not in NLVR2_FAMILIES]
+  if unknown or not families:
+    raise ValueError(f"NLVR2 statement families must be some of "
+                     f"{NLVR2_FAMILIES}, got {families}")
+  return families
+
+
+def nlvr2_statement(rng: np.random.Generator,
+                    families: Sequence[str] = COUNT_FAMILIES
                     ) -> tuple[str, Callable[[Pair, Pair], bool]]:
   """A statement about two images ("left" = img0, "right" = img1).
 
-  Every statement needs both images: "both images have a circle", "one
-  image has a red square" (exactly one), "no image has a cross", "the left
-  image has more objects", "there are four objects in total", "both images
-  have two objects".
+  Every statement needs both images. Families:
+    more        "the left image has more objects" (or right)
+    total       "there are four objects in total" (2-6)
+    both_count  "both images have two objects" (1-3)
+    both_have   "both images have a circle"
+    one_has     "one image has a red square" (exactly one)
+    none_has    "no image has a cross"
 
   Args:
     rng: the split's generator.
+    families: the families drawn from, uniformly.
 
   Returns:
     (sentence, holds) with holds(left_objects, right_objects) -> bool.
   """
-  family = int(rng.integers(6))
-  shape = shapes.SHAPES[rng.integers(len(shapes.SHAPES))]
-  color = COLOR_NAMES[rng.integers(len(COLOR_NAMES))] if rng.random() < 0.5 else None
-  thing = f"{color} {shape}" if color else shape
-  if family == 0:
-    return (f"both images have a {shape}",
-            lambda a, b: _has(a, None, shape) and _has(b, None, shape))
-  if family == 1:
-    return (f"one image has a {thing}",
-            lambda a, b: _has(a, color, shape) != _has(b, color, shape))
-  if family == 2:
-    return (f"no image has a {thing}",
-            lambda a, b: not (_has(a, color, shape) or _has(b, color, shape)))
-  if family == 3:
+  family = families[rng.integers(len(families))]
+  if family == "more":
     if rng.random() < 0.5:
       return "the left image has more objects", lambda a, b: len(a) > len(b)
     return "the right image has more objects", lambda a, b: len(b) > len(a)
-  if family == 4:
+  if family == "total":
     n = int(rng.integers(2, 7))
     return (f"there are {NUMBER_WORDS[n]} objects in total",
             lambda a, b: len(a) + len(b) == n)
-  n = int(rng.integers(1, 4))
-  noun = "object" if n == 1 else "objects"
-  return (f"both images have {NUMBER_WORDS[n]} {noun}",
-          lambda a, b: len(a) == n and len(b) == n)
+  if family == "both_count":
+    n = int(rng.integers(1, 4))
+    noun = "object" if n == 1 else "objects"
+    return (f"both images have {NUMBER_WORDS[n]} {noun}",
+            lambda a, b: len(a) == n and len(b) == n)
+  shape = shapes.SHAPES[rng.integers(len(shapes.SHAPES))]
+  if family == "both_have":
+    return (f"both images have a {shape}",
+            lambda a, b: _has(a, None, shape) and _has(b, None, shape))
+  color = (COLOR_NAMES[rng.integers(len(COLOR_NAMES))] if rng.random() < 0.5
+           else None)
+  thing = f"{color} {shape}" if color else shape
+  if family == "one_has":
+    return (f"one image has a {thing}",
+            lambda a, b: _has(a, color, shape) != _has(b, color, shape))
+  if family == "none_has":
+    return (f"no image has a {thing}",
+            lambda a, b: not (_has(a, color, shape) or _has(b, color, shape)))
+  raise ValueError(f"unknown NLVR2 statement family {family!r}")
 
 
 def _write_nlvr2(out_dir: str, image_size: int, sizes: Sequence[int],
-                 seed: int) -> tuple[dict[str, str], dict[str, str], int]:
+                 seed: int, families: Sequence[str]
+                 ) -> tuple[dict[str, str], dict[str, str], int]:
   """Statements first, then a pair that gives the drawn label.
 
   The label of each statement is drawn (exactly half True per split) before
@@ -434,7 +463,7 @@ def _write_nlvr2(out_dir: str, image_size: int, sizes: Sequence[int],
     next_pair = 0
     lines = []
     for i in range(n):
-      sentence, holds = nlvr2_statement(rng)
+      sentence, holds = nlvr2_statement(rng, families)
       want = bool(labels[i])
       found = next((p for p, (_, a, b) in enumerate(pool)
                     if holds(a, b) == want), None)
@@ -606,10 +635,11 @@ def resolve_sizes(sizes: Mapping[str, Sequence[int]] | Sequence[int] | None
 
 def write_all(out_dir: str, *, image_size: int = 64,
               sizes: Mapping[str, Sequence[int]] | Sequence[int] | None = None,
-              seed: int = 0) -> TaskFiles:
+              seed: int = 0,
+              nlvr2_families: Sequence[str] = COUNT_FAMILIES) -> TaskFiles:
   """Writes the three EVE-Shapes tasks under out_dir in the official formats.
 
-  The files are a pure function of (image_size, sizes, seed): the same
+  The files are a pure function of the arguments: the same
   arguments write byte-identical files. Files of an earlier, larger run in
   the same folder are overwritten or, if not rewritten, left in place
   (nothing refers to them).
@@ -619,6 +649,7 @@ def write_all(out_dir: str, *, image_size: int = 64,
     image_size: H = W of every image in pixels.
     sizes: see `resolve_sizes`; None for DEFAULT_SIZES.
     seed: data seed, >= 0.
+    nlvr2_families: the NLVR2 statement families (`nlvr2_statement`).
 
   Returns:
     The paths and counts (`TaskFiles`).
@@ -626,11 +657,12 @@ def write_all(out_dir: str, *, image_size: int = 64,
   if image_size < 1:
     raise ValueError(f"image_size must be >= 1, got {image_size}")
   resolved = resolve_sizes(sizes)
+  nlvr2_families = check_families(nlvr2_families)
   stream_seed(seed, "vqa", "train2014")  # validates the seed first
   vqa_q, vqa_a, vqa_images, n_vqa_images, n_vqa_questions = _write_vqa(
       out_dir, image_size, resolved["vqa"], seed)
   nlvr2, nlvr2_images, n_nlvr2 = _write_nlvr2(
-      out_dir, image_size, resolved["nlvr2"], seed)
+      out_dir, image_size, resolved["nlvr2"], seed, nlvr2_families)
   retrieval, retrieval_images, n_retrieval = _write_retrieval(
       out_dir, image_size, resolved["retrieval"], seed)
   return TaskFiles(
@@ -657,6 +689,10 @@ def main(argv: Sequence[str] | None = None) -> int:
   parser.add_argument("--test", type=int, default=None,
                       help="test / test1 size of every task")
   parser.add_argument("--seed", type=int, default=0)
+  parser.add_argument(
+      "--nlvr2_families", default=",".join(COUNT_FAMILIES),
+      help=f"comma-separated NLVR2 statement families, some of "
+      f"{','.join(NLVR2_FAMILIES)}")
   args = parser.parse_args(argv)
   sizes = {}
   for task in TASKS:
@@ -666,7 +702,8 @@ def main(argv: Sequence[str] | None = None) -> int:
   start = time.perf_counter()
   try:
     files = write_all(args.out, image_size=args.image_size, sizes=sizes,
-                      seed=args.seed)
+                      seed=args.seed,
+                      nlvr2_families=args.nlvr2_families.split(","))
   except ValueError as e:
     print(f"eve_jax: error: {e}", file=sys.stderr)
     return 2
