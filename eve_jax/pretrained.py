@@ -19,7 +19,9 @@ DIR/init_report.json by the caller).
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import os
 from typing import Any
 
@@ -49,6 +51,9 @@ def _pure(tree: Any) -> Any:
 
 
 def read_config(directory: str) -> dict[str, Any]:
+  if directory.strip() in ("''", '""'):  # the shell kept the quotes
+    raise InitError(f"config.init_from={directory} is not empty: pass "
+                    "--config.init_from= to train from scratch")
   path = os.path.join(directory, "config.json")
   if not os.path.isfile(path):
     raise InitError(f"config.init_from={directory} has no config.json: not "
@@ -66,6 +71,26 @@ def tokenizer_path(directory: str) -> str:
       return path
   raise InitError(f"config.init_from={directory} has no tokenizer.model or "
                   "tokenizer.json")
+
+
+class _DropStepMetadataWarning(logging.Filter):
+  """orbax looks for the step's _CHECKPOINT_METADATA in the item folder it
+  is given (checkpoints/N/state) and warns on every load; the file is one
+  folder up, and nothing here needs it."""
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    return not str(record.msg).startswith("Metadata file does not exist")
+
+
+@contextlib.contextmanager
+def _quiet_step_metadata():
+  log = logging.getLogger("absl")
+  f = _DropStepMetadataWarning()
+  log.addFilter(f)
+  try:
+    yield
+  finally:
+    log.removeFilter(f)
 
 
 def load_params(directory: str, flag: str = "config.init_from"
@@ -89,7 +114,7 @@ def load_params(directory: str, flag: str = "config.init_from"
                     "checkpoint")
   step = steps[-1]
   path = os.path.join(ckpt_dir, str(step), "state")
-  with ocp.PyTreeCheckpointer() as reader:
+  with _quiet_step_metadata(), ocp.PyTreeCheckpointer() as reader:
     tree = reader.metadata(path)
     tree = getattr(tree, "item_metadata", tree)
     tree = getattr(tree, "tree", tree)

@@ -7,6 +7,7 @@ task fine-tuned from it and from scratch (numbers in README.md)."""
 
 import dataclasses
 import json
+import logging
 import os
 import shutil
 
@@ -211,6 +212,31 @@ def test_fine_tuning_resumes_bitwise(pretrained_dir, shapes_data, tmp_path):
   for ra, rb in zip(rows[2:], rows_b[2:]):
     for key in ("loss", "nlvr2_loss", "grad_norm", "lr"):
       assert ra[key] == rb[key], (ra["step"], key)
+
+
+def test_loading_a_checkpoint_logs_no_orbax_metadata_warning(
+    pretrained_dir, caplog):
+  """orbax warned "Metadata file does not exist" on every init_from,
+  predict and viz load (it looks in checkpoints/N/state for a file kept in
+  checkpoints/N); the loader drops that one warning and nothing else."""
+  with caplog.at_level("WARNING"):
+    pretrained.load_params(pretrained_dir)
+  assert not [r for r in caplog.records
+              if "Metadata file does not exist" in r.getMessage()]
+  with caplog.at_level("WARNING"), pretrained._quiet_step_metadata():
+    logging.getLogger("absl").warning("another warning")
+  assert "another warning" in caplog.text
+
+
+def test_init_from_with_shell_quotes_says_how_to_start_from_scratch():
+  """`--config.init_from="''"` keeps the quotes: the error says what to
+  type instead of only that '' is not a workdir."""
+  for value in ("''", '""'):
+    with pytest.raises(pretrained.InitError,
+                       match="--config.init_from= to train from scratch"):
+      pretrained.read_config(value)
+  with pytest.raises(pretrained.InitError, match="has no config.json"):
+    pretrained.read_config("/nonexistent/run")
 
 
 def test_a_checkpoint_of_another_width_is_one_line(pretrained_dir,
