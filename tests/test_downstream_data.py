@@ -100,9 +100,12 @@ def test_vqa_answers_match_the_images(files, position, subtype):
     example = generated[e.image_id]
     expected = _vqa_answer(e.question, example.objects)
     if annotations is None:
-      assert e.answers is None
+      assert e.answers is None and e.answer_type is None
       continue
     assert len(e.answers) == 10
+    assert e.answer_type == ("yes/no" if e.question.startswith("is ") else
+                             "number" if e.question.startswith("how many")
+                             else "other"), e
     votes = collections.Counter(_normalize(a) for a in e.answers)
     answer, count = votes.most_common(1)[0]
     assert answer == _normalize(expected) and count >= 6, (e, expected)

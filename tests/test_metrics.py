@@ -7,7 +7,9 @@ Every expected number below was worked out by hand from the official rules
 import numpy as np
 import pytest
 
+from eve_jax.data import downstream
 from eve_jax.tasks import metrics as M
+from eve_jax.tasks import vqa as vqa_task
 
 # ---------------------------------------------------------------------------
 # Normalization
@@ -124,6 +126,25 @@ def test_vqa_accuracy_normalizes_both_sides():
       pytest.approx(0.6))
   assert M.vqa_accuracy("hot dog", ["hot-dog"] * 3 + ["x"] * 7) == (
       pytest.approx(0.9))
+
+
+def test_vqa_accuracy_per_answer_type_hand_worked():
+  """yes/no: one right, one wrong -> 0.5; number: "2" against ten "two"
+  -> 1.0; other: 2 of 10 annotators said "red" -> leave-one-out (2 x 1/3 +
+  8 x 2/3) / 10 = 0.6; an example without a type counts in none."""
+  def ex(answers, answer_type):
+    return downstream.VQAExample(0, 0, "x.jpg", "q", tuple(answers),
+                                 answer_type)
+  examples = [ex(["yes"] * 10, "yes/no"), ex(["yes"] * 10, "yes/no"),
+              ex(["two"] * 10, "number"),
+              ex(["red"] * 2 + ["blue"] * 8, "other"),
+              ex(["blue"] * 10, None)]
+  got = vqa_task.accuracy_per_answer_type(
+      ["yes", "no", "2", "red", "blue"], examples)
+  assert got.keys() == {"vqa_acc_yes_no", "vqa_acc_number", "vqa_acc_other"}
+  np.testing.assert_allclose(
+      [got["vqa_acc_yes_no"], got["vqa_acc_number"], got["vqa_acc_other"]],
+      [0.5, 1.0, 0.6])
 
 
 def test_vqa_accuracy_official_gt_rule():

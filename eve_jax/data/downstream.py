@@ -83,6 +83,8 @@ class VQAExample:
     answers: the raw annotator answers (VQAv2: the 10 `answers[j].answer`;
       VG: the single answer repeated 10 times), None without annotations
       (test-dev, test-std).
+    answer_type: the annotation's "yes/no", "number" or "other" (what the
+      official evaluation reports accuracy per), None if not given.
   """
 
   question_id: int
@@ -90,6 +92,7 @@ class VQAExample:
   image_path: str
   question: str
   answers: tuple[str, ...] | None
+  answer_type: str | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -249,7 +252,7 @@ def load_vqa(questions_json: str, annotations_json: str | None = None,
     first_index[question_id] = i
     rows.append((question_id, image_id, text))
 
-  answers_of: dict[int, tuple[str, ...]] | None = None
+  answers_of: dict[int, tuple[tuple[str, ...], str | None]] = {}
   if annotations_json is not None:
     answers_of = _vqa_answers(annotations_json, subtype, qpath, rows)
 
@@ -258,13 +261,16 @@ def load_vqa(questions_json: str, annotations_json: str | None = None,
                  image_path=os.path.join(image_dir,
                                          vqa_image_name(subtype, image_id)),
                  question=text,
-                 answers=None if answers_of is None else answers_of[question_id])
+                 answers=answers_of.get(question_id, (None, None))[0],
+                 answer_type=answers_of.get(question_id, (None, None))[1])
       for question_id, image_id, text in rows]
 
 
 def _vqa_answers(apath: str, subtype: str, qpath: str,
-                 rows: list[tuple[int, int, str]]) -> dict[int, tuple[str, ...]]:
-  """question_id -> raw answers, checked against the questions' image ids."""
+                 rows: list[tuple[int, int, str]]
+                 ) -> dict[int, tuple[tuple[str, ...], str | None]]:
+  """question_id -> (raw answers, answer_type or None), checked against the
+  questions' image ids."""
   data = _load_json(apath)
   annotations = _list_field(data, "annotations", apath, "the file")
   ann_subtype = data.get("data_subtype")
@@ -274,7 +280,7 @@ def _vqa_answers(apath: str, subtype: str, qpath: str,
     raise DownstreamDataError(
         apath, f"data_subtype is {ann_subtype!r} but "
         f"{os.path.basename(qpath)} has {subtype!r}")
-  found: dict[int, tuple[int, int, tuple[str, ...]]] = {}
+  found: dict[int, tuple[int, int, tuple[str, ...], str | None]] = {}
   for j, ann in enumerate(annotations):
     where = f"annotations[{j}]"
     question_id = _field(ann, "question_id", apath, where, int)
@@ -288,20 +294,22 @@ def _vqa_answers(apath: str, subtype: str, qpath: str,
       raise DownstreamDataError(
           apath, f"{where}: question_id {question_id} is also "
           f"annotations[{found[question_id][0]}]")
-    found[question_id] = (j, image_id, texts)
+    answer_type = ann.get("answer_type")
+    found[question_id] = (j, image_id, texts,
+                          answer_type if isinstance(answer_type, str) else None)
   answers_of = {}
   for i, (question_id, image_id, _) in enumerate(rows):
     if question_id not in found:
       raise DownstreamDataError(
           apath, f"no annotation for question_id {question_id} "
           f"(questions[{i}] of {os.path.basename(qpath)})")
-    j, ann_image_id, texts = found[question_id]
+    j, ann_image_id, texts, answer_type = found[question_id]
     if ann_image_id != image_id:
       raise DownstreamDataError(
           apath, f"annotations[{j}] (question_id {question_id}) has image_id "
           f"{ann_image_id}, but questions[{i}] of {os.path.basename(qpath)} "
           f"has image_id {image_id}")
-    answers_of[question_id] = texts
+    answers_of[question_id] = (texts, answer_type)
   return answers_of
 
 

@@ -4,9 +4,10 @@ Data (`config.data`): the official files under `dir`:
   v2_OpenEnded_mscoco_{split}_questions.json, v2_mscoco_{split}_annotations.json
 for each split of `train_splits` (comma-separated; the paper trains on
 train2014,val2014 and reports test-dev from the evaluation server),
-`eval_split` (annotated: vqa_acc) and `test_split` (questions only: a
-prediction file in the server's format, DIR/vqa_{test_split}_predictions.json),
-and optionally Visual Genome QA (`vg_qa` = question_answers.json, images in
+`eval_split` (annotated: vqa_acc, and vqa_acc_{yes_no,number,other} per
+answer type as the official evaluation reports them) and `test_split`
+(questions only: a prediction file in the server's format,
+DIR/vqa_{test_split}_predictions.json), and optionally Visual Genome QA (`vg_qa` = question_answers.json, images in
 `vg_image_dir`) added to the training questions.
 Images: `image_dir` (default dir/images), or its {split}/ subfolder when it
 exists (COCO's train2014/, val2014/, test2015/ folders).
@@ -25,6 +26,7 @@ from __future__ import annotations
 import collections
 import json
 import os
+import re
 
 import jax.numpy as jnp
 import numpy as np
@@ -46,6 +48,20 @@ def write_answers(workdir: str, vocab) -> None:
   with open(path + ".tmp", "w") as f:
     json.dump(list(vocab), f)
   os.replace(path + ".tmp", path)
+
+
+def accuracy_per_answer_type(predictions, examples) -> dict[str, float]:
+  """{"vqa_acc_yes_no": .., "vqa_acc_number": .., "vqa_acc_other": ..}:
+  the official evaluation's per-answer-type accuracy, over the examples
+  whose annotation names a type ("yes/no" becomes "yes_no")."""
+  by_type = collections.defaultdict(lambda: ([], []))
+  for pred, ex in zip(predictions, examples, strict=True):
+    if ex.answer_type is not None:
+      preds, gts = by_type[ex.answer_type]
+      preds.append(pred)
+      gts.append(ex.answers)
+  return {"vqa_acc_" + re.sub(r"\W+", "_", t): M.mean_vqa_accuracy(p, g)
+          for t, (p, g) in sorted(by_type.items())}
 
 
 def _majority(answers) -> str:
@@ -144,6 +160,7 @@ class VQATask:
       answers = [self.vocab[int(i)] for i in pred]
       out["vqa_acc"] = M.mean_vqa_accuracy(
           answers, [ex.answers for ex in self.eval_examples])
+      out.update(accuracy_per_answer_type(answers, self.eval_examples))
     if self.test_examples:
       pred = run_eval(self.test_examples, self.encode_eval, self.predict)
       if is_main:
