@@ -256,14 +256,14 @@ def load_vqa(questions_json: str, annotations_json: str | None = None,
   if annotations_json is not None:
     answers_of = _vqa_answers(annotations_json, subtype, qpath, rows)
 
-  return [
-      VQAExample(question_id=question_id, image_id=image_id,
-                 image_path=os.path.join(image_dir,
-                                         vqa_image_name(subtype, image_id)),
-                 question=text,
-                 answers=answers_of.get(question_id, (None, None))[0],
-                 answer_type=answers_of.get(question_id, (None, None))[1])
-      for question_id, image_id, text in rows]
+  examples = []
+  for question_id, image_id, text in rows:
+    answers, answer_type = answers_of.get(question_id, (None, None))
+    examples.append(VQAExample(
+        question_id=question_id, image_id=image_id,
+        image_path=os.path.join(image_dir, vqa_image_name(subtype, image_id)),
+        question=text, answers=answers, answer_type=answer_type))
+  return examples
 
 
 def _vqa_answers(apath: str, subtype: str, qpath: str,

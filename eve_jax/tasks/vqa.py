@@ -7,8 +7,9 @@ train2014,val2014 and reports test-dev from the evaluation server),
 `eval_split` (annotated: vqa_acc, and vqa_acc_{yes_no,number,other} per
 answer type as the official evaluation reports them) and `test_split`
 (questions only: a prediction file in the server's format,
-DIR/vqa_{test_split}_predictions.json), and optionally Visual Genome QA (`vg_qa` = question_answers.json, images in
-`vg_image_dir`) added to the training questions.
+DIR/vqa_{test_split}_predictions.json), and optionally Visual Genome QA
+(`vg_qa` = question_answers.json, images in `vg_image_dir`) added to the
+training questions.
 Images: `image_dir` (default dir/images), or its {split}/ subfolder when it
 exists (COCO's train2014/, val2014/, test2015/ folders).
 
