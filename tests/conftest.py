@@ -1,6 +1,8 @@
 """Test setup: 8 fake CPU devices before JAX starts (see STYLE.md)."""
 
 import os
+import subprocess
+import sys
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
@@ -39,8 +41,6 @@ def tiny_workdir(tmp_path_factory):
   d = os.environ.get("EVE_JAX_TINY_WORKDIR")
   if d:
     return d
-  import subprocess  # pylint: disable=g-import-not-at-top
-  import sys  # pylint: disable=g-import-not-at-top
   d = str(tmp_path_factory.mktemp("tiny") / "w")
   env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
   out = subprocess.run(
