@@ -28,7 +28,6 @@ import time
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
@@ -37,17 +36,18 @@ from flax import nnx
 
 from eve_jax import loop, pretrained, run_config, sharding
 from eve_jax.checkpoint import Checkpointer
-from eve_jax.data import finetune_data
+from eve_jax.data import finetune_data, specs
 from eve_jax.data.corpora import DataError
 from eve_jax.data.tokenizer import Tokenizer, load_tokenizer, shapes_tokenizer
 from eve_jax.model.variants import ModelConfig
 from eve_jax.optim import decay_mask, make_schedule
-from eve_jax.train import (TrainState, _xla_flops,
-                           build_tokenizer, copy_tokenizer, train_step)
+from eve_jax.program import StepProgram, TrainState, build_step, xla_flops
+from eve_jax.train import build_tokenizer, copy_tokenizer
 from eve_jax.writers import MetricWriter
 
 
-def _tasks():
+def tasks():
+  """{config.task: its task class} for the fine-tuning tasks."""
   from eve_jax.tasks import nlvr2, retrieval, vqa  # pylint: disable=g-import-not-at-top
   return {"vqa": vqa.VQATask, "nlvr2": nlvr2.NLVR2Task,
           "retrieval": retrieval.RetrievalTask}
@@ -106,10 +106,10 @@ class RunResult:
 def run(config: ml_collections.ConfigDict, workdir: str,
         mesh: jax.sharding.Mesh | None = None) -> RunResult:
   """Fine-tunes (or resumes) `config.task` in `workdir`."""
-  tasks = _tasks()
-  if config.task not in tasks:
+  task_classes = tasks()
+  if config.task not in task_classes:
     raise ValueError(f"config.task={config.task!r} is not one of "
-                     f"{sorted(tasks)}")
+                     f"{sorted(task_classes)}")
   ModelConfig.from_config(config.model)  # a bad model key: before any file
   if config.init_from:
     pretrained.read_config(config.init_from)  # fail before anything else
@@ -118,7 +118,7 @@ def run(config: ml_collections.ConfigDict, workdir: str,
   for name in ("batch_size", "eval_batch_size"):
     sharding.check_batch(f"train.{name}", config.train[name], mesh, rules)
   with sharding.use(mesh, rules):
-    return _run(config, workdir, mesh, rules, tasks[config.task])
+    return _run(config, workdir, mesh, rules, task_classes[config.task])
 
 
 def _run(config, workdir, mesh, rules, task_cls) -> RunResult:
@@ -133,31 +133,16 @@ def _run(config, workdir, mesh, rules, task_cls) -> RunResult:
                          mesh, rules)
   task = task_cls(config, tokenizer, model_cfg)
   bs = config.train.batch_size
-  steps = config.train.steps or math.ceil(
-      config.train.epochs * task.num_train / bs)
-  tx, schedule = make_optimizer(config.optim, steps)
+  steps = train_steps(config, task.num_train)
   logging.info("%s: %d training examples, %d steps of %d", task.name,
                task.num_train, steps, bs)
 
-  graphdef, _ = nnx.split(
-      nnx.eval_shape(lambda: task.build_model(nnx.Rngs(0))), nnx.Param)
-
-  def init(rng):
-    params = nnx.state(task.build_model(nnx.Rngs(rng)), nnx.Param)
-    return TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                      opt_state=tx.init(params))
-
-  init_rng, base_rng = jax.random.split(jax.random.key(config.seed))
-  abstract = jax.eval_shape(init, init_rng)
-  state_sh = sharding.tree_shardings(abstract, mesh, rules)
-  batch_sh = sharding.batch_sharding(mesh, rules, bs)
+  prog = build_program(config, task, steps, mesh, rules)
+  graphdef, state_sh, batch_sh = (prog.graphdef, prog.state_shardings,
+                                  prog.batch_sharding)
   eval_sh = sharding.batch_sharding(mesh, rules, config.train.eval_batch_size)
   replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-  step_fn = jax.jit(
-      functools.partial(train_step, graphdef=graphdef, task=task, tx=tx,
-                        schedule=schedule, base_rng=base_rng),
-      in_shardings=(state_sh, batch_sh), out_shardings=(state_sh, replicated),
-      donate_argnums=(0,))
+  spec = {k: (v.shape, v.dtype) for k, v in prog.batch.items()}
 
   shard = sharding.process_batch_slice(batch_sh, bs)
   eval_shard = sharding.process_batch_slice(eval_sh,
@@ -171,14 +156,13 @@ def _run(config, workdir, mesh, rules, task_cls) -> RunResult:
   start = ckpt.latest_step()
   changed = run_config.check(config, workdir, start)
   if start is None:
-    state = jax.jit(init, out_shardings=state_sh)(init_rng)
+    state = prog.init(prog.init_rng)
     if config.init_from:
       state = _load_pretrained(config, state, state_sh, model_cfg,
                                        workdir, is_main)
     start = 0
   else:
-    state, data_state = ckpt.restore(start, sharding.with_shardings(
-        abstract, state_sh))
+    state, data_state = ckpt.restore(start, prog.abstract)
     train_iter.set_state(data_state)
     logging.info("resumed from %s at step %d", ckpt.directory, start)
   if is_main:  # after a successful restore
@@ -212,15 +196,17 @@ def _run(config, workdir, mesh, rules, task_cls) -> RunResult:
 
   writer = MetricWriter(workdir, enabled=is_main)
   last_eval: dict[str, Any] = {}
-  to_global = functools.partial(sharding.global_batch, sharding=batch_sh,
-                                batch_size=bs)
+  def to_global(local):
+    # The arrays the step was compiled for (the task's batch_spec).
+    return sharding.global_batch(specs.select(local, spec), batch_sh, bs)
+
   if start < steps:
     batch = to_global(next(train_iter))
     t0 = time.perf_counter()
-    compiled = step_fn.lower(state, batch).compile()
+    compiled = prog.lower(mesh, rules).compile()
     compile_s = time.perf_counter() - t0
     writer.write(start, dict(compile_s=compile_s, mesh=dict(mesh.shape),
-                             xla_flops_per_step=_xla_flops(compiled)
+                             xla_flops_per_step=xla_flops(compiled)
                              * mesh.size, total_steps=steps),
                  file="run.jsonl")
     state, last_eval = loop.run_steps(
@@ -236,6 +222,23 @@ def _run(config, workdir, mesh, rules, task_cls) -> RunResult:
   ckpt.close()
   writer.close()
   return RunResult(eval=last_eval, state=state)
+
+
+def train_steps(config, num_train: int) -> int:
+  """`train.steps`, else `train.epochs` x examples / batch."""
+  return config.train.steps or math.ceil(
+      config.train.epochs * num_train / config.train.batch_size)
+
+
+def build_program(config, task, steps: int, mesh: jax.sharding.Mesh,
+                  rules: sharding.Rules) -> StepProgram:
+  """The task's training step on `mesh`, from shapes (no eager work, so
+  also for compile-only devices; traced later, under `sharding.use`)."""
+  tx, schedule = make_optimizer(config.optim, steps)
+  return build_step(
+      make_model=lambda key: task.build_model(nnx.Rngs(key)), task=task, tx=tx, schedule=schedule,
+      seed=config.seed, mesh=mesh, rules=rules,
+      batch_spec=task.batch_spec(config.train.batch_size))
 
 
 def _write_shapes_tasks(config, workdir: str, is_main: bool) -> None:

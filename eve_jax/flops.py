@@ -103,3 +103,23 @@ def train_flops_per_sample(cfg: ModelConfig, objectives=("mlm", "mim"),
     out["itm"] = 3 * 3 * (encoder(cfg, li, lt) + mm(1, d, 2)) + 3 * embed
   out["total"] = sum(out.values())
   return out
+
+
+def finetune_flops_per_sample(cfg: ModelConfig, task: str,
+                              batch_size: int = 1) -> float:
+  """Training FLOPs per example of a fine-tuning task's backbone passes
+  (3 x forward; the small heads left out).
+
+  vqa: one fused pass; nlvr2: two fused passes (one per image); retrieval:
+  ITC's two unimodal passes plus ITM's three fused ones.
+  """
+  li, lt = 1 + cfg.num_patches, cfg.max_text_len
+  fused = 3 * encoder(cfg, li, lt) + 2 * patch_embed(cfg)
+  if task == "vqa":
+    return fused
+  if task == "nlvr2":
+    return 2 * fused
+  if task == "retrieval":
+    return train_flops_per_sample(cfg, ("itc", "itm"),
+                                  batch_size=batch_size)["total"]
+  raise ValueError(f"no FLOP count for task {task!r}")

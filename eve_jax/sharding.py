@@ -20,6 +20,7 @@ an MoE layer's dispatched tokens move from `act_batch` to `act_expert` x
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import math
 from typing import Any, Iterator, Sequence
 
@@ -66,9 +67,11 @@ def rules_config() -> ml_collections.ConfigDict:
   return ml_collections.ConfigDict(dict(DEFAULT_RULES))
 
 
-def mesh_shape(mesh_cfg: Any, num_devices: int) -> dict[str, int]:
+def mesh_shape(mesh_cfg: Any, num_devices: int, what: str = ""
+               ) -> dict[str, int]:
   """{axis: size} for MESH_AXES, the one -1 filled so the product is
-  `num_devices`. Raises ValueError (one line) when that is impossible."""
+  `num_devices`. Raises ValueError (one line) when that is impossible;
+  `what` names the devices in it (e.g. "tpu v5p:2x2x2")."""
   cfg = dict(mesh_cfg)
   unknown = sorted(set(cfg) - set(MESH_AXES))
   if unknown:
@@ -88,7 +91,7 @@ def mesh_shape(mesh_cfg: Any, num_devices: int) -> dict[str, int]:
     sizes[fill[0]] = num_devices // known
   elif known != num_devices:
     raise ValueError(f"config.mesh {desc} needs {known} devices, but there "
-                     f"are {num_devices} ({jax.devices()[0].platform})")
+                     f"are {num_devices}" + (f" ({what})" if what else ""))
   return sizes
 
 
@@ -100,7 +103,7 @@ def make_mesh(mesh_cfg: Any, devices: Sequence[jax.Device] | None = None
   inputs and `constrain` calls, and places the MoE all-to-all itself.
   """
   devices = list(jax.devices() if devices is None else devices)
-  sizes = mesh_shape(mesh_cfg, len(devices))
+  sizes = mesh_shape(mesh_cfg, len(devices), devices[0].platform)
   return jax.make_mesh(
       tuple(sizes[a] for a in MESH_AXES), MESH_AXES,
       axis_types=(jax.sharding.AxisType.Auto,) * len(MESH_AXES),
@@ -179,12 +182,35 @@ def with_shardings(abstract: Any, shardings: Any) -> Any:
       abstract, shardings)
 
 
+# The platform ("cpu", "tpu", "gpu") of the mesh `use` made current: the
+# devices the program is compiled for, which need not be the host's (a
+# compile-only TPU topology on a CPU machine, eve_jax/aot/).
+_TARGET_PLATFORM: contextvars.ContextVar[str | None] = contextvars.ContextVar(
+    "eve_jax_target_platform", default=None)
+
+
 @contextlib.contextmanager
 def use(mesh: jax.sharding.Mesh, rules: Rules) -> Iterator[None]:
   """Makes `mesh` and `rules` the ones `constrain` resolves against while
-  functions are traced (jit lowering happens inside this context)."""
-  with jax.set_mesh(mesh), nnx.logical_axis_rules(rules):
-    yield
+  functions are traced (jit lowering happens inside this context).
+
+  Only tracing and lowering belong inside: an eager op here runs on the
+  mesh's devices, which fails for compile-only ones. Build constants and
+  keys before entering.
+  """
+  token = _TARGET_PLATFORM.set(mesh.devices.flat[0].platform)
+  try:
+    with jax.set_mesh(mesh), nnx.logical_axis_rules(rules):
+      yield
+  finally:
+    _TARGET_PLATFORM.reset(token)
+
+
+def target_platform() -> str:
+  """The platform of the devices being compiled for: that of the mesh in
+  `use(...)`, else the host's default backend. Every backend-dependent
+  choice in model code asks this, never `jax.default_backend()`."""
+  return _TARGET_PLATFORM.get() or jax.default_backend()
 
 
 def constrain(x: jax.Array, names: Sequence[str | None]) -> jax.Array:

@@ -16,12 +16,10 @@ import os
 import time
 from typing import Any, Iterator
 
-import flax
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-import optax
 from absl import logging
 from flax import nnx
 from jax.experimental import multihost_utils
@@ -30,26 +28,19 @@ from eve_jax import loop, run_config, sharding
 from eve_jax.checkpoint import Checkpointer
 from eve_jax.data import corpora
 from eve_jax.data import pipeline as data_pipeline
-from eve_jax.data import shapes
+from eve_jax.data import shapes, specs
 from eve_jax.data.corpora import DataError
 from eve_jax.data.tokenizer import Tokenizer, load_tokenizer, shapes_tokenizer
 from eve_jax.model.heads import EVEPretrainModel
 from eve_jax.model.params_count import count_params
 from eve_jax.model.variants import ModelConfig
 from eve_jax.optim import make_optimizer
+from eve_jax.program import StepProgram, TrainState, build_step, xla_flops
 from eve_jax.tasks.pretrain import (MaskingConfig, PretrainTask, eval_metrics,
                                     eval_sums)
 from eve_jax.viz import hook as viz_hook
 from eve_jax.viz import routing
 from eve_jax.writers import MetricWriter
-
-
-@flax.struct.dataclass
-class TrainState:
-  step: jax.Array
-  params: Any  # nnx.State of the model's nnx.Param variables
-  opt_state: Any
-
 
 
 def build_tokenizer(config: ml_collections.ConfigDict, workdir: str,
@@ -224,37 +215,6 @@ def eval_batches(config, tokenizer, model_cfg: ModelConfig,
     yield batch
 
 
-def train_step(state: TrainState, batch, *, graphdef, task,
-               tx: optax.GradientTransformation, schedule, base_rng):
-  """One optimizer step of any task whose `loss(model, batch, rng)` returns
-  (loss, metrics); pretraining and fine-tuning both step with it.
-  Per-step randomness = fold_in(base_rng, step)."""
-  rng = jax.random.fold_in(base_rng, state.step)
-
-  def loss_fn(params):
-    return task.loss(nnx.merge(graphdef, params), batch, rng)
-
-  (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-      state.params)
-  grad_norm = optax.tree.norm(grads)
-  updates, opt_state = tx.update(grads, state.opt_state, state.params)
-  params = optax.apply_updates(state.params, updates)
-  # A non-finite loss or gradient (a bad batch, an overflow) skips the
-  # update: parameters and optimizer state stay as they were, so a NaN never
-  # reaches a checkpoint. The step counter still advances with the data.
-  # `loop.run_steps` counts these and stops after train.max_bad_steps in a
-  # row.
-  finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-  keep = lambda new, old: jax.tree.map(  # noqa: E731
-      lambda n, o: jnp.where(finite, n, o), new, old)
-  metrics = dict(metrics, loss=loss, grad_norm=grad_norm,
-                 lr=schedule(state.step),
-                 nonfinite=(~finite).astype(jnp.int32))
-  return TrainState(step=state.step + 1,
-                    params=keep(params, state.params),
-                    opt_state=keep(opt_state, state.opt_state)), metrics
-
-
 def eval_batch_rng(config, i: int) -> jax.Array:
   """The key evaluation batch i draws its masks from (every evaluation the
   same)."""
@@ -315,39 +275,54 @@ def parse_objectives(text: str) -> tuple[str, ...]:
 
 @dataclasses.dataclass
 class Program:
-  """Everything compiled about a run, built before any array exists.
+  """Everything compiled about a pretraining run, built before any array
+  exists (and without eager work: it also builds for compile-only devices).
 
   Attributes:
-    model_cfg, task, graphdef: the model and its pretraining objectives.
-    abstract: the TrainState as ShapeDtypeStructs carrying their shardings.
-    state_shardings, batch_sharding, eval_sharding: NamedShardings.
-    init: jitted rng -> TrainState, each device making only its shards.
-    step: jitted (state, batch) -> (state, metrics), state donated.
+    model_cfg, task: the model and its pretraining objectives.
+    train: the training step (eve_jax/program.py: graphdef, abstract state
+      and batch, shardings, init, step).
+    eval_sharding: NamedSharding of an evaluation batch.
     eval_step: jitted (params, batch, rng) -> replicated metric sums.
-    init_rng: the key `init` is called with.
   """
   model_cfg: ModelConfig
   task: PretrainTask
-  graphdef: Any
-  abstract: TrainState
-  state_shardings: Any
-  batch_sharding: jax.sharding.NamedSharding
+  train: StepProgram
   eval_sharding: jax.sharding.NamedSharding
-  init: Any
-  step: Any
   eval_step: Any
-  init_rng: jax.Array
+
+  # The training step's parts, by the names callers have used.
+  graphdef = property(lambda self: self.train.graphdef)
+  abstract = property(lambda self: self.train.abstract)
+  state_shardings = property(lambda self: self.train.state_shardings)
+  batch_sharding = property(lambda self: self.train.batch_sharding)
+  init = property(lambda self: self.train.init)
+  step = property(lambda self: self.train.step)
+  init_rng = property(lambda self: self.train.init_rng)
+
+
+def model_config(config, vocab_size: int) -> ModelConfig:
+  """The pretraining model: config.model, the tokenizer's vocabulary, and
+  the ITC/ITM heads when an objective needs them."""
+  model_cfg = ModelConfig.from_config(config.model, vocab_size=vocab_size)
+  if "itc" in parse_objectives(config.objectives):
+    model_cfg = dataclasses.replace(model_cfg, matching_heads=True)
+  return model_cfg
+
+
+def batch_spec(config, model_cfg: ModelConfig, batch_size: int
+               ) -> specs.Spec:
+  """One global pretraining batch (EVE-Shapes and prepared corpora alike)."""
+  return specs.pretrain(batch_size, model_cfg.image_size,
+                        model_cfg.max_text_len)
 
 
 def build_program(config, tokenizer: Tokenizer, mesh: jax.sharding.Mesh,
                   rules: sharding.Rules) -> Program:
-  """Shapes -> shardings -> jitted init and step (traced later, under
-  `sharding.use(mesh, rules)`)."""
+  """Shapes -> shardings -> jitted init, step and eval step (traced later,
+  under `sharding.use(mesh, rules)`)."""
   objectives = parse_objectives(config.objectives)
-  model_cfg = ModelConfig.from_config(config.model,
-                                      vocab_size=tokenizer.vocab_size)
-  if "itc" in objectives:
-    model_cfg = dataclasses.replace(model_cfg, matching_heads=True)
+  model_cfg = model_config(config, tokenizer.vocab_size)
   sharding.check_experts(model_cfg.num_experts, model_cfg.num_soft_layers,
                          mesh, rules)
   task = PretrainTask(
@@ -355,48 +330,32 @@ def build_program(config, tokenizer: Tokenizer, mesh: jax.sharding.Mesh,
       cls_id=tokenizer.cls_id, vocab_size=tokenizer.vocab_size,
       num_special=max(tokenizer.special_ids) + 1, objectives=objectives)
   tx, schedule = make_optimizer(config.optim, config.train.steps)
-
-  def init(rng):
-    model = EVEPretrainModel(model_cfg, rngs=nnx.Rngs(params=rng))
-    params = nnx.state(model, nnx.Param)
-    return TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                      opt_state=tx.init(params))
-
-  graphdef = nnx.graphdef(nnx.eval_shape(
-      lambda: EVEPretrainModel(model_cfg, rngs=nnx.Rngs(params=0))))
-  init_rng, base_rng = jax.random.split(jax.random.key(config.seed))
-  abstract = jax.eval_shape(init, init_rng)
-  state_sh = sharding.tree_shardings(abstract, mesh, rules)
-  batch_sh = sharding.batch_sharding(mesh, rules, config.train.batch_size)
+  prog = build_step(
+      make_model=lambda key: EVEPretrainModel(model_cfg,
+                                              rngs=nnx.Rngs(params=key)),
+      task=task, tx=tx, schedule=schedule, seed=config.seed, mesh=mesh,
+      rules=rules,
+      batch_spec=batch_spec(config, model_cfg, config.train.batch_size))
   eval_sh = sharding.batch_sharding(mesh, rules, config.train.eval_batch_size)
   replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-  step = jax.jit(
-      functools.partial(train_step, graphdef=graphdef, task=task, tx=tx,
-                        schedule=schedule, base_rng=base_rng),
-      in_shardings=(state_sh, batch_sh), out_shardings=(state_sh, replicated),
-      donate_argnums=(0,))
+  # NumPy constants: no eager op on the mesh while building.
   if uses_corpora(config):
     # No word list that only the image can tell; the "blank" image (the
     # text-only baseline) is mid-gray.
-    visual_ids = jnp.zeros((0,), jnp.int32)
-    blank = jnp.zeros((model_cfg.image_size,) * 2 + (3,), jnp.float32)
+    visual_ids = np.zeros((0,), np.int32)
+    blank = np.zeros((model_cfg.image_size,) * 2 + (3,), np.float32)
   else:
-    visual_ids = jnp.asarray(tokenizer.word_ids(shapes.VISUAL_WORDS))
-    blank = jnp.asarray(data_pipeline.normalize_image(
-        shapes.blank_image(model_cfg.image_size)))
+    visual_ids = np.asarray(tokenizer.word_ids(shapes.VISUAL_WORDS), np.int32)
+    blank = data_pipeline.normalize_image(
+        shapes.blank_image(model_cfg.image_size))
   eval_step = jax.jit(
       functools.partial(
-          _eval_step, graphdef=graphdef, task=task, visual_ids=visual_ids,
-          blank=blank),
-      in_shardings=(state_sh.params, eval_sh, replicated),
+          _eval_step, graphdef=prog.graphdef, task=task,
+          visual_ids=visual_ids, blank=blank),
+      in_shardings=(prog.state_shardings.params, eval_sh, replicated),
       out_shardings=replicated)
-  return Program(
-      model_cfg=model_cfg, task=task, graphdef=graphdef,
-      abstract=sharding.with_shardings(abstract, state_sh),
-      state_shardings=state_sh, batch_sharding=batch_sh,
-      eval_sharding=eval_sh,
-      init=jax.jit(init, out_shardings=state_sh), step=step,
-      eval_step=eval_step, init_rng=init_rng)
+  return Program(model_cfg=model_cfg, task=task, train=prog,
+                 eval_sharding=eval_sh, eval_step=eval_step)
 
 
 def _run(config, workdir: str, mesh, rules) -> RunResult:
@@ -416,8 +375,15 @@ def _run(config, workdir: str, mesh, rules) -> RunResult:
   if config.train.eval_examples < eval_shard[1]:
     raise ValueError(f"train.eval_examples={config.train.eval_examples} is "
                      f"fewer than the {eval_shard[1]} processes' data shards")
-  to_global = functools.partial(sharding.global_batch,
-                                sharding=prog.batch_sharding, batch_size=bs)
+  spec = prog.train.batch
+
+  def to_global(local):
+    # Only the arrays the step was compiled for (the spec of
+    # eve_jax/data/specs.py), in its dtypes.
+    local = specs.select(local, {k: (v.shape, v.dtype)
+                                 for k, v in spec.items()})
+    return sharding.global_batch(local, prog.batch_sharding, bs)
+
   to_global_eval = functools.partial(
       sharding.global_batch, sharding=prog.eval_sharding, batch_size=eval_bs)
 
@@ -464,9 +430,9 @@ def _run(config, workdir: str, mesh, rules) -> RunResult:
   else:
     batch = to_global(next(train_iter))
     t0 = time.perf_counter()
-    compiled = step_fn.lower(state, batch).compile()
+    compiled = step_fn.lower(prog.abstract, prog.train.batch).compile()
     compile_s = time.perf_counter() - t0
-    flops = _xla_flops(compiled) * mesh.size
+    flops = xla_flops(compiled) * mesh.size
     logging.info("step compiled in %.1fs; XLA counts %.3g FLOPs per step "
                  "(%.3g per sample)", compile_s, flops, flops / bs)
     writer.write(start, dict(compile_s=compile_s, xla_flops_per_step=flops,
@@ -491,11 +457,8 @@ def _run(config, workdir: str, mesh, rules) -> RunResult:
   return RunResult(eval=last_eval, state=state)
 
 
-def _xla_flops(compiled) -> float:
-  """FLOPs of one device's program, as XLA's cost analysis counts them."""
-  cost = compiled.cost_analysis()
-  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-  return float((cost or {}).get("flops", 0.0))
+# The name other modules and tests have used.
+_xla_flops = xla_flops
 
 
 def _eval_step(params, batch, rng, *, graphdef, task, visual_ids, blank):

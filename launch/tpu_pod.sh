@@ -34,6 +34,12 @@ options:
   --spot               create a Spot slice
   --logs DIR           local directory for the workers' logs
                        (default ./tpu_logs/NAME)
+  --topology NAME      compile-only target of the preflight (default: the
+                       --accelerator type, e.g. v5p-64)
+  --no-preflight       skip the preflight: by default the run's train step
+                       is first compiled here for the slice (python -m
+                       eve_jax.compile, needs pip install -e '.[compile]')
+                       and nothing is created or run when it does not fit
   --dry-run            print the commands, one per line; run nothing
   -h, --help           this help
 
@@ -66,6 +72,7 @@ quote_all() {
 }
 
 name="" zone="" accelerator="" version="" project="" spot=0 logs="" dry_run=0
+topology="" preflight=1
 need_value() { [[ $# -ge 2 ]] || die "$1 needs a value"; }
 while [[ $# -gt 0 ]]; do
   case "$1" in
@@ -81,6 +88,9 @@ while [[ $# -gt 0 ]]; do
     --project=*) project="${1#*=}"; shift ;;
     --logs) need_value "$@"; logs="$2"; shift 2 ;;
     --logs=*) logs="${1#*=}"; shift ;;
+    --topology) need_value "$@"; topology="$2"; shift 2 ;;
+    --topology=*) topology="${1#*=}"; shift ;;
+    --no-preflight) preflight=0; shift ;;
     --spot) spot=1; shift ;;
     --dry-run) dry_run=1; shift ;;
     -h|--help) usage; exit 0 ;;
@@ -117,6 +127,19 @@ run() {
 tpu=(gcloud compute tpus tpu-vm)
 common=("--zone=$zone")
 [[ -z "$project" ]] || common+=("--project=$project")
+
+# (0) Preflight: compile the run's step for the slice on this machine and
+# stop before any TPU is created or used when it does not fit (exit 3) or
+# does not build. The run's own arguments go to eve_jax.compile unchanged.
+topology="${topology:-$accelerator}"
+if [[ $preflight == 1 ]]; then
+  if [[ -z "$topology" ]]; then
+    echo "tpu_pod.sh: warning: no --topology or --accelerator: skipping the preflight compile" >&2
+  else
+    run "${PYTHON:-python3}" -m eve_jax.compile "--topology=$topology" "${main_args[@]}" \
+      || die "preflight: the run does not compile or fit on $topology (see above); --no-preflight skips this check"
+  fi
+fi
 
 # (1) Create the slice unless it exists. A dry run does not ask gcloud: it
 # creates when --accelerator is given.

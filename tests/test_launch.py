@@ -53,6 +53,8 @@ def ssh_command(argv):
 
 def step(argv):
   """A printed command's kind: create, archive, scp, install, run, fetch."""
+  if "eve_jax.compile" in argv:
+    return "preflight"
   if argv[0] == "git":
     return "archive"
   if argv[0] == "mkdir":
@@ -83,7 +85,12 @@ def test_bash_syntax(script):
 def test_tpu_dry_run_creates_then_copies_installs_runs_fetches():
   cmds = tpu_dry_run("--accelerator", "v4-32", "--spot", "--project", "p1")
   assert [step(c) for c in cmds] == [
-      "create", "archive", "scp", "install", "run", "mkdir", "fetch"]
+      "preflight", "create", "archive", "scp", "install", "run", "mkdir",
+      "fetch"]
+  # The run's own arguments, compiled for the slice before it is created.
+  assert cmds[0] == ["python3", "-m", "eve_jax.compile", "--topology=v4-32",
+                     *MAIN_ARGS]
+  cmds = cmds[1:]
   create = cmds[0]
   assert create[5] == "eve-pod"
   for flag in ("--zone=us-central2-b", "--accelerator-type=v4-32",
@@ -103,7 +110,8 @@ def test_tpu_dry_run_creates_then_copies_installs_runs_fetches():
 
 
 def test_tpu_dry_run_v5p_runtime_and_logs_dir(tmp_path):
-  cmds = tpu_dry_run("--accelerator", "v5p-64", "--logs", str(tmp_path))
+  cmds = tpu_dry_run("--accelerator", "v5p-64", "--logs", str(tmp_path),
+                     "--no-preflight")
   assert "--version=v2-alpha-tpuv5" in cmds[0]
   assert "--spot" not in cmds[0]
   assert cmds[-1][-1] == f"--output-directory={tmp_path}"
@@ -148,6 +156,41 @@ def test_tpu_install_command_is_valid_bash():
   assert r.returncode == 0, r.stderr
 
 
+def test_tpu_preflight_topology_option():
+  cmds = tpu_dry_run("--topology", "v5p:2x4x4")
+  assert cmds[0][3] == "--topology=v5p:2x4x4"
+  assert [step(c) for c in cmds][:2] == ["preflight", "archive"]
+
+
+def fake_python(tmp_path, status):
+  """A `python3` that records its argv and exits with `status`."""
+  py = tmp_path / "fake_python"
+  py.write_text('#!/usr/bin/env bash\n'
+                f'printf "%s\\0" "$@" > {shlex.quote(str(tmp_path / "py_argv"))}\n'
+                f"exit {status}\n")
+  py.chmod(0o755)
+  return str(py)
+
+
+def test_tpu_preflight_that_fails_stops_before_any_gcloud(tmp_path):
+  """eve_jax.compile exits 3 (does not fit): nothing is created, copied or
+  run, and the launcher says why."""
+  bin_dir = tmp_path / "bin"
+  bin_dir.mkdir()
+  gcloud = bin_dir / "gcloud"
+  gcloud.write_text(f"#!/usr/bin/env bash\ntouch {tmp_path / 'called'}\n")
+  gcloud.chmod(0o755)
+  r = sh(TPU, "--name", "eve-pod", "--zone", "z", "--accelerator", "v5p-64",
+         "--", *MAIN_ARGS,
+         env={"PATH": f"{bin_dir}:{os.environ['PATH']}",
+              "PYTHON": fake_python(tmp_path, 3), "TMPDIR": str(tmp_path)})
+  assert r.returncode != 0
+  assert "preflight" in r.stderr.strip().splitlines()[-1]
+  assert not (tmp_path / "called").exists()
+  argv = (tmp_path / "py_argv").read_text().split("\0")[:-1]
+  assert argv == ["-m", "eve_jax.compile", "--topology=v5p-64", *MAIN_ARGS]
+
+
 def test_tpu_fetches_logs_after_a_failed_run(tmp_path):
   """Real mode with a fake gcloud: the slice is missing (created), the run
   fails, the logs are still fetched and the run's exit status is kept."""
@@ -167,7 +210,7 @@ def test_tpu_fetches_logs_after_a_failed_run(tmp_path):
   r = sh(TPU, "--name", "eve-pod", "--zone", "z", "--accelerator", "v4-32",
          "--logs", str(tmp_path / "logs"), "--", *MAIN_ARGS,
          env={"PATH": f"{bin_dir}:{os.environ['PATH']}",
-              "TMPDIR": str(tmp_path)})
+              "PYTHON": fake_python(tmp_path, 0), "TMPDIR": str(tmp_path)})
   assert r.returncode == 5, r.stderr
   records = calls.read_text().split("\n\0")[:-1]
   argvs = [rec.split("\0")[:-1] for rec in records]

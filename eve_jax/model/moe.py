@@ -24,7 +24,7 @@ from flax import nnx
 
 from eve_jax.model.layers import activation_fn as gelu_fn
 from eve_jax.model.layers import layer_norm, param
-from eve_jax.sharding import constrain, logical_size
+from eve_jax.sharding import constrain, logical_size, target_platform
 
 _KERNEL_INIT = nnx.initializers.truncated_normal(stddev=0.02)
 _ZEROS = nnx.initializers.zeros_init()
@@ -401,7 +401,9 @@ class ModalityMoE(nnx.Module):
     if self.experts == "auto":
       # Only where it pays (CPU) and is harmless: with experts sharded
       # over devices, one batched einsum keeps each expert on its device.
-      return (jax.default_backend() == "cpu"
+      # The target's platform, not the host's: compiling for a TPU from a
+      # CPU machine must build the TPU program.
+      return (target_platform() == "cpu"
               and logical_size("act_expert") == 1)
     return self.experts == "unrolled"
 

@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from eve_jax.data import downstream, finetune_data
+from eve_jax.data import downstream, finetune_data, specs
 from eve_jax.model.task_models import RetrievalModel
 from eve_jax.tasks import metrics as M
 from eve_jax.tasks.pretrain import cross_entropy, itc_pass, itm_pass
@@ -68,6 +68,21 @@ class RetrievalTask:
 
   def build_model(self, rngs):
     return RetrievalModel(self.model_cfg, rngs=rngs)
+
+  def batch_spec(self, batch_size: int) -> specs.Spec:
+    """One global batch of `encode_train` rows."""
+    m = self.model_cfg
+    return specs.retrieval(batch_size, m.image_size, m.max_text_len)
+
+  @classmethod
+  def without_data(cls, config, tokenizer, model_cfg, **sizes):
+    """The task with no examples: enough to build its model and training
+    step (python -m eve_jax.compile); no file is read."""
+    self = cls.__new__(cls)
+    self.tokenizer, self.model_cfg = tokenizer, model_cfg
+    self.train_examples, self.num_train = [], 0
+    self.k_test = config.retrieval.k_test
+    return self
 
   def _text(self, caption: str):
     ids, valid = self.tokenizer.encode_batch([caption],

@@ -33,7 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from eve_jax.data import downstream, finetune_data
+from eve_jax.data import downstream, finetune_data, specs
 from eve_jax.data.corpora import DataError
 from eve_jax.model.task_models import VQAModel
 from eve_jax.tasks import metrics as M
@@ -117,6 +117,25 @@ class VQATask:
 
   def build_model(self, rngs):
     return VQAModel(self.model_cfg, len(self.vocab), rngs=rngs)
+
+  def batch_spec(self, batch_size: int) -> specs.Spec:
+    """One global batch of `encode_train` rows."""
+    m = self.model_cfg
+    return specs.vqa(batch_size, m.image_size, m.max_text_len,
+                     len(self.vocab))
+
+  @classmethod
+  def without_data(cls, config, tokenizer, model_cfg, **sizes):
+    """The task with no examples: enough to build its model and training
+    step (python -m eve_jax.compile); no file is read.
+    `num_answers` (default 3,129, VQAv2's) sizes the classifier."""
+    self = cls.__new__(cls)
+    self.tokenizer, self.model_cfg = tokenizer, model_cfg
+    self.train_examples, self.num_train = [], 0
+    # Stand-in answers: only their number shapes the program.
+    self.vocab = [f"<answer {i}>" for i in range(
+        sizes.get("num_answers", 3129))]
+    return self
 
   def _inputs(self, ex) -> dict[str, np.ndarray]:
     ids, valid = self.tokenizer.encode_batch([ex.question],

@@ -1,0 +1,79 @@
+"""Reports for models too big to compile here, from two smaller depths.
+
+Every per-step quantity of EVE's step grows linearly with the number of
+hard-router blocks (each adds the same parameters, optimizer state,
+activations, FLOPs and gradient all-reduce bytes): compiling the model at
+depths A and B (soft-router layers, decoder, heads unchanged) and drawing
+the line through them gives the full depth's numbers. Checked against one
+full-depth compile (tests/test_compile.py at tiny size; BENCHMARKS.md for
+EVE-Base).
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+LINEAR = ("lower_s", "compile_s", "flops_per_step_analytic",
+          "flops_per_step_xla", "compute_s", "memory_s", "collectives_s",
+          "roofline_step_s", "cost_model_step_s", "est_step_s")
+
+
+def parse_depths(text: str, depth: int, num_soft_layers: int
+                 ) -> tuple[int, int]:
+  """"A,B" -> (A, B), each more than the soft-router layers, A < B."""
+  try:
+    a, b = (int(x) for x in text.split(","))
+  except ValueError:
+    raise ValueError(f"--depth={text!r}: expected two depths A,B") from None
+  if not num_soft_layers < a < b:
+    raise ValueError(f"--depth={text!r}: need {num_soft_layers} < A < B "
+                     f"(the model has {num_soft_layers} soft-router layers "
+                     f"on top of its hard-router ones; depth {depth})")
+  return a, b
+
+
+def line(va: float, vb: float, a: int, b: int, d: int) -> float:
+  return va + (vb - va) * (d - a) / (b - a)
+
+
+def combine(ra: dict, rb: dict, a: int, b: int, d: int) -> dict[str, Any]:
+  """The depth-d report through the depth-a and depth-b ones."""
+  if not (ra["fits"] and rb["fits"]) and ("memory" not in ra
+                                          or "memory" not in rb):
+    out = dict(rb if not rb["fits"] else ra)
+    out["extrapolated_from"] = [a, b]
+    return out
+  out = copy.deepcopy(rb)
+  for k in LINEAR:
+    if ra.get(k) is not None and rb.get(k) is not None:
+      out[k] = line(ra[k], rb[k], a, b, d)
+  out["memory"] = {k: int(line(ra["memory"][k], rb["memory"][k], a, b, d))
+                   for k in rb["memory"]}
+  for kind, c in rb["collectives"].items():
+    ca = ra["collectives"].get(kind, {"count": 0, "bytes": 0.0})
+    c["count"] = int(round(line(ca["count"], c["count"], a, b, d)))
+    c["bytes"] = line(ca["bytes"], c["bytes"], a, b, d)
+  out["margin_bytes"] = int(out["hbm_bytes"] - out["memory"]["total"])
+  out["fits"] = out["margin_bytes"] >= 0
+  if out.get("flops_per_step_xla"):
+    out["xla_over_analytic"] = (out["flops_per_step_xla"]
+                                / out["flops_per_step_analytic"])
+  out["est_mfu"] = out["flops_per_step_analytic"] / (
+      out["est_step_s"] * out["devices"] * out["peak_flops_per_device"])
+  out["extrapolated_from"] = [a, b]
+  return out
+
+
+def compile_extrapolated(config, target, depths: str, **kw) -> dict:
+  """compile.compile_one at the two depths of `depths`, then `combine`."""
+  from eve_jax.aot import step  # pylint: disable=g-import-not-at-top
+  d, soft = int(config.model.depth), int(config.model.num_soft_layers)
+  a, b = parse_depths(depths, d, soft)
+  reports = []
+  for depth in (a, b):
+    c = config.copy_and_resolve_references()
+    with c.unlocked():
+      c.model.depth = depth
+    reports.append(step.compile_one(c, target, **kw))
+  return combine(reports[0], reports[1], a, b, d)

@@ -1,0 +1,205 @@
+"""What a compiled step tells before it runs: memory, collectives, FLOPs,
+and an ESTIMATED step time.
+
+Everything measured here comes from the compiler: `memory_analysis()`
+(per-device bytes), `cost_analysis()` (TPU only; XLA:GPU returns None) and
+the optimized HLO text (collectives). The step time is never measured: it
+is one of two estimates, each named in the report by `estimate_method`:
+
+  - "xla_tpu_cost_model": XLA's TPU cost model (`optimal_seconds`), with
+    its one known bias corrected: every op offloaded to the SparseCore (an
+    async `call-start` on the "sparsecore" thread) is counted as -1 s, so
+    their count is added back. Used on TPU when the program has no loop
+    (a scanned body is counted once, which undercounts a scanned model).
+  - "roofline": max(FLOPs / peak, bytes / HBM bandwidth) + collective
+    bytes / interconnect bandwidth, with the chip's published figures
+    (targets.py) and no overlap of communication with compute (so it
+    errs slow). Used on GPU and for scanned models; its FLOPs are the
+    larger of XLA's count and eve_jax's analytic count, its bytes XLA's
+    `bytes accessed` where there is one, else the state read and written
+    once (a lower bound).
+"""
+
+from __future__ import annotations
+
+import collections
+import math
+import re
+from typing import Any
+
+from eve_jax.aot.targets import Target
+
+COLLECTIVES = ("all-reduce", "all-gather", "reduce-scatter", "all-to-all",
+               "collective-permute")
+_DTYPE_BYTES = {"pred": 1, "s8": 1, "u8": 1, "s16": 2, "u16": 2, "f16": 2,
+                "bf16": 2, "s32": 4, "u32": 4, "f32": 4, "s64": 8, "u64": 8,
+                "f64": 8, "c64": 8, "c128": 16, "f8e4m3fn": 1, "f8e5m2": 1}
+_ARRAY = re.compile(r"\b(" + "|".join(_DTYPE_BYTES) + r")\[([\d,]*)\]")
+_OP = re.compile(r" (" + "|".join(COLLECTIVES) + r")(-start)?\(")
+_GROUPS_IOTA = re.compile(r"replica_groups=\[(\d+),(\d+)\]")
+_GROUPS_LIST = re.compile(r"replica_groups=\{\{([\d,]*)\}")
+
+
+def _array_bytes(type_text: str) -> list[int]:
+  return [_DTYPE_BYTES[dt] * math.prod(int(d) for d in dims.split(",") if d)
+          for dt, dims in _ARRAY.findall(type_text)]
+
+
+def collectives(hlo: str) -> dict[str, dict[str, float]]:
+  """{kind: {"count", "bytes", "group"}} of the collectives in optimized
+  HLO text. Bytes are each instruction's result (for an async start, its
+  largest buffer); "group" is the largest replica group seen. A loop's
+  body is counted once, however often it runs."""
+  out: dict[str, dict[str, float]] = collections.defaultdict(
+      lambda: {"count": 0, "bytes": 0.0, "group": 0})
+  for line in hlo.splitlines():
+    if " = " not in line:
+      continue
+    m = _OP.search(line)
+    if not m or m.start() < line.index(" = "):
+      continue
+    sizes = _array_bytes(line[line.index(" = ") + 3:m.start()])
+    if not sizes:
+      continue
+    kind = out[m.group(1)]
+    kind["count"] += 1
+    kind["bytes"] += max(sizes) if m.group(2) else sum(sizes)
+    if g := _GROUPS_IOTA.search(line):
+      kind["group"] = max(kind["group"], int(g.group(2)))
+    elif g := _GROUPS_LIST.search(line):
+      kind["group"] = max(kind["group"], len(g.group(1).split(",")))
+  return dict(out)
+
+
+def sparsecore_offloads(hlo: str) -> int:
+  """Async calls XLA:TPU runs on the SparseCore (scatters and gathers it
+  offloads); the TPU cost model counts each as -1 s."""
+  return sum(1 for line in hlo.splitlines()
+             if " call-start(" in line
+             and 'async_execution_thread="sparsecore"' in line)
+
+
+def has_loop(hlo: str) -> bool:
+  """Whether the program holds a while loop (scanned layers)."""
+  return re.search(r" while\(", hlo) is not None
+
+
+def memory(compiled) -> dict[str, int]:
+  """Per-device bytes of the compiled step. `total` = arguments + outputs
+  - what the outputs alias (the donated state) + temporaries + code: what
+  the device must hold at the step's peak."""
+  m = compiled.memory_analysis()
+  out = dict(argument=m.argument_size_in_bytes,
+             output=m.output_size_in_bytes, alias=m.alias_size_in_bytes,
+             temp=m.temp_size_in_bytes,
+             code=m.generated_code_size_in_bytes)
+  out["total"] = (out["argument"] + out["output"] - out["alias"]
+                  + out["temp"] + out["code"])
+  return out
+
+
+def _cost(compiled) -> dict[str, float]:
+  cost = compiled.cost_analysis()
+  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+  return dict(cost or {})
+
+
+def _transfer_factor(kind: str, group: int) -> float:
+  """Bytes each device sends per result byte: ring all-reduce 2(n-1)/n,
+  the others (n-1)/n; a permute sends its whole buffer."""
+  n = max(group, 2)
+  if kind == "all-reduce":
+    return 2 * (n - 1) / n
+  if kind == "collective-permute":
+    return 1.0
+  return (n - 1) / n
+
+
+def estimate(target: Target, compiled_cost: dict[str, float], hlo: str,
+             mem: dict[str, int], step_flops_analytic: float
+             ) -> dict[str, Any]:
+  """The ESTIMATED step time and MFU (module docstring), with the parts of
+  the roofline and which method was used."""
+  n, chip = target.num_devices, target.chip
+  per_host = n // max(target.hosts, 1)
+  xla_flops = float(compiled_cost.get("flops", 0.0))
+  flops_dev = max(xla_flops, step_flops_analytic / n)
+  bytes_dev = float(compiled_cost.get("bytes accessed", 0.0)) or float(
+      mem["argument"] + mem["output"])
+  comm_s = 0.0
+  for kind, c in collectives(hlo).items():
+    # A group wider than one host's devices crosses the (slower) network.
+    bw = chip.node_bw if c["group"] > per_host else chip.link_bw
+    comm_s += c["bytes"] * _transfer_factor(kind, c["group"] or n) / bw
+  parts = dict(compute_s=flops_dev / chip.peak_flops,
+               memory_s=bytes_dev / chip.hbm_bw, collectives_s=comm_s)
+  roofline = max(parts["compute_s"], parts["memory_s"]) + comm_s
+  out: dict[str, Any] = dict(roofline_step_s=roofline, **parts)
+  method, step_s = "roofline", roofline
+  if target.platform == "tpu" and "optimal_seconds" in compiled_cost:
+    offloads = sparsecore_offloads(hlo)
+    model_s = float(compiled_cost["optimal_seconds"]) + offloads
+    out.update(cost_model_step_s=model_s, sparsecore_offloads=offloads)
+    if has_loop(hlo):
+      out["cost_model_note"] = ("a scanned body is counted once: the cost "
+                                "model undercounts; roofline used")
+    elif model_s > 0:
+      method, step_s = "xla_tpu_cost_model", model_s
+  out.update(estimate_method=method, est_step_s=step_s,
+             est_mfu=step_flops_analytic / (step_s * n * chip.peak_flops))
+  return out
+
+
+def report(target: Target, built, compiled, compile_s: float) -> dict:
+  """The compile report of one step (keys in README, "Before you launch").
+  All per-device numbers are of one device of the target."""
+  hlo = compiled.as_text()
+  mem = memory(compiled)
+  cost = _cost(compiled)
+  n = target.num_devices
+  step_flops = built.flops_per_sample * built.batch_size
+  xla_flops = float(cost.get("flops", 0.0)) * n
+  out = dict(
+      target=target.describe(), platform=target.platform, devices=n,
+      mesh={k: int(v) for k, v in built.mesh.shape.items()},
+      batch_size=built.batch_size,
+      per_device_batch=built.batch_size / n, fits=True,
+      hbm_bytes=int(target.chip.hbm_bytes),
+      memory=mem, margin_bytes=int(target.chip.hbm_bytes - mem["total"]),
+      lower_s=built.lower_s, compile_s=compile_s,
+      flops_per_step_analytic=step_flops,
+      flops_per_step_xla=xla_flops or None,
+      xla_over_analytic=(xla_flops / step_flops) if xla_flops else None,
+      collectives=collectives(hlo),
+      peak_flops_per_device=target.chip.peak_flops)
+  out.update(estimate(target, cost, hlo, mem, step_flops))
+  # The compiler accepted it; a total past the chip's HBM would still not
+  # run (the compiler's own limit can differ from the published figure).
+  out["fits"] = out["margin_bytes"] >= 0
+  return out
+
+
+def does_not_fit(target: Target, built, message: str, compile_s: float
+                 ) -> dict:
+  """The report of a step the compiler refused for memory."""
+  return dict(target=target.describe(), platform=target.platform,
+              devices=target.num_devices,
+              mesh={k: int(v) for k, v in built.mesh.shape.items()},
+              batch_size=built.batch_size,
+              per_device_batch=built.batch_size / target.num_devices,
+              fits=False, hbm_bytes=int(target.chip.hbm_bytes),
+              error=message, lower_s=built.lower_s, compile_s=compile_s)
+
+
+def is_out_of_memory(e: Exception) -> bool:
+  text = str(e)
+  return ("RESOURCE_EXHAUSTED" in text or "Ran out of memory" in text
+          or "exceeds available" in text or "out of memory" in text.lower())
+
+
+def oom_line(e: Exception) -> str:
+  """The compiler's own out-of-memory sentence, on one line."""
+  for line in str(e).splitlines():
+    if "memory" in line.lower() or "exceeds" in line:
+      return line.strip()[:300]
+  return str(e).strip().splitlines()[0][:300]

@@ -1,0 +1,224 @@
+"""The trainer's step compiled for TPU and GPU targets from this CPU host.
+
+Real compile-only targets: libtpu's v5p topology (in-process) and the CUDA
+plugin with an H100 target description (a subprocess of `python -m
+eve_jax.compile`: the plugin must be on the path before JAX starts). Each
+check reads the compiler's own output: the optimized HLO (which
+collectives), memory_analysis (what fits), cost_analysis (FLOPs).
+
+Without libtpu or the CUDA plugin these tests skip, unless
+EVE_JAX_REQUIRE_COMPILE_TARGETS=1 (CI sets it), where a missing target
+fails.
+"""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from eve_jax import config_lib, sharding
+from eve_jax.aot import build, extrapolate, report, targets
+
+REQUIRE = os.environ.get("EVE_JAX_REQUIRE_COMPILE_TARGETS") == "1"
+
+
+def _target_or_skip(name):
+  try:
+    return targets.get_target(name)
+  except targets.TargetError as e:
+    if REQUIRE:
+      raise
+    pytest.skip(str(e))
+
+
+@pytest.fixture(scope="module")
+def v5p():
+  return _target_or_skip("v5p:2x2x1")  # one v5p host: 4 chips
+
+
+def tiny(task="pretrain", **mesh):
+  c = (config_lib.get_pretrain_config("tiny", default_variant="base")
+       if task == "pretrain" else config_lib.finetune_config(task, "tiny"))
+  c.mesh.update(dict(data=-1, **mesh))
+  return c
+
+
+def compiled_report(config, target):
+  built = build.lower_step(config, target.devices)
+  compiled = built.lowered.compile()
+  return report.report(target, built, compiled, 0.0), compiled.as_text()
+
+
+@pytest.fixture(scope="module")
+def pretrain_reports(v5p):
+  """tiny pretraining on v5p with expert=2 and expert=1."""
+  return {e: compiled_report(tiny(expert=e), v5p) for e in (2, 1)}
+
+
+def test_expert_parallel_step_has_all_to_all(pretrain_reports):
+  r, hlo = pretrain_reports[2]
+  assert r["mesh"] == dict(data=2, fsdp=1, expert=2, tensor=1)
+  # Tokens travel to their experts' chips and back, in both passes, forward
+  # and backward: 2 soft layers x 2 passes x (2 + 2) = 16.
+  assert r["collectives"]["all-to-all"]["count"] == 16
+  assert "all-reduce" in r["collectives"]  # the data-parallel gradients
+  assert "sparsecore" in hlo  # compiled for a TPU, not for this CPU
+
+
+def test_expert_one_builds_the_batched_experts_not_the_host_form(
+    pretrain_reports):
+  """With experts unsharded the CPU host would unroll the experts into E
+  matmuls (moe.py, `experts="auto"`); compiling for a TPU from a CPU must
+  build the TPU's batched form: no all-to-all, no collective-permute."""
+  r, hlo = pretrain_reports[1]
+  assert r["mesh"]["expert"] == 1 and r["mesh"]["data"] == 4
+  assert "all-to-all" not in r["collectives"]
+  assert "collective-permute" not in r["collectives"]
+  assert "all-reduce" in r["collectives"]
+  # The batched expert product: one [E, N, D] x [E, D, F] dot per layer
+  # (E = 4 tiny experts as a batch dimension) instead of E separate dots.
+  assert "lhs_batch_dims={0}" in hlo
+
+
+def test_target_platform_comes_from_the_mesh(v5p):
+  from eve_jax.model.moe import ModalityMoE
+  from flax import nnx
+  moe = ModalityMoE(8, 16, 4, rngs=nnx.Rngs(0))
+  mesh = sharding.make_mesh(dict(data=-1), v5p.devices)
+  rules = sharding.parse_rules(sharding.DEFAULT_RULES)
+  assert sharding.target_platform() == "cpu" and moe._unrolled()  # pylint: disable=protected-access
+  with sharding.use(mesh, rules):
+    assert sharding.target_platform() == "tpu"
+    assert not moe._unrolled()  # pylint: disable=protected-access
+  assert sharding.target_platform() == "cpu"
+
+
+def test_report_keys_and_numbers(pretrain_reports):
+  r, _ = pretrain_reports[2]
+  for key in ("target", "devices", "mesh", "batch_size", "per_device_batch",
+              "fits", "hbm_bytes", "memory", "margin_bytes", "compile_s",
+              "flops_per_step_analytic", "flops_per_step_xla",
+              "xla_over_analytic", "collectives", "est_step_s", "est_mfu",
+              "estimate_method", "roofline_step_s", "cost_model_step_s",
+              "sparsecore_offloads"):
+    assert key in r, key
+  m = r["memory"]
+  assert m["total"] == (m["argument"] + m["output"] - m["alias"] + m["temp"]
+                        + m["code"])
+  assert m["alias"] > 0.9 * m["argument"]  # the state is donated
+  assert r["fits"] and r["margin_bytes"] == r["hbm_bytes"] - m["total"]
+  # XLA counts the analytic matmuls plus what they leave out (capacity
+  # slack, attention softmax, norms): more, but the same order.
+  assert 1.0 < r["xla_over_analytic"] < 1.5
+  assert r["estimate_method"] == "xla_tpu_cost_model"
+  assert r["sparsecore_offloads"] > 0 and r["cost_model_step_s"] > 0
+  assert 0 < r["est_mfu"] < 1
+
+
+def test_finetune_step_compiles_for_tpu(v5p):
+  c = tiny("vqa", expert=2)
+  r, _ = compiled_report(c, v5p)
+  assert r["fits"] and r["collectives"]["all-to-all"]["count"] > 0
+  c = tiny("nlvr2", expert=1)
+  r, _ = compiled_report(c, v5p)
+  assert r["fits"] and "all-to-all" not in r["collectives"]
+
+
+def test_depth_extrapolation_matches_a_full_compile(v5p):
+  """tiny at 3 and 4 blocks, extrapolated to 5, against 5 compiled."""
+  c = tiny(expert=2)
+  c.model.depth = 5
+  full, _ = compiled_report(c, v5p)
+  r = extrapolate.compile_extrapolated(c, v5p, "3,4")
+  assert r["extrapolated_from"] == [3, 4]
+  for key in ("argument", "output", "total"):
+    assert r["memory"][key] == pytest.approx(full["memory"][key], rel=0.02)
+  assert r["flops_per_step_xla"] == pytest.approx(full["flops_per_step_xla"],
+                                                  rel=0.01)
+  assert r["flops_per_step_analytic"] == pytest.approx(
+      full["flops_per_step_analytic"], rel=1e-9)
+
+
+def test_collective_bytes_from_hlo_lines():
+  """Hand-worked: result shapes -> bytes, async starts counted once."""
+  hlo = "\n".join([
+      "  %a2a = bf16[4,8,16]{2,1,0} all-to-all(%x), replica_groups=[2,2]<=[4]",
+      "  %ar = (f32[10]{0}, f32[2,3]{1,0}) all-reduce(%p, %q), "
+      "replica_groups={{0,1,2,3}}, to_apply=%sum",
+      "  %ags = (f32[8]{0}, f32[32]{0}) all-gather-start(%y), dimensions={0}",
+      "  %agd = f32[32]{0} all-gather-done(%ags)",
+      "  %c = f32[4]{0} add(%u, %v)",
+  ])
+  c = report.collectives(hlo)
+  assert c["all-to-all"] == dict(count=1, bytes=4 * 8 * 16 * 2, group=2)
+  assert c["all-reduce"] == dict(count=1, bytes=(10 + 6) * 4, group=4)
+  assert c["all-gather"]["count"] == 1 and c["all-gather"]["bytes"] == 128
+  assert set(c) == {"all-to-all", "all-reduce", "all-gather"}
+
+
+def test_target_names():
+  with pytest.raises(targets.TargetError, match="expected a TPU slice"):
+    targets.get_target("v5p-64")
+  with pytest.raises(targets.TargetError, match="not one of"):
+    targets.get_target("x100x8")
+  text = targets.gpu_target_config(targets.GPUS["h200"])
+  assert "core_count: 132" in text and "151397597184" in text
+
+
+def _cli(*args, timeout=600):
+  env = dict(os.environ, ALLOW_MULTIPLE_LIBTPU_LOAD="1")
+  env.pop("XLA_FLAGS", None)  # no fake CPU devices needed
+  return subprocess.run([sys.executable, "-m", "eve_jax.compile", *args],
+                        capture_output=True, text=True, env=env,
+                        timeout=timeout)
+
+
+def _needs_cuda_plugin():
+  if not targets.cuda_plugin_available():
+    if REQUIRE:
+      pytest.fail("the CUDA compiler plugin is not installed: "
+                  + targets.CUDA_PLUGIN_INSTALL)
+    pytest.skip("no CUDA compiler plugin")
+
+
+@pytest.mark.parametrize("expert", [2, 1])
+def test_gpu_target_compiles_tiny(expert):
+  """Two H100s (one node): expert-parallel has all-to-alls, expert=1 none
+  (and no unrolled CPU form); XLA:GPU gives no cost analysis, so the
+  estimate is the roofline."""
+  _needs_cuda_plugin()
+  out = _cli("--config=configs/base.py:tiny", "--topology=h100x2",
+             f"--config.mesh.expert={expert}", "--json")
+  assert out.returncode == 0, out.stderr[-2000:]
+  r = json.loads(out.stdout.strip().splitlines()[-1])
+  assert r["platform"] == "gpu" and r["devices"] == 2 and r["fits"]
+  assert r["estimate_method"] == "roofline" and r["flops_per_step_xla"] is None
+  if expert == 2:
+    assert r["collectives"]["all-to-all"]["count"] == 16
+  else:
+    assert "all-to-all" not in r["collectives"]
+    assert "collective-permute" not in r["collectives"]
+
+
+def test_cli_reports_a_step_that_does_not_fit():
+  """A 224 px tiny model at 4,096 images per chip overflows a v5e chip's
+  16 GiB: exit 3 and one line with the compiler's reason."""
+  _target_or_skip("v5e:2x2")
+  out = _cli("--config=configs/base.py:tiny", "--topology=v5e:2x2",
+             "--config.model.image_size=224",
+             "--config.train.batch_size=16384")
+  assert out.returncode == 3, out.stderr[-2000:]
+  lines = out.stdout.strip().splitlines()
+  assert "DOES NOT FIT" in lines[-1] and "memory" in lines[-1].lower()
+
+
+def test_cli_one_line_errors():
+  out = _cli("--config=configs/base.py:tiny", "--topology=v9z:1x1")
+  assert out.returncode == 1
+  assert out.stderr.strip().splitlines()[-1].startswith(
+      "eve_jax.compile: error: TPU 'v9z'")
+  out = _cli("--config=configs/base.py:tiny", "--topology=v5p:2x2x1",
+             "--config.mesh.expert=3")
+  assert out.returncode == 1 and "config.mesh" in out.stderr
