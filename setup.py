@@ -38,6 +38,11 @@ setup(
         # transformers BEiT the conversion tests compare against. Install a
         # CPU torch first where the default wheel would be a CUDA build.
         "convert": ["torch>=2.1", "transformers>=4.40", "tokenizers>=0.19"],
+        # python -m eve_jax.compile for TPU targets from any machine: libtpu
+        # (~700 MB). The GPU compiler plugin is kept out of the environment
+        # (README, "Before you launch"): installed there it makes every JAX
+        # process on a machine without CUDA log that it found none.
+        "compile": ["jax[tpu]>=0.10.2"],
         # Accelerator builds of the same jax (launch/README.md).
         "tpu": ["jax[tpu]>=0.10.2"],
         "cuda12": ["jax[cuda12]>=0.10.2"],

@@ -103,7 +103,7 @@ def format_report(r: dict) -> str:
                    for k, v in sorted(r["collectives"].items())) or "none"
   lines.append(f"collectives per device: {coll}")
   lines.append(
-      f"ESTIMATED step {r['est_step_s'] * 1e3:.1f} ms, MFU "
+      f"ESTIMATED step {r['est_step_s'] * 1e3:.3g} ms, MFU "
       f"{r['est_mfu']:.3f} ({r['estimate_method']}; roofline "
       f"{r['roofline_step_s'] * 1e3:.1f} ms = max(compute "
       f"{r['compute_s'] * 1e3:.1f}, memory {r['memory_s'] * 1e3:.1f}) + "
@@ -113,7 +113,11 @@ def format_report(r: dict) -> str:
          if "cost_model_step_s" in r else "") + ")")
   if r.get("extrapolated_from"):
     lines.append(f"(extrapolated linearly from depths "
-                 f"{r['extrapolated_from']})")
+                 f"{r['extrapolated_from']}"
+                 + (", compiled unscanned" if r.get("extrapolated_unscanned")
+                    else "") + ")")
+  if r.get("cost_model_note"):
+    lines.append(f"note: {r['cost_model_note']}")
   return "\n".join(lines)
 
 

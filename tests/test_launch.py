@@ -274,3 +274,26 @@ def test_gpu_node_dry_run_and_help():
   assert bash_words(line) == ["python", "-m", "eve_jax.main", *MAIN_ARGS]
   r = sh(NODE, "--help")
   assert r.returncode == 0 and "pip install -e '.[cuda12]'" in r.stdout
+
+
+@pytest.mark.parametrize("script", [NODE, SLURM])
+def test_gpu_preflight_line_comes_first(script):
+  r = sh(script, "--dry-run", *MAIN_ARGS,
+         env={"EVE_JAX_PREFLIGHT": "h100x8x4"})
+  assert r.returncode == 0, r.stderr
+  first, last = r.stdout.strip().splitlines()
+  assert bash_words(first) == ["python", "-m", "eve_jax.compile",
+                               "--topology=h100x8x4", *MAIN_ARGS]
+  assert "eve_jax.main" in last
+
+
+def test_gpu_preflight_that_fails_stops_the_launch(tmp_path):
+  py = tmp_path / "py"
+  py.write_text('#!/usr/bin/env bash\n'
+                '[[ "$2" == eve_jax.compile ]] && exit 3\n'
+                f"touch {tmp_path / 'trained'}\n")
+  py.chmod(0o755)
+  r = sh(NODE, *MAIN_ARGS, env={"EVE_JAX_PREFLIGHT": "h100x8",
+                                "PYTHON": str(py)})
+  assert r.returncode == 3 and "preflight" in r.stderr
+  assert not (tmp_path / "trained").exists()

@@ -38,6 +38,23 @@ _ARRAY = re.compile(r"\b(" + "|".join(_DTYPE_BYTES) + r")\[([\d,]*)\]")
 _OP = re.compile(r" (" + "|".join(COLLECTIVES) + r")(-start)?\(")
 _GROUPS_IOTA = re.compile(r"replica_groups=\[(\d+),(\d+)\]")
 _GROUPS_LIST = re.compile(r"replica_groups=\{\{([\d,]*)\}")
+# replica_groups=mesh['axis_0'=2,'axis_1'=2] ... {'axis_0'}: groups over the
+# listed axes of that mesh.
+_GROUPS_MESH = re.compile(r"replica_groups=mesh\[([^\]]*)\][^{]*\{([^}]*)\}")
+
+
+def _group_size(line: str) -> int:
+  """Devices in one replica group of a collective (0 if not stated)."""
+  if g := _GROUPS_MESH.search(line):
+    sizes = dict(re.findall(r"'([^']+)'=(\d+)", g.group(1)))
+    return math.prod(int(sizes[a]) for a in re.findall(r"'([^']+)'",
+                                                        g.group(2))
+                     if a in sizes)
+  if g := _GROUPS_IOTA.search(line):
+    return int(g.group(2))
+  if g := _GROUPS_LIST.search(line):
+    return len(g.group(1).split(","))
+  return 0
 
 
 def _array_bytes(type_text: str) -> list[int]:
@@ -64,10 +81,7 @@ def collectives(hlo: str) -> dict[str, dict[str, float]]:
     kind = out[m.group(1)]
     kind["count"] += 1
     kind["bytes"] += max(sizes) if m.group(2) else sum(sizes)
-    if g := _GROUPS_IOTA.search(line):
-      kind["group"] = max(kind["group"], int(g.group(2)))
-    elif g := _GROUPS_LIST.search(line):
-      kind["group"] = max(kind["group"], len(g.group(1).split(",")))
+    kind["group"] = max(kind["group"], _group_size(line))
   return dict(out)
 
 
@@ -142,7 +156,9 @@ def estimate(target: Target, compiled_cost: dict[str, float], hlo: str,
     out.update(cost_model_step_s=model_s, sparsecore_offloads=offloads)
     if has_loop(hlo):
       out["cost_model_note"] = ("a scanned body is counted once: the cost "
-                                "model undercounts; roofline used")
+                                "model undercounts; roofline used (its "
+                                "bytes too are a lower bound); --depth "
+                                "compiles unscanned")
     elif model_s > 0:
       method, step_s = "xla_tpu_cost_model", model_s
   out.update(estimate_method=method, est_step_s=step_s,

@@ -22,6 +22,7 @@ has its own device description and decides what fits).
 from __future__ import annotations
 
 import dataclasses
+import importlib.metadata
 import importlib.util
 import math
 import os
@@ -36,8 +37,18 @@ GiB = 2 ** 30
 CUDA_PLUGIN_DIR = os.environ.get(
     "EVE_JAX_CUDA_PLUGINS",
     os.path.join(os.path.expanduser("~"), ".cache", "eve_jax", "cuda12"))
-CUDA_PLUGIN_INSTALL = ("pip install --no-deps --target " + CUDA_PLUGIN_DIR +
-                       " jax-cuda12-pjrt==0.10.2 jax-cuda12-plugin==0.10.2")
+
+def _jax_version() -> str:
+  try:
+    return importlib.metadata.version("jax")
+  except importlib.metadata.PackageNotFoundError:
+    return "0.10.2"
+
+
+# The plugin must be the installed jax's own version.
+CUDA_PLUGIN_INSTALL = (f"pip install --no-deps --target {CUDA_PLUGIN_DIR} "
+                       f"jax-cuda12-pjrt=={_jax_version()} "
+                       f"jax-cuda12-plugin=={_jax_version()}")
 TPU_INSTALL = "pip install -e '.[compile]'  (libtpu, ~700 MB)"
 
 

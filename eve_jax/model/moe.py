@@ -94,10 +94,17 @@ def route(logits: jax.Array, valid: jax.Array, top_k: int,
   """
   num_experts = logits.shape[-1]
   probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
-  gates, choice = jax.lax.top_k(probs, top_k)  # [G, S, K]
+  _, choice = jax.lax.top_k(jax.lax.stop_gradient(probs), top_k)  # [G, S, K]
+  choice_1h = jax.nn.one_hot(choice, num_experts, dtype=jnp.float32)
+  # The chosen probabilities picked by a one-hot mask, not top_k's values:
+  # the same numbers, but the gradient is a dense multiply instead of a
+  # scatter-add into [G, S, E] (which XLA:TPU offloads to the SparseCore,
+  # 8 per EVE-Base step). Multiply and sum, not a dot: a float32 dot runs
+  # at reduced precision on TPU by default.
+  gates = jnp.sum(choice_1h * probs[:, :, None, :], axis=-1)
   valid = valid.astype(bool)
   # [G, S, K, E]: which expert each valid (token, choice) asks for.
-  wants = jax.nn.one_hot(choice, num_experts, dtype=jnp.int32)
+  wants = choice_1h.astype(jnp.int32)
   wants = wants * valid[:, :, None, None].astype(jnp.int32)
   # Priority order = choice-major, token-minor: cumsum over (K, S) flattened.
   g, s = valid.shape
