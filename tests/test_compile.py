@@ -64,7 +64,8 @@ def test_expert_parallel_step_has_all_to_all(pretrain_reports):
   # and backward: 2 soft layers x 2 passes x (2 + 2) = 16.
   assert r["collectives"]["all-to-all"]["count"] == 16
   assert "all-reduce" in r["collectives"]  # the data-parallel gradients
-  assert "sparsecore" in hlo  # compiled for a TPU, not for this CPU
+  # Compiled for a TPU, not for this CPU: TPU tiled layouts.
+  assert "T(8,128)" in hlo
 
 
 def test_expert_one_builds_the_batched_experts_not_the_host_form(
@@ -239,3 +240,25 @@ def test_cli_one_line_errors():
   out = _cli("--config=configs/base.py:tiny", "--topology=v5p:2x2x1",
              "--config.mesh.expert=3")
   assert out.returncode == 1 and "config.mesh" in out.stderr
+
+
+def test_search_meshes_are_exact_factorizations():
+  from eve_jax.aot import search
+  got = search.meshes(8, num_experts=4, heads=4, has_moe=True)
+  assert {tuple(m.values()) for m in got} == {
+      (d, f, e, t) for e in (1, 2, 4) for t in (1, 2, 4) for f in (1, 2, 4, 8)
+      for d in (1, 2, 4, 8) if d * f * e * t == 8}
+  assert got[0] == dict(data=2, fsdp=1, expert=4, tensor=1)
+  assert all(m["expert"] == 1 for m in search.meshes(8, 4, 4, False))
+
+
+def test_search_ranks_what_fits(v5p):
+  from eve_jax.aot import search
+  rows = search.run(tiny(), v5p, batches="8", depth=None, vocab_size=None,
+                    num_answers=3129, max_candidates=2, log=lambda s: None)
+  assert len(rows) == 2 and all(r["fits"] for r in rows)
+  speeds = [r["est_samples_per_s"] for r in rows]
+  assert speeds == sorted(speeds, reverse=True)
+  table = search.format_table(rows)
+  assert table.splitlines()[-1] == "best: " + rows[0]["overrides"]
+  assert "--config.mesh.expert=4" in rows[0]["overrides"]

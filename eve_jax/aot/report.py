@@ -16,8 +16,9 @@ is one of two estimates, each named in the report by `estimate_method`:
     (targets.py) and no overlap of communication with compute (so it
     errs slow). Used on GPU and for scanned models; its FLOPs are the
     larger of XLA's count and eve_jax's analytic count, its bytes XLA's
-    `bytes accessed` where there is one, else the state read and written
-    once (a lower bound).
+    `bytes accessed` where there is one, else every argument, output and
+    temporary moved once (a lower bound). With no term for kernels that
+    run below peak, its MFU is an upper bound.
 """
 
 from __future__ import annotations
@@ -138,8 +139,10 @@ def estimate(target: Target, compiled_cost: dict[str, float], hlo: str,
   per_host = n // max(target.hosts, 1)
   xla_flops = float(compiled_cost.get("flops", 0.0))
   flops_dev = max(xla_flops, step_flops_analytic / n)
+  # Without XLA's count (GPU): every argument, output and temporary buffer
+  # moved once (temporaries written and read back): a lower bound.
   bytes_dev = float(compiled_cost.get("bytes accessed", 0.0)) or float(
-      mem["argument"] + mem["output"])
+      mem["argument"] + mem["output"] + 2 * mem["temp"])
   comm_s = 0.0
   for kind, c in collectives(hlo).items():
     # A group wider than one host's devices crosses the (slower) network.

@@ -106,8 +106,9 @@ def run(config, target: Target, *, batches: str | None, depth: str | None,
 
 def format_table(rows: list[dict]) -> str:
   head = ("| per-device batch | data | fsdp | expert | tensor | remat | scan "
-          "| memory GiB | fits | ESTIMATED samples/s | MFU | compile s |")
-  lines = [head, "|" + "---|" * 12]
+          "| memory GiB | fits | ESTIMATED samples/s | MFU | estimate | "
+          "compile s |")
+  lines = [head, "|" + "---|" * 13]
   for r in rows:
     mem = (f"{r['memory_total'] / 2 ** 30:.1f}" if r["memory_total"]
            else "-")
@@ -116,8 +117,8 @@ def format_table(rows: list[dict]) -> str:
         f"| {r['per_device_batch']} | {m['data']} | {m['fsdp']} | "
         f"{m['expert']} | {m['tensor']} | {r['remat']} | {r['scan']} | "
         f"{mem} | {'yes' if r['fits'] else 'no'} | "
-        + (f"{r['est_samples_per_s']:.0f} | {r['est_mfu']:.3f}"
-           if r["fits"] else "- | -")
+        + (f"{r['est_samples_per_s']:.0f} | {r['est_mfu']:.3f} | "
+           f"{r['estimate_method']}" if r["fits"] else "- | - | -")
         + f" | {r['candidate_s']:.0f} |")
   best = next((r for r in rows if r["fits"]), None)
   lines.append("best: " + (best["overrides"] if best else
