@@ -39,7 +39,19 @@ os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
 os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
 from eve_jax.aot import targets as _targets  # noqa: E402  (no jax import)
 
-_targets.ensure_cuda_plugin_path()
+
+def _topology_arg(argv: list[str]) -> str:
+  for i, a in enumerate(argv):
+    if a.startswith("--topology="):
+      return a.split("=", 1)[1]
+    if a == "--topology" and i + 1 < len(argv):
+      return argv[i + 1]
+  return ""
+
+
+# Only for GPU targets: loaded, the plugin logs that it found no CUDA.
+if _targets.is_gpu_name(_topology_arg(sys.argv)):
+  _targets.ensure_cuda_plugin_path()
 
 from absl import app, flags  # noqa: E402
 from eve_jax.aot import step  # noqa: E402

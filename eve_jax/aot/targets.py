@@ -248,6 +248,11 @@ def cuda_plugin_available() -> bool:
                                         "xla_cuda12")))
 
 
+def is_gpu_name(name: str) -> bool:
+  """Whether `name` names GPU nodes (h100x8 ...), not a TPU slice."""
+  return _GPU_NAME.match(name.strip().lower()) is not None
+
+
 def ensure_cuda_plugin_path() -> None:
   """Puts CUDA_PLUGIN_DIR on sys.path. Must run before jax is imported:
   jax discovers its plugins once."""
