@@ -164,6 +164,9 @@ def estimate(target: Target, compiled_cost: dict[str, float], hlo: str,
                                 "compiles unscanned")
     elif model_s > 0:
       method, step_s = "xla_tpu_cost_model", model_s
+    else:  # seen on v6e with no SparseCore offload: -655 s for EVE-Base
+      out["cost_model_note"] = (f"the cost model gave {model_s:.3g} s even "
+                                "with offloads added back: roofline used")
   out.update(estimate_method=method, est_step_s=step_s,
              est_mfu=step_flops_analytic / (step_s * n * chip.peak_flops))
   return out
