@@ -262,3 +262,31 @@ def test_search_ranks_what_fits(v5p):
   table = search.format_table(rows)
   assert table.splitlines()[-1] == "best: " + rows[0]["overrides"]
   assert "--config.mesh.expert=4" in rows[0]["overrides"]
+
+
+def test_estimate_by_hand():
+  """4 v5p chips: 10 ms of FLOPs, 20 ms of bytes, one 1.2 GB all-reduce
+  over the 4 (ring: 2 x 3/4 of it sent at 600 GB/s = 3 ms)."""
+  chip = targets.TPU_CHIPS["v5p"]
+  t = targets.Target("v5p:2x2x1", "tpu", [None] * 4, chip, 1)
+  mem = dict(argument=0, output=0, alias=0, temp=0, code=0, total=0)
+  hlo = ("  %ar = bf16[600000000]{0} all-reduce(%g), "
+         "replica_groups=[1,4]<=[4], to_apply=%sum\n"
+         '  %s = (f32[8]{0}) call-start(%x), async_execution_thread='
+         '"sparsecore", to_apply=%c\n')
+  cost = {"flops": chip.peak_flops * 0.010,
+          "bytes accessed": chip.hbm_bw * 0.020, "optimal_seconds": -0.97}
+  r = report.estimate(t, cost, hlo, mem, 4 * chip.peak_flops * 0.010)
+  assert r["compute_s"] == pytest.approx(0.010)
+  assert r["memory_s"] == pytest.approx(0.020)
+  assert r["collectives_s"] == pytest.approx(0.003)
+  assert r["roofline_step_s"] == pytest.approx(0.023)
+  # -0.97 s + 1 offload = 0.03 s: the cost model's, and MFU by it.
+  assert r["sparsecore_offloads"] == 1
+  assert r["estimate_method"] == "xla_tpu_cost_model"
+  assert r["est_step_s"] == pytest.approx(0.03)
+  assert r["est_mfu"] == pytest.approx(0.010 / 0.03)
+  cost["optimal_seconds"] = -5.0  # still negative: not used
+  r = report.estimate(t, cost, hlo, mem, 4 * chip.peak_flops * 0.010)
+  assert r["estimate_method"] == "roofline"
+  assert r["est_step_s"] == pytest.approx(0.023)
