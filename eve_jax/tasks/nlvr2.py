@@ -19,10 +19,11 @@ import numpy as np
 from eve_jax.data import downstream, finetune_data, specs
 from eve_jax.model.task_models import NLVR2Model
 from eve_jax.tasks import metrics as M
+from eve_jax.tasks.shape_only import WithoutData
 from eve_jax.tasks.pretrain import sum_moe_stats, cross_entropy
 
 
-class NLVR2Task:
+class NLVR2Task(WithoutData):
   name = "nlvr2"
   metric = "nlvr2_acc"
 
@@ -52,15 +53,6 @@ class NLVR2Task:
     """One global batch of `encode_train` rows."""
     m = self.model_cfg
     return specs.nlvr2(batch_size, m.image_size, m.max_text_len)
-
-  @classmethod
-  def without_data(cls, config, tokenizer, model_cfg, **sizes):
-    """The task with no examples: enough to build its model and training
-    step (python -m eve_jax.compile); no file is read."""
-    self = cls.__new__(cls)
-    self.tokenizer, self.model_cfg = tokenizer, model_cfg
-    self.train_examples, self.num_train = [], 0
-    return self
 
   def encode_train(self, ex) -> dict[str, np.ndarray]:
     size = self.model_cfg.image_size

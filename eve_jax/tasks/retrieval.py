@@ -28,6 +28,7 @@ import numpy as np
 from eve_jax.data import downstream, finetune_data, specs
 from eve_jax.model.task_models import RetrievalModel
 from eve_jax.tasks import metrics as M
+from eve_jax.tasks.shape_only import WithoutData
 from eve_jax.tasks.pretrain import cross_entropy, itc_pass, itm_pass
 
 
@@ -44,7 +45,7 @@ def multi_positive_contrastive(sims: jax.Array, positive: jax.Array
   return (one_way(sims, pos) + one_way(sims.T, pos.T)) / 2
 
 
-class RetrievalTask:
+class RetrievalTask(WithoutData):
   name = "retrieval"
   metric = "r_mean"
 
@@ -74,15 +75,9 @@ class RetrievalTask:
     m = self.model_cfg
     return specs.retrieval(batch_size, m.image_size, m.max_text_len)
 
-  @classmethod
-  def without_data(cls, config, tokenizer, model_cfg, **sizes):
-    """The task with no examples: enough to build its model and training
-    step (python -m eve_jax.compile); no file is read."""
-    self = cls.__new__(cls)
-    self.tokenizer, self.model_cfg = tokenizer, model_cfg
-    self.train_examples, self.num_train = [], 0
+  def _sizes(self, config, **sizes) -> None:
+    del sizes
     self.k_test = config.retrieval.k_test
-    return self
 
   def _text(self, caption: str):
     ids, valid = self.tokenizer.encode_batch([caption],

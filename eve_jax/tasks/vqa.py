@@ -37,6 +37,7 @@ from eve_jax.data import downstream, finetune_data, specs
 from eve_jax.data.corpora import DataError
 from eve_jax.model.task_models import VQAModel
 from eve_jax.tasks import metrics as M
+from eve_jax.tasks.shape_only import WithoutData
 from eve_jax.tasks.pretrain import sum_moe_stats
 
 
@@ -70,7 +71,7 @@ def _majority(answers) -> str:
   return max(counts.items(), key=lambda kv: (kv[1], -len(kv[0]), kv[0]))[0]
 
 
-class VQATask:
+class VQATask(WithoutData):
   """See the module docstring. `metric` is what eval.json leads with."""
 
   name = "vqa"
@@ -124,18 +125,11 @@ class VQATask:
     return specs.vqa(batch_size, m.image_size, m.max_text_len,
                      len(self.vocab))
 
-  @classmethod
-  def without_data(cls, config, tokenizer, model_cfg, **sizes):
-    """The task with no examples: enough to build its model and training
-    step (python -m eve_jax.compile); no file is read.
-    `num_answers` (default 3,129, VQAv2's) sizes the classifier."""
-    self = cls.__new__(cls)
-    self.tokenizer, self.model_cfg = tokenizer, model_cfg
-    self.train_examples, self.num_train = [], 0
+  def _sizes(self, config, num_answers: int = 3129, **sizes) -> None:
+    """`num_answers` (default 3,129, VQAv2's) sizes the classifier."""
+    del config, sizes
     # Stand-in answers: only their number shapes the program.
-    self.vocab = [f"<answer {i}>" for i in range(
-        sizes.get("num_answers", 3129))]
-    return self
+    self.vocab = [f"<answer {i}>" for i in range(num_answers)]
 
   def _inputs(self, ex) -> dict[str, np.ndarray]:
     ids, valid = self.tokenizer.encode_batch([ex.question],
