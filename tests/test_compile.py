@@ -30,7 +30,8 @@ def _target_or_skip(name):
   except targets.TargetError as e:
     if REQUIRE:
       raise
-    pytest.skip(str(e))
+    pytest.skip(f"{e} (runs where the target's compiler is installed; CI "
+                "installs it and sets EVE_JAX_REQUIRE_COMPILE_TARGETS=1)")
 
 
 @pytest.fixture(scope="module")
@@ -198,7 +199,8 @@ def _needs_cuda_plugin():
     if REQUIRE:
       pytest.fail("the CUDA compiler plugin is not installed: "
                   + targets.CUDA_PLUGIN_INSTALL)
-    pytest.skip("no CUDA compiler plugin")
+    pytest.skip("no CUDA compiler plugin (runs where it is installed: "
+                + targets.CUDA_PLUGIN_INSTALL + "; CI installs it)")
 
 
 @pytest.mark.parametrize("expert", [2, 1])
