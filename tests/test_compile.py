@@ -292,3 +292,17 @@ def test_estimate_by_hand():
   r = report.estimate(t, cost, hlo, mem, 4 * chip.peak_flops * 0.010)
   assert r["estimate_method"] == "roofline"
   assert r["est_step_s"] == pytest.approx(0.023)
+
+
+def test_cuda_plugin_absent_is_false_not_an_error(monkeypatch, tmp_path):
+  """Without any jax plugin installed, `jax_plugins` itself is missing and
+  find_spec raises: the check must say False (so the GPU tests can skip or
+  fail with the install line), not crash."""
+  monkeypatch.setattr(targets, "CUDA_PLUGIN_DIR", str(tmp_path))
+  monkeypatch.setattr(sys, "path", [p for p in sys.path
+                                    if "cuda12" not in p])
+  for name in [m for m in sys.modules if m.startswith("jax_plugins")]:
+    monkeypatch.delitem(sys.modules, name)
+  assert targets.cuda_plugin_available() is False
+  (tmp_path / "jax_plugins" / "xla_cuda12").mkdir(parents=True)
+  assert targets.cuda_plugin_available() is True

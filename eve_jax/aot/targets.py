@@ -243,9 +243,13 @@ def _tpu(name: str, kind: str, num_slices: int) -> Target:
 def cuda_plugin_available() -> bool:
   """Whether jax can load the CUDA compiler (installed, or in
   CUDA_PLUGIN_DIR, which `ensure_cuda_plugin_path` puts on sys.path)."""
-  return (importlib.util.find_spec("jax_plugins.xla_cuda12") is not None
-          or os.path.isdir(os.path.join(CUDA_PLUGIN_DIR, "jax_plugins",
-                                        "xla_cuda12")))
+  if os.path.isdir(os.path.join(CUDA_PLUGIN_DIR, "jax_plugins",
+                                "xla_cuda12")):
+    return True
+  try:  # find_spec imports the parent, absent without any jax plugin
+    return importlib.util.find_spec("jax_plugins.xla_cuda12") is not None
+  except ImportError:
+    return False
 
 
 def is_gpu_name(name: str) -> bool:
