@@ -126,6 +126,10 @@ def test_vqa_annotations_exercise_soft_scores(files):
     assert [a["answer_id"] for a in ann["answers"]] == list(range(1, 11))
     assert ann["multiple_choice_answer"] == collections.Counter(
         answers).most_common(1)[0][0]
+    # Canonical answers are already normalized, as VQAv2's are: today's
+    # official metric compares unanimous answers unnormalized.
+    assert _normalize(ann["multiple_choice_answer"]) == (
+        ann["multiple_choice_answer"])
     assert ann["answer_type"] in ("yes/no", "number", "other")
     normalized = {_normalize(a) for a in answers}
     raw_disagree += len(set(answers)) > 1
@@ -503,3 +507,30 @@ def test_malformed_inputs_raise_one_line_errors(tmp_path, case):
   assert "\n" not in message
   assert file_name in message and what in message, message
   assert isinstance(info.value, ValueError)
+
+
+def test_evaluation_images_are_decoded_at_full_size():
+  """Fine-tuning evaluation, `predict` and `convert run` read images through
+  `read_image`: on a real JPEG photo its pixels equal a plain full-size PIL
+  decode + bicubic resize exactly (a reduced-scale JPEG draft, the training
+  pipeline's speed trick, differs visibly at this size)."""
+  skimage_data = pytest.importorskip("skimage.data")
+  from eve_jax.data import finetune_data, transforms
+  from eve_jax.data.pipeline import normalize_image
+  path = os.path.join(os.path.dirname(skimage_data.__file__),
+                      "hubble_deep_field.jpg")
+  for size in (64, 224):
+    got = finetune_data.read_image(path, size)
+    with Image.open(path) as img:
+      plain = np.asarray(img.convert("RGB").resize(
+          (size, size), Image.Resampling.BICUBIC), np.uint8)
+    np.testing.assert_array_equal(got, normalize_image(plain))
+  # The draft the training path takes is a different picture.
+  with open(path, "rb") as f:
+    data = f.read()
+  with Image.open(path) as img:
+    img.draft("RGB", (64, 64))
+    drafted = np.asarray(img.convert("RGB").resize(
+        (64, 64), Image.Resampling.BICUBIC), np.uint8)
+  full = transforms.decode(data, 64, None)
+  assert np.abs(drafted.astype(int) - full.astype(int)).max() > 8
