@@ -169,7 +169,10 @@ def finetune_config(task: str, arg: str | None) -> ml_collections.ConfigDict:
   if task == "vqa":
     c.data.update(dict(train_splits="train2014", eval_split="val2014",
                        test_split="", vg_qa="", vg_image_dir=""))
-    c.vqa = ml_collections.ConfigDict(dict(min_answer_count=9))
+    # metric: the official script's answer processing, "vqa2021" (today's)
+    # or "vqa2016" (tasks/metrics.py, VQA_RULES).
+    c.vqa = ml_collections.ConfigDict(dict(min_answer_count=9,
+                                           metric="vqa2021"))
   elif task == "nlvr2":
     c.data.update(dict(train="train.json", eval="dev.json",
                        test="test1.json"))

@@ -181,7 +181,8 @@ def _steps(state, compiled, first_batch, batches, stop: StopRequest, *,
         writer.write_eval(step, last_eval)
         # The per-expert routing fractions go to eval.json, not the log.
         progress.message(f"eval at step {step}: " + json.dumps(
-            {k: round(v, 4) for k, v in last_eval.items()
+            {k: round(v, 4) if isinstance(v, float) else v
+             for k, v in last_eval.items()
              if not k.startswith("routing/")}))
       # Evaluation time is not training throughput.
       t_log += time.perf_counter() - t_eval

@@ -119,47 +119,77 @@ def test_vqa_accuracy_leave_one_out_table():
   assert M.vqa_accuracy("cat", _ten("cat", 1)) == 0.3
 
 
-def test_vqa_accuracy_normalizes_both_sides():
-  assert M.vqa_accuracy("two", ["2"] * 10) == 1.0
-  assert M.vqa_accuracy("2", ["Two"] * 10) == 1.0
+def test_vqa_accuracy_2021_rule_hand_worked():
+  """Today's official script (the default): unanimous GT answers are
+  compared with the stripped raw prediction; when annotators disagree both
+  sides are fully normalized."""
+  assert M.DEFAULT_VQA_RULE == "vqa2021"
+  assert M.vqa_accuracy("two", ["2"] * 10) == 0.0
+  assert M.vqa_accuracy("Yes", ["yes"] * 10) == 0.0
+  assert M.vqa_accuracy("yes.", ["yes"] * 10) == 0.0
+  assert M.vqa_accuracy("dog", ["the dog"] * 10) == 0.0
+  assert M.vqa_accuracy("2", ["Two"] * 4 + ["three"] * 6) == 1.0
+  # Only newlines, tabs and surrounding spaces go, on both sides.
+  assert M.vqa_accuracy(" yes\n", ["yes\t"] * 10) == 1.0
   assert M.vqa_accuracy("Dog.", ["the dog"] * 2 + ["cat"] * 8) == (
       pytest.approx(0.6))
   assert M.vqa_accuracy("hot dog", ["hot-dog"] * 3 + ["x"] * 7) == (
       pytest.approx(0.9))
+  assert M.vqa_accuracy("two", ["2"] * 10, rule="vqa2021") == 0.0
+
+
+def test_vqa_accuracy_2016_rule_hand_worked():
+  """The 2016 script: the prediction always fully normalized, unanimous GT
+  answers raw, disagreeing ones punctuation-processed only."""
+  assert M.vqa_accuracy("two", ["2"] * 10, rule="vqa2016") == 1.0
+  assert M.vqa_accuracy("two", ["Two"] * 10, rule="vqa2016") == 0.0
+  # "yes." -> "yes" (3 matches: 0.9) but "the dog" keeps its article.
+  gts = ["yes."] * 3 + ["no"] * 7
+  assert M.vqa_accuracy("Yes", gts, rule="vqa2016") == pytest.approx(0.9)
+  gts = ["the dog"] * 4 + ["cat"] * 6
+  assert M.vqa_accuracy("dog", gts, rule="vqa2016") == 0.0
+  assert M.vqa_accuracy("dog", gts, rule="vqa2021") == 1.0
+  with pytest.raises(ValueError, match="vqa2016"):
+    M.vqa_accuracy("dog", gts, rule="vqa2017")
 
 
 def test_vqa_accuracy_per_answer_type_hand_worked():
-  """yes/no: one right, one wrong -> 0.5; number: "2" against ten "two"
-  -> 1.0; other: 2 of 10 annotators said "red" -> leave-one-out (2 x 1/3 +
-  8 x 2/3) / 10 = 0.6; an example without a type counts in none."""
-  def ex(answers, answer_type):
-    return downstream.VQAExample(0, 0, "x.jpg", "q", tuple(answers),
-                                 answer_type)
-  examples = [ex(["yes"] * 10, "yes/no"), ex(["yes"] * 10, "yes/no"),
-              ex(["two"] * 10, "number"),
-              ex(["red"] * 2 + ["blue"] * 8, "other"),
-              ex(["blue"] * 10, None)]
+  """yes/no: one right, one wrong -> 0.5; number: "2" against five "two"
+  and five "2" (they disagree, so both normalized) -> 1.0; other: 2 of 10
+  annotators said "red" -> leave-one-out (2 x 1/3 + 8 x 2/3) / 10 = 0.6;
+  an example without a type counts in none."""
+  examples = [_vqa_ex(["yes"] * 10, "yes/no"),
+              _vqa_ex(["yes"] * 10, "yes/no"),
+              _vqa_ex(["two"] * 5 + ["2"] * 5, "number"),
+              _vqa_ex(["red"] * 2 + ["blue"] * 8, "other"),
+              _vqa_ex(["blue"] * 10, None)]
   got = vqa_task.accuracy_per_answer_type(
       ["yes", "no", "2", "red", "blue"], examples)
   assert got.keys() == {"vqa_acc_yes_no", "vqa_acc_number", "vqa_acc_other"}
   np.testing.assert_allclose(
       [got["vqa_acc_yes_no"], got["vqa_acc_number"], got["vqa_acc_other"]],
       [0.5, 1.0, 0.6])
+  # The rule reaches the per-type numbers: "two" vs ten "2".
+  examples = [_vqa_ex(["2"] * 10, "number")]
+  assert vqa_task.accuracy_per_answer_type(["two"], examples) == {
+      "vqa_acc_number": 0.0}
+  assert vqa_task.accuracy_per_answer_type(
+      ["two"], examples, rule="vqa2016") == {"vqa_acc_number": 1.0}
 
 
-def test_vqa_accuracy_official_gt_rule():
-  # Unanimous GT answers are compared raw: "Two" != "2" (the prediction is
-  # always fully normalized).
-  assert M.vqa_accuracy("two", ["Two"] * 10, official_gt_rule=True) == 0.0
-  assert M.vqa_accuracy("two", ["2"] * 10, official_gt_rule=True) == 1.0
-  # Disagreeing GT answers get processPunctuation only: "yes." -> "yes"
-  # (3 matches: 0.9) but "the dog" keeps its article (no match: 0).
-  gts = ["yes."] * 3 + ["no"] * 7
-  assert M.vqa_accuracy("Yes", gts, official_gt_rule=True) == (
-      pytest.approx(0.9))
-  gts = ["the dog"] * 4 + ["cat"] * 6
-  assert M.vqa_accuracy("dog", gts, official_gt_rule=True) == 0.0
-  assert M.vqa_accuracy("dog", gts) == 1.0
+def test_vqa_answer_types_that_read_alike_keep_separate_keys():
+  """"yes/no" and "yes no" would both be "yes_no": each gets its own key
+  (the characters escaped) instead of one merged accuracy."""
+  examples = [_vqa_ex(["yes"] * 10, "yes/no"), _vqa_ex(["no"] * 10, "yes no"),
+              _vqa_ex(["red"] * 10, "other")]
+  got = vqa_task.accuracy_per_answer_type(["yes", "yes", "red"], examples)
+  assert got == {"vqa_acc_yes_x2f_no": 1.0, "vqa_acc_yes_x20_no": 0.0,
+                 "vqa_acc_other": 1.0}
+
+
+def _vqa_ex(answers, answer_type):
+  return downstream.VQAExample(0, 0, "x.jpg", "q", tuple(answers),
+                               answer_type)
 
 
 def test_vqa_accuracy_other_n():
@@ -174,9 +204,11 @@ def test_vqa_accuracy_other_n():
 
 
 def test_mean_vqa_accuracy():
-  # (1.0 + 0.3) / 2
-  got = M.mean_vqa_accuracy(["two", "cat"], [["2"] * 10, _ten("cat", 1)])
-  assert got == pytest.approx(0.65)
+  # (0 + 0.3) / 2 today; (1.0 + 0.3) / 2 by the 2016 script.
+  gts = [["2"] * 10, _ten("cat", 1)]
+  assert M.mean_vqa_accuracy(["two", "cat"], gts) == pytest.approx(0.15)
+  assert M.mean_vqa_accuracy(["two", "cat"], gts, rule="vqa2016") == (
+      pytest.approx(0.65))
 
 
 # ---------------------------------------------------------------------------

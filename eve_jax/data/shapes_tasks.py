@@ -182,7 +182,8 @@ class VQAQuestion(NamedTuple):
 
   Attributes:
     question: e.g. "what color is the circle".
-    answer: the canonical answer, e.g. "red", "two", "yes".
+    answer: the canonical answer, normalized as the VQA metric would,
+      e.g. "red", "2", "yes".
     answer_type: "yes/no", "number" or "other" (VQAv2's types).
     question_type: the question's opening words, as VQAv2's question_type.
     wrong: answers of the same kind that are wrong for this image.
@@ -235,9 +236,11 @@ def vqa_questions(objects: Sequence[shapes.ShapeObject],
 
   def count() -> VQAQuestion:
     n = len(objects)
-    return VQAQuestion("how many objects", NUMBER_WORDS[n], "number",
-                       "how many",
-                       tuple(NUMBER_WORDS[k] for k in range(1, 4) if k != n))
+    # Digits, as VQAv2's annotations hold them: the official metric
+    # compares unanimous answers unnormalized ("two" x10 never matches the
+    # normalized prediction "2").
+    return VQAQuestion("how many objects", str(n), "number", "how many",
+                       tuple(str(k) for k in range(1, 4) if k != n))
 
   def presence() -> VQAQuestion:
     if rng.random() < 0.5:
@@ -268,12 +271,12 @@ def _answer_forms(q: VQAQuestion) -> list[str]:
   """Other spellings that VQA's answer normalization maps to q.answer.
 
   The official evaluation lowercases, strips punctuation and articles and
-  turns number words into digits: "Red", "red.", "2", "a circle" all count
-  as the canonical answer.
+  turns number words into digits: "Red", "red.", "two", "a circle" all
+  count as the canonical answer (which is already in normalized form).
   """
   forms = [q.answer.capitalize(), q.answer + "."]
   if q.answer_type == "number":
-    forms.append(str(NUMBER_WORDS.index(q.answer)))
+    forms.append(NUMBER_WORDS[int(q.answer)])
   if q.answer in shapes.SHAPES:
     forms.append("a " + q.answer)
   return forms

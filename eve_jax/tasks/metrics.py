@@ -7,9 +7,9 @@ Which official definitions they follow:
        VQA evaluation script (GT-Vision-Lab/VQA, vqaEval.py: the
        `contractions` table, `manualMap`, `articles`, `punct`, the
        `periodStrip` / `commaStrip` regexes, `processPunctuation`,
-       `processDigitArticle`, and the leave-one-annotator-out average).
-       Deviations from that script are opt-in or documented in
-       `vqa_accuracy`.
+       `processDigitArticle`, and the leave-one-annotator-out average), as
+       today's script (2021) applies them or, by name, as the 2016 one
+       did (`VQA_RULES`).
   Answer vocabulary and soft targets: the VQAv2 classifier fine-tuning rule
        of ViLT / VLMo / BEiT-3-style code (answers seen at least 9 times,
        score 0.3 / 0.6 / 0.9 / 1.0 for 1 / 2 / 3 / 4+ annotators).
@@ -152,22 +152,12 @@ def process_digit_article(text: str) -> str:
 
 
 def normalize_answer(text: str) -> str:
-  """The full normalization the official script applies to a prediction.
+  """The official script's full normalization of one answer.
 
   Newlines and tabs -> spaces, strip, `process_punctuation`, then
   `process_digit_article`. E.g. "Two" -> "2", "the red ball!" -> "red
-  ball", "Yes." -> "yes", "isnt" -> "isn't", "3.5" -> "3.5".
-
-  Which steps the official script applies to what (vqaEval.py, evaluate):
-    prediction: all of the above, always.
-    GT answers: only `process_punctuation` (no lowercasing, digits,
-      articles or contractions, not even strip), and only when the
-      question's annotators disagree (more than one distinct raw answer);
-      unanimous GT answers are compared raw. This leans on the VQA
-      annotation files' answers being already normalized.
-  `vqa_accuracy` by default applies this whole function to both sides (so
-  "two" matches ten raw "2"s and "Two" matches "two"); pass
-  `official_gt_rule=True` for the script's exact GT handling.
+  ball", "Yes." -> "yes", "isnt" -> "isn't", "3.5" -> "3.5". Which side of
+  a comparison gets it, and when, is the metric's rule (`VQA_RULES`).
   """
   text = text.replace("\n", " ").replace("\t", " ").strip()
   return process_digit_article(process_punctuation(text))
@@ -177,9 +167,45 @@ def normalize_answer(text: str) -> str:
 # VQA accuracy
 # ---------------------------------------------------------------------------
 
+# What the official vqaEval.py (github GT-Vision-Lab/VQA) does to the two
+# sides of a comparison, per question, by version of the script:
+#   "vqa2021" (today's script, commit "Fixed processing answers bug", March
+#     2021): newlines/tabs/surrounding spaces stripped from the prediction
+#     and from every GT answer; then, only if those GT answers are NOT all
+#     identical, the full `normalize_answer` on every GT answer AND on the
+#     prediction. Unanimous GT answers are compared with the stripped raw
+#     prediction ("2" x10 vs "two": 0; "yes" x10 vs "Yes": 0).
+#   "vqa2016" (the v2.0 release, still shipped by some libraries): the
+#     prediction always fully normalized; the GT answers untouched when
+#     unanimous, else `process_punctuation` only ("2" x10 vs "two": 1;
+#     "Two" x10 vs "two": 0).
+VQA_RULES = ("vqa2021", "vqa2016")
+DEFAULT_VQA_RULE = "vqa2021"
+
+
+def _strip(text: str) -> str:
+  return text.replace("\n", " ").replace("\t", " ").strip()
+
+
+def _compared(prediction: str, gt_answers: list[str], rule: str
+              ) -> tuple[str, list[str]]:
+  """(prediction, GT answers) as the `rule`'s script compares them."""
+  if rule == "vqa2021":
+    pred, gts = _strip(prediction), [_strip(a) for a in gt_answers]
+    if len(set(gts)) > 1:
+      pred = process_digit_article(process_punctuation(pred))
+      gts = [process_digit_article(process_punctuation(a)) for a in gts]
+    return pred, gts
+  if rule == "vqa2016":
+    gts = gt_answers
+    if len(set(gts)) > 1:
+      gts = [process_punctuation(a) for a in gts]
+    return normalize_answer(prediction), gts
+  raise ValueError(f"VQA metric rule {rule!r}: expected one of {VQA_RULES}")
+
 
 def vqa_accuracy(prediction: str, gt_answers: Sequence[str], *,
-                 official_gt_rule: bool = False) -> float:
+                 rule: str = DEFAULT_VQA_RULE) -> float:
   """The official VQA accuracy of one prediction, in [0, 1].
 
   With n GT answers (10 in VQAv2), leave each annotator i out in turn:
@@ -192,11 +218,8 @@ def vqa_accuracy(prediction: str, gt_answers: Sequence[str], *,
   Args:
     prediction: the model's answer string.
     gt_answers: [n] the annotators' answers, n >= 1, duplicates kept.
-    official_gt_rule: False (default): `normalize_answer` on the prediction
-      and on every GT answer. True: exactly what vqaEval.py does to the GT
-      side (`process_punctuation` only, and only if the raw GT answers are
-      not all equal; see `normalize_answer`); the prediction is always
-      fully normalized.
+    rule: which version of the official script's answer processing
+      (`VQA_RULES`; the comment above them says what each does).
 
   Returns:
     The accuracy as a float; exact multiples of 1/(3n) computed with
@@ -206,14 +229,7 @@ def vqa_accuracy(prediction: str, gt_answers: Sequence[str], *,
   n = len(gt_answers)
   if n == 0:
     raise ValueError("vqa_accuracy needs at least one GT answer")
-  pred = normalize_answer(prediction)
-  if official_gt_rule:
-    if len(set(gt_answers)) > 1:
-      gts = [process_punctuation(a) for a in gt_answers]
-    else:
-      gts = gt_answers
-  else:
-    gts = [normalize_answer(a) for a in gt_answers]
+  pred, gts = _compared(prediction, gt_answers, rule)
   match = [g == pred for g in gts]
   total = sum(match)
   if n == 1:
@@ -225,16 +241,15 @@ def vqa_accuracy(prediction: str, gt_answers: Sequence[str], *,
 
 def mean_vqa_accuracy(predictions: Sequence[str],
                       gt_answer_lists: Sequence[Sequence[str]], *,
-                      official_gt_rule: bool = False) -> float:
+                      rule: str = DEFAULT_VQA_RULE) -> float:
   """Mean `vqa_accuracy` over questions ([Q] predictions, [Q] GT lists)."""
   if len(predictions) != len(gt_answer_lists):
     raise ValueError(f"{len(predictions)} predictions for "
                      f"{len(gt_answer_lists)} questions")
   if not predictions:
     raise ValueError("mean_vqa_accuracy of no questions")
-  return float(np.mean([
-      vqa_accuracy(p, g, official_gt_rule=official_gt_rule)
-      for p, g in zip(predictions, gt_answer_lists)]))
+  return float(np.mean([vqa_accuracy(p, g, rule=rule)
+                        for p, g in zip(predictions, gt_answer_lists)]))
 
 
 # ---------------------------------------------------------------------------

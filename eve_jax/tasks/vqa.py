@@ -5,7 +5,9 @@ Data (`config.data`): the official files under `dir`:
 for each split of `train_splits` (comma-separated; the paper trains on
 train2014,val2014 and reports test-dev from the evaluation server),
 `eval_split` (annotated: vqa_acc, and vqa_acc_{yes_no,number,other} per
-answer type as the official evaluation reports them) and `test_split`
+answer type as the official evaluation reports them, by the rule
+`vqa.metric` names, "vqa2021" or "vqa2016", which eval.json records as
+vqa_metric) and `test_split`
 (questions only: a prediction file in the server's format,
 DIR/vqa_{test_split}_predictions.json), and optionally Visual Genome QA
 (`vg_qa` = question_answers.json, images in `vg_image_dir`) added to the
@@ -52,18 +54,34 @@ def write_answers(workdir: str, vocab) -> None:
   os.replace(path + ".tmp", path)
 
 
-def accuracy_per_answer_type(predictions, examples) -> dict[str, float]:
+def accuracy_per_answer_type(predictions, examples,
+                             rule: str = M.DEFAULT_VQA_RULE
+                             ) -> dict[str, float]:
   """{"vqa_acc_yes_no": .., "vqa_acc_number": .., "vqa_acc_other": ..}:
-  the official evaluation's per-answer-type accuracy, over the examples
-  whose annotation names a type ("yes/no" becomes "yes_no")."""
+  the official evaluation's per-answer-type accuracy (by `rule`), over the
+  examples whose annotation names a type. A type's key is its name with
+  each run of non-word characters made "_" ("yes/no" -> "yes_no"); where
+  two types would get one key, theirs escape each character instead
+  ("yes/no" -> "yes_x2f_no"), so no two types share a number."""
   by_type = collections.defaultdict(lambda: ([], []))
   for pred, ex in zip(predictions, examples, strict=True):
     if ex.answer_type is not None:
       preds, gts = by_type[ex.answer_type]
       preds.append(pred)
       gts.append(ex.answers)
-  return {"vqa_acc_" + re.sub(r"\W+", "_", t): M.mean_vqa_accuracy(p, g)
-          for t, (p, g) in sorted(by_type.items())}
+  plain = {t: re.sub(r"\W+", "_", t) for t in by_type}
+  clash = collections.Counter(plain.values())
+  def key(t):
+    if clash[plain[t]] == 1:
+      return "vqa_acc_" + plain[t]
+    return "vqa_acc_" + re.sub(r"[^0-9A-Za-z]",
+                               lambda m: f"_x{ord(m[0]):02x}_", t)
+  out = {key(t): M.mean_vqa_accuracy(p, g, rule=rule)
+         for t, (p, g) in sorted(by_type.items())}
+  if len(out) != len(by_type):  # an escaped key equal to a plain one
+    raise DataError(f"answer types {sorted(by_type)} do not get distinct "
+                    "eval.json keys; rename one in the annotations")
+  return out
 
 
 def _majority(answers) -> str:
@@ -104,6 +122,11 @@ class VQATask(WithoutData):
                       f"in {self.dir}")
     self.answer_index = M.answer_index(self.vocab)
     self.num_train = len(self.train_examples)
+    self.metric_rule = config.vqa.get("metric", M.DEFAULT_VQA_RULE)
+    if self.metric_rule not in M.VQA_RULES:
+      raise ValueError(f"vqa.metric={self.metric_rule!r}: expected one of "
+                       f"{M.VQA_RULES} (the official script of 2021 or "
+                       "2016)")
 
   def _load(self, split: str, annotated: bool):
     questions = os.path.join(
@@ -173,8 +196,11 @@ class VQATask(WithoutData):
       pred = run_eval(self.eval_examples, self.encode_eval, self.predict)
       answers = [self.vocab[int(i)] for i in pred]
       out["vqa_acc"] = M.mean_vqa_accuracy(
-          answers, [ex.answers for ex in self.eval_examples])
-      out.update(accuracy_per_answer_type(answers, self.eval_examples))
+          answers, [ex.answers for ex in self.eval_examples],
+          rule=self.metric_rule)
+      out.update(accuracy_per_answer_type(answers, self.eval_examples,
+                                          self.metric_rule))
+      out["vqa_metric"] = self.metric_rule
     if self.test_examples:
       pred = run_eval(self.test_examples, self.encode_eval, self.predict)
       if is_main:
