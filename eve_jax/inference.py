@@ -137,13 +137,34 @@ def restore_params(directory: str) -> tuple[dict[str, Any], int]:
     raise InputError(str(e)) from None
 
 
-def load(directory: str, kinds: Sequence[str] = ()) -> Workdir:
+def model_overrides(items: Sequence[str]) -> dict[str, Any]:
+  """`--set model.KEY=VALUE ...` -> {KEY: value}: the config.model keys to
+  run a saved model with instead of its config.json's (e.g.
+  model.capacity_factor=0 for no dropping, model.moe_group=sample). Values
+  are read as JSON (numbers, true/false, quoted strings), else kept as the
+  text; unknown keys are refused when the model is built."""
+  out = {}
+  for item in items:
+    key, eq, value = item.partition("=")
+    if not eq or not key.startswith("model.") or len(key) <= 6:
+      raise InputError(f"--set {item!r}: expected model.KEY=VALUE")
+    try:
+      out[key[6:]] = json.loads(value)
+    except json.JSONDecodeError:
+      out[key[6:]] = value
+  return out
+
+
+def load(directory: str, kinds: Sequence[str] = (),
+         overrides: dict[str, Any] | None = None) -> Workdir:
   """Loads a workdir's newest checkpoint.
 
   Args:
     directory: a run directory written by `python -m eve_jax.main`.
     kinds: the tasks the caller can use ("" = any); another is an error
       naming what is needed.
+    overrides: config.model keys to change (`model_overrides`); only
+      keys that leave the parameters' shapes alone can load.
 
   Raises:
     InputError: no such run, another kind, or a checkpoint that does not
@@ -165,8 +186,11 @@ def load(directory: str, kinds: Sequence[str] = ()) -> Workdir:
   if not os.path.isdir(os.path.join(directory, "checkpoints")):
     raise InputError(f"--workdir {directory} has no checkpoints/ (the run "
                      "has not saved one yet)")
-  cfg = ModelConfig.from_config(config["model"],
-                                vocab_size=tokenizer.vocab_size)
+  try:
+    cfg = ModelConfig.from_config(dict(config["model"], **(overrides or {})),
+                                  vocab_size=tokenizer.vocab_size)
+  except (ValueError, TypeError) as e:
+    raise InputError(f"--set: {e}") from None
   cfg = dataclasses.replace(
       cfg, scan_layers=False, remat=False, attention="einsum",
       matching_heads=cfg.matching_heads or "itc" in _objectives(config))

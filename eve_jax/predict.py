@@ -152,6 +152,9 @@ def _parser() -> inference.ArgumentParser:
       prog="python -m eve_jax.predict",
       description="Predictions from a trained eve_jax workdir.")
   p.add_argument("--workdir", required=True, help="the run directory")
+  p.add_argument("--set", action="append", default=[],
+                 metavar="model.KEY=VALUE",
+                 help="run with this config.model key changed (repeatable)")
   sub = p.add_subparsers(dest="command", required=True)
   f = sub.add_parser("fill", help="the words behind each [MASK]")
   f.add_argument("--image", required=True)
@@ -182,7 +185,8 @@ def run(argv: Sequence[str]) -> None:
     inference.check_file(args.image)
   if args.command == "fill" and inference.MASK not in args.text:
     raise InputError(f"--text {args.text!r} has no {inference.MASK} to fill")
-  w = inference.load(args.workdir, kinds)
+  w = inference.load(args.workdir, kinds,
+                     inference.model_overrides(args.set))
   size = w.model_cfg.image_size
   if args.command == "fill":
     preds, filled = fill(w, inference.read_image(args.image, size),

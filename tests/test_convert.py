@@ -29,6 +29,7 @@ from flax import nnx
 from eve_jax.convert import beit, infer, layout, output, released
 from eve_jax.convert.__main__ import main
 from eve_jax.convert.source import ConversionError
+from eve_jax.model import task_models
 from eve_jax.model.block import Block
 from eve_jax.model.variants import ModelConfig
 
@@ -605,8 +606,8 @@ def _np_block(x, sd, i, heads, n_image, n_text, valid, experts):
   if p + "norm2_vl.weight" in sd:
     h = _np_ln(x, sd[p + "norm2_vl.weight"], sd[p + "norm2_vl.bias"])
     h, dropped = _np_top2_moe(h, sd, p + "mlp_moe.moe.", n_image, experts)
-  else:  # hard router: the last n_text tokens are text
-    vis, txt = x[:, :-n_text], x[:, -n_text:]
+  else:  # hard router: the tokens after the first n_image are text
+    vis, txt = x[:, :n_image], x[:, n_image:]
     h = np.concatenate([
         _np_mlp(_np_ln(vis, sd[p + "norm2_imag.weight"],
                        sd[p + "norm2_imag.bias"]), sd, p + "mlp_imag"),
@@ -829,11 +830,59 @@ def _np_model_vqa(sd, cfg, pixels, ids):
     x, _ = _np_block(x, sd, i, cfg["heads"], n_image, n_text, valid,
                      cfg["num_experts"])
   x = _np_ln(x, sd[b + "norm.weight"], sd[b + "norm.bias"])
-  h = x[:, n_image] @ sd["output.0.weight"].T + sd["output.0.bias"]
+  return x, _np_vqa_head(sd, x[:, n_image])
+
+
+def _np_vqa_head(sd, cls):
+  h = cls @ sd["output.0.weight"].T + sd["output.0.bias"]
   h = _np_ln(h, sd["output.1.weight"], sd["output.1.bias"], eps=1e-5)
   from scipy.special import erf  # pylint: disable=g-import-not-at-top
   h = 0.5 * h * (1 + erf(h / np.sqrt(2)))
-  return x, h @ sd["output.3.weight"].T + sd["output.3.bias"]
+  return h @ sd["output.3.weight"].T + sd["output.3.bias"]
+
+
+def _np_pass(sd, cfg, pixels=None, ids=None, atts=None):
+  """One released backbone pass, float64, any batch and padding: mode
+  'vl' with both inputs, 'vision' or 'text' with one. Every soft-router
+  layer routes all B * L tokens of the pass as one group, padding
+  included (the released MOELayer reshapes [B, L, D] to [B * L, D]).
+
+  Returns:
+    (states [B, L, D] before the final norm, after it, valid [B, L],
+    number of image tokens, assignments dropped over all layers).
+  """
+  b = "backbone."
+  d, p = cfg["width"], cfg["patch_size"]
+  parts, valid = [], []
+  if pixels is not None:
+    img = pixels.astype(np.float64)
+    bsz, hh, ww, _ = img.shape
+    patches = img.reshape(bsz, hh // p, p, ww // p, p, 3).transpose(
+        0, 1, 3, 5, 2, 4).reshape(bsz, -1, 3 * p * p)
+    w = sd[b + "patch_embed.weight"].reshape(d, -1)
+    vis = patches @ w.T + sd[b + "patch_embed.bias"]
+    cls = np.broadcast_to(sd[b + "class_embedding_vision"], (bsz, 1, d))
+    parts.append(np.concatenate([cls, vis], 1) + sd[b + "pos_embed_vision"]
+                 + sd[b + "type_embed_vision"])
+    valid.append(np.ones(parts[-1].shape[:2], bool))
+  if ids is not None:
+    txt = _np_ln(sd[b + "word_embedding.weight"][ids],
+                 sd[b + "layer_norm_text.weight"],
+                 sd[b + "layer_norm_text.bias"])
+    parts.append(txt + sd[b + "pos_embed_text"][:ids.shape[1]]
+                 + sd[b + "type_embed_text"])
+    valid.append(atts.astype(bool))
+  n_image = parts[0].shape[1] if pixels is not None else 0
+  x = _np_ln(np.concatenate(parts, 1), sd[b + "pre_layrnorm.weight"],
+             sd[b + "pre_layrnorm.bias"])
+  valid = np.concatenate(valid, 1)
+  dropped = 0
+  for i in range(cfg["depth"]):
+    x, n = _np_block(x, sd, i, cfg["heads"], n_image, x.shape[1] - n_image,
+                     valid, cfg["num_experts"])
+    dropped += n
+  return (x, _np_ln(x, sd[b + "norm.weight"], sd[b + "norm.bias"]), valid,
+          n_image, dropped)
 
 
 def test_released_cli_and_whole_model(tmp_path, capsys):
@@ -898,6 +947,148 @@ def test_released_cli_and_whole_model(tmp_path, capsys):
   arrays = np.load(npz)
   assert arrays["states"].shape == (1, 5 + 40, 64)
   assert arrays["vqa_logits"].shape == (1, 10)
+  # Another setting without editing config.json; a typo is one line.
+  assert main(["run", "--model", str(out), "--image", str(img), "--text",
+               "what color is the cat?", "--set", "model.capacity_factor=0",
+               "--set", "model.moe_group=sample"]) == 0
+  summary = json.loads(capsys.readouterr().out)
+  assert summary["overrides"] == {"capacity_factor": 0,
+                                  "moe_group": "sample"}
+  assert main(["run", "--model", str(out), "--image", str(img), "--set",
+               "model.moe_grup=sample"]) == 1
+  err = capsys.readouterr().err
+  assert "unknown keys ['moe_grup']" in err and err.count("\n") == 1
+  assert main(["run", "--model", str(out), "--image", str(img), "--set",
+               "capacity_factor=0"]) == 1
+  assert "expected model.KEY=VALUE" in capsys.readouterr().err
+
+
+def _with_head(sd, rng, head):
+  """The released state dict `sd` (VQA head) as a `head` checkpoint."""
+  sd = dict(sd)
+  if head == "vqa":
+    return sd
+  for k in [k for k in sd if k.startswith("output.")]:
+    del sd[k]
+  d = sd["backbone.norm.weight"].shape[0]
+  t = lambda *shape: (rng.standard_normal(shape) / math.sqrt(shape[-1])
+                      ).astype(np.float32)
+  if head == "retrieval":
+    sd["itc_vision_proj_head.weight"] = t(d, d)
+    sd["itc_text_proj_head.weight"] = t(d, d)
+    sd["itc_temp"] = np.asarray(0.05, np.float32)
+    sd["itm_head.weight"], sd["itm_head.bias"] = t(2, d), t(2)
+  else:  # nlvr2, the --biattn head
+    for a in ("attn1", "attn2"):
+      sd[a + ".in_proj_weight"], sd[a + ".in_proj_bias"] = (t(3 * d, d),
+                                                            t(3 * d))
+      sd[a + ".out_proj.weight"], sd[a + ".out_proj.bias"] = t(d, d), t(d)
+    sd["fc.0.weight"], sd["fc.0.bias"] = t(d, 2 * d), t(d)
+    sd["attn_pool.fc.0.weight"] = t(1, d)
+    sd["attn_pool.fc.0.bias"] = np.full((1,), 0.3, np.float32)
+    sd["nlvr2_output.weight"], sd["nlvr2_output.bias"] = t(2, 2 * d), t(2)
+  return sd
+
+
+def test_released_batch_computation_matches_numpy_float64(tmp_path):
+  """At the released settings (capacity factor 1.0, minimum capacity 4,
+  a batch of 3 padded questions, tokens dropped), each converted model
+  against the float64 NumPy forward of the released computation: VQA
+  logits, ITC evaluation features (CLS before the final norm), ITM logits
+  and NLVR2 logits within 1e-4, dropped assignments equal. Flipping the
+  grouping switch back to eve_jax's own breaks the match."""
+  c = _SMALL
+  rng = np.random.default_rng(11)
+  base = _released_sd(rng, **dict(c, vocab=300))
+  # Gate rows that favour expert 0 for every token (through the shared
+  # LayerNorm bias in front of the MoE), so capacity overflows.
+  for i in range(c["depth"] - c["soft"], c["depth"]):
+    p = f"backbone.encoder.layers.{i}."
+    bias = base[p + "norm2_vl.bias"]
+    base[p + "mlp_moe.moe.gate.wg.weight"][0] += 4 * bias / np.linalg.norm(
+        bias)
+  n_text = 40
+  pixels = rng.uniform(-1, 1, (3, c["image"], c["image"], 3))
+  pixels1 = rng.uniform(-1, 1, (3, c["image"], c["image"], 3))
+  ids = rng.integers(5, 300, (3, n_text))
+  atts = np.zeros((3, n_text), np.int64)
+  for row, n in enumerate((7, 19, 40)):
+    atts[row, :n] = 1
+  ids = np.where(atts == 1, ids, 1)  # <pad>
+  j = lambda a, dt=jnp.float32: jnp.asarray(a, dt)  # noqa: E731
+  jargs = (j(pixels), j(ids, jnp.int32), j(atts, bool))
+  models, sds = {}, {}
+  for head in ("vqa", "retrieval", "nlvr2"):
+    sd = _with_head(base, np.random.default_rng(12), head)
+    params, cfg, pieces = released.from_released(sd, f"{head}.th", 4)
+    assert cfg["moe_group"] == "batch" and cfg["moe_min_capacity"] == 4
+    config = {"model": cfg, "heads": pieces["heads"]}
+    if head == "vqa":
+      config["vqa_answers"] = pieces["vqa_answers"]
+    output.write(str(tmp_path / head), params, config, {})
+    models[head] = output.load(str(tmp_path / head))[0]
+    sds[head] = _sd64(sd)
+  cfg = models["vqa"].backbone.cfg.__dict__
+  errs, drops = {}, {}
+
+  # VQA logits.
+  _, normed, _, n_image, want_drop = _np_pass(sds["vqa"], cfg, pixels, ids,
+                                              atts)
+  want = _np_vqa_head(sds["vqa"], normed[:, n_image])
+  logits, stats = nnx.jit(lambda m, *a: m(*a))(models["vqa"], *jargs)
+  errs["vqa"] = float(np.max(np.abs(np.asarray(logits) - want)))
+  drops["vqa"] = (sum(int(st.dropped) for st in stats), want_drop)
+
+  # ITC evaluation features: unimodal passes, CLS before the final norm.
+  m, sd = models["retrieval"], sds["retrieval"]
+  unit = lambda x: x / np.linalg.norm(x, axis=-1, keepdims=True)  # noqa
+  raw = _np_pass(sd, cfg, pixels=pixels)[0]
+  want_img = unit(raw[:, 0] @ sd["itc_vision_proj_head.weight"].T)
+  raw = _np_pass(sd, cfg, ids=ids, atts=atts)[0]
+  want_txt = unit(raw[:, 0] @ sd["itc_text_proj_head.weight"].T)
+  got_img = nnx.jit(lambda m, x: m.matching.image_proj(m.image_features(x)))(
+      m, jargs[0])
+  got_txt = nnx.jit(lambda m, a, b: m.matching.text_proj(
+      m.text_features(a, b)))(m, *jargs[1:])
+  errs["itc"] = max(
+      float(np.max(np.abs(unit(np.asarray(got_img)) - want_img))),
+      float(np.max(np.abs(unit(np.asarray(got_txt)) - want_txt))))
+  # ITM logits on the fused pass (normed states, text CLS).
+  _, normed, _, n_image, want_drop = _np_pass(sd, cfg, pixels, ids, atts)
+  want = normed[:, n_image] @ sd["itm_head.weight"].T + sd["itm_head.bias"]
+
+  def itm(m, *a):
+    states, _, st = task_models.fused(m.backbone, *a, None)
+    return m.matching.match_logits(states[:, n_image]), st
+  got, stats = nnx.jit(itm)(m, *jargs)
+  errs["itm"] = float(np.max(np.abs(np.asarray(got) - want)))
+  drops["itm"] = (sum(int(st.dropped) for st in stats), want_drop)
+
+  # NLVR2: two passes (one routing group each), the bi-attention head.
+  sd = sds["nlvr2"]
+  _, h0, v0, _, d0 = _np_pass(sd, cfg, pixels, ids, atts)
+  _, h1, v1, _, d1 = _np_pass(sd, cfg, pixels1, ids, atts)
+  want = _np_biattn(h0, h1, v0, v1, sd, cfg["heads"])
+  got, stats = nnx.jit(lambda m, *a: m(*a))(
+      models["nlvr2"], jargs[0], j(pixels1), *jargs[1:])
+  errs["nlvr2"] = float(np.max(np.abs(np.asarray(got) - want)))
+  drops["nlvr2"] = (sum(int(st.dropped) for st in stats), d0 + d1)
+
+  # eve_jax's own grouping on the same weights and inputs.
+  flipped = output.load(str(tmp_path / "vqa"),
+                        overrides={"moe_group": "sample"})[0]
+  logits_s, _ = nnx.jit(lambda m, *a: m(*a))(flipped, *jargs)
+  want = _np_vqa_head(sds["vqa"], _np_pass(sds["vqa"], cfg, pixels, ids,
+                                           atts)[1][:, n_image])
+  err_flipped = float(np.max(np.abs(np.asarray(logits_s) - want)))
+  print(f"\nreleased batch computation vs float64: "
+        + ", ".join(f"{k} {v:.2e}" for k, v in errs.items())
+        + f"; dropped (eve_jax, reference) {drops}; moe_group=sample: VQA "
+        f"logits off by {err_flipped:.3f}")
+  for name, (got_drop, want_drop) in drops.items():
+    assert got_drop == want_drop > 0, name
+  assert max(errs.values()) <= 1e-4, errs
+  assert err_flipped > 1e-2
 
 
 def test_released_cli_vocab_mismatch(tmp_path, capsys):
@@ -909,10 +1100,40 @@ def test_released_cli_vocab_mismatch(tmp_path, capsys):
   tok = tmp_path / "tokenizer.json"
   tok.write_text(_bpe_tokenizer_json(300))
   assert main(["eve", "--in", str(ckpt), "--tokenizer", str(tok), "--out",
-               str(tmp_path / "o")]) == 1
+               str(tmp_path / "o"), "--heads", "4"]) == 1
   err = capsys.readouterr().err
   assert "has 300 tokens but" in err and "100 rows" in err
   assert not os.path.exists(tmp_path / "o" / "checkpoints")
+
+
+def test_released_heads_are_told_not_guessed(tmp_path, capsys):
+  """The weights do not say the attention heads: --heads, else the
+  checkpoint's own config, else the released sizes (768: 12, 1024: 16);
+  any other width without either is refused in one line."""
+  torch = _torch()
+  assert released.released_heads(768) == (12, "the released config of "
+                                          "width 768")
+  assert released.released_heads(1024)[0] == 16
+  assert released.released_heads(64, checkpoint_config={
+      "vlmo_config": {"num_attention_heads": 8}})[0] == 8
+  with pytest.raises(ConversionError, match="does not divide"):
+    released.released_heads(64, 5)
+  sd = _released_sd(np.random.default_rng(3), **dict(_SMALL, vocab=300))
+  ckpt = tmp_path / "eve.th"
+  tensors = {k: torch.from_numpy(np.asarray(v)) for k, v in sd.items()}
+  torch.save({"model": tensors}, ckpt)
+  tok = tmp_path / "tokenizer.json"
+  tok.write_text(_bpe_tokenizer_json(300))
+  args = ["eve", "--in", str(ckpt), "--tokenizer", str(tok), "--out"]
+  assert main(args + [str(tmp_path / "o")]) == 1
+  err = capsys.readouterr().err
+  assert "width 64 is not a released EVE size" in err and "--heads" in err
+  assert err.count("\n") == 1
+  torch.save({"model": tensors, "config": {"num_attention_heads": 4}}, ckpt)
+  assert main(args + [str(tmp_path / "o")]) == 0
+  rep = json.load(open(tmp_path / "o" / "conversion_report.json"))
+  assert rep["attention_heads"] == [4, "the checkpoint's config"]
+  assert rep["model"]["heads"] == 4
 
 
 def test_init_from_accepts_converted_dir(tmp_path):

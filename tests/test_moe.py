@@ -121,6 +121,18 @@ def test_expert_capacity(s, e, k, cf, expected):
   assert moe.expert_capacity(s, e, k, cf) == expected
 
 
+@pytest.mark.parametrize("s,expected", [
+    (3 * 237, 45),  # a released VQA batch of 3 at 224 px: ceil(1422 / 32)
+    (60, 4),        # ceil(120 / 32) = 4 anyway
+    (40, 4),        # ceil(80 / 32) = 3, raised to the minimum 4
+    (3, 3),         # the minimum capped at S: 3 tokens fill no more
+])
+def test_expert_capacity_minimum(s, expected):
+  """DeepSpeed's min_capacity (4 in the released EVE): max(ceil(2 S / E),
+  4) slots, capped at S as always."""
+  assert moe.expert_capacity(s, 32, 2, 1.0, min_capacity=4) == expected
+
+
 @pytest.mark.parametrize("name", ["gelu", "quick_gelu"])
 def test_activations(name):
   x = np.linspace(-4, 4, 33)

@@ -65,6 +65,14 @@ def test_fill_prints_the_top_words(micro_workdir, tmp_path, capsys):
   assert len(probs) == 3 and probs == sorted(probs, reverse=True)
   first = lines[0].split()[2]
   assert lines[2].startswith(f"filled: a large {first} circle left of a ")
+  # The same with the routing changed for this call only.
+  code, out, _ = _cli(["--workdir", micro_workdir, "--set",
+                       "model.capacity_factor=0", "--set",
+                       "model.moe_group=batch", "fill", "--image", path,
+                       "--text", "a large [MASK] circle", "--top", "3"],
+                      capsys)
+  assert code == 0 and out.strip().splitlines()[-1].startswith(
+      "filled: a large ")
 
 
 def test_retrieve_ranks_every_image(micro_workdir, tmp_path, capsys):
@@ -95,7 +103,8 @@ def test_retrieve_without_itc_heads_says_what_it_needs(micro_workdir,
 
 
 @pytest.mark.parametrize("case", ["no_workdir", "not_a_run", "wrong_kind",
-                                  "bad_image", "no_mask", "no_command"])
+                                  "bad_image", "no_mask", "no_command",
+                                  "unknown_set", "bad_set"])
 def test_bad_input_is_one_line(case, micro_workdir, tmp_path, capsys):
   (image, _), = _samples(str(tmp_path / "img"), 1)
   wd, text = micro_workdir, "a [MASK] circle"
@@ -117,6 +126,9 @@ def test_bad_input_is_one_line(case, micro_workdir, tmp_path, capsys):
   argv = ["--workdir", wd, "fill", "--image", image, "--text", text]
   if case == "no_command":
     argv = ["--workdir", wd]
+  if case in ("unknown_set", "bad_set"):
+    argv[2:2] = ["--set", {"unknown_set": "model.moe_grup=batch",
+                           "bad_set": "moe_group"}[case]]
   code, out, err = _cli(argv, capsys)
   assert code == 1 and not out
   lines = err.strip().splitlines()
@@ -126,7 +138,9 @@ def test_bad_input_is_one_line(case, micro_workdir, tmp_path, capsys):
           "wrong_kind": "is a nlvr2 run; this needs a pretrain run",
           "bad_image": "broken.jpg: cannot read the image",
           "no_mask": "has no [MASK] to fill",
-          "no_command": "the following arguments are required"}[case]
+          "no_command": "the following arguments are required",
+          "unknown_set": "unknown keys ['moe_grup']",
+          "bad_set": "expected model.KEY=VALUE"}[case]
   assert want in lines[0], lines[0]
 
 

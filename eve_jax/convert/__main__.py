@@ -10,7 +10,7 @@
       The released EVE weights (pretrained, VQA or retrieval fine-tuned) ->
       DIR with its Hugging Face tokenizer (tokenizer.json).
   run --model DIR --image IMG [--text TEXT] [--image IMG [--text TEXT] ...]
-      [--top K] [--save OUT.npz]
+      [--top K] [--save OUT.npz] [--set model.KEY=VALUE ...]
       Runs DIR on image-text pairs: prints JSON (VQA answers, ITC/ITM
       scores, feature norms); --save writes the arrays.
 
@@ -54,8 +54,9 @@ def _parser() -> argparse.ArgumentParser:
                  "tokenizer.json")
   e.add_argument("--out", required=True)
   e.add_argument("--heads", type=int, default=None,
-                 help="attention heads (default width / 64: 12 base, 16 "
-                 "large)")
+                 help="attention heads (default: the checkpoint's config, "
+                 "else the released sizes' 12 for width 768 and 16 for "
+                 "1024; required for any other width)")
   e.add_argument("--answers", default=None,
                  help="VQA answer list (JSON list of strings), copied to "
                  "DIR/answers.json")
@@ -70,6 +71,10 @@ def _parser() -> argparse.ArgumentParser:
                  help="one per --image; none: image features only")
   r.add_argument("--top", type=int, default=5)
   r.add_argument("--save", default=None)
+  r.add_argument("--set", action="append", default=[],
+                 metavar="model.KEY=VALUE",
+                 help="run with this config.model key changed, e.g. "
+                 "model.capacity_factor=0 (repeatable)")
   return p
 
 
@@ -115,10 +120,11 @@ def _beitv2(args) -> None:
 def _eve(args) -> None:
   from eve_jax.convert import output, released, source  # pylint: disable=g-import-not-at-top
   from eve_jax.data.hf_tokenizer import HFTokenizer  # pylint: disable=g-import-not-at-top
-  sd = source.state_dict(source.load_torch(args.inp), args.inp)
-  sd = source.strip_prefix(sd, ("module.",))
-  params, model_cfg, pieces = released.from_released(sd, args.inp,
-                                                     args.heads, args.drop)
+  obj = source.load_torch(args.inp)
+  sd = source.strip_prefix(source.state_dict(obj, args.inp), ("module.",))
+  params, model_cfg, pieces = released.from_released(
+      sd, args.inp, args.heads, args.drop,
+      checkpoint_config=obj.get("config") if isinstance(obj, dict) else None)
   text = tokenizer_json(args.tokenizer)
   with tempfile.TemporaryDirectory() as tmp:  # checked before writing DIR
     tok_path = os.path.join(tmp, "tokenizer.json")
@@ -134,6 +140,8 @@ def _eve(args) -> None:
   answers = pieces.get("vqa_answers", 0)
   rep = output.report(params, model_cfg, pieces, args.inp, heads, answers)
   rep["differences_from_released_code"] = released.DIFFERENCES
+  rep["attention_heads"] = [model_cfg["heads"],
+                            pieces["attention_heads_from"]]
   if args.answers:  # checked before anything is written
     with open(args.answers) as f:
       names = json.load(f)
@@ -158,7 +166,9 @@ def _eve(args) -> None:
 def _run(args) -> None:
   import numpy as np  # pylint: disable=g-import-not-at-top
   from eve_jax.convert import infer  # pylint: disable=g-import-not-at-top
-  summary, arrays = infer.run(args.model, args.image, args.text, args.top)
+  from eve_jax.inference import model_overrides  # pylint: disable=g-import-not-at-top
+  summary, arrays = infer.run(args.model, args.image, args.text, args.top,
+                              model_overrides(args.set))
   if args.save:
     np.savez(args.save, **arrays)
     summary["saved"] = os.path.abspath(args.save)

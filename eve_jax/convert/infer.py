@@ -46,18 +46,22 @@ def image_text_outputs(model, images: jax.Array, text: jax.Array,
     states [B, L, D] of the fused pass, image_states [B, Li, D] of an
     image-only pass, image_features [B, D] (their CLS) and, when there is
     text, text_cls [B, D] (the fused pass's text CLS) and text_features
-    [B, D] (text CLS of a text-only pass).
+    [B, D] (text CLS of a text-only pass). The features are taken before
+    the final LayerNorm when `model.retrieval_eval_features` says
+    "pre_norm" (the released retrieval evaluation), else after it.
   """
   bb = model.backbone
+  normed = bb.cfg.retrieval_eval_features == "normed"
   img, txt = bb.embed_image(images), bb.embed_text(text)
-  image_only, _ = bb.encode(img, txt[:, :0], text_valid[:, :0])
+  raw, _ = bb.encode(img, txt[:, :0], text_valid[:, :0], final_norm=False)
+  image_only = bb.norm(raw)
   out = {"states": image_only, "image_states": image_only,
-         "image_features": image_only[:, 0]}
+         "image_features": (image_only if normed else raw)[:, 0]}
   if text.shape[1]:  # without text (a converted BEiT) the passes coincide
     states, _ = bb.encode(img, txt, text_valid)
-    text_only, _ = bb.encode(txt[:, :0], txt, text_valid)
+    raw, _ = bb.encode(txt[:, :0], txt, text_valid, final_norm=False)
     out.update(states=states, text_cls=states[:, img.shape[1]],
-               text_features=text_only[:, 0])
+               text_features=(bb.norm(raw) if normed else raw)[:, 0])
   return out
 
 
@@ -66,16 +70,21 @@ _call = nnx.jit(lambda model, *args: model(*args))
 
 
 def run(directory: str, image_paths: Sequence[str], texts: Sequence[str],
-        top: int = 5) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+        top: int = 5, overrides: dict[str, Any] | None = None
+        ) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
   """Loads DIR and runs it on the pairs (image_paths[i], texts[i]) (an
-  NLVR2 model: on (image_paths[2i], image_paths[2i + 1], texts[i])).
+  NLVR2 model: on (image_paths[2i], image_paths[2i + 1], texts[i])), with
+  `overrides` of its config.model (`inference.model_overrides`).
 
   Returns:
     (a JSON-able summary: per image the VQA top answers, the ITM/ITC
     scores or the NLVR2 probability of "true", and feature norms; the
     arrays by name).
   """
-  model, config = output.load(directory)
+  try:
+    model, config = output.load(directory, overrides=overrides)
+  except TypeError as e:  # a value of the wrong kind for its field
+    raise ConversionError(f"--set: {e}") from None
   nlvr2 = bool(texts) and "nlvr2" in config.get("heads", [])
   if nlvr2:  # a statement about two images: one text per image pair
     if len(image_paths) != 2 * len(texts):
@@ -135,7 +144,10 @@ def run(directory: str, image_paths: Sequence[str], texts: Sequence[str],
     row["feature_norms"] = {k: round(float(np.linalg.norm(arrays[k][i])), 4)
                             for k in ("image_features", "text_features",
                                       "text_cls") if k in arrays}
-  return {"model": os.path.abspath(directory), "pairs": rows}, arrays
+  summary = {"model": os.path.abspath(directory), "pairs": rows}
+  if overrides:
+    summary["overrides"] = dict(overrides)
+  return summary, arrays
 
 
 def _answers(directory: str, n: int) -> list[str]:

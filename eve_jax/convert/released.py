@@ -39,15 +39,19 @@ DIFFERENCES = [
     "soft router, second choice: the released top2gating adds Gumbel noise "
     "to the logits before picking each token's 2nd expert, in training AND "
     "at inference, so its outputs are random; eve_jax takes the 2nd-largest "
-    "logit (the noise-free choice)",
-    "soft router, capacity: released groups are the whole batch (capacity "
-    "ceil(2 * B * L / E), at least 4, padding tokens routed too); eve_jax "
-    "groups one sample (ceil(2 * L / E) with capacity_factor 1.0, padding "
-    "never routed): identical for a batch of one sample without padding "
-    "over capacity",
-    "VQA head LayerNorm: released eps 1e-5 (torch default), eve_jax 1e-6",
+    "logit (the noise-free choice). Not reproducible; everything else is, "
+    "with the config.model this converter writes:",
+    "soft router, groups and capacity: moe_group='batch' (all B * L tokens "
+    "of a pass are one routing group), moe_route_padding=true (padding "
+    "tokens take expert slots), moe_min_capacity=4, capacity_factor 1.0, "
+    "moe_normalize_gates: the released DeepSpeed layer. Results then depend "
+    "on the batch size of each pass, as the released ones do (its VQA "
+    "batch_size_test, retrieval batch_size_test_text and k_test); "
+    "eve_jax's own default groups one sample and never routes padding",
+    "VQA head LayerNorm: released eps 1e-5 (torch default): vqa_head_eps",
     "retrieval: the released forward_eval takes image/text CLS features "
-    "before the final `norm`; its training (and eve_jax) after it",
+    "before the final `norm`, its training after it: "
+    "retrieval_eval_features='pre_norm' for retrieval checkpoints",
     "modality split: released layers split [image ; text] by position "
     "(hard router: the last 40 tokens are text; soft router: the first "
     "1 + N are image), eve_jax by explicit modality ids: the same for "
@@ -72,9 +76,57 @@ def _layers(sd: dict) -> int:
   return 1 + max(idx)
 
 
-def model_config(sd: dict, path: str, heads: int | None = None
-                 ) -> dict[str, Any]:
-  """The eve_jax `config.model` a released state dict implies."""
+# The released model configs (configs/config_vlmo{B,L}_base64k.json of the
+# released code): num_attention_heads by vision_width. The weights do not
+# tell the head count (no relative position table), and any other split of
+# the width converts without error into a model that computes something
+# else (0.79 logit error measured on a wrong guess).
+RELEASED_HEADS = {768: 12, 1024: 16}
+
+
+def released_heads(width: int, heads: int | None = None,
+                   checkpoint_config: Any = None, path: str = ""
+                   ) -> tuple[int, str]:
+  """(attention heads, where the number came from) for a released model.
+
+  In order: `heads` (--heads); `num_attention_heads` in the checkpoint's
+  own "config" entry (or a dict in it, e.g. an inlined vlmo_config); the
+  released configs for widths 768 and 1024. Anything else is a one-line
+  ConversionError asking for --heads.
+  """
+  if heads is not None:
+    if heads < 1 or width % heads:
+      raise ConversionError(f"--heads={heads} does not divide the width "
+                            f"{width}")
+    return heads, "--heads"
+  found = _config_heads(checkpoint_config)
+  if found is not None:
+    if width % found:
+      raise ConversionError(f"{path}: its config's num_attention_heads="
+                            f"{found} does not divide the width {width}")
+    return found, "the checkpoint's config"
+  if width in RELEASED_HEADS:
+    return RELEASED_HEADS[width], f"the released config of width {width}"
+  raise ConversionError(f"{path}: width {width} is not a released EVE size "
+                        f"({sorted(RELEASED_HEADS)}) and the checkpoint does "
+                        "not say its attention heads: pass --heads")
+
+
+def _config_heads(config: Any) -> int | None:
+  if not isinstance(config, dict):
+    return None
+  if isinstance(config.get("num_attention_heads"), int):
+    return int(config["num_attention_heads"])
+  for v in config.values():
+    if isinstance(v, dict) and (h := _config_heads(v)) is not None:
+      return h
+  return None
+
+
+def model_config(sd: dict, path: str, heads: int | None = None,
+                 checkpoint_config: Any = None) -> dict[str, Any]:
+  """The eve_jax `config.model` a released state dict implies (`heads`,
+  `checkpoint_config`: see `released_heads`)."""
   need = [_B + "class_embedding_vision", _B + "patch_embed.weight",
           _B + "word_embedding.weight", _B + "pos_embed_text",
           _B + "pos_embed_vision", _L.format(i=0) + "norm1.weight"]
@@ -101,13 +153,17 @@ def model_config(sd: dict, path: str, heads: int | None = None
                   if t["depth"] == depth and t["width"] == width), "base")
   return dict(
       variant=variant, depth=depth, width=width,
-      heads=heads or max(width // 64, 1), mlp_dim=int(sd[first].shape[0]),
+      heads=released_heads(width, heads, checkpoint_config, path)[0],
+      mlp_dim=int(sd[first].shape[0]),
       num_soft_layers=len(soft),
       num_experts=(int(sd[_L.format(i=soft[0]) + _MOE + "gate.wg.weight"]
                        .shape[0]) if soft else VARIANTS[variant]
                    ["num_experts"]),
       top_k=2, capacity_factor=1.0, add_modality_to_experts=True,
       moe_normalize_gates=True, activation="quick_gelu",
+      # The released DeepSpeed layer (DIFFERENCES).
+      moe_group="batch", moe_route_padding=True, moe_min_capacity=4,
+      vqa_head_eps=1e-5,
       image_size=grid * patch, patch_size=patch,
       vocab_size=int(sd[_B + "word_embedding.weight"].shape[0]),
       max_text_len=40,
@@ -115,11 +171,16 @@ def model_config(sd: dict, path: str, heads: int | None = None
 
 
 def from_released(sd: dict[str, np.ndarray], path: str,
-                  heads: int | None = None, drop: Sequence[str] = ()
+                  heads: int | None = None, drop: Sequence[str] = (),
+                  checkpoint_config: Any = None
                   ) -> tuple[dict, dict[str, Any], dict[str, Any]]:
   """A released state dict -> (eve_jax params, config.model dict, report
-  pieces {"dropped", "heads"}). `drop`: key prefixes to leave out."""
-  cfg = model_config(sd, path, heads)
+  pieces {"dropped", "heads", "attention_heads_from"}). `drop`: key
+  prefixes to leave out; `heads`, `checkpoint_config` (the checkpoint's
+  "config" entry): see `released_heads`."""
+  cfg = model_config(sd, path, heads, checkpoint_config)
+  heads_from = released_heads(cfg["width"], heads, checkpoint_config,
+                              path)[1]
   src = Source(sd, path)
   for pattern, why in _DROP:
     src.drop_matching(pattern, why)
@@ -227,6 +288,7 @@ def from_released(sd: dict[str, np.ndarray], path: str,
     params["matching"]["itm"] = {"kernel": layout.linear_in(itm_w),
                                  "bias": itm_b}
     heads_found.append("retrieval")
+    cfg["retrieval_eval_features"] = "pre_norm"  # released forward_eval
   src.check_all_used()
   dropped = src.dropped_report()
   if "biattn" in params:
@@ -234,7 +296,7 @@ def from_released(sd: dict[str, np.ndarray], path: str,
                  "k bias: shifts each query's logits equally, cancels in "
                  "softmax"] for a in ("attn1", "attn2")]
   return params, cfg, {"dropped": dropped, "heads": heads_found,
-                       **cfg_heads}
+                       "attention_heads_from": heads_from, **cfg_heads}
 
 
 def _biattn_from(src: Source, linear, d: int, heads: int) -> dict:

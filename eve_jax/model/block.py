@@ -37,6 +37,8 @@ class Block(nnx.Module):
                add_modality_to_experts: bool = True,
                normalize_gates: bool = False,
                moe_dispatch: str = "gather", moe_experts: str = "auto",
+               moe_group: str = "sample", moe_route_padding: bool = False,
+               moe_min_capacity: int = 1,
                attention: str = "einsum",
                dtype=jnp.float32, rngs: nnx.Rngs):
     self.ffn_kind = ffn
@@ -55,9 +57,10 @@ class Block(nnx.Module):
       self.ffn = ModalityMoE(
           dim, mlp_dim, num_experts, top_k, capacity_factor=capacity_factor,
           add_modality_to_experts=add_modality_to_experts,
-          normalize_gates=normalize_gates, aux_loss_weight=aux_loss_weight, activation=activation,
-          dispatch=moe_dispatch, experts=moe_experts, dtype=dtype,
-          rngs=rngs)
+          normalize_gates=normalize_gates, aux_loss_weight=aux_loss_weight,
+          activation=activation, dispatch=moe_dispatch, experts=moe_experts,
+          group=moe_group, route_padding=moe_route_padding,
+          min_capacity=moe_min_capacity, dtype=dtype, rngs=rngs)
     else:
       raise ValueError(f"unknown ffn kind {ffn!r}")
     if layer_scale_init is None:

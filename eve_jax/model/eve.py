@@ -82,6 +82,9 @@ class EVE(nnx.Module):
                    add_modality_to_experts=cfg.add_modality_to_experts,
                    normalize_gates=cfg.moe_normalize_gates,
                    moe_dispatch=cfg.moe_dispatch, moe_experts=cfg.moe_experts,
+                   moe_group=cfg.moe_group,
+                   moe_route_padding=cfg.moe_route_padding,
+                   moe_min_capacity=cfg.moe_min_capacity,
                    attention=cfg.attention, dtype=dt, rngs=rngs)
 
     # Built unrolled in any case, so a model's initial values do not depend
@@ -111,7 +114,8 @@ class EVE(nnx.Module):
       return x + self.type_embed[...][TEXT].astype(x.dtype)
 
   def encode(self, image_tokens: jax.Array, text_tokens: jax.Array,
-             text_valid: jax.Array, *, rng: jax.Array | None = None
+             text_valid: jax.Array, *, rng: jax.Array | None = None,
+             final_norm: bool = True
              ) -> tuple[jax.Array, list[MoEStats]]:
     """Runs the shared stack over [image ; text].
 
@@ -120,6 +124,8 @@ class EVE(nnx.Module):
       text_tokens: [B, Lt, D] from `embed_text`.
       text_valid: [B, Lt] bool, False at padding.
       rng: PRNG key for drop path; None at evaluation.
+      final_norm: False returns the last block's states without the final
+        LayerNorm (the released retrieval evaluation's features).
 
     Returns:
       ([B, Li + Lt, D] final states, one MoEStats per soft-router block).
@@ -164,7 +170,7 @@ class EVE(nnx.Module):
       x, s = run(block, x, r)
       if s is not None:
         stats.append(s)
-    return self.norm(x), stats
+    return (self.norm(x) if final_norm else x), stats
 
 
 def scan_layout(tree: dict, cfg: ModelConfig) -> dict:

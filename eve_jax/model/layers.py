@@ -30,12 +30,12 @@ def param(rngs: nnx.Rngs, init, shape: Sequence[int],
 
 
 def layer_norm(x: jax.Array, scale: jax.Array, bias: jax.Array,
-               dtype) -> jax.Array:
+               dtype, eps: float = LN_EPS) -> jax.Array:
   """LayerNorm over the last axis (eps 1e-6), statistics in float32."""
   x32 = x.astype(jnp.float32)
   mean = x32.mean(-1, keepdims=True)
   var = jnp.square(x32 - mean).mean(-1, keepdims=True)
-  y = (x32 - mean) * jax.lax.rsqrt(var + LN_EPS)
+  y = (x32 - mean) * jax.lax.rsqrt(var + eps)
   return (y * scale.astype(jnp.float32) + bias.astype(jnp.float32)).astype(dtype)
 
 
@@ -68,15 +68,19 @@ class Dense(nnx.Module):
 
 
 class LayerNorm(nnx.Module):
-  """LayerNorm (eps 1e-6) computed in float32, returned in `dtype`."""
+  """LayerNorm (eps 1e-6 unless given) computed in float32, returned in
+  `dtype`."""
 
-  def __init__(self, dim: int, *, dtype=jnp.float32, rngs: nnx.Rngs):
+  def __init__(self, dim: int, *, eps: float = LN_EPS, dtype=jnp.float32,
+               rngs: nnx.Rngs):
     self.scale = param(rngs, jax.nn.initializers.ones, (dim,), ("norm",))
     self.bias = param(rngs, jax.nn.initializers.zeros, (dim,), ("norm",))
+    self.eps = eps
     self.dtype = dtype
 
   def __call__(self, x: jax.Array) -> jax.Array:
-    return layer_norm(x, self.scale[...], self.bias[...], self.dtype)
+    return layer_norm(x, self.scale[...], self.bias[...], self.dtype,
+                      self.eps)
 
 
 class MLP(nnx.Module):

@@ -32,17 +32,19 @@ _ONES = nnx.initializers.ones_init()
 
 
 def expert_capacity(group_size: int, num_experts: int, top_k: int,
-                    capacity_factor: float) -> int:
-  """Slots per expert per group: ceil(K * S * capacity_factor / E), >= 1.
+                    capacity_factor: float, min_capacity: int = 1) -> int:
+  """Slots per expert per group: ceil(K * S * capacity_factor / E), at
+  least `min_capacity` (DeepSpeed's, 4 in the released EVE) and 1.
 
   `capacity_factor <= 0` means no dropping: C = S. The result is also capped at
   S, since the K choices of a token are distinct experts, so no expert can
-  receive more than S assignments from one group; a larger C is pure waste.
+  receive more than S assignments from one group; a larger C is pure waste
+  (and drops nothing a larger minimum would keep).
   """
   if capacity_factor <= 0:
     return group_size
   c = math.ceil(top_k * group_size * capacity_factor / num_experts)
-  return max(1, min(c, group_size))
+  return max(1, min(max(c, min_capacity), group_size))
 
 
 @flax.struct.dataclass
@@ -270,7 +272,12 @@ class MoEStats:
 class ModalityMoE(nnx.Module):
   """Soft-router layer: E experts, top-K, modality-aware router (eqs. 4-7).
 
-  Groups are one sample each (G = B, S = L). `dispatch="gather"` (default)
+  Groups are one sample each (G = B, S = L) and padding is never routed:
+  `group="batch"` makes all B * L tokens of a call one group (G = 1, S =
+  B * L) and `route_padding` routes padding tokens like any other (they
+  take slots), which with `min_capacity=4` is what the released EVE's
+  DeepSpeed layer computes; a reproduction switch, not one for training
+  (one group cannot be split over devices). `dispatch="gather"` (default)
   moves tokens into the [E, G, C, D] expert buffer and back by index, so the
   layer costs the experts' FLOPs at capacity plus the router;
   `dispatch="einsum"` uses the one-hot einsums (vmoe's form, + 2*S*E*C*D
@@ -284,6 +291,8 @@ class ModalityMoE(nnx.Module):
                normalize_gates: bool = False,
                aux_loss_weight: float = 0.001, activation: str = "gelu",
                dispatch: str = "gather", experts: str = "auto",
+               group: str = "sample", route_padding: bool = False,
+               min_capacity: int = 1,
                dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs):
     if not 1 <= top_k <= num_experts:
       raise ValueError(f"top_k: expected 1..{num_experts}, got {top_k}")
@@ -295,6 +304,11 @@ class ModalityMoE(nnx.Module):
       raise ValueError(f"experts: expected 'auto', 'batched' or 'unrolled', "
                        f"got {experts!r}")
     self.experts = experts
+    if group not in ("sample", "batch"):
+      raise ValueError(f"group: expected 'sample' or 'batch', got {group!r}")
+    self.group = group
+    self.route_padding = route_padding
+    self.min_capacity = min_capacity
     self.num_experts = num_experts
     self.top_k = top_k
     self.num_modalities = num_modalities
@@ -325,13 +339,26 @@ class ModalityMoE(nnx.Module):
     Args:
       x: [B, L, D] tokens (already layer-normed by the block).
       modality: [B, L] int modality ids in [0, M).
-      valid: [B, L] bool, False for padding tokens (their output is 0).
+      valid: [B, L] bool, False for padding tokens (their output is 0
+        unless `route_padding`).
 
     Returns:
-      y: [B, L, D] in `dtype`, and `MoEStats`.
+      y: [B, L, D] in `dtype`, and `MoEStats` (over the routed tokens).
     """
-    _, group_size, _ = x.shape
+    shape = x.shape
+    if self.group == "batch":  # [B, L, ...] -> [1, B * L, ...], row-major
+      x, modality, valid = (a.reshape((1, -1) + a.shape[2:])
+                            for a in (x, modality, valid))
     valid = valid.astype(bool)
+    if self.route_padding:
+      valid = jnp.ones_like(valid)
+    y, stats = self._groups(x, modality, valid)
+    return y.reshape(shape[:2] + y.shape[2:]), stats
+
+  def _groups(self, x: jax.Array, modality: jax.Array, valid: jax.Array
+              ) -> tuple[jax.Array, MoEStats]:
+    """`__call__` on [G, S, D] groups: each routed on its own."""
+    _, group_size, _ = x.shape
     with jax.named_scope("router"):
       # As a one-hot product (its gradient a small matmul, not a scatter-add
       # over every token); as fast as jnp.take on the CPU measured, and kept
@@ -345,7 +372,7 @@ class ModalityMoE(nnx.Module):
       logits = jnp.einsum("GSD,DE->GSE", x_m,
                           self.kernel[...].astype(jnp.float32))
       capacity = expert_capacity(group_size, self.num_experts, self.top_k,
-                                 self.capacity_factor)
+                                 self.capacity_factor, self.min_capacity)
       d = route(logits, valid, self.top_k, capacity)
       if self.normalize_gates:
         d = normalize_gates(d)

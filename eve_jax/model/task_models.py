@@ -51,10 +51,10 @@ class ClassifierHead(nnx.Module):
   """[..., D_in] -> Linear(D_in, H) - LayerNorm - GELU - Linear(H, C)."""
 
   def __init__(self, d_in: int, hidden: int, classes: int, *,
-               dtype=jnp.float32, rngs: nnx.Rngs):
+               eps: float = 1e-6, dtype=jnp.float32, rngs: nnx.Rngs):
     self.fc1 = Dense(d_in, hidden, axes=("embed", "mlp"), dtype=dtype,
                      rngs=rngs)
-    self.norm = LayerNorm(hidden, dtype=dtype, rngs=rngs)
+    self.norm = LayerNorm(hidden, eps=eps, dtype=dtype, rngs=rngs)
     self.fc2 = Dense(hidden, classes, axes=("mlp", None), dtype=dtype,
                      rngs=rngs)
 
@@ -70,7 +70,7 @@ class VQAModel(nnx.Module):
     self.cfg = cfg
     self.backbone = EVE(cfg, rngs=rngs)
     self.vqa_head = ClassifierHead(cfg.width, 2 * cfg.width, num_answers,
-                                   dtype=dt, rngs=rngs)
+                                   eps=cfg.vqa_head_eps, dtype=dt, rngs=rngs)
 
   def __call__(self, images, text, text_valid, rng=None):
     """-> ([B, A] float32 answer logits, MoE stats)."""
@@ -137,20 +137,28 @@ class NLVR2Model(nnx.Module):
   def __call__(self, images0, images1, text, text_valid, rng=None):
     """-> ([B, 2] float32 logits (false, true), MoE stats of both passes)."""
     b = text.shape[0]
-    # Both passes in one batch of 2B rows, each example's two rows side by
-    # side ([B, 2, ...] -> [2B, ...]): a device's batch shard then holds
-    # both passes of its examples. Concatenating [images0; images1] put
-    # them on different devices (GSPMD moved them there and back: 9
-    # all-to-alls and 14 collective-permutes per step on 4 TPU chips).
-    pair = lambda x0, x1: jnp.stack([x0, x1], 1).reshape(  # noqa: E731
-        (2 * b,) + x0.shape[1:])
-    states, valid, stats = fused(
-        self.backbone, pair(images0, images1), pair(text, text),
-        pair(text_valid, text_valid), rng)
-    states = states.reshape((b, 2) + states.shape[1:])
-    valid = valid.reshape((b, 2) + valid.shape[1:])
-    h0, h1 = states[:, 0], states[:, 1]
-    v0, v1 = valid[:, 0], valid[:, 1]
+    if self.cfg.moe_group == "batch":
+      # Two separate passes, as released: each one batch-wide MoE group.
+      r0, r1 = (None, None) if rng is None else jax.random.split(rng)
+      h0, v0, s0 = fused(self.backbone, images0, text, text_valid, r0)
+      h1, v1, s1 = fused(self.backbone, images1, text, text_valid, r1)
+      stats = [jax.tree.map(jnp.add, a, c) for a, c in zip(s0, s1)]
+    else:
+      # Both passes in one batch of 2B rows, each example's two rows side
+      # by side ([B, 2, ...] -> [2B, ...]): a device's batch shard then
+      # holds both passes of its examples. Concatenating [images0;
+      # images1] put them on different devices (GSPMD moved them there
+      # and back: 9 all-to-alls and 14 collective-permutes per step on 4
+      # TPU chips).
+      pair = lambda x0, x1: jnp.stack([x0, x1], 1).reshape(  # noqa: E731
+          (2 * b,) + x0.shape[1:])
+      states, valid, stats = fused(
+          self.backbone, pair(images0, images1), pair(text, text),
+          pair(text_valid, text_valid), rng)
+      states = states.reshape((b, 2) + states.shape[1:])
+      valid = valid.reshape((b, 2) + valid.shape[1:])
+      h0, h1 = states[:, 0], states[:, 1]
+      v0, v1 = valid[:, 0], valid[:, 1]
     if self.cfg.nlvr2_head == "biattn":
       return self.biattn(h0, h1, v0, v1), stats
     n0, n1 = self.norm0(h0), self.norm1(h1)
@@ -179,15 +187,21 @@ class RetrievalModel(nnx.Module):
     img = bb.embed_image(images)
     empty = jnp.zeros((img.shape[0], 0), jnp.int32)
     states, _ = bb.encode(img, bb.embed_text(empty),
-                          jnp.zeros(empty.shape, bool))
+                          jnp.zeros(empty.shape, bool),
+                          final_norm=self._eval_norm)
     return states[:, 0]
+
+  @property
+  def _eval_norm(self) -> bool:
+    return self.cfg.retrieval_eval_features == "normed"
 
   def text_features(self, text: jax.Array, text_valid: jax.Array
                     ) -> jax.Array:
     """[B, Lt] -> [B, D] text CLS of the text-only pass."""
     bb = self.backbone
     txt = bb.embed_text(text)
-    states, _ = bb.encode(txt[:, :0], txt, text_valid)
+    states, _ = bb.encode(txt[:, :0], txt, text_valid,
+                          final_norm=self._eval_norm)
     return states[:, 0]
 
   def match_scores(self, images, text, text_valid) -> jax.Array:

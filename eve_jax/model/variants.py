@@ -71,6 +71,20 @@ class ModelConfig:
   # what the released soft-router layers compute) instead of using the raw
   # softmax values (paper eq. 5).
   moe_normalize_gates: bool = False
+  # Routing groups and padding (ModalityMoE): "sample" groups one sequence
+  # and never routes padding (eve_jax); "batch" + route_padding + minimum
+  # capacity 4 is the released EVE's DeepSpeed layer, where all B * L
+  # tokens of a pass are one group, padding included. `convert eve` sets
+  # them; results then depend on the evaluation batch size, as released.
+  moe_group: str = "sample"
+  moe_route_padding: bool = False
+  moe_min_capacity: int = 1
+  # Released-computation switches of the task heads: the VQA head's
+  # LayerNorm eps (1e-5 released, torch's default) and the retrieval
+  # evaluation features, the CLS "normed" by the final LayerNorm (as in
+  # training) or taken "pre_norm" (the released forward_eval).
+  vqa_head_eps: float = 1e-6
+  retrieval_eval_features: str = "normed"
   # NLVR2 head: "eve_jax" (LayerNorm + attention per side, classifier on
   # the two text CLS) or "biattn" (the released head: cross-attention,
   # per-token MLP, attention pooling; what converted NLVR2 weights load).
@@ -158,10 +172,16 @@ class ModelConfig:
                           ("moe_experts", ("auto", "batched", "unrolled")),
                           ("attention", ("einsum", "xla", "cudnn")),
                           ("soft_ffn", ("moe", "dense")),
-                          ("nlvr2_head", ("eve_jax", "biattn"))):
+                          ("nlvr2_head", ("eve_jax", "biattn")),
+                          ("moe_group", ("sample", "batch")),
+                          ("retrieval_eval_features", ("normed",
+                                                       "pre_norm"))):
       if getattr(self, name) not in allowed:
         raise ValueError(f"model.{name}={getattr(self, name)!r} is not one "
                          f"of {list(allowed)}")
+    if self.moe_min_capacity < 1:
+      raise ValueError(f"model.moe_min_capacity={self.moe_min_capacity}: "
+                       "expected >= 1")
     if self.dtype not in ("float32", "bfloat16"):
       raise ValueError(f"model.dtype={self.dtype!r} is not 'float32' or "
                        "'bfloat16'")
