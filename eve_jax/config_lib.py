@@ -51,8 +51,13 @@ def reliability_config() -> dict:
   allow_config_change: resume a workdir whose config.json differs from this
     config in what is trained (model, objectives, optimizer, data, seed);
     refused by default (`eve_jax.run_config`).
+  step_timeout_s: the step watchdog (`eve_jax.watchdog`): when no step
+    finishes for this long, write the Python stacks to the workdir, say so
+    in one line and exit with status 75. < 0: automatic, max(10 x the
+    median step, 600 s); 0: off.
   """
-  return dict(max_bad_steps=10, allow_config_change=False)
+  return dict(max_bad_steps=10, allow_config_change=False,
+              step_timeout_s=-1.0)
 
 
 def pretrain_config(variant: str) -> ml_collections.ConfigDict:

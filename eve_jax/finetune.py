@@ -216,7 +216,9 @@ def _run(config, workdir, mesh, rules, task_cls) -> RunResult:
         evaluate=lambda s: task.evaluate(
             functools.partial(run_eval, params=s.params), workdir, is_main),
         data_state=train_iter.get_state, writer=writer, ckpt=ckpt,
-        is_main=is_main, max_bad_steps=config.train.max_bad_steps)
+        is_main=is_main, max_bad_steps=config.train.max_bad_steps,
+        step_timeout_s=config.train.get("step_timeout_s", -1.0),
+        workdir=workdir)
   else:
     logging.info("already at step %d of %d", start, steps)
   ckpt.close()

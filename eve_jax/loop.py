@@ -8,6 +8,7 @@ batch source, the evaluation, and extra numbers for the log lines.
 from __future__ import annotations
 
 import json
+import os
 import signal
 import threading
 import time
@@ -18,7 +19,20 @@ import numpy as np
 from absl import logging
 
 from eve_jax.checkpoint import Checkpointer
+from eve_jax.watchdog import Watchdog
 from eve_jax.writers import MetricWriter, Progress
+
+# Test hook: "PROCESS:STEP" makes that process block forever before that
+# step (a hung host, for tests/test_faults.py). Unset in real runs.
+HANG_ENV = "EVE_JAX_TEST_HANG_BEFORE_STEP"
+
+
+def _hang_if_asked(step: int) -> None:
+  spec = os.environ.get(HANG_ENV)
+  if spec and spec == f"{jax.process_index()}:{step}":
+    logging.warning("%s=%s: blocking before step %d", HANG_ENV, spec, step)
+    while True:
+      time.sleep(3600)
 
 
 class StopRequest:
@@ -70,7 +84,8 @@ def run_steps(state: Any, compiled: Callable, first_batch: Any,
               data_state: Callable[[], Any], writer: MetricWriter,
               ckpt: Checkpointer, is_main: bool,
               log_extra: Callable[[], dict[str, float]] | None = None,
-              max_bad_steps: int = 0
+              max_bad_steps: int = 0, step_timeout_s: float = 0,
+              workdir: str = ""
               ) -> tuple[Any, dict[str, float]]:
   """Steps from `start` to `total_steps`.
 
@@ -87,18 +102,23 @@ def run_steps(state: Any, compiled: Callable, first_batch: Any,
       whose loss or gradient was not finite (each one skipped by the step
       function, which reports it as metrics["nonfinite"]); 0: never stop.
       Counted at log steps, so the stop comes at the first log step after.
+    step_timeout_s: the step watchdog's timeout (`eve_jax.watchdog`: > 0
+      seconds, < 0 automatic, 0 off); it writes its stacks file into
+      `workdir`.
 
   Returns:
     (final state, the last evaluation).
   """
-  with StopRequest() as stop:
+  watchdog = Watchdog(step_timeout_s if workdir else 0, workdir,
+                      jax.process_index())
+  with StopRequest() as stop, watchdog:
     try:
       return _steps(state, compiled, first_batch, batches, stop, start=start,
                     total_steps=total_steps, batch_size=batch_size,
                     log_every=log_every, eval_every=eval_every,
                     evaluate=evaluate, data_state=data_state, writer=writer,
                     ckpt=ckpt, is_main=is_main, log_extra=log_extra,
-                    max_bad_steps=max_bad_steps)
+                    max_bad_steps=max_bad_steps, watchdog=watchdog)
     except Exception:
       # A checkpoint still being written finishes before the error leaves:
       # what was saved is not lost to a later failure.
@@ -125,7 +145,8 @@ def log_means(pending: list[dict[str, Any]]) -> dict[str, float]:
 
 def _steps(state, compiled, first_batch, batches, stop: StopRequest, *,
            start, total_steps, batch_size, log_every, eval_every, evaluate,
-           data_state, writer, ckpt, is_main, log_extra, max_bad_steps):
+           data_state, writer, ckpt, is_main, log_extra, max_bad_steps,
+           watchdog: Watchdog):
   progress = Progress(total_steps, start, enabled=is_main)
   pending: list[dict[str, Any]] = []
   t_log, n_log = time.perf_counter(), 0
@@ -141,6 +162,7 @@ def _steps(state, compiled, first_batch, batches, stop: StopRequest, *,
     means["samples_per_s"] = n_log / max(time.perf_counter() - t_log, 1e-9)
     means.update(log_extra() if log_extra else {})
     writer.write(step, means)
+    watchdog.beat(step)  # the means were read back: these steps are done
     progress.update(step, means)
     pending, t_log, n_log = [], time.perf_counter(), 0
     for i, bad in enumerate(flags):
@@ -160,6 +182,7 @@ def _steps(state, compiled, first_batch, batches, stop: StopRequest, *,
   step = start
   while step < total_steps:
     batch = first_batch if step == start else next(batches)
+    _hang_if_asked(step + 1)
     state, metrics = compiled(state, batch)
     step += 1
     pending.append(metrics)
@@ -169,14 +192,16 @@ def _steps(state, compiled, first_batch, batches, stop: StopRequest, *,
     if stop.requested(step, log_every):
       if pending:
         flush(step)
-      ckpt.save(step, state, data_state())
+      with watchdog.paused():
+        ckpt.save(step, state, data_state())
       progress.message(f"stopped at step {step} by "
                        f"{signal.Signals(stop.signal or 15).name}; "
                        "checkpoint saved, the same command resumes")
       break
     if (eval_every and step % eval_every == 0) or step == total_steps:
       t_eval = time.perf_counter()
-      last_eval = evaluate(state)
+      with watchdog.paused():
+        last_eval = evaluate(state)
       if last_eval:
         writer.write_eval(step, last_eval)
         # The per-expert routing fractions go to eval.json, not the log.
@@ -187,6 +212,7 @@ def _steps(state, compiled, first_batch, batches, stop: StopRequest, *,
       # Evaluation time is not training throughput.
       t_log += time.perf_counter() - t_eval
     if ckpt.should_save(step, total_steps):
-      ckpt.save(step, state, data_state())
+      with watchdog.paused():
+        ckpt.save(step, state, data_state())
   progress.close()
   return state, last_eval

@@ -38,6 +38,17 @@ _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None,
                                       "Processes in a multi-process run.")
 _PROCESS_ID = flags.DEFINE_integer("process_id", None,
                                    "This process's index in [0, N).")
+# jax.distributed's own defaults are 100 / 300 / 300 s: kept, but named, so
+# a launcher can shorten them (tests do) and README can say what they mean.
+_HEARTBEAT_S = flags.DEFINE_integer(
+    "heartbeat_timeout_s", 100, "A process whose heartbeat the coordinator "
+    "misses this long counts as lost: every other process is then ended "
+    "(non-zero exit) instead of waiting in a collective forever.")
+_INIT_TIMEOUT_S = flags.DEFINE_integer(
+    "init_timeout_s", 300, "How long processes wait for each other at start.")
+_SHUTDOWN_TIMEOUT_S = flags.DEFINE_integer(
+    "shutdown_timeout_s", 300, "How long a finished process waits for the "
+    "others at exit.")
 
 
 class _QuietLibraries(std_logging.Filter):
@@ -70,6 +81,7 @@ def main(argv) -> None:
            "retrieval": finetune.run}
   if config.task not in tasks:
     _fail(f"config.task={config.task!r} is not one of {sorted(tasks)}")
+  import jax  # pylint: disable=g-import-not-at-top
   try:
     init_distributed()
     mesh = sharding.make_mesh(config.mesh)
@@ -77,6 +89,28 @@ def main(argv) -> None:
   except (ValueError, FileNotFoundError, KeyError) as e:
     logging.debug("%s", traceback.format_exc())
     _fail(str(e).strip().splitlines()[0] if str(e).strip() else repr(e))
+  except jax.errors.JaxRuntimeError as e:
+    if jax.process_count() == 1:
+      raise
+    _peer_lost(e)
+
+
+def _peer_lost(e: Exception) -> None:
+  """A collective failed in a multi-process run: a peer is gone (on CPU
+  gloo says so at once; on TPU and GPU the coordinator ends every process
+  after --heartbeat_timeout_s, and the step watchdog catches what hangs).
+  One line, then exit 1 at once: jax's own shutdown barrier would wait
+  --shutdown_timeout_s for the dead peer and then abort."""
+  import jax  # pylint: disable=g-import-not-at-top
+  from eve_jax.watchdog import resume_note  # pylint: disable=g-import-not-at-top
+  logging.debug("%s", traceback.format_exc())
+  first = " ".join(str(e).split())[:300]
+  print(f"eve_jax: error: process {jax.process_index()}: a collective "
+        f"failed, a peer process is most likely lost ({first}); restart "
+        f"every process: {resume_note(_WORKDIR.value)}",
+        file=sys.stderr, flush=True)
+  sys.stderr.flush()
+  os._exit(1)  # pylint: disable=protected-access
 
 
 def cluster_detected() -> str | None:
@@ -116,15 +150,22 @@ def init_distributed() -> None:
                        f"[0, --num_processes={given['num_processes']})")
     jax.distributed.initialize(
         coordinator_address=given["coordinator"],
-        num_processes=given["num_processes"], process_id=given["process_id"])
+        num_processes=given["num_processes"], process_id=given["process_id"],
+        **_timeouts())
   elif cluster_detected():
     logging.info("%s detected: jax.distributed.initialize()",
                  cluster_detected())
-    jax.distributed.initialize()
+    jax.distributed.initialize(**_timeouts())
   if jax.process_count() > 1:
     logging.info("process %d of %d, %d local devices of %d",
                  jax.process_index(), jax.process_count(),
                  jax.local_device_count(), jax.device_count())
+
+
+def _timeouts() -> dict[str, int]:
+  return dict(heartbeat_timeout_seconds=_HEARTBEAT_S.value,
+              initialization_timeout=_INIT_TIMEOUT_S.value,
+              shutdown_timeout_seconds=_SHUTDOWN_TIMEOUT_S.value)
 
 
 def _fail(message: str) -> None:

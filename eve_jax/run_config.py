@@ -29,7 +29,8 @@ FREE = (
     "mesh.", "axis_rules.", "data.num_threads", "train.log_every",
     "train.eval_every", "train.checkpoint_every", "train.keep_checkpoints",
     "train.eval_examples", "train.eval_batch_size", "train.viz",
-    "train.max_bad_steps", "train.allow_config_change", "model.remat",
+    "train.max_bad_steps", "train.allow_config_change",
+    "train.step_timeout_s", "model.remat",
     "model.attention", "model.moe_dispatch", "model.moe_experts",
 )
 # May differ, with a warning.

@@ -451,7 +451,9 @@ def _run(config, workdir: str, mesh, rules) -> RunResult:
         evaluate=evaluate_and_draw,
         data_state=train_iter.get_state, writer=writer, ckpt=ckpt,
         is_main=is_main, log_extra=extra,
-        max_bad_steps=config.train.max_bad_steps)
+        max_bad_steps=config.train.max_bad_steps,
+        step_timeout_s=config.train.get("step_timeout_s", -1.0),
+        workdir=workdir)
   ckpt.close()
   writer.close()
   return RunResult(eval=last_eval, state=state)

@@ -124,6 +124,7 @@ def test_report_keys_and_numbers(pretrain_reports):
   assert 0 < r["est_mfu"] < 1
 
 
+@pytest.mark.slow  # ~1 min on 2 cores
 def test_finetune_step_compiles_for_tpu(v5p):
   c = tiny("vqa", expert=2)
   r, _ = compiled_report(c, v5p)
@@ -136,6 +137,7 @@ def test_finetune_step_compiles_for_tpu(v5p):
   assert r["fits"] and set(r["collectives"]) == {"all-reduce"}
 
 
+@pytest.mark.slow  # ~2 min on 2 cores
 def test_depth_extrapolation_matches_a_full_compile(v5p):
   """tiny at 3 and 4 blocks, extrapolated to 5, against 5 compiled."""
   c = tiny(expert=2)
@@ -203,7 +205,9 @@ def _needs_cuda_plugin():
                 + targets.CUDA_PLUGIN_INSTALL + "; CI installs it)")
 
 
-@pytest.mark.parametrize("expert", [2, 1])
+# expert=1 (no all-to-all, no unrolled host form) is slow: the TPU test
+# test_expert_one_builds_the_batched_experts_not_the_host_form covers it.
+@pytest.mark.parametrize("expert", [2, pytest.param(1, marks=pytest.mark.slow)])
 def test_gpu_target_compiles_tiny(expert):
   """Two H100s (one node): expert-parallel has all-to-alls, expert=1 none
   (and no unrolled CPU form); XLA:GPU gives no cost analysis, so the
@@ -254,6 +258,7 @@ def test_search_meshes_are_exact_factorizations():
   assert all(m["expert"] == 1 for m in search.meshes(8, 4, 4, False))
 
 
+@pytest.mark.slow  # ~1.5 min on 2 cores
 def test_search_ranks_what_fits(v5p):
   from eve_jax.aot import search
   rows = search.run(tiny(), v5p, batches="8", depth=None, vocab_size=None,

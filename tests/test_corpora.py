@@ -230,6 +230,7 @@ def _rows(workdir):
     return [json.loads(line) for line in f]
 
 
+@pytest.mark.slow  # ~2.5 min of training
 def test_tiny_pretrains_on_a_prepared_corpus_and_resumes_exactly(root,
                                                                  tmp_path):
   """Trains, evaluates on the held-out images, logs the skipped ones; a run

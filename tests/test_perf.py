@@ -160,6 +160,7 @@ def _loss_and_grads(cfg, task, batch, with_metrics=False):
   return ((loss, metrics) if with_metrics else loss), grads
 
 
+@pytest.mark.slow  # ~1.3 min; test_sharding and test_model cover scan
 def test_remat_and_scanned_layers_change_nothing_but_memory_and_layout():
   """remat recomputes activations; scan_layers stacks the hard-router
   blocks and runs them with nnx.scan. Alone or together: the same initial
@@ -292,6 +293,7 @@ def test_bad_objectives_are_named(objectives, words):
     _task(objectives)
 
 
+@pytest.mark.slow  # ~2 min: the benchmark CLI end to end
 def test_bench_json(tmp_path):
   """The benchmark's JSON has every documented key with sane values."""
   out = subprocess.run(

@@ -1,0 +1,164 @@
+"""Hangs and lost hosts: the step watchdog, committed checkpoints, and two
+real jax.distributed processes on localhost of which one dies or hangs."""
+
+import io
+import os
+import time
+
+import pytest
+
+from eve_jax import watchdog as wd
+
+
+def _wait(cond, timeout=10.0):
+  t0 = time.monotonic()
+  while not cond() and time.monotonic() - t0 < timeout:
+    time.sleep(0.01)
+  return cond()
+
+
+def test_watchdog_fires_on_a_hung_step_with_stacks_and_one_line(tmp_path):
+  exits, out = [], io.StringIO()
+  (tmp_path / "checkpoints" / "20").mkdir(parents=True)
+  (tmp_path / "checkpoints" / "30.orbax-checkpoint-tmp-1700000000").mkdir()
+  dog = wd.Watchdog(0.3, str(tmp_path), 1, exit_fn=exits.append, stream=out)
+  with dog:
+    for step in range(1, 6):  # steps that finish: no alarm
+      time.sleep(0.05)
+      dog.beat(step)
+    assert not exits
+    with dog.paused():  # an evaluation longer than the timeout: no alarm
+      time.sleep(0.6)
+    assert not exits
+    t0 = time.monotonic()
+    assert _wait(lambda: exits, 5.0)  # step 6 never finishes
+    waited = time.monotonic() - t0
+  assert exits == [wd.EXIT_HUNG] and 0.3 <= waited < 1.5
+  line = out.getvalue()
+  assert line.count("\n") == 1 and line.startswith("eve_jax: error: process 1")
+  assert "after step 5" in line and "train.step_timeout_s=0.3" in line
+  # The temporary directory a dead writer left is not a checkpoint.
+  assert "resumes from step 20" in line
+  stacks = (tmp_path / "stacks.process1.txt").read_text()
+  assert "test_watchdog_fires_on_a_hung_step" in stacks  # the main thread
+
+
+def test_watchdog_automatic_limit_and_off(tmp_path):
+  dog = wd.Watchdog(-1, str(tmp_path))
+  assert dog.limit() == wd.AUTO_FLOOR_S  # nothing measured yet
+  dog._per_step, dog._steps_per_beat = [100.0, 120.0, 90.0], 1
+  assert dog.limit() == pytest.approx(1000.0)  # 10 x the median step
+  dog._steps_per_beat = 20  # a beat every 20 steps of 100 s
+  assert dog.limit() == pytest.approx(20_000.0)
+  off = wd.Watchdog(0, str(tmp_path))
+  with off:
+    assert off._thread is None
+
+
+def test_committed_steps(tmp_path):
+  assert wd.committed_steps(str(tmp_path)) == []
+  assert "starts over" in wd.resume_note(str(tmp_path))
+  for name in ("10", "30", "40.orbax-checkpoint-tmp-5", "notes"):
+    (tmp_path / "checkpoints" / name).mkdir(parents=True)
+  assert wd.committed_steps(str(tmp_path)) == [10, 30]
+
+
+# --- two real processes (jax.distributed on localhost) ----------------------
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _free_port() -> int:
+  import socket  # pylint: disable=g-import-not-at-top
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
+def _start(workdir, out_prefix, *, steps=40, env_extra=None):
+  """Both processes of a tiny data=2 x expert=2 run (2 CPU devices each)."""
+  import subprocess  # pylint: disable=g-import-not-at-top
+  import sys  # pylint: disable=g-import-not-at-top
+  env = dict(os.environ, JAX_PLATFORMS="cpu",
+             XLA_FLAGS="--xla_force_host_platform_device_count=2",
+             **(env_extra or {}))
+  port = _free_port()
+  args = [sys.executable, "-m", "eve_jax.main",
+          "--config=configs/base.py:tiny", f"--workdir={workdir}",
+          "--config.mesh.data=2", "--config.mesh.expert=2",
+          "--config.data.num_tokenizer_captions=500",
+          f"--config.train.steps={steps}", "--config.train.batch_size=8",
+          "--config.train.log_every=1", "--config.train.eval_every=0",
+          "--config.train.checkpoint_every=10",
+          "--config.train.eval_examples=8", "--config.train.eval_batch_size=8",
+          "--config.train.step_timeout_s=20", "--heartbeat_timeout_s=5",
+          f"--coordinator=127.0.0.1:{port}", "--num_processes=2"]
+  return [subprocess.Popen(args + [f"--process_id={i}"], cwd=REPO, env=env,
+                           stdout=open(f"{out_prefix}{i}.log", "w"),
+                           stderr=subprocess.STDOUT) for i in range(2)]
+
+
+def _wait_all(procs, timeout):
+  t0 = time.monotonic()
+  try:
+    while time.monotonic() - t0 < timeout:
+      if all(p.poll() is not None for p in procs):
+        return [p.returncode for p in procs]
+      time.sleep(0.1)
+    return None
+  finally:
+    for p in procs:
+      if p.poll() is None:
+        p.kill()
+
+
+@pytest.mark.slow  # ~1.5 min: two processes start, train, one hangs
+def test_a_hung_process_trips_the_watchdog_on_both(tmp_path):
+  """Process 1 blocks before step 12 (the test hook): process 0 waits in
+  that step's collective. Both watchdogs fire after the 20 s timeout:
+  stacks files, one line each naming step 11 and the checkpoint (10) a
+  restart resumes from, exit status 75; nothing hangs."""
+  from eve_jax import loop  # pylint: disable=g-import-not-at-top
+  workdir = tmp_path / "w"
+  procs = _start(workdir, str(tmp_path / "out"),
+                 env_extra={loop.HANG_ENV: "1:12"})
+  codes = _wait_all(procs, 400)
+  assert codes == [wd.EXIT_HUNG, wd.EXIT_HUNG], codes
+  for i in range(2):
+    log = (tmp_path / f"out{i}.log").read_text()
+    lines = [x for x in log.splitlines() if x.startswith("eve_jax: error")]
+    assert len(lines) == 1, log[-2000:]
+    assert f"process {i}: no training step finished" in lines[0]
+    assert "after step 11" in lines[0] and "resumes from step 10" in lines[0]
+    assert (workdir / f"stacks.process{i}.txt").stat().st_size > 0
+
+
+@pytest.mark.slow  # ~1.5 min
+def test_a_killed_process_ends_the_other_within_the_heartbeat(tmp_path):
+  """SIGKILL process 1 mid-run: process 0 ends non-zero within
+  --heartbeat_timeout_s (5 s) plus a margin, whichever of gloo (a failed
+  collective: our one line) or JAX's coordinator (its own fatal line)
+  notices first; no hang. The checkpoints left are committed ones."""
+  import random  # pylint: disable=g-import-not-at-top
+  import signal  # pylint: disable=g-import-not-at-top
+  workdir = tmp_path / "w"
+  procs = _start(workdir, str(tmp_path / "out"))
+  kill_at = random.Random().randint(12, 25)
+  metrics = workdir / "metrics.jsonl"
+  t0 = time.monotonic()
+  while time.monotonic() - t0 < 300:
+    if metrics.exists() and len(metrics.read_text().splitlines()) >= kill_at:
+      break
+    time.sleep(0.05)
+  procs[1].send_signal(signal.SIGKILL)
+  killed = time.monotonic()
+  codes = _wait_all(procs, 60)
+  took = time.monotonic() - killed
+  assert codes is not None and codes[0] != 0, codes
+  assert took < 5 + 10, took
+  log = (tmp_path / "out0.log").read_text()
+  assert ("a peer process is most likely lost" in log
+          or "another task died" in log), log[-2000:]
+  assert wd.committed_steps(str(workdir))[-1] >= 10
+  print(f"\nkilled at step ~{kill_at}: process 0 exited {codes[0]} "
+        f"{took:.1f} s later")
