@@ -138,6 +138,7 @@ def test_config_typo_is_one_line(tmp_path):
   assert not os.path.exists(tmp_path / "w")
 
 
+@pytest.mark.slow  # ~30 s of training
 def test_config_runs_from_another_directory(tmp_path):
   out = _main(f"--config={REPO}/configs/base.py:tiny",
               f"--workdir={tmp_path}/w", "--config.train.steps=1",
