@@ -27,12 +27,16 @@ from eve_jax.writers import MetricWriter, Progress
 HANG_ENV = "EVE_JAX_TEST_HANG_BEFORE_STEP"
 
 
-def _hang_if_asked(step: int) -> None:
-  spec = os.environ.get(HANG_ENV)
-  if spec and spec == f"{jax.process_index()}:{step}":
-    logging.warning("%s=%s: blocking before step %d", HANG_ENV, spec, step)
-    while True:
-      time.sleep(3600)
+def _hang_step() -> int | None:
+  """The step `HANG_ENV` asks this process to block before, if any."""
+  process, _, step = os.environ.get(HANG_ENV, "").partition(":")
+  return int(step) if step and process == str(jax.process_index()) else None
+
+
+def _hang(step: int) -> None:
+  logging.warning("%s: blocking before step %d", HANG_ENV, step)
+  while True:
+    time.sleep(3600)
 
 
 class StopRequest:
@@ -180,9 +184,11 @@ def _steps(state, compiled, first_batch, batches, stop: StopRequest, *,
                       len(flags))
 
   step = start
+  hang_at = _hang_step()
   while step < total_steps:
     batch = first_batch if step == start else next(batches)
-    _hang_if_asked(step + 1)
+    if step + 1 == hang_at:
+      _hang(hang_at)
     state, metrics = compiled(state, batch)
     step += 1
     pending.append(metrics)

@@ -109,7 +109,6 @@ def _peer_lost(e: Exception) -> None:
         f"failed, a peer process is most likely lost ({first}); restart "
         f"every process: {resume_note(_WORKDIR.value)}",
         file=sys.stderr, flush=True)
-  sys.stderr.flush()
   os._exit(1)  # pylint: disable=protected-access
 
 

@@ -804,33 +804,11 @@ def test_hf_tokenizer_matches_transformers(tmp_path):
 
 
 def _np_model_vqa(sd, cfg, pixels, ids):
-  """The released VQA model (mode 'vl', one sample, no padding), float64:
-  embeddings, pre_layrnorm, layers, norm, head on the text CLS."""
-  b = "backbone."
-  d, p = cfg["width"], cfg["patch_size"]
-  img = pixels.astype(np.float64)  # [B, H, W, 3]
-  bsz, hh, ww, _ = img.shape
-  patches = img.reshape(bsz, hh // p, p, ww // p, p, 3).transpose(
-      0, 1, 3, 5, 2, 4).reshape(bsz, -1, 3 * p * p)
-  w = sd[b + "patch_embed.weight"].reshape(d, -1)
-  vis = patches @ w.T + sd[b + "patch_embed.bias"]
-  cls = np.broadcast_to(sd[b + "class_embedding_vision"], (bsz, 1, d))
-  vis = np.concatenate([cls, vis], 1) + sd[b + "pos_embed_vision"] + \
-      sd[b + "type_embed_vision"]
-  txt = _np_ln(sd[b + "word_embedding.weight"][ids],
-               sd[b + "layer_norm_text.weight"],
-               sd[b + "layer_norm_text.bias"])
-  txt = txt + sd[b + "pos_embed_text"][:ids.shape[1]] + \
-      sd[b + "type_embed_text"]
-  x = _np_ln(np.concatenate([vis, txt], 1), sd[b + "pre_layrnorm.weight"],
-             sd[b + "pre_layrnorm.bias"])
-  n_image, n_text = vis.shape[1], txt.shape[1]
-  valid = np.ones(x.shape[:2], bool)
-  for i in range(cfg["depth"]):
-    x, _ = _np_block(x, sd, i, cfg["heads"], n_image, n_text, valid,
-                     cfg["num_experts"])
-  x = _np_ln(x, sd[b + "norm.weight"], sd[b + "norm.bias"])
-  return x, _np_vqa_head(sd, x[:, n_image])
+  """The released VQA model (mode 'vl', no padding), float64: the fused
+  pass's normed states and the head on the text CLS."""
+  _, states, _, n_image, _ = _np_pass(sd, cfg, pixels, ids,
+                                      np.ones(ids.shape, bool))
+  return states, _np_vqa_head(sd, states[:, n_image])
 
 
 def _np_vqa_head(sd, cls):
@@ -1034,9 +1012,9 @@ def test_released_batch_computation_matches_numpy_float64(tmp_path):
   # VQA logits.
   _, normed, _, n_image, want_drop = _np_pass(sds["vqa"], cfg, pixels, ids,
                                               atts)
-  want = _np_vqa_head(sds["vqa"], normed[:, n_image])
+  want_vqa = _np_vqa_head(sds["vqa"], normed[:, n_image])
   logits, stats = nnx.jit(lambda m, *a: m(*a))(models["vqa"], *jargs)
-  errs["vqa"] = float(np.max(np.abs(np.asarray(logits) - want)))
+  errs["vqa"] = float(np.max(np.abs(np.asarray(logits) - want_vqa)))
   drops["vqa"] = (sum(int(st.dropped) for st in stats), want_drop)
 
   # ITC evaluation features: unimodal passes, CLS before the final norm.
@@ -1078,9 +1056,7 @@ def test_released_batch_computation_matches_numpy_float64(tmp_path):
   flipped = output.load(str(tmp_path / "vqa"),
                         overrides={"moe_group": "sample"})[0]
   logits_s, _ = nnx.jit(lambda m, *a: m(*a))(flipped, *jargs)
-  want = _np_vqa_head(sds["vqa"], _np_pass(sds["vqa"], cfg, pixels, ids,
-                                           atts)[1][:, n_image])
-  err_flipped = float(np.max(np.abs(np.asarray(logits_s) - want)))
+  err_flipped = float(np.max(np.abs(np.asarray(logits_s) - want_vqa)))
   print(f"\nreleased batch computation vs float64: "
         + ", ".join(f"{k} {v:.2e}" for k, v in errs.items())
         + f"; dropped (eve_jax, reference) {drops}; moe_group=sample: VQA "

@@ -151,6 +151,11 @@ def process_digit_article(text: str) -> str:
   return " ".join(CONTRACTIONS.get(w, w) for w in words)
 
 
+def _strip(text: str) -> str:
+  """Newlines and tabs -> spaces, surrounding spaces removed."""
+  return text.replace("\n", " ").replace("\t", " ").strip()
+
+
 def normalize_answer(text: str) -> str:
   """The official script's full normalization of one answer.
 
@@ -159,8 +164,7 @@ def normalize_answer(text: str) -> str:
   ball", "Yes." -> "yes", "isnt" -> "isn't", "3.5" -> "3.5". Which side of
   a comparison gets it, and when, is the metric's rule (`VQA_RULES`).
   """
-  text = text.replace("\n", " ").replace("\t", " ").strip()
-  return process_digit_article(process_punctuation(text))
+  return process_digit_article(process_punctuation(_strip(text)))
 
 
 # ---------------------------------------------------------------------------
@@ -183,18 +187,13 @@ VQA_RULES = ("vqa2021", "vqa2016")
 DEFAULT_VQA_RULE = "vqa2021"
 
 
-def _strip(text: str) -> str:
-  return text.replace("\n", " ").replace("\t", " ").strip()
-
-
 def _compared(prediction: str, gt_answers: list[str], rule: str
               ) -> tuple[str, list[str]]:
   """(prediction, GT answers) as the `rule`'s script compares them."""
   if rule == "vqa2021":
     pred, gts = _strip(prediction), [_strip(a) for a in gt_answers]
     if len(set(gts)) > 1:
-      pred = process_digit_article(process_punctuation(pred))
-      gts = [process_digit_article(process_punctuation(a)) for a in gts]
+      pred, gts = normalize_answer(pred), [normalize_answer(a) for a in gts]
     return pred, gts
   if rule == "vqa2016":
     gts = gt_answers
