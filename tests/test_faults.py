@@ -75,16 +75,19 @@ def _free_port() -> int:
     return s.getsockname()[1]
 
 
-def _start(workdir, out_prefix, *, steps=40, env_extra=None):
-  """Both processes of a tiny data=2 x expert=2 run (2 CPU devices each)."""
+def _start(workdir, out_prefix, *, steps=40, env_extra=None, drivers=None):
+  """Both processes of a tiny data=2 x expert=2 run (2 CPU devices each).
+
+  `drivers` maps a process index to the script that runs it instead of
+  `-m eve_jax.main` (e.g. tests/crash_driver.py, which takes the same
+  flags)."""
   import subprocess  # pylint: disable=g-import-not-at-top
   import sys  # pylint: disable=g-import-not-at-top
   env = dict(os.environ, JAX_PLATFORMS="cpu",
              XLA_FLAGS="--xla_force_host_platform_device_count=2",
              **(env_extra or {}))
   port = _free_port()
-  args = [sys.executable, "-m", "eve_jax.main",
-          "--config=configs/base.py:tiny", f"--workdir={workdir}",
+  args = ["--config=configs/base.py:tiny", f"--workdir={workdir}",
           "--config.mesh.data=2", "--config.mesh.expert=2",
           "--config.data.num_tokenizer_captions=500",
           f"--config.train.steps={steps}", "--config.train.batch_size=8",
@@ -93,9 +96,12 @@ def _start(workdir, out_prefix, *, steps=40, env_extra=None):
           "--config.train.eval_examples=8", "--config.train.eval_batch_size=8",
           "--config.train.step_timeout_s=20", "--heartbeat_timeout_s=5",
           f"--coordinator=127.0.0.1:{port}", "--num_processes=2"]
-  return [subprocess.Popen(args + [f"--process_id={i}"], cwd=REPO, env=env,
-                           stdout=open(f"{out_prefix}{i}.log", "w"),
-                           stderr=subprocess.STDOUT) for i in range(2)]
+  drivers = drivers or {}
+  return [subprocess.Popen(
+      [sys.executable, *drivers.get(i, ["-m", "eve_jax.main"]), *args,
+       f"--process_id={i}"], cwd=REPO, env=env,
+      stdout=open(f"{out_prefix}{i}.log", "w"), stderr=subprocess.STDOUT)
+          for i in range(2)]
 
 
 def _wait_all(procs, timeout):
@@ -162,3 +168,93 @@ def test_a_killed_process_ends_the_other_within_the_heartbeat(tmp_path):
   assert wd.committed_steps(str(workdir))[-1] >= 10
   print(f"\nkilled at step ~{kill_at}: process 0 exited {codes[0]} "
         f"{took:.1f} s later")
+
+
+def _losses(workdir):
+  """[(step, loss)] of every row of metrics.jsonl, repeated steps included."""
+  import json  # pylint: disable=g-import-not-at-top
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    return [(r["step"], r["loss"]) for r in map(json.loads, f)]
+
+
+@pytest.mark.slow  # ~4 min: three two-process runs
+def test_killed_in_a_checkpoint_write_then_restarted_is_the_run_that_never_died(
+    tmp_path):
+  """Process 1 SIGKILLs itself right after its step-20 checkpoint write has
+  started (tests/crash_driver.py): process 0 ends non-zero within the
+  heartbeat bound, step 20 is never committed (orbax commits a step only
+  when every process has written it). Both restarted with the same command
+  (a new coordinator port, as a launcher gives): every logged loss,
+  repeated steps included, equals the uninterrupted two-process run's, and
+  the final parameters are bitwise equal."""
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  from eve_jax import pretrained  # pylint: disable=g-import-not-at-top
+  # One compilation per program for all six processes.
+  cache = dict(JAX_COMPILATION_CACHE_DIR=str(tmp_path / "jax_cache"),
+               JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+               JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
+  ref, work = tmp_path / "ref", tmp_path / "w"
+  codes = _wait_all(_start(ref, str(tmp_path / "ref"), steps=30,
+                           env_extra=cache), 400)
+  assert codes == [0, 0], (tmp_path / "ref0.log").read_text()[-2000:]
+  reference = dict(_losses(ref))
+  assert sorted(reference) == list(range(1, 31))
+
+  procs = _start(work, str(tmp_path / "kill"), steps=30, env_extra=cache,
+                 drivers={1: ["tests/crash_driver.py", "20"]})
+  t0 = time.monotonic()
+  while procs[1].poll() is None and time.monotonic() - t0 < 400:
+    time.sleep(0.05)
+  killed = time.monotonic()
+  codes = _wait_all(procs, 60)
+  took = time.monotonic() - killed
+  assert codes is not None and codes[1] == -9 and codes[0] != 0, codes
+  assert took < 5 + 10, took
+  assert wd.committed_steps(str(work)) == [10], os.listdir(
+      work / "checkpoints")
+  print(f"\nprocess 1 killed in its step-20 write: process 0 exited "
+        f"{codes[0]} {took:.1f} s later")
+
+  codes = _wait_all(_start(work, str(tmp_path / "restart"), steps=30,
+                           env_extra=cache), 400)
+  assert codes == [0, 0], (tmp_path / "restart0.log").read_text()[-2000:]
+  rows = _losses(work)
+  assert {s for s, _ in rows} == set(range(1, 31))
+  assert len(rows) > 30  # steps 11-20 ran twice
+  for step, loss in rows:
+    assert loss == reference[step], step
+  pa, sa = pretrained.load_params(str(ref))
+  pb, sb = pretrained.load_params(str(work))
+  assert sa == sb == 30
+  flat_a, flat_b = (dict(pretrained._flatten(p)) for p in (pa, pb))  # pylint: disable=protected-access
+  assert flat_a.keys() == flat_b.keys() and len(flat_a) > 50
+  for k in flat_a:
+    np.testing.assert_array_equal(flat_a[k], flat_b[k], err_msg=str(k))
+
+
+@pytest.mark.slow  # ~1.5 min
+def test_sigterm_to_one_process_stops_both_at_one_checkpoint(tmp_path):
+  """A maintenance event on one host: SIGTERM to process 1 only. The
+  processes agree at the next log step (every step here), both save that
+  same step and exit 0."""
+  import random  # pylint: disable=g-import-not-at-top
+  import signal  # pylint: disable=g-import-not-at-top
+  workdir = tmp_path / "w"
+  procs = _start(workdir, str(tmp_path / "out"), steps=200)
+  signal_at = random.Random().randint(12, 25)
+  metrics = workdir / "metrics.jsonl"
+  t0 = time.monotonic()
+  while time.monotonic() - t0 < 300:
+    if metrics.exists() and len(metrics.read_text().splitlines()) >= signal_at:
+      break
+    time.sleep(0.05)
+  procs[1].send_signal(signal.SIGTERM)
+  codes = _wait_all(procs, 120)
+  assert codes == [0, 0], (tmp_path / "out1.log").read_text()[-2000:]
+  last = _losses(workdir)[-1][0]
+  assert signal_at <= last < 200
+  assert wd.committed_steps(str(workdir))[-1] == last
+  assert "received SIGTERM" in (tmp_path / "out1.log").read_text()
+  assert f"stopped at step {last}" in (tmp_path / "out0.log").read_text()
+  print(f"\nSIGTERM to process 1 after step ~{signal_at}: both saved step "
+        f"{last} and exited 0")

