@@ -107,7 +107,8 @@ def format_report(r: dict) -> str:
       f"{g(r['margin_bytes'])}: {'fits' if r['fits'] else 'DOES NOT FIT'}")
   xla = r.get("xla_over_analytic")
   lines.append(
-      f"compile {r['compile_s']:.1f} s (lowering {r['lower_s']:.1f} s); "
+      f"compile {r['compile_s']:.1f} s (lowering {r['lower_s']:.1f} s"
+      + ("; both depths" if "extrapolated_from" in r else "") + "); "
       f"FLOPs per step {r['flops_per_step_analytic']:.4g} analytic"
       + (f", XLA {r['flops_per_step_xla']:.4g} ({xla:.3f}x)" if xla
          else ", XLA: no cost analysis on this platform"))

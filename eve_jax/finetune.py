@@ -37,12 +37,12 @@ from flax import nnx
 from eve_jax import loop, pretrained, run_config, sharding
 from eve_jax.checkpoint import Checkpointer
 from eve_jax.data import finetune_data, specs
-from eve_jax.data.corpora import DataError
+from eve_jax.data.run_tokenizer import build_tokenizer, copy_tokenizer
+from eve_jax.data.errors import DataError
 from eve_jax.data.tokenizer import Tokenizer, load_tokenizer, shapes_tokenizer
 from eve_jax.model.variants import ModelConfig
 from eve_jax.optim import decay_mask, make_schedule
 from eve_jax.program import StepProgram, TrainState, build_step, xla_flops
-from eve_jax.train import build_tokenizer, copy_tokenizer
 from eve_jax.writers import MetricWriter
 
 
@@ -54,7 +54,7 @@ def tasks():
 
 
 def _make_tokenizer(config, path: str) -> Tokenizer:
-  """For `train.build_tokenizer`: DIR/tokenizer.model once made; else
+  """For `run_tokenizer.build_tokenizer`: DIR/tokenizer.model once made; else
   `data.tokenizer`, the init_from run's, or (EVE-Shapes tasks) the one tiny
   pretraining trains."""
   if os.path.exists(path):

@@ -14,7 +14,7 @@ import dataclasses
 import functools
 import os
 import time
-from typing import Any, Iterator
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -22,15 +22,12 @@ import ml_collections
 import numpy as np
 from absl import logging
 from flax import nnx
-from jax.experimental import multihost_utils
 
 from eve_jax import loop, run_config, sharding
 from eve_jax.checkpoint import Checkpointer
-from eve_jax.data import corpora
-from eve_jax.data import pipeline as data_pipeline
-from eve_jax.data import shapes, specs
-from eve_jax.data.corpora import DataError
-from eve_jax.data.tokenizer import Tokenizer, load_tokenizer, shapes_tokenizer
+from eve_jax.data import corpora, run_tokenizer, shapes, sources, specs
+from eve_jax.data import transforms
+from eve_jax.data.tokenizer import Tokenizer
 from eve_jax.model.heads import EVEPretrainModel
 from eve_jax.model.params_count import count_params
 from eve_jax.model.variants import ModelConfig
@@ -43,178 +40,6 @@ from eve_jax.viz import routing
 from eve_jax.writers import MetricWriter
 
 
-def build_tokenizer(config: ml_collections.ConfigDict, workdir: str,
-                    make=None) -> Tokenizer:
-  """The run's tokenizer, saved in DIR/tokenizer.model (made once by
-  `make(config, path)`, default pretraining's `_make_tokenizer`).
-
-  With several processes, process 0 makes the file and the others read it
-  (the workdir must be on a filesystem every process sees).
-  """
-  make = make or _make_tokenizer
-  path = os.path.join(workdir, "tokenizer.model")
-  if jax.process_count() > 1:
-    if jax.process_index() == 0:
-      make(config, path)
-    multihost_utils.sync_global_devices("eve_jax tokenizer written")
-    if not os.path.exists(path):
-      raise DataError(f"process {jax.process_index()} cannot see {path} that "
-                      "process 0 wrote: the workdir must be on a filesystem "
-                      "shared by all processes")
-    return load_tokenizer(path)
-  return make(config, path)
-
-
-def copy_tokenizer(source: str, path: str) -> Tokenizer:
-  """Loads the tokenizer at `source` (one-line error if it cannot) and
-  copies it to `path`, the run's own."""
-  try:
-    tok = load_tokenizer(source)
-  except (OSError, RuntimeError) as e:
-    raise DataError(f"cannot read the tokenizer {source}: "
-                    f"{str(e).strip().splitlines()[0][:200]}") from None
-  with open(source, "rb") as src, open(path, "wb") as dst:
-    dst.write(src.read())
-  return tok
-
-
-def _make_tokenizer(config, path: str) -> Tokenizer:
-  if os.path.exists(path):
-    return load_tokenizer(path)
-  source = config.data.tokenizer
-  if not source and uses_corpora(config):
-    source = corpora_tokenizer(config)
-  if source:
-    return copy_tokenizer(source, path)
-  if config.data.name == "shapes":
-    return shapes_tokenizer(path, vocab_size=config.data.vocab_size,
-                            num_captions=config.data.num_tokenizer_captions,
-                            seed=config.seed)
-  raise DataError(f"config.data.tokenizer is empty and data {config.data.name!r} "
-                  "has no built-in tokenizer")
-
-
-def uses_corpora(config: ml_collections.ConfigDict) -> bool:
-  """Prepared corpora (`data.dir`) rather than the built-in EVE-Shapes."""
-  return bool(config.data.dir) or config.data.name == "corpora"
-
-
-def corpora_tokenizer(config: ml_collections.ConfigDict) -> str:
-  """`data.tokenizer`, else DIR/tokenizer.model; a one-line error naming
-  the command that makes it when there is none."""
-  if config.data.tokenizer:
-    return config.data.tokenizer
-  root = os.path.abspath(os.path.expanduser(config.data.dir))
-  path = os.path.join(root, "tokenizer.model")
-  if not os.path.isfile(path):
-    dirs = " ".join(c.directory for c in corpora.parse_mixture(
-        config.data.dir, config.data.mixture))
-    raise DataError(f"no tokenizer: set --config.data.tokenizer or make "
-                    f"{path} with `{corpora.PREPARE} tokenizer --out {path} "
-                    f"{dirs}`")
-  return path
-
-
-def check_data(config: ml_collections.ConfigDict, workdir: str = ""
-               ) -> None:
-  """Fails fast, in one line, when the configured data cannot be read."""
-  if uses_corpora(config):
-    mix = corpora.parse_mixture(config.data.dir, config.data.mixture)
-    corpora.open_splits(mix, "train")
-    if not os.path.isfile(os.path.join(workdir, "tokenizer.model")):
-      tok = corpora_tokenizer(config)
-      if not os.path.isfile(tok):
-        raise DataError(f"config.data.tokenizer={tok} does not exist")
-    return
-  if config.data.name != "shapes":
-    raise DataError(f"config.data.name={config.data.name!r} is not one of "
-                    "'shapes', 'corpora'")
-
-
-def _corpora_data(config, tokenizer, model_cfg: ModelConfig, **kw):
-  return corpora.make_dataset(
-      corpora.parse_mixture(config.data.dir, config.data.mixture),
-      seed=config.seed, image_size=model_cfg.image_size, tokenizer=tokenizer,
-      max_text_len=model_cfg.max_text_len,
-      num_threads=config.data.num_threads, **kw)
-
-
-def eval_corpora(config) -> list[corpora.Corpus]:
-  """The mixture's corpora that hold an eval split (`prepare
-  --eval_images`); pretraining evaluates on those."""
-  return [c for c in corpora.parse_mixture(config.data.dir,
-                                           config.data.mixture)
-          if os.path.isfile(os.path.join(c.directory, "eval_pairs.npy"))]
-
-
-def _shapes_dataset(config, tokenizer, model_cfg: ModelConfig, **kw):
-  """EVE-Shapes batches at the model's image size and text length."""
-  return data_pipeline.make_shapes_dataset(
-      seed=config.seed, image_size=model_cfg.image_size, tokenizer=tokenizer,
-      max_text_len=model_cfg.max_text_len, **kw)
-
-
-def make_train_data(config, tokenizer, model_cfg: ModelConfig,
-                    shard: tuple[int, int] = (0, 1)):
-  """This process's training batches: shard (index, count) of the records,
-  batch_size / count rows per batch (see `sharding.process_batch_slice`)."""
-  index, count = shard
-  if uses_corpora(config):
-    return _corpora_data(config, tokenizer, model_cfg, split="train",
-                         batch_size=config.train.batch_size // count,
-                         process_index=index, process_count=count)
-  return _shapes_dataset(
-      config, tokenizer, model_cfg, split="train",
-      batch_size=config.train.batch_size // count,
-      process_index=index, process_count=count)
-
-
-def eval_batches(config, tokenizer, model_cfg: ModelConfig,
-                 shard: tuple[int, int] = (0, 1)
-                 ) -> Iterator[dict[str, np.ndarray]]:
-  """This process's rows of the held-out set.
-
-  Every batch has eval_batch_size / count rows, padding rows marked by
-  `example_valid` False (one compiled shape), and every process yields the
-  same number of batches (the eval step is one program across processes).
-  """
-  index, count = shard
-  bs = config.train.eval_batch_size // count
-  rows = -(-config.train.eval_examples // count)  # the largest shard
-  num_batches = -(-rows // bs)
-  if uses_corpora(config):
-    mix = eval_corpora(config)
-    if not mix:
-      return
-    it = corpora.make_dataset(
-        mix, split="eval", seed=config.seed, batch_size=bs,
-        image_size=model_cfg.image_size, tokenizer=tokenizer,
-        max_text_len=model_cfg.max_text_len, process_index=index,
-        process_count=count, train=False,
-        num_examples=config.train.eval_examples,
-        num_threads=config.data.num_threads)
-  else:
-    it = iter(_shapes_dataset(
-        config, tokenizer, model_cfg, split="eval", batch_size=bs,
-        num_examples=config.train.eval_examples, shuffle=False, repeat=False,
-        drop_remainder=False, process_index=index, process_count=count))
-  size, length = model_cfg.image_size, model_cfg.max_text_len
-  empty = dict(image=np.zeros((0, size, size, 3), np.float32),
-               text=np.zeros((0, length), np.int32),
-               text_valid=np.zeros((0, length), bool))
-  for _ in range(num_batches):
-    # A shard that ran out first (or lost images that do not decode) pads
-    # with all-padding batches.
-    batch = next(it, None) or empty
-    batch = {k: batch[k] for k in empty}
-    n = batch["text"].shape[0]
-    batch["example_valid"] = np.ones((n,), bool)
-    if n < bs:
-      batch = {k: np.concatenate([v, np.zeros((bs - n,) + v.shape[1:],
-                                              v.dtype)]) for k, v in batch.items()}
-    yield batch
-
-
 def eval_batch_rng(config, i: int) -> jax.Array:
   """The key evaluation batch i draws its masks from (every evaluation the
   same)."""
@@ -225,7 +50,7 @@ def evaluate(eval_step, params, config, tokenizer, model_cfg,
              to_global=lambda b: b, shard=(0, 1)) -> dict:
   """Sums `eval_sums` over the whole held-out set, same masks every time."""
   total = None
-  for i, batch in enumerate(eval_batches(config, tokenizer, model_cfg,
+  for i, batch in enumerate(sources.eval_batches(config, tokenizer, model_cfg,
                                          shard)):
     sums = eval_step(params, to_global(batch), eval_batch_rng(config, i))
     total = sums if total is None else jax.tree.map(jnp.add, total, sums)
@@ -257,7 +82,7 @@ def run(config: ml_collections.ConfigDict, workdir: str,
       all devices of all processes.
   """
   ModelConfig.from_config(config.model)  # a bad model key: before any file
-  check_data(config, workdir)
+  sources.check_data(config, workdir)
   mesh = sharding.make_mesh(config.mesh) if mesh is None else mesh
   rules = sharding.parse_rules(config.axis_rules)
   for name in ("batch_size", "eval_batch_size"):
@@ -339,14 +164,14 @@ def build_program(config, tokenizer: Tokenizer, mesh: jax.sharding.Mesh,
   eval_sh = sharding.batch_sharding(mesh, rules, config.train.eval_batch_size)
   replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
   # NumPy constants: no eager op on the mesh while building.
-  if uses_corpora(config):
+  if sources.uses_corpora(config):
     # No word list that only the image can tell; the "blank" image (the
     # text-only baseline) is mid-gray.
     visual_ids = np.zeros((0,), np.int32)
     blank = np.zeros((model_cfg.image_size,) * 2 + (3,), np.float32)
   else:
     visual_ids = np.asarray(tokenizer.word_ids(shapes.VISUAL_WORDS), np.int32)
-    blank = data_pipeline.normalize_image(
+    blank = transforms.normalize_image(
         shapes.blank_image(model_cfg.image_size))
   eval_step = jax.jit(
       functools.partial(
@@ -361,7 +186,7 @@ def build_program(config, tokenizer: Tokenizer, mesh: jax.sharding.Mesh,
 def _run(config, workdir: str, mesh, rules) -> RunResult:
   os.makedirs(workdir, exist_ok=True)
   is_main = jax.process_index() == 0
-  tokenizer = build_tokenizer(config, workdir)
+  tokenizer = run_tokenizer.build_tokenizer(config, workdir)
   prog = build_program(config, tokenizer, mesh, rules)
   model_cfg = prog.model_cfg
   total_steps = config.train.steps
@@ -389,7 +214,8 @@ def _run(config, workdir: str, mesh, rules) -> RunResult:
 
   ckpt = Checkpointer(workdir, every=config.train.checkpoint_every,
                       keep=config.train.keep_checkpoints)
-  train_iter = iter(make_train_data(config, tokenizer, model_cfg, shard))
+  train_iter = iter(sources.make_train_data(config, tokenizer, model_cfg,
+                                            shard))
   start = ckpt.latest_step()
   changed = run_config.check(config, workdir, start)
   if start is None:
@@ -412,7 +238,8 @@ def _run(config, workdir: str, mesh, rules) -> RunResult:
         params_sharding=prog.state_shardings.params,
         batch_sharding=prog.eval_sharding,
         first_batch=viz_hook.first_of(
-            lambda: eval_batches(config, tokenizer, model_cfg, eval_shard),
+            lambda: sources.eval_batches(config, tokenizer, model_cfg,
+                                         eval_shard),
             to_global_eval),
         rng=eval_batch_rng(config, 0), writer=writer, is_main=is_main)
 

@@ -28,6 +28,7 @@ def driver(argv):
   from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
 
   from eve_jax import sharding, train  # pylint: disable=g-import-not-at-top
+  from eve_jax.data import sources  # pylint: disable=g-import-not-at-top
   from eve_jax.data.tokenizer import Tokenizer  # pylint: disable=g-import-not-at-top
   from eve_jax.model.variants import ModelConfig  # pylint: disable=g-import-not-at-top
 
@@ -47,7 +48,7 @@ def driver(argv):
       sharding.batch_sharding(mesh, rules, bs), bs)
   tok = Tokenizer(os.path.join(FLAGS.workdir, "tokenizer.model"))
   model_cfg = ModelConfig.from_config(config.model, vocab_size=tok.vocab_size)
-  first = next(iter(train.make_train_data(config, tok, model_cfg, shard)))
+  first = next(iter(sources.make_train_data(config, tok, model_cfg, shard)))
   with open(os.path.join(_OUT.value, f"data_{pid}.json"), "w") as f:
     json.dump({"shard": list(shard), "rows": int(first["text"].shape[0]),
                "indices": [int(i) for i in first["index"]],

@@ -153,6 +153,32 @@ def test_depth_extrapolation_matches_a_full_compile(v5p):
       full["flops_per_step_analytic"], rel=1e-9)
 
 
+def test_depth_extrapolation_by_hand():
+  """`combine` on two hand-made reports (depths 3 and 4 -> 6): per-step
+  numbers on the line through them; compile seconds are the two compiles'
+  sum (what they cost here), never a line that can go negative."""
+  def rep(depth, compile_s):
+    return dict(fits=True, hbm_bytes=1000, devices=2,
+                peak_flops_per_device=1e12,
+                memory=dict(argument=100 * depth, output=10 * depth,
+                            alias=0, temp=50, total=110 * depth + 50),
+                collectives={"all-reduce": dict(count=depth, bytes=8.0 * depth)},
+                flops_per_step_analytic=1e9 * depth,
+                flops_per_step_xla=1.1e9 * depth, compute_s=0.001 * depth,
+                memory_s=0.002, collectives_s=0.0, roofline_step_s=0.003,
+                est_step_s=0.001 * depth, lower_s=2.0, compile_s=compile_s)
+  r = extrapolate.combine(rep(3, 30.0), rep(4, 5.0), 3, 4, 6)
+  assert r["memory"]["total"] == 110 * 6 + 50
+  assert r["collectives"]["all-reduce"] == dict(count=6, bytes=48.0)
+  assert r["flops_per_step_analytic"] == pytest.approx(6e9)
+  assert r["xla_over_analytic"] == pytest.approx(1.1)
+  assert r["est_mfu"] == pytest.approx(6e9 / (0.006 * 2 * 1e12))
+  assert r["margin_bytes"] == 1000 - 710 and r["fits"]
+  assert r["compile_s"] == 35.0 and r["lower_s"] == 4.0
+  assert r["extrapolated_from"] == [3, 4]
+  assert not extrapolate.combine(rep(3, 1.0), rep(4, 1.0), 3, 4, 9)["fits"]
+
+
 def test_collective_bytes_from_hlo_lines():
   """Hand-worked: result shapes -> bytes, async starts counted once."""
   hlo = "\n".join([

@@ -5,7 +5,7 @@ Small EVE-Shapes VQA / NLVR2 / retrieval sets are written to disk with
 `eve_jax.data.downstream`; every answer, label and caption is recomputed
 here from `shapes.generate` with a separate reading of the question and
 statement grammar. Malformed files written here must fail with a one-line
-`DownstreamDataError` naming the file and the field or line.
+`DataError` naming the file and the field or line.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ import pytest
 from PIL import Image
 
 from eve_jax.data import downstream, shapes, shapes_tasks
-from eve_jax.data.downstream import DownstreamDataError
+from eve_jax.data.errors import DataError
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SIZES = (40, 40, 40)
@@ -155,7 +155,7 @@ def test_vqa_predictions_round_trip(tmp_path):
                             {"question_id": 1_000_000_001, "answer": "yes"}]
   assert downstream.load_vqa_predictions(path) == {5: "two", 3: "red",
                                                    1_000_000_001: "yes"}
-  with pytest.raises(DownstreamDataError, match="question_id 3 given twice"):
+  with pytest.raises(DataError, match="question_id 3 given twice"):
     downstream.write_vqa_predictions(str(tmp_path / "dup.json"),
                                      [(3, "a"), (3, "b")])
   assert not os.path.exists(tmp_path / "dup.json")
@@ -501,7 +501,7 @@ def _not_json(d):
 ], ids=lambda f: f.__name__.strip("_"))
 def test_malformed_inputs_raise_one_line_errors(tmp_path, case):
   load, file_name, what = case(tmp_path)
-  with pytest.raises(DownstreamDataError) as info:
+  with pytest.raises(DataError) as info:
     load()
   message = str(info.value)
   assert "\n" not in message
@@ -516,7 +516,7 @@ def test_evaluation_images_are_decoded_at_full_size():
   pipeline's speed trick, differs visibly at this size)."""
   skimage_data = pytest.importorskip("skimage.data")
   from eve_jax.data import finetune_data, transforms
-  from eve_jax.data.pipeline import normalize_image
+  from eve_jax.data.transforms import normalize_image
   path = os.path.join(os.path.dirname(skimage_data.__file__),
                       "hubble_deep_field.jpg")
   for size in (64, 224):

@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 
 from eve_jax import loop, run_config, train
+from eve_jax.data import sources
 from test_train import (REPO, _flatten, micro_config, read_jsonl,
                         restore_params)
 
@@ -65,8 +66,8 @@ def test_nonfinite_steps_are_skipped_counted_and_stop_the_run(
   """Step 3 gets a NaN batch: skipped (parameters unchanged), counted,
   training goes on. From step 6 every batch is NaN: after
   max_bad_steps=2 the run stops with one line; every checkpoint is finite."""
-  real = train.make_train_data
-  monkeypatch.setattr(train, "make_train_data", lambda *a, **k: _Poisoned(
+  real = sources.make_train_data
+  monkeypatch.setattr(sources, "make_train_data", lambda *a, **k: _Poisoned(
       iter(real(*a, **k)), lambda i: i == 2 or i >= 5))
   wd = str(tmp_path / "w")
   c = micro_config(steps=10, checkpoint_every=1, keep_checkpoints=20,

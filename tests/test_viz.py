@@ -14,7 +14,7 @@ from flax import nnx
 from PIL import Image
 
 from eve_jax import inference
-from eve_jax.data import pipeline, shapes
+from eve_jax.data import pipeline, shapes, transforms
 from eve_jax.tasks import pretrain
 from eve_jax.tasks.pretrain import mlm_pass
 from eve_jax.viz import charts, gradcam, localization, reconstruct, routing
@@ -213,7 +213,7 @@ def test_integrated_gradients_add_up_to_the_score_change(micro):
     logits, _ = mlm_pass(m, imgs, ex["text_in"], ex["text_valid"], None)
     return jax.nn.log_softmax(logits[b, ex["position"]])[b, ex["target"]]
 
-  blank = np.broadcast_to(pipeline.normalize_image(shapes.blank_image(64)),
+  blank = np.broadcast_to(transforms.normalize_image(shapes.blank_image(64)),
                           ex["image"].shape)
   seq = (2, 1 + w.model_cfg.num_patches + w.model_cfg.max_text_len)
   ig = gradcam.token_relevance(w.model, score, jnp.asarray(ex["image"]),
@@ -348,7 +348,7 @@ def test_tiny_reconstruction_leans_on_color_and_shape_words(tiny_workdir):
   keep, patch_mask = pretrain.random_patch_keep(jax.random.key(0), n,
                                                 cfg.num_patches, 0.75)
   weights = gradcam.mim(
-      w.model, np.stack([pipeline.normalize_image(ex.image)
+      w.model, np.stack([transforms.normalize_image(ex.image)
                          for ex in examples]),
       np.stack([t[0] for t in text]), np.stack([t[1] for t in text]), keep,
       patch_mask, mask_id=w.tokenizer.mask_id)

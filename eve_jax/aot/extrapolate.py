@@ -20,7 +20,10 @@ from __future__ import annotations
 import copy
 from typing import Any
 
-LINEAR = ("lower_s", "compile_s", "flops_per_step_analytic",
+# Compile and lowering seconds are not among them: they are what the two
+# compiles took here (summed), a cost, not a property of the full depth
+# (and too noisy on a shared machine for a line through two points).
+LINEAR = ("flops_per_step_analytic",
           "flops_per_step_xla", "compute_s", "memory_s", "collectives_s",
           "roofline_step_s", "cost_model_step_s", "est_step_s")
 
@@ -56,10 +59,12 @@ def combine(ra: dict, rb: dict, a: int, b: int, d: int) -> dict[str, Any]:
       out[k] = line(ra[k], rb[k], a, b, d)
   out["memory"] = {k: int(line(ra["memory"][k], rb["memory"][k], a, b, d))
                    for k in rb["memory"]}
-  for kind, c in rb["collectives"].items():
+  for kind, c in out["collectives"].items():
     ca = ra["collectives"].get(kind, {"count": 0, "bytes": 0.0})
     c["count"] = int(round(line(ca["count"], c["count"], a, b, d)))
     c["bytes"] = line(ca["bytes"], c["bytes"], a, b, d)
+  for k in ("lower_s", "compile_s"):
+    out[k] = ra[k] + rb[k]
   out["margin_bytes"] = int(out["hbm_bytes"] - out["memory"]["total"])
   out["fits"] = out["margin_bytes"] >= 0
   if out.get("flops_per_step_xla"):

@@ -34,15 +34,15 @@ _JSON = flags.DEFINE_bool("json", False, "Print one JSON object.")
 
 
 def measure(config, batches: int, warmup: int) -> dict:
-  """Samples/s of `train.make_train_data(config)` in this process."""
-  from eve_jax import train  # pylint: disable=g-import-not-at-top
+  """Samples/s of `sources.make_train_data(config)` in this process."""
+  from eve_jax.data import run_tokenizer, sources  # pylint: disable=g-import-not-at-top
   from eve_jax.model.variants import ModelConfig  # pylint: disable=g-import-not-at-top
-  train.check_data(config)
+  sources.check_data(config)
   with tempfile.TemporaryDirectory() as tmp:
-    tokenizer = train.build_tokenizer(config, tmp)
+    tokenizer = run_tokenizer.build_tokenizer(config, tmp)
   model_cfg = ModelConfig.from_config(config.model,
                                       vocab_size=tokenizer.vocab_size)
-  it = iter(train.make_train_data(config, tokenizer, model_cfg))
+  it = iter(sources.make_train_data(config, tokenizer, model_cfg))
   for _ in range(warmup):
     next(it)
   t0, cpu0 = time.perf_counter(), time.process_time()
@@ -54,7 +54,7 @@ def measure(config, batches: int, warmup: int) -> dict:
   cores = len(os.sched_getaffinity(0))
   sps = rows / wall
   return dict(
-      data="corpora" if train.uses_corpora(config) else "shapes",
+      data="corpora" if sources.uses_corpora(config) else "shapes",
       mixture=config.data.get("mixture", ""), image_size=model_cfg.image_size,
       batch=config.train.batch_size, batches=batches,
       num_threads=config.data.get("num_threads", 0), cores=cores,

@@ -27,7 +27,7 @@ import grain
 import numpy as np
 
 from eve_jax.data import records, transforms
-from eve_jax.data.pipeline import normalize_image
+from eve_jax.data.errors import DataError
 from eve_jax.data.tokenizer import Tokenizer
 
 PREPARE = "python -m eve_jax.data.prepare"
@@ -40,10 +40,6 @@ _PREPARE_HINT = {
     "cc3m": "webdataset --name cc3m --shards 'cc3m/*.tar'",
     "cc12m": "webdataset --name cc12m --shards 'cc12m/*.tar'",
 }
-
-
-class DataError(ValueError):
-  """Configured data that cannot be read; the message is one line."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -160,7 +156,7 @@ class _Example(grain.transforms.RandomMap):
       return {"bad": True}
     ids, valid = self._tokenizer.encode_batch([ex["captions"][k]],
                                               self._max_text_len)
-    return {"image": normalize_image(image), "text": ids[0],
+    return {"image": transforms.normalize_image(image), "text": ids[0],
             "text_valid": valid[0], "corpus": np.int32(c),
             "index": np.int64(p)}
 

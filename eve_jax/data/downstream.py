@@ -30,7 +30,7 @@ distributed as and returns plain frozen dataclasses holding image paths
 `write_vqa_predictions` writes the VQA evaluation server's result file, a
 JSON list `[{"question_id": int, "answer": str}, ...]`.
 
-Every malformed input raises `DownstreamDataError`, whose message is one
+Every malformed input raises `DataError`, whose message is one
 line naming the file and the entry, field or line at fault, e.g.
 `.../v2_OpenEnded_mscoco_val2014_questions.json: questions[3] has no
 'question_id'`.
@@ -45,6 +45,8 @@ import re
 from collections.abc import Iterable
 from typing import Any
 
+from eve_jax.data.errors import DataError
+
 # The official test-dev questions name their subtype "test-dev2015", but
 # test-dev is a subset of the test2015 images, whose files are named
 # COCO_test2015_*.jpg.
@@ -55,20 +57,6 @@ _NLVR2_LABELS = {"True": True, "False": False, True: True, False: False}
 # "{split}-{set}-{pair}-{sentence}", e.g. "train-10171-0-0", "test1-0-1-0".
 _NLVR2_IDENTIFIER = re.compile(r"^([A-Za-z0-9]+)-(\d+)-(\d+)-(\d+)$")
 KARPATHY_SPLITS = ("train", "val", "test", "restval")
-
-
-class DownstreamDataError(ValueError):
-  """A malformed or missing downstream data file: `<path>: <what>`, one line.
-
-  Attributes:
-    path: the file (or image) at fault.
-  """
-
-  def __init__(self, path: str, message: str):
-    text = f"{path}: {message}"
-    # One line whatever the data held: a caller may print it as is.
-    super().__init__(text.replace("\r", "\\r").replace("\n", "\\n"))
-    self.path = path
 
 
 @dataclasses.dataclass(frozen=True)
@@ -149,9 +137,9 @@ def _show(value: Any) -> str:
 
 def _check_file(path: str) -> None:
   if os.path.isdir(path):
-    raise DownstreamDataError(path, "is a folder, expected a file")
+    raise DataError.at(path, "is a folder, expected a file")
   if not os.path.isfile(path):
-    raise DownstreamDataError(path, "no such file")
+    raise DataError.at(path, "no such file")
 
 
 def _load_json(path: str) -> Any:
@@ -160,9 +148,9 @@ def _load_json(path: str) -> Any:
     with open(path, "rb") as f:
       return json.load(f)
   except ValueError as e:  # JSONDecodeError and UnicodeDecodeError
-    raise DownstreamDataError(path, f"not valid JSON ({_one_line(e)})") from None
+    raise DataError.at(path, f"not valid JSON ({_one_line(e)})") from None
   except OSError as e:
-    raise DownstreamDataError(path, f"cannot read ({e.strerror})") from None
+    raise DataError.at(path, f"cannot read ({e.strerror})") from None
 
 
 _KIND_NAMES = {int: "an integer", str: "a string", list: "a list",
@@ -178,7 +166,7 @@ def _is(value: Any, kind: type) -> bool:
 
 def _field(obj: Any, key: str, path: str, where: str,
            kind: type | None = None) -> Any:
-  """obj[key], or a DownstreamDataError naming the file, entry and field.
+  """obj[key], or a DataError naming the file, entry and field.
 
   Args:
     obj: a decoded JSON value that should be an object.
@@ -191,13 +179,13 @@ def _field(obj: Any, key: str, path: str, where: str,
     The field's value.
   """
   if not isinstance(obj, dict):
-    raise DownstreamDataError(path, f"{where} is {_show(obj)}, expected an "
+    raise DataError.at(path, f"{where} is {_show(obj)}, expected an "
                               f"object with {key!r}")
   if key not in obj:
-    raise DownstreamDataError(path, f"{where} has no {key!r}")
+    raise DataError.at(path, f"{where} has no {key!r}")
   value = obj[key]
   if kind is not None and not _is(value, kind):
-    raise DownstreamDataError(path, f"{where}.{key} is {_show(value)}, "
+    raise DataError.at(path, f"{where}.{key} is {_show(value)}, "
                               f"expected {_KIND_NAMES[kind]}")
   return value
 
@@ -230,7 +218,7 @@ def load_vqa(questions_json: str, annotations_json: str | None = None,
     One `VQAExample` per question, in the file's order.
 
   Raises:
-    DownstreamDataError: a missing or malformed file, a duplicate
+    DataError: a missing or malformed file, a duplicate
       question_id, a question without an annotation or whose annotation has
       another image_id, annotations of another data_subtype.
   """
@@ -246,7 +234,7 @@ def load_vqa(questions_json: str, annotations_json: str | None = None,
     image_id = _field(q, "image_id", qpath, where, int)
     text = _field(q, "question", qpath, where, str)
     if question_id in first_index:
-      raise DownstreamDataError(
+      raise DataError.at(
           qpath, f"{where}: question_id {question_id} is also "
           f"questions[{first_index[question_id]}]")
     first_index[question_id] = i
@@ -277,7 +265,7 @@ def _vqa_answers(apath: str, subtype: str, qpath: str,
   # Pairing val questions with train annotations would fail later with a
   # confusing "no annotation" error; say what is wrong instead.
   if isinstance(ann_subtype, str) and ann_subtype != subtype:
-    raise DownstreamDataError(
+    raise DataError.at(
         apath, f"data_subtype is {ann_subtype!r} but "
         f"{os.path.basename(qpath)} has {subtype!r}")
   found: dict[int, tuple[int, int, tuple[str, ...], str | None]] = {}
@@ -287,11 +275,11 @@ def _vqa_answers(apath: str, subtype: str, qpath: str,
     image_id = _field(ann, "image_id", apath, where, int)
     answers = _list_field(ann, "answers", apath, where)
     if not answers:
-      raise DownstreamDataError(apath, f"{where}.answers is empty")
+      raise DataError.at(apath, f"{where}.answers is empty")
     texts = tuple(_field(a, "answer", apath, f"{where}.answers[{k}]", str)
                   for k, a in enumerate(answers))
     if question_id in found:
-      raise DownstreamDataError(
+      raise DataError.at(
           apath, f"{where}: question_id {question_id} is also "
           f"annotations[{found[question_id][0]}]")
     answer_type = ann.get("answer_type")
@@ -300,12 +288,12 @@ def _vqa_answers(apath: str, subtype: str, qpath: str,
   answers_of = {}
   for i, (question_id, image_id, _) in enumerate(rows):
     if question_id not in found:
-      raise DownstreamDataError(
+      raise DataError.at(
           apath, f"no annotation for question_id {question_id} "
           f"(questions[{i}] of {os.path.basename(qpath)})")
     j, ann_image_id, texts, answer_type = found[question_id]
     if ann_image_id != image_id:
-      raise DownstreamDataError(
+      raise DataError.at(
           apath, f"annotations[{j}] (question_id {question_id}) has image_id "
           f"{ann_image_id}, but questions[{i}] of {os.path.basename(qpath)} "
           f"has image_id {image_id}")
@@ -328,13 +316,13 @@ def load_vg_qa(qa_json: str, image_dir: str) -> list[VQAExample]:
     One `VQAExample` per qa, question_id = qa_id, in the file's order.
 
   Raises:
-    DownstreamDataError: a missing or malformed file, a qa whose image_id
+    DataError: a missing or malformed file, a qa whose image_id
       is not its entry's id, a duplicate qa_id.
   """
   path = qa_json
   data = _load_json(path)
   if not isinstance(data, list):
-    raise DownstreamDataError(path, f"is {_show(data)}, expected a JSON list "
+    raise DataError.at(path, f"is {_show(data)}, expected a JSON list "
                               "of {\"id\", \"qas\"} objects")
   out = []
   first: dict[int, str] = {}
@@ -348,10 +336,10 @@ def load_vg_qa(qa_json: str, image_dir: str) -> list[VQAExample]:
       question = _field(qa, "question", path, where, str)
       answer = _field(qa, "answer", path, where, str)
       if qa_image != image_id:
-        raise DownstreamDataError(path, f"{where}.image_id is {qa_image}, but "
+        raise DataError.at(path, f"{where}.image_id is {qa_image}, but "
                                   f"[{i}].id is {image_id}")
       if qa_id in first:
-        raise DownstreamDataError(path, f"{where}: qa_id {qa_id} is also "
+        raise DataError.at(path, f"{where}: qa_id {qa_id} is also "
                                   f"{first[qa_id]}")
       first[qa_id] = where
       out.append(VQAExample(question_id=qa_id, image_id=image_id,
@@ -372,21 +360,21 @@ def write_vqa_predictions(path: str,
     path, written atomically: `[{"question_id": int, "answer": str}, ...]`.
 
   Raises:
-    DownstreamDataError: a question_id twice, an id that is not an integer,
+    DataError: a question_id twice, an id that is not an integer,
       an answer that is not a string (nothing is written).
   """
   rows = []
   seen = set()
   for k, (question_id, answer) in enumerate(predictions):
     if isinstance(question_id, bool) or not hasattr(question_id, "__index__"):
-      raise DownstreamDataError(path, f"prediction {k}: question_id "
+      raise DataError.at(path, f"prediction {k}: question_id "
                                 f"{question_id!r} is not an integer")
     question_id = int(question_id)  # numpy integers are not JSON numbers
     if not isinstance(answer, str):
-      raise DownstreamDataError(path, f"prediction {k}: answer {answer!r} "
+      raise DataError.at(path, f"prediction {k}: answer {answer!r} "
                                 "is not a string")
     if question_id in seen:
-      raise DownstreamDataError(path, f"prediction {k}: question_id "
+      raise DataError.at(path, f"prediction {k}: question_id "
                                 f"{question_id} given twice")
     seen.add(question_id)
     rows.append({"question_id": question_id, "answer": answer})
@@ -401,14 +389,14 @@ def load_vqa_predictions(path: str) -> dict[int, str]:
   """Reads a result file of `write_vqa_predictions`: question_id -> answer."""
   data = _load_json(path)
   if not isinstance(data, list):
-    raise DownstreamDataError(path, f"is {_show(data)}, expected a JSON list "
+    raise DataError.at(path, f"is {_show(data)}, expected a JSON list "
                               "of {\"question_id\", \"answer\"} objects")
   out: dict[int, str] = {}
   for k, row in enumerate(data):
     question_id = _field(row, "question_id", path, f"[{k}]", int)
     answer = _field(row, "answer", path, f"[{k}]", str)
     if question_id in out:
-      raise DownstreamDataError(path, f"[{k}]: question_id {question_id} "
+      raise DataError.at(path, f"[{k}]: question_id {question_id} "
                                 "given twice")
     out[question_id] = answer
   return out
@@ -437,7 +425,7 @@ def load_nlvr2(jsonl_path: str, image_dir: str) -> list[NLVR2Example]:
     One `NLVR2Example` per non-blank line, in the file's order.
 
   Raises:
-    DownstreamDataError: a missing file, a line that is not a JSON object,
+    DataError: a missing file, a line that is not a JSON object,
       a missing field, a label other than "True" / "False", a malformed or
       duplicate identifier, a train example without `directory`.
   """
@@ -455,25 +443,25 @@ def load_nlvr2(jsonl_path: str, image_dir: str) -> list[NLVR2Example]:
           obj = json.loads(line)
         except json.JSONDecodeError as e:
           # The decoder's own "line 1 column 29" would contradict `where`.
-          raise DownstreamDataError(
+          raise DataError.at(
               path, f"{where}: not valid JSON ({e.msg} at column "
               f"{e.pos + 1})") from None
         except ValueError as e:  # UnicodeDecodeError
-          raise DownstreamDataError(
+          raise DataError.at(
               path, f"{where}: not valid JSON ({_one_line(e)})") from None
         identifier = _field(obj, "identifier", path, where, str)
         sentence = _field(obj, "sentence", path, where, str)
         raw_label = _field(obj, "label", path, where)
         if not isinstance(raw_label, (str, bool)) or raw_label not in _NLVR2_LABELS:
-          raise DownstreamDataError(path, f"{where}: label is {_show(raw_label)}, "
+          raise DataError.at(path, f"{where}: label is {_show(raw_label)}, "
                                     "expected \"True\" or \"False\"")
         match = _NLVR2_IDENTIFIER.match(identifier)
         if not match:
-          raise DownstreamDataError(
+          raise DataError.at(
               path, f"{where}: identifier {_show(identifier)} is not "
               "split-set-pair-sentence (e.g. \"dev-850-0-0\")")
         if identifier in first_line:
-          raise DownstreamDataError(path, f"{where}: identifier {identifier} "
+          raise DataError.at(path, f"{where}: identifier {identifier} "
                                     f"is also on line {first_line[identifier]}")
         first_line[identifier] = line_no
         folder = image_dir
@@ -482,11 +470,11 @@ def load_nlvr2(jsonl_path: str, image_dir: str) -> list[NLVR2Example]:
           # `directory` on other splits is ignored.
           directory = obj.get("directory")
           if directory is None:
-            raise DownstreamDataError(path, f"{where} has no 'directory' "
+            raise DataError.at(path, f"{where} has no 'directory' "
                                       "(train images live in "
                                       "image_dir/DIRECTORY/)")
           if not (_is(directory, int) or _is(directory, str)):
-            raise DownstreamDataError(path, f"{where}: directory is "
+            raise DataError.at(path, f"{where}: directory is "
                                       f"{_show(directory)}, expected an "
                                       "integer or a string")
           folder = os.path.join(image_dir, str(directory))
@@ -496,7 +484,7 @@ def load_nlvr2(jsonl_path: str, image_dir: str) -> list[NLVR2Example]:
             label=_NLVR2_LABELS[raw_label],
             image_paths=(os.path.join(folder, left), os.path.join(folder, right))))
   except OSError as e:
-    raise DownstreamDataError(path, f"cannot read ({e.strerror})") from None
+    raise DataError.at(path, f"cannot read ({e.strerror})") from None
   return out
 
 
@@ -527,7 +515,7 @@ def load_karpathy(json_path: str, image_root: str,
 
   Raises:
     ValueError: an unknown split.
-    DownstreamDataError: a missing or malformed file, an image without
+    DataError: a missing or malformed file, an image without
       sentences, an empty caption, an unknown split name in the file, an
       image_id twice in the split.
   """
@@ -544,7 +532,7 @@ def load_karpathy(json_path: str, image_root: str,
     where = f"images[{i}]"
     image_split = _field(image, "split", path, where, str)
     if image_split not in KARPATHY_SPLITS:
-      raise DownstreamDataError(path, f"{where}.split is {image_split!r}, "
+      raise DataError.at(path, f"{where}.split is {image_split!r}, "
                                 f"expected one of {', '.join(KARPATHY_SPLITS)}")
     filename = _field(image, "filename", path, where, str)
     folder = image_root
@@ -553,12 +541,12 @@ def load_karpathy(json_path: str, image_root: str,
                             _field(image, "filepath", path, where, str))
     sentences = _list_field(image, "sentences", path, where)
     if not sentences:
-      raise DownstreamDataError(path, f"{where}.sentences is empty")
+      raise DataError.at(path, f"{where}.sentences is empty")
     captions = []
     for k, sentence in enumerate(sentences):
       raw = _field(sentence, "raw", path, f"{where}.sentences[{k}]", str)
       if not raw.strip():
-        raise DownstreamDataError(path, f"{where}.sentences[{k}].raw is blank")
+        raise DataError.at(path, f"{where}.sentences[{k}].raw is blank")
       captions.append(raw.strip())
     if "cocoid" in image:
       image_id = str(_field(image, "cocoid", path, where, int))
@@ -567,7 +555,7 @@ def load_karpathy(json_path: str, image_root: str,
     if image_split not in wanted:
       continue
     if image_id in first:
-      raise DownstreamDataError(path, f"{where}: image {image_id} is also "
+      raise DataError.at(path, f"{where}: image {image_id} is also "
                                 f"images[{first[image_id]}]")
     first[image_id] = i
     out.append(RetrievalImage(image_id=image_id,
@@ -603,7 +591,7 @@ def check_images(examples: Iterable[VQAExample | NLVR2Example | RetrievalImage]
     The number of distinct image files checked.
 
   Raises:
-    DownstreamDataError: naming the first missing image, the example that
+    DataError: naming the first missing image, the example that
       needs it and how many of the images are missing in all (a whole
       wrong folder and one lost file look different).
   """
@@ -622,6 +610,6 @@ def check_images(examples: Iterable[VQAExample | NLVR2Example | RetrievalImage]
           first_missing = (image_path, who)
   if first_missing is not None:
     image_path, who = first_missing
-    raise DownstreamDataError(image_path, f"no such image (needed by {who}; "
+    raise DataError.at(image_path, f"no such image (needed by {who}; "
                               f"{missing} of {len(checked)} images missing)")
   return len(checked)

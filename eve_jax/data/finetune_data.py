@@ -24,8 +24,7 @@ import grain
 import numpy as np
 
 from eve_jax.data import transforms
-from eve_jax.data.corpora import DataError
-from eve_jax.data.pipeline import normalize_image
+from eve_jax.data.errors import DataError
 
 Encoder = Callable[[Any], dict[str, np.ndarray]]
 
@@ -36,7 +35,7 @@ def read_image(path: str, size: int) -> np.ndarray:
   try:
     with open(path, "rb") as f:
       data = f.read()
-    return normalize_image(transforms.decode(data, size, None))
+    return transforms.normalize_image(transforms.decode(data, size, None))
   except Exception as e:  # pylint: disable=broad-except
     raise DataError(f"{path}: cannot read the image "
                     f"({type(e).__name__}: {str(e)[:100]})") from None

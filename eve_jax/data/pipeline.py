@@ -18,17 +18,13 @@ import grain
 import numpy as np
 
 from eve_jax.data import shapes
+from eve_jax.data.transforms import normalize_image
 from eve_jax.data.tokenizer import Tokenizer
 
 SPLITS = ("train", "eval")
 # Virtual length of the train split: "infinite" for any run, while grain's
 # shuffle stays a permutation over a finite range.
 TRAIN_LENGTH = 2**30
-
-
-def normalize_image(image: np.ndarray) -> np.ndarray:
-    """uint8 [..., 3] -> float32 in [-1, 1]: mean = std = 0.5 in [0, 1] units."""
-    return image.astype(np.float32) / 127.5 - 1.0
 
 
 def split_seed(seed: int, split: str) -> int:

@@ -65,6 +65,7 @@ import numpy as np
 from PIL import Image
 
 from eve_jax.data import records
+from eve_jax.data.errors import DataError
 
 PROG = "python -m eve_jax.data.prepare"
 
@@ -84,14 +85,6 @@ JPEG_QUALITY = 95
 WEBDATASET_IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 LOG_EVERY = 5000
 _NAME = re.compile(r"^[a-z][a-z0-9_]*$")
-
-
-class PrepareError(Exception):
-  """A malformed input: printed as `eve_jax: error: <path>: <message>`."""
-
-  def __init__(self, path: str, message: str):
-    super().__init__(f"{path}: {message}")
-    self.path = path
 
 
 @dataclasses.dataclass
@@ -301,7 +294,7 @@ def convert(items: Iterable[Item], out_dir: str, name: str, *,
     pairs, eval_images, reencoded_as_jpeg, skipped {reason: count}, splits.
 
   Raises:
-    PrepareError: from the source's items, or when no image is usable.
+    DataError: from the source's items, or when no image is usable.
   """
   workers = workers or default_workers()
   created = not os.path.exists(out_dir)
@@ -341,7 +334,7 @@ def convert(items: Iterable[Item], out_dir: str, name: str, *,
         what = (f"no usable image ({_skip_text(skipped)})" if not sink.images
                 else f"only {sink.images:,} usable images, --eval_images "
                 f"{eval_images:,} would leave none for training")
-        raise PrepareError(inputs[0] if inputs else out_dir, what)
+        raise DataError.at(inputs[0] if inputs else out_dir, what)
       held_out = sink.held_out
       sink.finish()
     summary = dict(
@@ -392,13 +385,13 @@ def summary_line(summary: dict[str, Any], out_dir: str) -> str:
 
 def _check_file(path: str) -> str:
   if not os.path.isfile(path):
-    raise PrepareError(path, "no such file")
+    raise DataError.at(path, "no such file")
   return os.path.abspath(path)
 
 
 def _check_dir(path: str) -> str:
   if not os.path.isdir(path):
-    raise PrepareError(path, "no such image folder")
+    raise DataError.at(path, "no such image folder")
   return os.path.abspath(path)
 
 
@@ -413,24 +406,24 @@ def _load_json(path: str) -> Any:
     with open(path, "rb") as f:
       return json.load(f)
   except (json.JSONDecodeError, UnicodeDecodeError) as e:
-    raise PrepareError(path, f"not valid JSON ({_one_line(e)})") from None
+    raise DataError.at(path, f"not valid JSON ({_one_line(e)})") from None
   except OSError as e:
-    raise PrepareError(path, f"cannot read ({e.strerror})") from None
+    raise DataError.at(path, f"cannot read ({e.strerror})") from None
 
 
 def _field(obj: Any, key: str, path: str, where: str,
            kind: type | tuple[type, ...] | None = None) -> Any:
-  """obj[key], or a PrepareError naming the file, the entry and the field."""
+  """obj[key], or a DataError naming the file, the entry and the field."""
   if not isinstance(obj, dict):
-    raise PrepareError(path, f"{where} is a {type(obj).__name__}, expected "
+    raise DataError.at(path, f"{where} is a {type(obj).__name__}, expected "
                        f"an object with field {key!r}")
   if key not in obj:
-    raise PrepareError(path, f"{where} has no field {key!r}")
+    raise DataError.at(path, f"{where} has no field {key!r}")
   value = obj[key]
   if kind is not None and not isinstance(value, kind):
     names = " or ".join(k.__name__ for k in
                         (kind if isinstance(kind, tuple) else (kind,)))
-    raise PrepareError(path, f"{where}.{key} is {json.dumps(value)[:60]}, "
+    raise DataError.at(path, f"{where}.{key} is {json.dumps(value)[:60]}, "
                        f"expected {names}")
   return value
 
@@ -480,7 +473,7 @@ def coco_items(captions_files: Sequence[str], image_folders: Sequence[str],
       image_id = _field(image, "id", path, f"images[{i}]", (int, str))
       file_name = _field(image, "file_name", path, f"images[{i}]", str)
       if image_id in files:
-        raise PrepareError(path, f"images[{i}]: id {image_id} is also in "
+        raise DataError.at(path, f"images[{i}]: id {image_id} is also in "
                            f"{files[image_id][1]}; give captions files that "
                            "do not overlap")
       files[image_id] = (file_name, path)
@@ -489,7 +482,7 @@ def coco_items(captions_files: Sequence[str], image_folders: Sequence[str],
                         (int, str))
       caption = _field(ann, "caption", path, f"annotations[{i}]", str)
       if image_id not in files:
-        raise PrepareError(path, f"annotations[{i}]: image_id {image_id} is "
+        raise DataError.at(path, f"annotations[{i}]: image_id {image_id} is "
                            "in no 'images' entry")
       captions[image_id].append(caption)
   held_out = _karpathy_held_out(karpathy) if karpathy else {}
@@ -526,7 +519,7 @@ def _karpathy_held_out(path: str) -> dict[int, str]:
     cocoid = _field(image, "cocoid", path, f"images[{i}]", (int, str))
     if split in ("val", "test"):
       if _as_int(cocoid) is None:
-        raise PrepareError(path, f"images[{i}].cocoid is {cocoid!r}, "
+        raise DataError.at(path, f"images[{i}].cocoid is {cocoid!r}, "
                            "expected an integer")
       out[int(cocoid)] = split
   return out
@@ -537,7 +530,7 @@ def vg_items(regions_file: str, image_folders: Sequence[str]
   """Visual Genome region descriptions + image folders -> items by id."""
   data = _load_json(regions_file)
   if not isinstance(data, list):
-    raise PrepareError(regions_file, "expected a JSON list of images "
+    raise DataError.at(regions_file, "expected a JSON list of images "
                        "[{id, regions: [{phrase}]}], found a "
                        f"{type(data).__name__}")
   phrases: dict[int | str, list[str]] = {}
@@ -545,7 +538,7 @@ def vg_items(regions_file: str, image_folders: Sequence[str]
     image_id = _field(image, "id", regions_file, f"[{i}]", (int, str))
     regions = _field(image, "regions", regions_file, f"[{i}]", list)
     if image_id in phrases:
-      raise PrepareError(regions_file, f"[{i}]: id {image_id} appears twice")
+      raise DataError.at(regions_file, f"[{i}]: id {image_id} appears twice")
     phrases[image_id] = [
         _field(r, "phrase", regions_file, f"[{i}].regions[{k}]", str)
         for k, r in enumerate(regions)]
@@ -570,7 +563,7 @@ def webdataset_items(patterns: Sequence[str]
     if any(c in pattern for c in "*?["):  # a glob pattern, as in the docs
       matches = sorted(glob.glob(pattern))
       if not matches:
-        raise PrepareError(pattern, "no file matches")
+        raise DataError.at(pattern, "no file matches")
       shards.extend(matches)
     else:
       shards.append(pattern)
@@ -580,7 +573,7 @@ def webdataset_items(patterns: Sequence[str]
       with tarfile.open(shard, "r|*") as tar:
         tar.next()
     except _TAR_ERRORS as e:
-      raise PrepareError(shard, f"not a tar archive ({_one_line(e)})") from None
+      raise DataError.at(shard, f"not a tar archive ({_one_line(e)})") from None
 
   def items() -> Iterator[Item]:
     for shard in shards:
@@ -623,7 +616,7 @@ def _tar_samples(path: str) -> Iterator[tuple[str, dict[str, bytes]]]:
         if ext.lower() in wanted:
           parts[ext.lower()] = tar.extractfile(member).read()
   except _TAR_ERRORS as e:
-    raise PrepareError(path, f"unreadable tar ({_one_line(e)})") from None
+    raise DataError.at(path, f"unreadable tar ({_one_line(e)})") from None
   if key is not None:
     yield key, parts
 
@@ -672,7 +665,7 @@ def _tsv_rows(path: str) -> Iterator[tuple[str, str]]:
       try:
         line = raw.decode("utf-8").rstrip("\r\n")
       except UnicodeDecodeError:
-        raise PrepareError(path, f"line {n}: not UTF-8 text") from None
+        raise DataError.at(path, f"line {n}: not UTF-8 text") from None
       if n == 1:
         line = line.lstrip("\ufeff")  # a byte-order mark from spreadsheets
       if not line.strip():
@@ -682,10 +675,10 @@ def _tsv_rows(path: str) -> Iterator[tuple[str, str]]:
                                                              "caption"]:
         continue
       if len(columns) < 2:
-        raise PrepareError(path, f"line {n}: one column, expected "
+        raise DataError.at(path, f"line {n}: one column, expected "
                            "image<TAB>caption")
       if not columns[0].strip():
-        raise PrepareError(path, f"line {n}: empty image path")
+        raise DataError.at(path, f"line {n}: empty image path")
       yield columns[0].strip(), columns[1]
 
 
@@ -693,17 +686,17 @@ def _parquet_rows(path: str) -> Iterator[tuple[str, str]]:
   try:
     import pyarrow.parquet as pq  # pylint: disable=g-import-not-at-top
   except ImportError:
-    raise PrepareError(path, "reading .parquet needs pyarrow (pip install "
+    raise DataError.at(path, "reading .parquet needs pyarrow (pip install "
                        "pyarrow), or convert it to TSV") from None
   try:
     table = pq.ParquetFile(path)
     names = table.schema_arrow.names
   except Exception as e:  # pylint: disable=broad-except
     # pyarrow raises ArrowInvalid, OSError, ... for a file that is not one.
-    raise PrepareError(path, f"not a parquet file ({_one_line(e)})") from None
+    raise DataError.at(path, f"not a parquet file ({_one_line(e)})") from None
   for column in ("image", "caption"):
     if column not in names:
-      raise PrepareError(path, f"no column {column!r} (columns: "
+      raise DataError.at(path, f"no column {column!r} (columns: "
                          f"{', '.join(names)})")
   row = 0
   try:
@@ -713,16 +706,16 @@ def _parquet_rows(path: str) -> Iterator[tuple[str, str]]:
                                 batch.column(1).to_pylist()):
         row += 1
         if not isinstance(image, str) or not image.strip():
-          raise PrepareError(path, f"row {row}: image is "
+          raise DataError.at(path, f"row {row}: image is "
                              f"{str(image)[:40]!r}, expected a file path")
         if caption is not None and not isinstance(caption, str):
-          raise PrepareError(path, f"row {row}: caption is "
+          raise DataError.at(path, f"row {row}: caption is "
                              f"{type(caption).__name__}, expected text")
         yield image.strip(), caption or ""
-  except PrepareError:
+  except DataError:
     raise
   except Exception as e:  # pylint: disable=broad-except
-    raise PrepareError(path, f"row {row + 1}: unreadable "
+    raise DataError.at(path, f"row {row + 1}: unreadable "
                        f"({_one_line(e)})") from None
 
 
@@ -740,11 +733,11 @@ def corpus_dirs(paths: Sequence[str]) -> list[str]:
       found = sorted(os.path.join(path, n) for n in os.listdir(path)
                      if records.is_corpus(os.path.join(path, n)))
       if not found:
-        raise PrepareError(path, "not a prepared corpus (no dataset_info."
+        raise DataError.at(path, "not a prepared corpus (no dataset_info."
                            "json) and holds none")
       out.extend(found)
     else:
-      raise PrepareError(path, "no such directory")
+      raise DataError.at(path, "no such directory")
   return out
 
 
@@ -761,7 +754,7 @@ def sample_captions(directories: Sequence[str], max_captions: int
     try:
       splits.append(records.CorpusSplit(d, "train"))
     except OSError as e:
-      raise PrepareError(d, f"cannot read its train split "
+      raise DataError.at(d, f"cannot read its train split "
                          f"({_one_line(e)})") from None
   sizes = np.asarray([s.num_pairs for s in splits], np.int64)
   total = int(sizes.sum())
@@ -792,12 +785,12 @@ def _tokenizer(args: argparse.Namespace) -> None:
   directories = corpus_dirs(args.corpora)
   texts = sample_captions(directories, args.max_captions)
   if not texts:
-    raise PrepareError(directories[0], "no train captions to learn from")
+    raise DataError.at(directories[0], "no train captions to learn from")
   try:
     path = tokenizer.train_tokenizer(texts, args.out, args.vocab_size)
     vocab = tokenizer.Tokenizer(path).vocab_size
   except (RuntimeError, ValueError) as e:  # sentencepiece's errors
-    raise PrepareError(args.out, f"training failed ({_one_line(e)})") from None
+    raise DataError.at(args.out, f"training failed ({_one_line(e)})") from None
   print(f"tokenizer: {vocab:,} pieces -> {path} (trained on {len(texts):,} "
         f"captions of {len(directories)} "
         f"{'corpus' if len(directories) == 1 else 'corpora'})")
@@ -902,10 +895,10 @@ _SOURCES: dict[str, Callable[[argparse.Namespace],
 
 def _prepare(args: argparse.Namespace) -> None:
   if records.is_corpus(args.out):  # before reading gigabytes of JSON
-    raise PrepareError(args.out, "already holds a prepared corpus; choose "
+    raise DataError.at(args.out, "already holds a prepared corpus; choose "
                        "another --out or delete it first")
   if os.path.exists(args.out) and not os.path.isdir(args.out):
-    raise PrepareError(args.out, "exists and is not a directory")
+    raise DataError.at(args.out, "exists and is not a directory")
   items, inputs = _SOURCES[args.source](args)
   summary = convert(items, args.out, args.name, inputs=inputs,
                     records_per_shard=args.records_per_shard,
@@ -925,7 +918,7 @@ def main(argv: Sequence[str] | None = None) -> int:
       _tokenizer(args)
     else:
       _prepare(args)
-  except PrepareError as e:
+  except DataError as e:
     print(f"eve_jax: error: {e}", file=sys.stderr)
     return 1
   except OSError as e:  # disk full, permissions: still one line

@@ -3,7 +3,8 @@
 Pretraining augmentation is the paper's: a random resized crop (area 0.5-1
 of the image, aspect ratio 3/4-4/3, bicubic) and a horizontal flip with
 probability 0.5; evaluation resizes the whole image. Pixels are then
-normalized with mean = std = 0.5 (`pipeline.normalize_image`).
+normalized with mean = std = 0.5 (`normalize_image`, which every image
+the model sees goes through: EVE-Shapes, corpora, downstream, inference).
 
 JPEGs are decoded at a reduced scale when the crop is much larger than the
 output (Pillow's `draft`, DCT scaling): a 640 px COCO photo cropped to 224
@@ -21,6 +22,11 @@ from PIL import Image
 CROP_SCALE = (0.5, 1.0)
 CROP_RATIO = (3 / 4, 4 / 3)
 
+
+
+def normalize_image(image: np.ndarray) -> np.ndarray:
+  """uint8 [..., 3] -> float32 in [-1, 1]: mean = std = 0.5 in [0, 1] units."""
+  return image.astype(np.float32) / 127.5 - 1.0
 
 def crop_box(width: int, height: int, rng: np.random.Generator,
              scale: tuple[float, float] = CROP_SCALE,

@@ -36,7 +36,7 @@ import numpy as np
 import optax
 
 from eve_jax.data import downstream, finetune_data, specs
-from eve_jax.data.corpora import DataError
+from eve_jax.data.errors import DataError
 from eve_jax.model.task_models import VQAModel
 from eve_jax.tasks import metrics as M
 from eve_jax.tasks.shape_only import WithoutData

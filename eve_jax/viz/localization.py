@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from eve_jax.data import pipeline, shapes
+from eve_jax.data import pipeline, shapes, transforms
 from eve_jax.tasks.pretrain import mlm_pass
 from eve_jax.viz import gradcam
 
@@ -61,7 +61,7 @@ def color_word_examples(tokenizer, *, seed: int, num: int, image_size: int,
       text = np.full((max_text_len,), tokenizer.pad_id, np.int32)
       text[:len(ids)] = ids
       rows.append(dict(
-          image=pipeline.normalize_image(ex.image), text_in=text,
+          image=transforms.normalize_image(ex.image), text_in=text,
           text_valid=np.arange(max_text_len) < len(ids), position=position,
           target=target, object_mask=ex.object_masks[k],
           any_object=ex.object_masks.any(0), num_objects=n,
@@ -100,7 +100,7 @@ def measure(model, tokenizer, *, seed: int = 0, num: int = 50,
                            image_size=cfg.image_size,
                            max_text_len=cfg.max_text_len,
                            min_objects=min_objects)
-  blank = pipeline.normalize_image(shapes.blank_image(cfg.image_size))
+  blank = transforms.normalize_image(shapes.blank_image(cfg.image_size))
   heat, _ = gradcam.mlm(model, ex["image"], ex["text_in"], ex["text_valid"],
                         ex["position"], ex["target"], blank=blank,
                         method=method, layer=layer, steps=steps)
