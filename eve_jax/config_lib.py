@@ -7,6 +7,8 @@ can be loaded from any working directory by path.
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
+import os
 
 import ml_collections
 
@@ -133,86 +135,63 @@ def get_pretrain_config(arg: str | None, default_variant: str
   return c
 
 
-# Paper appendix: peak learning rates (base, large), batch, resolution.
-_FINETUNE = {
-    "vqa": dict(lr=(3e-5, 3e-5), batch=128, image_size=480),
-    "nlvr2": dict(lr=(4e-5, 3e-5), batch=128, image_size=384),
-    "retrieval": dict(lr=(3.5e-5, 5e-5), batch=256, image_size=384),
-}
+def finetune_config(task: str, variant: str, *, lr: float, batch_size: int,
+                    image_size: int, max_text_len: int = 40
+                    ) -> ml_collections.ConfigDict:
+  """What every fine-tuning recipe shares; configs/{vqa,nlvr2,retrieval}.py
+  add their task's part (and hold the numbers).
 
-
-def finetune_config(task: str, arg: str | None) -> ml_collections.ConfigDict:
-  """configs/{vqa,nlvr2,retrieval}.py: the paper's fine-tuning recipe for
-  base / large (AdamW, wd 0.01, 10% warmup, cosine, 10 epochs), and `tiny`:
-  the tiny pretrained model on the EVE-Shapes version of the task."""
-  a = parse_arg(arg, variant="base")
-  recipe = _FINETUNE[task]
-  tiny = a.variant == "tiny"
+  The paper's appendix for base / large: AdamW (b2 0.999, weight decay
+  0.01, the heads at 10x lr), 10% warmup, cosine, 10 epochs, at `lr`,
+  `batch_size` and `image_size`. `tiny`: the configs/base.py:tiny model on
+  the EVE-Shapes version of the task (written into the workdir on first use,
+  eve_jax/data/shapes_tasks.py, unless data.dir is given) at its own image
+  size, lr 5e-4 with clipping, 3 epochs of 32.
+  """
+  tiny = variant == "tiny"
   c = ml_collections.ConfigDict()
   c.task = task
   c.seed = 0
   # A pretraining workdir or converted checkpoint (eve_jax/pretrained.py);
   # '' trains from scratch.
   c.init_from = ""
-  # tiny: its tokenizer knows only caption words, so question words split
-  # into letters: 24 tokens hold every EVE-Shapes question, 40 the NLVR2
-  # statements and nearly every retrieval caption.
   c.model = model_config(
-      a.variant, max_text_len=24 if tiny and task == "vqa" else 40,
-      image_size=VARIANTS[a.variant]["image_size"] if tiny
-      else recipe["image_size"])
+      variant, max_text_len=max_text_len,
+      image_size=VARIANTS[variant]["image_size"] if tiny else image_size)
   c.optim = ml_collections.ConfigDict(dict(
-      lr=recipe["lr"][a.variant == "large"], head_lr_mult=10.0,
-      warmup_frac=0.1, b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.01,
-      grad_clip_norm=0.0, end_lr_frac=0.0))
+      lr=lr, head_lr_mult=10.0, warmup_frac=0.1, b1=0.9, b2=0.999, eps=1e-8,
+      weight_decay=0.01, grad_clip_norm=0.0, end_lr_frac=0.0))
   c.train = ml_collections.ConfigDict(dict(
-      epochs=10, steps=0, batch_size=recipe["batch"], eval_batch_size=256,
+      epochs=10, steps=0, batch_size=batch_size, eval_batch_size=256,
       log_every=50, eval_every=0, checkpoint_every=1000,
       keep_checkpoints=2, **reliability_config()))
   c.data = ml_collections.ConfigDict(dict(
       dir="", image_dir="", tokenizer="", num_threads=8, shapes=False))
-  if task == "vqa":
-    c.data.update(dict(train_splits="train2014", eval_split="val2014",
-                       test_split="", vg_qa="", vg_image_dir=""))
-    # metric: the official script's answer processing, "vqa2021" (today's)
-    # or "vqa2016" (tasks/metrics.py, VQA_RULES).
-    c.vqa = ml_collections.ConfigDict(dict(min_answer_count=9,
-                                           metric="vqa2021"))
-  elif task == "nlvr2":
-    c.data.update(dict(train="train.json", eval="dev.json",
-                       test="test1.json"))
-    # The released EVE head (bi-attention, attention pooling over every
-    # token of both passes): on EVE-Shapes it learns reliably where the
-    # text-CLS head ("eve_jax") reached 0.54-0.75 on dev depending on the
-    # draw (README, "Fine-tuning").
-    c.model.nlvr2_head = "biattn"
-  else:
-    c.data.update(dict(karpathy="dataset_coco.json", image_root=""))
-    # ITC picks the top k candidates, ITM reranks them (paper: 128).
-    c.retrieval = ml_collections.ConfigDict(dict(k_test=128))
   c.mesh = sharding.mesh_config()
   c.axis_rules = sharding.rules_config()
   if tiny:
-    # EVE-Shapes versions of the task, written into the workdir on first
-    # use (eve_jax/data/shapes_tasks.py) unless data.dir is given.
     c.data.shapes = True
     c.data.num_threads = 2
     c.model.drop_path = 0.0
     c.optim.update(dict(lr=5e-4, grad_clip_norm=1.0))
     c.train.update(dict(epochs=3, batch_size=32, eval_batch_size=100,
                         log_every=20, checkpoint_every=500))
-    if task == "nlvr2":
-      # 3,000 pairs. With the released head at lr 3e-4 (x10 on the head)
-      # the pretrained start leaves log(2) by step 200; lr 1e-3 sat there
-      # for 600 steps (README, "Fine-tuning").
-      c.train.epochs = 10
-      c.optim.lr = 3e-4
-    if task == "retrieval":
-      c.train.epochs = 1  # 15,000 pairs, 5 passes each
-    if task == "vqa":
-      c.data.update(dict(train_splits="train2014", eval_split="val2014",
-                         test_split="test2015"))
-    elif task == "retrieval":
-      c.data.karpathy = "dataset_shapes.json"
-      c.retrieval.k_test = 16
   return c
+
+
+CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(
+    os.path.abspath(__file__))), "configs")
+
+
+def from_file(name: str, arg: str | None = None
+              ) -> ml_collections.ConfigDict:
+  """configs/NAME.py's `get_config(arg)`, as `--config=configs/NAME.py:ARG`
+  gives it (for tests and tools in a checkout)."""
+  path = os.path.join(CONFIG_DIR, f"{name}.py")
+  spec = importlib.util.spec_from_file_location(f"eve_jax_config_{name}",
+                                                path)
+  if spec is None or not os.path.isfile(path):
+    raise ValueError(f"no config file {path}")
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config(arg)

@@ -41,7 +41,7 @@ def v5p():
 
 def tiny(task="pretrain", **mesh):
   c = (config_lib.get_pretrain_config("tiny", default_variant="base")
-       if task == "pretrain" else config_lib.finetune_config(task, "tiny"))
+       if task == "pretrain" else config_lib.from_file(task, "tiny"))
   c.mesh.update(dict(data=-1, **mesh))
   return c
 

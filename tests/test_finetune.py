@@ -99,7 +99,7 @@ def test_match_loads_the_backbone_and_reports_the_rest():
 def test_heads_learn_at_head_lr_mult_times_the_backbone_rate():
   """Same gradients, first AdamW step (update = -lr * sign(g)): the head's
   step is exactly head_lr_mult x the backbone's."""
-  c = config_lib.finetune_config("vqa", "tiny").optim
+  c = config_lib.from_file("vqa", "tiny").optim
   c.update(dict(warmup_frac=0.0, weight_decay=0.0, head_lr_mult=10.0))
   tx, _ = finetune.make_optimizer(c, total_steps=100)
   params = {"backbone": {"kernel": jnp.ones((3,))},
@@ -142,7 +142,7 @@ def shapes_data(tmp_path_factory):
 
 
 def _finetune_config(task, pretrained_dir, shapes_data, **train_kw):
-  c = config_lib.finetune_config(task, "tiny")
+  c = config_lib.from_file(task, "tiny")
   c.model.update(MICRO)
   c.init_from = pretrained_dir
   c.data.dir = os.path.join(shapes_data, task)
@@ -263,7 +263,7 @@ def test_tiny_pretraining_transfers_to_every_task(tiny_workdir, tmp_path):
                             ("retrieval", "r_mean", 0.3)):
     got = {}
     for init in (pre, ""):
-      c = config_lib.finetune_config(task, "tiny")
+      c = config_lib.from_file(task, "tiny")
       c.init_from = init
       got[init] = finetune.run(c, str(tmp_path / f"{task}_{bool(init)}")
                                ).eval[key]

@@ -165,7 +165,7 @@ def test_vqa_answers_from_a_vqa_run(micro_workdir, tmp_path, capsys):
   from eve_jax.data import shapes_tasks  # pylint: disable=g-import-not-at-top
   data = str(tmp_path / "data")
   shapes_tasks.write_all(data, image_size=64, sizes=(96, 24, 24))
-  c = config_lib.finetune_config("vqa", "tiny")
+  c = config_lib.from_file("vqa", "tiny")
   c.model.update(dict(depth=1, num_soft_layers=1, decoder_depth=1))
   c.init_from = micro_workdir
   c.data.dir = os.path.join(data, "vqa")
