@@ -118,6 +118,13 @@ def _wait_all(procs, timeout):
         p.kill()
 
 
+def _wait_for_rows(workdir, rows, timeout=300):
+  """Until DIR/metrics.jsonl has `rows` lines (steps logged) or timeout."""
+  metrics = workdir / "metrics.jsonl"
+  _wait(lambda: metrics.exists()
+        and len(metrics.read_text().splitlines()) >= rows, timeout)
+
+
 @pytest.mark.slow  # ~1.5 min: two processes start, train, one hangs
 def test_a_hung_process_trips_the_watchdog_on_both(tmp_path):
   """Process 1 blocks before step 12 (the test hook): process 0 waits in
@@ -150,12 +157,7 @@ def test_a_killed_process_ends_the_other_within_the_heartbeat(tmp_path):
   workdir = tmp_path / "w"
   procs = _start(workdir, str(tmp_path / "out"))
   kill_at = random.Random().randint(12, 25)
-  metrics = workdir / "metrics.jsonl"
-  t0 = time.monotonic()
-  while time.monotonic() - t0 < 300:
-    if metrics.exists() and len(metrics.read_text().splitlines()) >= kill_at:
-      break
-    time.sleep(0.05)
+  _wait_for_rows(workdir, kill_at)
   procs[1].send_signal(signal.SIGKILL)
   killed = time.monotonic()
   codes = _wait_all(procs, 60)
@@ -242,12 +244,7 @@ def test_sigterm_to_one_process_stops_both_at_one_checkpoint(tmp_path):
   workdir = tmp_path / "w"
   procs = _start(workdir, str(tmp_path / "out"), steps=200)
   signal_at = random.Random().randint(12, 25)
-  metrics = workdir / "metrics.jsonl"
-  t0 = time.monotonic()
-  while time.monotonic() - t0 < 300:
-    if metrics.exists() and len(metrics.read_text().splitlines()) >= signal_at:
-      break
-    time.sleep(0.05)
+  _wait_for_rows(workdir, signal_at)
   procs[1].send_signal(signal.SIGTERM)
   codes = _wait_all(procs, 120)
   assert codes == [0, 0], (tmp_path / "out1.log").read_text()[-2000:]
