@@ -6,6 +6,10 @@ import sys
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# The compile-only TPU targets (tests/test_compile.py) load libtpu, which
+# takes a lock file: without this a second process on the machine (another
+# test session, `python -m eve_jax.compile`) makes those tests skip.
+os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
 
 import pytest  # noqa: E402
 
