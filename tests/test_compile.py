@@ -118,7 +118,7 @@ def test_report_keys_and_numbers(pretrain_reports):
   assert r["estimate_method"] == "xla_tpu_cost_model"
   assert r["cost_model_step_s"] > 0
   # The router's backward has no scatter-add for XLA:TPU to offload to the
-  # SparseCore (moe.route picks the gates by a one-hot mask; top_k's values
+  # SparseCore (router.route picks the gates by a one-hot mask; top_k's values
   # gave 8 offloads here).
   assert r["sparsecore_offloads"] == 0
   assert 0 < r["est_mfu"] < 1

@@ -1,4 +1,4 @@
-"""Tests for eve_jax.model.moe: routing by hand, dense float64 references."""
+"""moe, router and dispatch: routing by hand, float64 references."""
 
 import math
 
@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from eve_jax.model import moe
+from eve_jax.model import moe, router
 
 _ERF = np.vectorize(math.erf)
 
@@ -118,7 +118,7 @@ FFN_PARAMS = ("norm_scale", "norm_bias", "wi", "bi", "wo", "bo")
     (4, 2, 2, 4.0, 4),        # capped at S: no expert can get more
 ])
 def test_expert_capacity(s, e, k, cf, expected):
-  assert moe.expert_capacity(s, e, k, cf) == expected
+  assert router.expert_capacity(s, e, k, cf) == expected
 
 
 @pytest.mark.parametrize("s,expected", [
@@ -130,7 +130,7 @@ def test_expert_capacity(s, e, k, cf, expected):
 def test_expert_capacity_minimum(s, expected):
   """DeepSpeed's min_capacity (4 in the released EVE): max(ceil(2 S / E),
   4) slots, capped at S as always."""
-  assert moe.expert_capacity(s, 32, 2, 1.0, min_capacity=4) == expected
+  assert router.expert_capacity(s, 32, 2, 1.0, min_capacity=4) == expected
 
 
 @pytest.mark.parametrize("name", ["gelu", "quick_gelu"])
@@ -197,7 +197,7 @@ def test_route_by_hand(name):
   case = ROUTE_CASES[name]
   logits = jnp.log(jnp.asarray(case["probs"], jnp.float32))[None]
   valid = jnp.asarray(case["valid"], bool)[None]
-  d = moe.route(logits, valid, case["top_k"], case["capacity"])
+  d = router.route(logits, valid, case["top_k"], case["capacity"])
   dispatch, combine = _expected_dispatch(case)
   np.testing.assert_array_equal(np.asarray(d.dispatch), dispatch)
   np.testing.assert_allclose(np.asarray(d.combine), combine, atol=1e-6)
@@ -210,7 +210,7 @@ def test_moe_stats_by_hand(name):
   case = ROUTE_CASES[name]
   probs = np.asarray(case["probs"], np.float32)
   s, e = probs.shape
-  capacity = moe.expert_capacity(s, e, case["top_k"], case["cf"])
+  capacity = router.expert_capacity(s, e, case["top_k"], case["cf"])
   assert capacity == case["capacity"]
   layer = moe.ModalityMoE(e, 4, e, case["top_k"], capacity_factor=case["cf"],
                           rngs=nnx.Rngs(0))
@@ -231,7 +231,7 @@ def test_route_groups_are_independent():
   a, b = ROUTE_CASES["k2"], ROUTE_CASES["k2_pad"]
   logits = jnp.log(jnp.asarray([a["probs"], b["probs"]], jnp.float32))
   valid = jnp.asarray([a["valid"], b["valid"]], bool)
-  d = moe.route(logits, valid, 2, 2)
+  d = router.route(logits, valid, 2, 2)
   for g, case in enumerate((a, b)):
     dispatch, combine = _expected_dispatch(case)
     np.testing.assert_array_equal(np.asarray(d.dispatch[g]), dispatch[0])
@@ -255,7 +255,7 @@ def test_route_groups_are_independent():
      0.5),
 ])
 def test_load_balancing_loss_by_hand(probs, choice, valid, alpha, expected):
-  got = moe.load_balancing_loss(jnp.asarray(probs, jnp.float32)[None],
+  got = router.load_balancing_loss(jnp.asarray(probs, jnp.float32)[None],
                                 jnp.asarray(choice, jnp.int32)[None],
                                 jnp.asarray(valid, bool)[None], alpha)
   np.testing.assert_allclose(float(got), expected, rtol=1e-6)
@@ -265,8 +265,8 @@ def test_load_balancing_loss_by_hand(probs, choice, valid, alpha, expected):
 def test_load_balancing_loss_uniform_router_gives_alpha(e, k):
   logits = jnp.zeros((2, 5, e))
   valid = jnp.asarray([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]], bool)
-  d = moe.route(logits, valid, k, moe.expert_capacity(5, e, k, 1.0))
-  got = moe.load_balancing_loss(d.probs, d.expert_choice, valid, 0.001)
+  d = router.route(logits, valid, k, router.expert_capacity(5, e, k, 1.0))
+  got = router.load_balancing_loss(d.probs, d.expert_choice, valid, 0.001)
   np.testing.assert_allclose(float(got), 0.001, rtol=1e-6)
 
 
@@ -301,7 +301,7 @@ def test_moe_matches_dense_reference(e, k, cf, add, act):
   y, stats = jax.jit(lambda m, *a: m(*a))(layer, jnp.asarray(x),
                                           jnp.asarray(MODALITY, jnp.int32),
                                           jnp.asarray(VALID))
-  capacity = moe.expert_capacity(L, e, k, cf)
+  capacity = router.expert_capacity(L, e, k, cf)
   y_ref, aux, dropped, counts = moe_reference(
       np_params(layer, MOE_PARAMS), x, MODALITY, VALID, k, capacity, add, act)
   np.testing.assert_allclose(np.asarray(y), y_ref, rtol=1e-4, atol=1e-5)

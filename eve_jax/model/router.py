@@ -1,0 +1,155 @@
+"""The soft-router layer's router: which experts each token asks for, with
+what gate, and what capacity lets through (EVE eqs. 4-7, pure functions).
+
+`route` turns router logits into a `Dispatch` (choices, gates, kept
+mask); `expert_capacity` sizes the expert buffers; `load_balancing_loss`
+is eq. 7; `normalize_gates` is the released model's renormalization.
+`ModalityMoE` (moe.py) computes the logits (the modality-aware part) and
+runs the dispatch (dispatch.py) and the experts.
+
+Dimension legend (as in moe.py):
+  G groups, S group size, E experts, K top-k, C capacity.
+"""
+
+from __future__ import annotations
+
+import math
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+
+
+def expert_capacity(group_size: int, num_experts: int, top_k: int,
+                    capacity_factor: float, min_capacity: int = 1) -> int:
+  """Slots per expert per group: ceil(K * S * capacity_factor / E), at
+  least `min_capacity` (DeepSpeed's, 4 in the released EVE) and 1.
+
+  `capacity_factor <= 0` means no dropping: C = S. The result is also capped at
+  S, since the K choices of a token are distinct experts, so no expert can
+  receive more than S assignments from one group; a larger C is pure waste
+  (and drops nothing a larger minimum would keep).
+  """
+  if capacity_factor <= 0:
+    return group_size
+  c = math.ceil(top_k * group_size * capacity_factor / num_experts)
+  return max(1, min(max(c, min_capacity), group_size))
+
+
+@flax.struct.dataclass
+class Dispatch:
+  """Routing decision for G groups of S tokens.
+
+  Attributes:
+    dispatch: [G, S, E, C] bool, token s goes to slot c of expert e.
+    combine: [G, S, E, C] float32, the raw gate g(x)_e at the kept slots
+      (eq. 5, not renormalized over the top-k), 0 elsewhere.
+    probs: [G, S, E] float32 router probabilities.
+    expert_choice: [G, S, K] int32 top-K experts per token, best first.
+    kept: [G, S, K] bool, the choice is valid and fitted in its expert.
+    position: [G, S, K] int32 slot of each choice in its expert (meaningful
+      where `kept`).
+    gates: [G, S, K] float32 gate of each choice, 0 where not kept.
+
+  `dispatch`/`combine` are the dense one-hot form (the einsum dispatch);
+  `expert_choice`/`position`/`gates` the index form (the gather dispatch).
+  Inside jit, whichever form a layer does not use costs nothing (XLA drops
+  it).
+  """
+  dispatch: jax.Array
+  combine: jax.Array
+  probs: jax.Array
+  expert_choice: jax.Array
+  kept: jax.Array
+  position: jax.Array
+  gates: jax.Array
+
+
+def route(logits: jax.Array, valid: jax.Array, top_k: int,
+          capacity: int) -> Dispatch:
+  """Top-K routing with per-group expert capacity (GShard / vmoe priority).
+
+  Assignments take slots in priority order: every token's top-1 choice in
+  token order, then every token's top-2 choice, and so on; an assignment
+  whose position in its expert is >= `capacity` is dropped. Padding tokens
+  (`valid == False`) are never routed and take no slot.
+
+  Args:
+    logits: [G, S, E] router logits (softmax is taken in float32).
+    valid: [G, S] bool, False for padding tokens.
+    top_k: K, experts per token.
+    capacity: C, slots per expert per group (see `expert_capacity`).
+
+  Returns:
+    A `Dispatch`.
+  """
+  num_experts = logits.shape[-1]
+  probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
+  _, choice = jax.lax.top_k(jax.lax.stop_gradient(probs), top_k)  # [G, S, K]
+  choice_1h = jax.nn.one_hot(choice, num_experts, dtype=jnp.float32)
+  # The chosen probabilities picked by a one-hot mask, not top_k's values:
+  # the same numbers, but the gradient is a dense multiply instead of a
+  # scatter-add into [G, S, E] (which XLA:TPU offloads to the SparseCore,
+  # 8 per EVE-Base step). Multiply and sum, not a dot: a float32 dot runs
+  # at reduced precision on TPU by default.
+  gates = jnp.sum(choice_1h * probs[:, :, None, :], axis=-1)
+  valid = valid.astype(bool)
+  # [G, S, K, E]: which expert each valid (token, choice) asks for.
+  wants = choice_1h.astype(jnp.int32)
+  wants = wants * valid[:, :, None, None].astype(jnp.int32)
+  # Priority order = choice-major, token-minor: cumsum over (K, S) flattened.
+  g, s = valid.shape
+  by_priority = jnp.swapaxes(wants, 1, 2).reshape(g, top_k * s, num_experts)
+  position = jnp.cumsum(by_priority, axis=1) - 1
+  position = jnp.swapaxes(position.reshape(g, top_k, s, num_experts), 1, 2)
+  position = jnp.sum(position * wants, axis=-1)  # [G, S, K]
+  kept = valid[:, :, None] & (position < capacity)
+  # one_hot of an out-of-range position is all zeros, but mask anyway.
+  slot = jax.nn.one_hot(position, capacity, dtype=jnp.float32)
+  slot = slot * kept[..., None].astype(jnp.float32)  # [G, S, K, C]
+  wants_f = wants.astype(jnp.float32)
+  dispatch = jnp.einsum("GSKE,GSKC->GSEC", wants_f, slot)
+  combine = jnp.einsum("GSKE,GSKC->GSEC", wants_f, slot * gates[..., None])
+  return Dispatch(dispatch=dispatch > 0, combine=combine, probs=probs,
+                  expert_choice=choice.astype(jnp.int32), kept=kept,
+                  position=position.astype(jnp.int32),
+                  gates=jnp.where(kept, gates, 0.0))
+
+
+def normalize_gates(d: Dispatch) -> Dispatch:
+  """Each token's kept gates divided by their sum (DeepSpeed's top2gating,
+  what the released EVE soft-router layers compute): a token whose choices
+  were all dropped keeps zeros; one with a choice dropped gives the other
+  all the weight."""
+  total = jnp.sum(d.gates, axis=-1)  # [G, S]
+  # DeepSpeed clamps the denominator at float32 eps the same way.
+  inv = 1.0 / jnp.maximum(total, jnp.finfo(jnp.float32).eps)
+  return d.replace(gates=d.gates * inv[..., None],
+                   combine=d.combine * inv[..., None, None])
+
+
+def load_balancing_loss(probs: jax.Array, expert_choice: jax.Array,
+                        valid: jax.Array, alpha: float) -> jax.Array:
+  """Eq. 7: alpha * E * sum_i f_i p_i over the valid tokens of all groups.
+
+  p_i is the mean router probability of expert i, f_i the fraction of the
+  top-K choices (before capacity dropping) that go to expert i, so that
+  sum_i f_i = 1 and uniform routing gives exactly alpha.
+
+  Args:
+    probs: [G, S, E] router probabilities.
+    expert_choice: [G, S, K] int top-K experts.
+    valid: [G, S] bool, False for padding tokens.
+    alpha: loss weight.
+
+  Returns:
+    A float32 scalar.
+  """
+  num_experts = probs.shape[-1]
+  w = valid.astype(jnp.float32)
+  n_tokens = jnp.maximum(jnp.sum(w), 1.0)
+  p = jnp.einsum("GSE,GS->E", probs.astype(jnp.float32), w) / n_tokens
+  chosen = jax.nn.one_hot(expert_choice, num_experts, dtype=jnp.float32)
+  counts = jnp.einsum("GSKE,GS->E", chosen, w)
+  f = counts / jnp.maximum(jnp.sum(counts), 1.0)
+  return alpha * num_experts * jnp.sum(f * p)
