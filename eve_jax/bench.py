@@ -155,7 +155,7 @@ class Runner:
 
   def summary(self) -> dict:
     import jax  # pylint: disable=g-import-not-at-top
-    from eve_jax import train  # pylint: disable=g-import-not-at-top
+    from eve_jax.program import xla_flops  # pylint: disable=g-import-not-at-top
     from eve_jax.flops import train_flops_per_sample  # pylint: disable=g-import-not-at-top
     step_s = statistics.median(self.times)
     flops = train_flops_per_sample(
@@ -175,7 +175,7 @@ class Runner:
         "step_s_min": min(self.times),
         "samples_per_s": self.batch_size / step_s,
         "flops_per_sample_analytic": flops["total"],
-        "flops_per_sample_xla": (train._xla_flops(self.compiled)
+        "flops_per_sample_xla": (xla_flops(self.compiled)
                                  * self.mesh.size / self.batch_size),
         "compile_s": self.compile_s,
         "peak_memory_bytes": peak_mem,

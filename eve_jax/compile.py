@@ -4,8 +4,8 @@ r"""Compile the training step for a TPU slice or GPU nodes, from this machine.
       [--num_slices=N] [--config.mesh.expert=8 --config.train.batch_size=...] \
       [--json] [--hlo_out=step.hlo] [--depth=4,6] [--search]
 
-Builds exactly the step the trainer would run (train.build_program /
-finetune.build_program: same shardings, donated state) over compile-only
+Builds exactly the step the trainer would run (trainer.build_program for
+the config's task: same shardings, donated state) over compile-only
 devices (eve_jax/aot/targets.py), compiles it, and reports per device:
 memory against HBM and the margin, whether it fits (the compiler's
 out-of-memory is a result: exit code 3), compile seconds, XLA's FLOPs

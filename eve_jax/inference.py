@@ -88,9 +88,12 @@ def read_answers(directory: str, config: dict[str, Any], tokenizer,
     with open(path) as f:
       return list(json.load(f))
   import ml_collections  # pylint: disable=g-import-not-at-top
+  from eve_jax.finetune import shapes_tasks_dir  # pylint: disable=g-import-not-at-top
+  c = ml_collections.ConfigDict(config)
+  data_dir = c.data.dir or (shapes_tasks_dir(c, directory)
+                            if c.data.get("shapes", False) else "")
   try:
-    return list(vqa.VQATask(ml_collections.ConfigDict(config), tokenizer,
-                            model_cfg).vocab)
+    return list(vqa.VQATask(c, tokenizer, model_cfg, data_dir=data_dir).vocab)
   except (OSError, ValueError) as e:
     raise InputError(f"{directory} has no {vqa.ANSWERS_FILE} and its "
                      f"training data cannot be read to rebuild it: "
@@ -98,14 +101,9 @@ def read_answers(directory: str, config: dict[str, Any], tokenizer,
 
 
 def _build(kind: str, cfg: ModelConfig, answers, rngs):
-  from eve_jax.model import heads, task_models  # pylint: disable=g-import-not-at-top
-  if kind == "pretrain":
-    return heads.EVEPretrainModel(cfg, rngs=rngs)
-  if kind == "vqa":
-    return task_models.VQAModel(cfg, len(answers), rngs=rngs)
-  if kind == "retrieval":
-    return task_models.RetrievalModel(cfg, rngs=rngs)
-  return task_models.NLVR2Model(cfg, rngs=rngs)
+  from eve_jax.tasks import registry  # pylint: disable=g-import-not-at-top
+  return registry.get(kind).inference_model(
+      cfg, rngs, **({"num_answers": len(answers)} if answers else {}))
 
 
 def _nest(flat: dict[tuple, np.ndarray]) -> dict:

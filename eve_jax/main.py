@@ -76,16 +76,19 @@ def main(argv) -> None:
   if not _WORKDIR.value:
     raise app.UsageError("--workdir is required")
   # Imported here so that `--help` and flag errors do not pay for JAX.
-  from eve_jax import finetune, sharding, train  # pylint: disable=g-import-not-at-top
-  tasks = {"pretrain": train.run, "vqa": finetune.run, "nlvr2": finetune.run,
-           "retrieval": finetune.run}
-  if config.task not in tasks:
-    _fail(f"config.task={config.task!r} is not one of {sorted(tasks)}")
-  import jax  # pylint: disable=g-import-not-at-top
+  # pylint: disable=g-import-not-at-top
+  from eve_jax import sharding, trainer
+  from eve_jax.tasks import registry
+  try:
+    registry.get(config.task)
+  except ValueError as e:
+    _fail(str(e))
+  import jax
+  # pylint: enable=g-import-not-at-top
   try:
     init_distributed()
     mesh = sharding.make_mesh(config.mesh)
-    tasks[config.task](config, _WORKDIR.value, mesh)
+    trainer.run(config, _WORKDIR.value, mesh)
   except (ValueError, FileNotFoundError, KeyError) as e:
     logging.debug("%s", traceback.format_exc())
     _fail(str(e).strip().splitlines()[0] if str(e).strip() else repr(e))

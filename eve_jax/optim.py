@@ -52,3 +52,32 @@ def make_optimizer(optim_cfg: Any, total_steps: int
                            weight_decay=optim_cfg.weight_decay,
                            mask=decay_mask))
   return optax.chain(*parts), schedule
+
+
+def finetune_optimizer(optim_cfg: Any, total_steps: int
+                       ) -> tuple[optax.GradientTransformation,
+                                  optax.Schedule]:
+  """Fine-tuning's AdamW: warmup over the first `warmup_frac` of the steps,
+  then cosine; everything outside `backbone` (the new heads) at
+  `head_lr_mult` x the backbone's learning rate."""
+  warmup = int(round(optim_cfg.warmup_frac * total_steps))
+  schedule = make_schedule(optim_cfg.lr, warmup, total_steps,
+                           optim_cfg.end_lr_frac)
+
+  def adamw(scale):
+    return optax.adamw(lambda s: scale * schedule(s), b1=optim_cfg.b1,
+                       b2=optim_cfg.b2, eps=optim_cfg.eps,
+                       weight_decay=optim_cfg.weight_decay, mask=decay_mask)
+
+  def labels(params):
+    return jax.tree_util.tree_map_with_path(
+        lambda p, _: "backbone" if getattr(p[0], "key", None) == "backbone"
+        else "head", params)
+
+  parts = []
+  if optim_cfg.grad_clip_norm:
+    parts.append(optax.clip_by_global_norm(optim_cfg.grad_clip_norm))
+  parts.append(optax.multi_transform(
+      {"backbone": adamw(1.0), "head": adamw(optim_cfg.head_lr_mult)},
+      labels))
+  return optax.chain(*parts), schedule

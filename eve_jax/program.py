@@ -1,9 +1,8 @@
 """The compiled training step of any task, built from shapes alone.
 
 shapes -> shardings -> jitted init (each device makes only its shards) ->
-jitted step with the state donated. Pretraining (`train.build_program`),
-fine-tuning (`finetune.build_program`) and `python -m eve_jax.compile` all
-build their step here, so the program a compile report describes is the
+jitted step with the state donated. The trainer (`trainer.build_program`,
+for every task) and `python -m eve_jax.compile` build their step here, so the program a compile report describes is the
 one the trainer runs.
 
 Nothing here runs an eager op: random keys are made inside the traced

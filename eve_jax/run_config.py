@@ -50,6 +50,13 @@ def _flat(tree: Any, prefix: str = "") -> dict[str, Any]:
   return {prefix[:-1]: tree}
 
 
+def _set(tree: dict[str, Any], key: str, value: Any) -> None:
+  *parents, last = key.split(".")
+  for k in parents:
+    tree = tree.setdefault(k, {})
+  tree[last] = value
+
+
 def _free(key: str) -> bool:
   return any(key == f or (f.endswith(".") and key.startswith(f))
              for f in FREE)
@@ -70,7 +77,8 @@ def as_dict(config: ml_collections.ConfigDict) -> dict[str, Any]:
 
 
 def check(config: ml_collections.ConfigDict, workdir: str,
-          step: int | None) -> list[str]:
+          step: int | None, resolved: dict[str, Any] | None = None
+          ) -> list[str]:
   """Compares `config` with DIR/config.json of the run being resumed.
 
   Every process calls it, so all refuse together; nothing is written.
@@ -80,6 +88,10 @@ def check(config: ml_collections.ConfigDict, workdir: str,
     workdir: the run directory.
     step: the checkpoint step being resumed (None: a fresh start, where an
       existing config.json is simply replaced).
+    resolved: {dotted key: value} the task resolved from an empty config
+      value (`Task.resolved_config`); a saved config that recorded the
+      resolved value instead (runs from before config.json kept the value
+      as given) matches.
 
   Returns:
     The keys that changed in what is trained (allowed by
@@ -97,7 +109,12 @@ def check(config: ml_collections.ConfigDict, workdir: str,
   except (OSError, ValueError) as e:
     raise ConfigChangeError(f"cannot read {path} of the run being resumed: "
                             f"{e}") from None
-  diff = changes(saved, as_dict(config))
+  new = as_dict(config)
+  saved_flat = _flat(saved)
+  for key, value in (resolved or {}).items():
+    if saved_flat.get(key) == value:
+      _set(new, key, value)
+  diff = changes(saved, new)
   for k, old, cur in diff:
     if k in LENGTH:
       logging.warning("%s changed %r -> %r on resume at step %d: the "

@@ -21,7 +21,7 @@ def micro_workdir(tmp_path_factory):
   what the viz and predict tests load. Its weights are barely trained:
   tests on it check plumbing, not quality."""
   import jax  # pylint: disable=g-import-not-at-top
-  from eve_jax import config_lib, sharding, train  # pylint: disable=g-import-not-at-top
+  from eve_jax import config_lib, sharding, trainer  # pylint: disable=g-import-not-at-top
   c = config_lib.get_pretrain_config("tiny", default_variant="base")
   c.objectives = "mlm,mim,itc"
   c.model.update(dict(depth=1, num_soft_layers=1, decoder_depth=1))
@@ -31,7 +31,7 @@ def micro_workdir(tmp_path_factory):
                       eval_batch_size=8))
   c.mesh.data = 1  # one device: compiles in half the time of 8 fake ones
   d = str(tmp_path_factory.mktemp("micro_pretrain"))
-  train.run(c, d, sharding.make_mesh(c.mesh, devices=jax.devices()[:1]))
+  trainer.run(c, d, sharding.make_mesh(c.mesh, devices=jax.devices()[:1]))
   return d
 
 

@@ -27,14 +27,14 @@ def driver(argv):
   import numpy as np  # pylint: disable=g-import-not-at-top
   from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
 
-  from eve_jax import sharding, train  # pylint: disable=g-import-not-at-top
+  from eve_jax import sharding, trainer  # pylint: disable=g-import-not-at-top
   from eve_jax.data import sources  # pylint: disable=g-import-not-at-top
   from eve_jax.data.tokenizer import Tokenizer  # pylint: disable=g-import-not-at-top
   from eve_jax.model.variants import ModelConfig  # pylint: disable=g-import-not-at-top
 
   config = FLAGS.config
   mesh = sharding.make_mesh(config.mesh)
-  result = train.run(config, FLAGS.workdir, mesh)
+  result = trainer.run(config, FLAGS.workdir, mesh)
   params = multihost_utils.process_allgather(result.state.params, tiled=True)
   flat = {jax.tree_util.keystr(k): np.asarray(v) for k, v in
           jax.tree_util.tree_leaves_with_path(params)}

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from eve_jax import config_lib, train
+from eve_jax import config_lib, trainer
 from eve_jax.data import corpora, records, shapes, transforms
 from eve_jax.data.tokenizer import shapes_tokenizer
 
@@ -237,7 +237,7 @@ def test_tiny_pretrains_on_a_prepared_corpus_and_resumes_exactly(root,
   stopped after its step-3 checkpoint and resumed logs bitwise the losses
   of the run that never stopped."""
   a, b = str(tmp_path / "a"), str(tmp_path / "b")
-  ev = train.run(_tiny_on(root), a).eval
+  ev = trainer.run(_tiny_on(root), a).eval
   assert ev["num_masked_tokens"] > 0 and "mlm_acc_blank" in ev
   assert "mlm_acc_visual" not in ev  # real corpora have no such word list
   rows = _rows(a)
@@ -250,7 +250,7 @@ def test_tiny_pretrains_on_a_prepared_corpus_and_resumes_exactly(root,
   shutil.rmtree(os.path.join(b, "checkpoints", "6"))
   with open(os.path.join(b, "metrics.jsonl"), "w") as f:
     f.writelines(json.dumps(r) + "\n" for r in rows[:3])
-  train.run(_tiny_on(root), b)
+  trainer.run(_tiny_on(root), b)
   rows_b = _rows(b)
   assert [r["step"] for r in rows_b] == [1, 2, 3, 4, 5, 6]
   for ra, rb in zip(rows[3:], rows_b[3:]):
@@ -272,7 +272,7 @@ def test_tiny_pretrains_on_a_prepared_corpus_and_resumes_exactly(root,
   c = _tiny_on(cut)
   c.train.steps = 8
   with pytest.raises(corpora.DataError, match="00000-of-.* cannot be read"):
-    train.run(c, b)
+    trainer.run(c, b)
   assert snapshot(b) == before
 
 

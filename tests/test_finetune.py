@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from eve_jax import config_lib, finetune, pretrained, train
+from eve_jax import config_lib, optim, pretrained, trainer
 from eve_jax.model import eve
 from eve_jax.model.heads import EVEPretrainModel
 from eve_jax.model.task_models import VQAModel
@@ -101,7 +101,7 @@ def test_heads_learn_at_head_lr_mult_times_the_backbone_rate():
   step is exactly head_lr_mult x the backbone's."""
   c = config_lib.from_file("vqa", "tiny").optim
   c.update(dict(warmup_frac=0.0, weight_decay=0.0, head_lr_mult=10.0))
-  tx, _ = finetune.make_optimizer(c, total_steps=100)
+  tx, _ = optim.finetune_optimizer(c, total_steps=100)
   params = {"backbone": {"kernel": jnp.ones((3,))},
             "vqa_head": {"kernel": jnp.ones((3,))}}
   grads = jax.tree.map(lambda x: 0.5 * x, params)
@@ -122,7 +122,7 @@ def _pretrain(workdir):
   c.train.update(dict(steps=3, batch_size=8, log_every=1, eval_every=0,
                       checkpoint_every=3, eval_examples=8,
                       eval_batch_size=8))
-  train.run(c, workdir)
+  trainer.run(c, workdir)
 
 
 @pytest.fixture(scope="module")
@@ -175,7 +175,7 @@ def test_each_task_fine_tunes_from_a_pretraining_run(task, keys,
   wd = str(tmp_path / task)
   cfg = _finetune_config(task, pretrained_dir, shapes_data, steps=1)
   cfg.optim.lr = 0.0
-  out = finetune.run(cfg, wd)
+  out = trainer.run(cfg, wd)
   with open(os.path.join(wd, "init_report.json")) as f:
     report = json.load(f)
   assert report["loaded"] and not any(p.startswith("backbone")
@@ -199,14 +199,14 @@ def test_fine_tuning_resumes_bitwise(pretrained_dir, shapes_data, tmp_path):
   cfg = _finetune_config("nlvr2", pretrained_dir, shapes_data)
   cfg.data.eval = ""  # no evaluation: this test is about the steps
   cfg.data.test = ""
-  finetune.run(cfg, a)
+  trainer.run(cfg, a)
   rows = _rows(a)
   assert [r["step"] for r in rows] == [1, 2, 3, 4]
   shutil.copytree(a, b)
   shutil.rmtree(os.path.join(b, "checkpoints", "4"))
   with open(os.path.join(b, "metrics.jsonl"), "w") as f:
     f.writelines(json.dumps(r) + "\n" for r in rows[:2])
-  finetune.run(cfg, b)
+  trainer.run(cfg, b)
   rows_b = _rows(b)
   assert [r["step"] for r in rows_b] == [1, 2, 3, 4]
   for ra, rb in zip(rows[2:], rows_b[2:]):
@@ -244,7 +244,7 @@ def test_a_checkpoint_of_another_width_is_one_line(pretrained_dir,
   cfg = _finetune_config("vqa", pretrained_dir, shapes_data)
   cfg.model.update(dict(width=64, heads=2))
   with pytest.raises(pretrained.InitError, match="in the checkpoint but"):
-    finetune.run(cfg, str(tmp_path / "w"))
+    trainer.run(cfg, str(tmp_path / "w"))
 
 
 # --- transfer (slow: about 30 minutes on 2 cores) ----------------------------
@@ -265,6 +265,6 @@ def test_tiny_pretraining_transfers_to_every_task(tiny_workdir, tmp_path):
     for init in (pre, ""):
       c = config_lib.from_file(task, "tiny")
       c.init_from = init
-      got[init] = finetune.run(c, str(tmp_path / f"{task}_{bool(init)}")
+      got[init] = trainer.run(c, str(tmp_path / f"{task}_{bool(init)}")
                                ).eval[key]
     assert got[pre] >= got[""] + margin, (task, got)

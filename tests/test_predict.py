@@ -161,7 +161,7 @@ def test_vqa_answers_from_a_vqa_run(micro_workdir, tmp_path, capsys):
   """A 1-step VQA fine-tuning of the micro run: answers.json is written
   and `predict vqa` scores every answer of it; a pretraining run is the
   wrong kind for vqa and a VQA run for fill."""
-  from eve_jax import config_lib, finetune  # pylint: disable=g-import-not-at-top
+  from eve_jax import config_lib, trainer  # pylint: disable=g-import-not-at-top
   from eve_jax.data import shapes_tasks  # pylint: disable=g-import-not-at-top
   data = str(tmp_path / "data")
   shapes_tasks.write_all(data, image_size=64, sizes=(96, 24, 24))
@@ -173,7 +173,7 @@ def test_vqa_answers_from_a_vqa_run(micro_workdir, tmp_path, capsys):
   c.train.update(dict(steps=1, batch_size=8, eval_batch_size=8,
                       log_every=1, checkpoint_every=1))
   wd = str(tmp_path / "vqa")
-  finetune.run(c, wd)
+  trainer.run(c, wd)
   with open(os.path.join(wd, "answers.json")) as f:
     answers = json.load(f)
   assert "yes" in answers and len(answers) == len(set(answers))

@@ -16,7 +16,7 @@ import time
 import numpy as np
 import pytest
 
-from eve_jax import loop, run_config, train
+from eve_jax import loop, run_config, trainer
 from eve_jax.data import sources
 from test_train import (REPO, _flatten, micro_config, read_jsonl,
                         restore_params)
@@ -73,7 +73,7 @@ def test_nonfinite_steps_are_skipped_counted_and_stop_the_run(
   c = micro_config(steps=10, checkpoint_every=1, keep_checkpoints=20,
                    max_bad_steps=2)
   with pytest.raises(loop.NonFiniteError) as err:
-    train.run(c, wd)
+    trainer.run(c, wd)
   msg = str(err.value)
   assert "\n" not in msg
   assert "not finite for 2 steps in a row (steps 6-7" in msg, msg
@@ -101,7 +101,7 @@ def test_nonfinite_steps_are_skipped_counted_and_stop_the_run(
 def finished(tmp_path_factory):
   """A micro run stopped at its step-2 checkpoint."""
   wd = str(tmp_path_factory.mktemp("finished") / "w")
-  train.run(micro_config(steps=2, checkpoint_every=1), wd)
+  trainer.run(micro_config(steps=2, checkpoint_every=1), wd)
   return wd
 
 
@@ -118,7 +118,7 @@ def test_another_config_is_refused_and_nothing_is_touched(finished, tmp_path):
   with pytest.raises(run_config.ConfigChangeError,
                      match=r"another config \(optim.lr: 0.001 -> 0.002\); "
                      ".*allow_config_change=True") as err:
-    train.run(c, wd)
+    trainer.run(c, wd)
   assert "\n" not in str(err.value)
   assert snapshot(wd) == before
 
@@ -129,7 +129,7 @@ def test_another_config_is_refused_and_nothing_is_touched(finished, tmp_path):
   with pytest.raises(ValueError, match=r"does not match this model config: "
                      r"params\.backbone\.\S+ is \[128, \d+(, \d+)*\] in the "
                      r"checkpoint but \[64") as err:
-    train.run(c, wd)
+    trainer.run(c, wd)
   assert "\n" not in str(err.value)
   assert snapshot(wd) == before
 
@@ -138,7 +138,7 @@ def test_another_config_is_refused_and_nothing_is_touched(finished, tmp_path):
     f.write(b"not a sentencepiece model")
   with pytest.raises(ValueError, match="corrupt tokenizer model .*"
                      "tokenizer.model") as err:
-    train.run(micro_config(steps=3, checkpoint_every=1), wd)
+    trainer.run(micro_config(steps=3, checkpoint_every=1), wd)
   assert "\n" not in str(err.value)
   assert snapshot(wd, skip=("tokenizer.model",)) == {
       k: v for k, v in before.items() if k != "tokenizer.model"}
@@ -148,7 +148,7 @@ def test_an_allowed_config_change_keeps_the_old_config(finished, tmp_path):
   wd, _ = _copy(finished, tmp_path)
   c = micro_config(steps=3, checkpoint_every=1, allow_config_change=True)
   c.optim.lr = 2e-3
-  train.run(c, wd)
+  trainer.run(c, wd)
   assert [r["step"] for r in read_jsonl(f"{wd}/metrics.jsonl")] == [1, 2, 3]
   for name, lr in (("config.step2.json", 1e-3), ("config.json", 2e-3)):
     with open(os.path.join(wd, name)) as f:

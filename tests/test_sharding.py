@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from eve_jax import config_lib, sharding, train
+from eve_jax import config_lib, program, sharding, train, trainer
 from eve_jax.checkpoint import Checkpointer
 from eve_jax.data.tokenizer import Tokenizer
 from eve_jax.model import eve
@@ -269,7 +269,7 @@ def test_expert_parallel_step_uses_all_to_all_not_weight_gathers(
 def test_step_flops_do_not_grow_with_the_mesh(compiled_steps):
   """XLA's per-device FLOPs x devices stays close to the single-device count:
   the mesh splits the work instead of repeating it."""
-  flops = {k: train._xla_flops(c) * mesh.size
+  flops = {k: program.xla_flops(c) * mesh.size
            for k, (c, _, mesh) in compiled_steps.items()}
   base = flops[()]
   for v in flops.values():
@@ -285,7 +285,7 @@ def _losses(workdir):
 
 
 def _train(config, workdir, mesh=None):
-  return train.run(config, str(workdir), mesh)
+  return trainer.run(config, str(workdir), mesh)
 
 
 MESHES = (dict(data=2, expert=4), dict(data=2, fsdp=2, tensor=2))

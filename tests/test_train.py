@@ -11,7 +11,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from eve_jax import config_lib, sharding, train
+from eve_jax import config_lib, sharding, trainer
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -41,7 +41,7 @@ def restore_params(workdir, step):
 
 def test_outputs_and_bitwise_resume(tmp_path):
   a, b = str(tmp_path / "a"), str(tmp_path / "b")
-  ev = train.run(micro_config(), a).eval
+  ev = trainer.run(micro_config(), a).eval
   for name in ("config.json", "metrics.jsonl", "eval.json", "tokenizer.model",
                "checkpoints", "tensorboard"):
     assert os.path.exists(os.path.join(a, name)), name
@@ -61,7 +61,7 @@ def test_outputs_and_bitwise_resume(tmp_path):
   shutil.rmtree(os.path.join(b, "checkpoints", "6"))
   with open(os.path.join(b, "metrics.jsonl"), "w") as f:
     f.writelines(json.dumps(r) + "\n" for r in rows[:3])
-  train.run(micro_config(), b)
+  trainer.run(micro_config(), b)
   rows_b = read_jsonl(os.path.join(b, "metrics.jsonl"))
   assert [r["step"] for r in rows_b] == [1, 2, 3, 4, 5, 6]
   for ra, rb in zip(rows[3:], rows_b[3:]):
@@ -74,7 +74,7 @@ def test_outputs_and_bitwise_resume(tmp_path):
   for k in flat_a:
     np.testing.assert_array_equal(flat_a[k], flat_b[k], err_msg=k)
   # And a run that is already finished does nothing.
-  train.run(micro_config(), b)
+  trainer.run(micro_config(), b)
   assert len(read_jsonl(os.path.join(b, "metrics.jsonl"))) == 6
 
 
@@ -157,7 +157,7 @@ def test_base_variant_one_step(tmp_path):
   c = micro_config(steps=1, batch_size=2, eval_examples=2, eval_batch_size=2)
   c.model = config_lib.model_config("base", vocab_size=64, max_text_len=18)
   c.mesh.data = 1  # one device: batch 2 does not split 8 ways
-  train.run(c, str(tmp_path),
+  trainer.run(c, str(tmp_path),
             sharding.make_mesh(c.mesh, devices=jax.devices()[:1]))
   run = read_jsonl(os.path.join(tmp_path, "run.jsonl"))[0]
   from test_model import expected_counts  # pylint: disable=g-import-not-at-top

@@ -142,11 +142,11 @@ def test_each_evaluation_writes_viz_and_routing(micro_workdir):
 @pytest.mark.slow
 def test_viz_switch_off_writes_no_pictures(tmp_path):
   from test_train import micro_config  # pylint: disable=g-import-not-at-top
-  from eve_jax import train  # pylint: disable=g-import-not-at-top
+  from eve_jax import trainer  # pylint: disable=g-import-not-at-top
   c = micro_config(steps=1, eval_every=1, checkpoint_every=0)
   c.model.update(dict(depth=1, num_soft_layers=1))
   c.train.viz = False
-  ev = train.run(c, str(tmp_path)).eval
+  ev = trainer.run(c, str(tmp_path)).eval
   assert not os.path.exists(tmp_path / "viz")
   assert "routing/layer0/image/expert0" in ev  # the numbers still are
 

@@ -1,8 +1,8 @@
 """The trainer's own training step, built for a target's devices.
 
-Pretraining builds `train.build_program`, fine-tuning
-`finetune.build_program`: the same shapes, shardings, donation and jitted
-step a run compiles at its start, here over compile-only devices and with
+The task the config names (eve_jax/tasks/registry.py), made with
+`for_compile`, and `trainer.build_program`: the same shapes, shardings,
+donation and jitted step a run compiles at its start, here over compile-only devices and with
 no data, tokenizer file or checkpoint on the machine. What the step's
 program depends on is only shapes: the vocabulary size (a stand-in
 tokenizer gives it) and, for VQA, the number of answers.
@@ -18,9 +18,9 @@ import jax
 import ml_collections
 import numpy as np
 
-from eve_jax import flops as flops_lib
 from eve_jax import sharding
 from eve_jax.model.variants import ModelConfig
+from eve_jax.tasks import registry
 
 
 class VocabOnly:
@@ -71,36 +71,18 @@ def lower_step(config: ml_collections.ConfigDict, devices,
   """Lowers `config`'s training step for `devices` (a mesh from
   config.mesh over them). Raises ValueError (one line) for a mesh, batch
   or expert count that does not divide."""
-  # pylint: disable=g-import-not-at-top
-  from eve_jax import finetune, train
+  from eve_jax import trainer  # pylint: disable=g-import-not-at-top
   mesh = sharding.make_mesh(config.mesh, devices)
   rules = sharding.parse_rules(config.axis_rules)
   sharding.check_batch("train.batch_size", config.train.batch_size, mesh,
                        rules)
   tokenizer = VocabOnly(vocab_size or vocab_size_of(config))
   t0 = time.perf_counter()
-  if config.task == "pretrain":
-    prog = train.build_program(config, tokenizer, mesh, rules)
-    model_cfg, step = prog.model_cfg, prog.train
-    flops = flops_lib.train_flops_per_sample(
-        model_cfg, train.parse_objectives(config.objectives),
-        config.masking.image_mask_ratio,
-        batch_size=config.train.batch_size)["total"]
-  else:
-    tasks = finetune.tasks()
-    if config.task not in tasks:
-      raise ValueError(f"config.task={config.task!r} is not one of "
-                       f"{sorted(tasks)} or 'pretrain'")
-    model_cfg = ModelConfig.from_config(config.model,
-                                        vocab_size=tokenizer.vocab_size)
-    sharding.check_experts(model_cfg.num_experts, model_cfg.num_soft_layers,
-                           mesh, rules)
-    task = tasks[config.task].without_data(config, tokenizer, model_cfg,
-                                           num_answers=num_answers)
-    step = finetune.build_program(config, task, max(config.train.steps, 1),
-                                  mesh, rules)
-    flops = flops_lib.finetune_flops_per_sample(
-        model_cfg, config.task, config.train.batch_size)
+  task = registry.get(config.task).for_compile(config, tokenizer,
+                                               num_answers=num_answers)
+  step = trainer.build_program(task, config, mesh, rules)
+  model_cfg = task.model_cfg
+  flops = task.analytic_flops_per_sample(config.train.batch_size)
   lowered = step.lower(mesh, rules)
   return Built(lowered=lowered, mesh=mesh, model_cfg=model_cfg,
                batch_size=config.train.batch_size, flops_per_sample=flops,

@@ -17,22 +17,22 @@ import jax.numpy as jnp
 import numpy as np
 
 from eve_jax.data import downstream, finetune_data, specs
+from eve_jax.finetune import FineTuning
 from eve_jax.model.task_models import NLVR2Model
 from eve_jax.tasks import metrics as M
-from eve_jax.tasks.shape_only import WithoutData
 from eve_jax.tasks.pretrain import sum_moe_stats, cross_entropy
 
 
-class NLVR2Task(WithoutData):
+class NLVR2Task(FineTuning):
   name = "nlvr2"
   metric = "nlvr2_acc"
 
-  def __init__(self, config, tokenizer, model_cfg):
+  def __init__(self, config, tokenizer, model_cfg, data_dir=None):
     self.tokenizer = tokenizer
     self.model_cfg = model_cfg
     d = config.data
-    self.dir = d.dir
-    self.image_dir = d.image_dir or os.path.join(d.dir, "images")
+    self.dir = data_dir or d.dir
+    self.image_dir = d.image_dir or os.path.join(self.dir, "images")
     self.train_examples = self._load(d.train)
     self.eval_examples = self._load(d.eval) if d.eval else []
     self.test_examples = self._load(d.test) if d.test else []
@@ -46,8 +46,12 @@ class NLVR2Task(WithoutData):
     downstream.check_images(examples)
     return examples
 
+  @classmethod
+  def inference_model(cls, model_cfg, rngs, **_):
+    return NLVR2Model(model_cfg, rngs=rngs)
+
   def build_model(self, rngs):
-    return NLVR2Model(self.model_cfg, rngs=rngs)
+    return self.inference_model(self.model_cfg, rngs)
 
   def batch_spec(self, batch_size: int) -> specs.Spec:
     """One global batch of `encode_train` rows."""

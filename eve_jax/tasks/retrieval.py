@@ -26,9 +26,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from eve_jax.data import downstream, finetune_data, specs
+from eve_jax.finetune import FineTuning
 from eve_jax.model.task_models import RetrievalModel
 from eve_jax.tasks import metrics as M
-from eve_jax.tasks.shape_only import WithoutData
 from eve_jax.tasks.pretrain import cross_entropy, itc_pass, itm_pass
 
 
@@ -45,17 +45,18 @@ def multi_positive_contrastive(sims: jax.Array, positive: jax.Array
   return (one_way(sims, pos) + one_way(sims.T, pos.T)) / 2
 
 
-class RetrievalTask(WithoutData):
+class RetrievalTask(FineTuning):
   name = "retrieval"
   metric = "r_mean"
 
-  def __init__(self, config, tokenizer, model_cfg):
+  def __init__(self, config, tokenizer, model_cfg, data_dir=None):
     self.tokenizer = tokenizer
     self.model_cfg = model_cfg
     d = config.data
     self.k_test = config.retrieval.k_test
-    path = finetune_data.resolve(d.dir, d.karpathy)
-    root = d.image_root or os.path.join(d.dir, "images")
+    data_dir = data_dir or d.dir
+    path = finetune_data.resolve(data_dir, d.karpathy)
+    root = d.image_root or os.path.join(data_dir, "images")
     train = downstream.load_karpathy(path, root, "train")
     self.test_images = downstream.load_karpathy(path, root,
                                                 d.get("eval_split", "test"))
@@ -67,8 +68,12 @@ class RetrievalTask(WithoutData):
                   for cap in img.captions]
     self.num_train = len(self.train_examples)
 
+  @classmethod
+  def inference_model(cls, model_cfg, rngs, **_):
+    return RetrievalModel(model_cfg, rngs=rngs)
+
   def build_model(self, rngs):
-    return RetrievalModel(self.model_cfg, rngs=rngs)
+    return self.inference_model(self.model_cfg, rngs)
 
   def batch_spec(self, batch_size: int) -> specs.Spec:
     """One global batch of `encode_train` rows."""

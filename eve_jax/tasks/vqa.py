@@ -37,9 +37,9 @@ import optax
 
 from eve_jax.data import downstream, finetune_data, specs
 from eve_jax.data.errors import DataError
+from eve_jax.finetune import FineTuning
 from eve_jax.model.task_models import VQAModel
 from eve_jax.tasks import metrics as M
-from eve_jax.tasks.shape_only import WithoutData
 from eve_jax.tasks.pretrain import sum_moe_stats
 
 
@@ -89,18 +89,18 @@ def _majority(answers) -> str:
   return max(counts.items(), key=lambda kv: (kv[1], -len(kv[0]), kv[0]))[0]
 
 
-class VQATask(WithoutData):
+class VQATask(FineTuning):
   """See the module docstring. `metric` is what eval.json leads with."""
 
   name = "vqa"
   metric = "vqa_acc"
 
-  def __init__(self, config, tokenizer, model_cfg):
+  def __init__(self, config, tokenizer, model_cfg, data_dir=None):
     self.tokenizer = tokenizer
     self.model_cfg = model_cfg
     d = config.data
-    self.dir = d.dir
-    self.image_dir = d.image_dir or os.path.join(d.dir, "images")
+    self.dir = data_dir or d.dir
+    self.image_dir = d.image_dir or os.path.join(self.dir, "images")
     splits = [s.strip() for s in d.train_splits.split(",") if s.strip()]
     self.train_examples = [ex for s in splits for ex in self._load(s, True)]
     if d.get("vg_qa"):  # Visual Genome QA as extra training data (optional;
@@ -139,8 +139,13 @@ class VQATask(WithoutData):
     downstream.check_images(examples)
     return examples
 
+  @classmethod
+  def inference_model(cls, model_cfg, rngs, num_answers: int = 3129, **_):
+    return VQAModel(model_cfg, num_answers, rngs=rngs)
+
   def build_model(self, rngs):
-    return VQAModel(self.model_cfg, len(self.vocab), rngs=rngs)
+    return self.inference_model(self.model_cfg, rngs,
+                                num_answers=len(self.vocab))
 
   def batch_spec(self, batch_size: int) -> specs.Spec:
     """One global batch of `encode_train` rows."""
