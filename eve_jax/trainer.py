@@ -96,11 +96,12 @@ def _run(task_cls, config, workdir: str, mesh, rules) -> RunResult:
   ckpt = Checkpointer(workdir, every=config.train.checkpoint_every,
                       keep=config.train.keep_checkpoints)
   train_iter = task.train_batches(shard)
-  writer = MetricWriter(workdir, enabled=is_main)
+  # No writer yet: nothing in the workdir changes until the checkpoint is
+  # restored (or the initial state made) and the config recorded.
   ctx = RunContext(config=config, workdir=workdir, is_main=is_main,
                    mesh=mesh, rules=rules, program=prog,
                    eval_sharding=eval_sh, eval_shard=eval_shard,
-                   writer=writer)
+                   writer=None)
   start = ckpt.latest_step()
   changed = run_config.check(config, workdir, start,
                              resolved=task.resolved_config())
@@ -114,6 +115,8 @@ def _run(task_cls, config, workdir: str, mesh, rules) -> RunResult:
     logging.info("resumed from %s at step %d", ckpt.directory, start)
   if is_main:  # after a successful restore
     run_config.write(config, workdir, start, changed)
+  writer = MetricWriter(workdir, enabled=is_main)
+  ctx = dataclasses.replace(ctx, writer=writer)
 
   last_eval: dict[str, Any] = {}
   if start >= task.steps:

@@ -69,7 +69,9 @@ class RunContext:
     eval_sharding: NamedSharding of one evaluation batch of
       `config.train.eval_batch_size` rows.
     eval_shard: (this process's index, processes) over evaluation data.
-    writer: metrics writer (writes on process 0 only).
+    writer: metrics writer (writes on process 0 only); None in the
+      context `initial_state` gets (the workdir is not written to before
+      the run's config is recorded).
   """
   config: ml_collections.ConfigDict
   workdir: str
@@ -79,7 +81,7 @@ class RunContext:
   program: StepProgram
   eval_sharding: jax.sharding.NamedSharding
   eval_shard: tuple[int, int]
-  writer: MetricWriter
+  writer: MetricWriter | None
 
 
 class Task(Protocol):
