@@ -32,7 +32,7 @@ from flax import nnx
 
 from eve_jax import inference
 from eve_jax.inference import InputError
-from eve_jax.tasks.pretrain import mlm_pass
+from eve_jax.model.passes import mlm_pass
 
 
 def _word(tokenizer, i: int) -> str:

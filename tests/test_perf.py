@@ -18,7 +18,8 @@ from eve_jax.model.attention import Attention
 from eve_jax.model.heads import EVEPretrainModel
 from eve_jax.model.moe import ModalityMoE
 from eve_jax.model.variants import ModelConfig
-from eve_jax.tasks import pretrain
+from eve_jax.model import passes
+from eve_jax.tasks import losses, pretrain
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -247,14 +248,14 @@ def test_contrastive_loss_by_hand():
                                                      (np.exp(1) + np.exp(3)))
   col = -np.log(np.exp(2) / (np.exp(2) + np.exp(1))) - np.log(
       np.exp(3) / (1 + np.exp(3)))
-  np.testing.assert_allclose(float(pretrain.contrastive_loss(sims)),
+  np.testing.assert_allclose(float(losses.contrastive_loss(sims)),
                              (row / 2 + col / 2) / 2, rtol=1e-6)
 
 
 def test_hard_negatives_follow_the_similarities():
   """Never the true partner; drawn in proportion to exp(similarity)."""
   sims = jnp.array([[0.0, 2.0, 0.0], [1.0, 0.0, 0.0], [0.0, 0.0, 5.0]])
-  draws = jax.vmap(lambda k: jnp.stack(pretrain.hard_negatives(k, sims)))(
+  draws = jax.vmap(lambda k: jnp.stack(passes.hard_negatives(k, sims)))(
       jax.random.split(jax.random.key(0), 4000))
   neg_image, neg_text = np.asarray(draws[:, 0]), np.asarray(draws[:, 1])
   for i in range(3):

@@ -16,7 +16,7 @@ from PIL import Image
 from eve_jax import inference
 from eve_jax.data import pipeline, shapes, transforms
 from eve_jax.tasks import pretrain
-from eve_jax.tasks.pretrain import mlm_pass
+from eve_jax.model.passes import mlm_pass
 from eve_jax.viz import charts, gradcam, localization, reconstruct, routing
 from eve_jax.viz import images as vimg
 from eve_jax.viz.__main__ import run as viz_run
@@ -53,7 +53,7 @@ def test_routing_counts_every_choice_of_every_token():
   _, model = _task_and_model(depth=1, num_soft_layers=1)
   batch = _batch(b=3)
   graphdef, state = nnx.split(model)
-  stats = jax.jit(lambda st, b: pretrain.mlm_pass(
+  stats = jax.jit(lambda st, b: mlm_pass(
       nnx.merge(graphdef, st), b["image"], b["text"], b["text_valid"],
       None)[1])(state, batch)
   cfg = model.cfg

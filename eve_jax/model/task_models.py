@@ -173,7 +173,7 @@ class NLVR2Model(nnx.Module):
 
 class RetrievalModel(nnx.Module):
   """The backbone and ITC/ITM heads under the pretraining model's names, so
-  `pretrain.itc_pass` / `pretrain.itm_pass` run on it as they are."""
+  `passes.itc_pass` / `passes.itm_pass` run on it as they are."""
 
   def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
     dt = jnp.dtype(cfg.dtype)

@@ -20,7 +20,8 @@ from eve_jax.data import downstream, finetune_data, specs
 from eve_jax.finetune import FineTuning
 from eve_jax.model.task_models import NLVR2Model
 from eve_jax.tasks import metrics as M
-from eve_jax.tasks.pretrain import sum_moe_stats, cross_entropy
+from eve_jax.model.passes import moe_metrics, sum_moe_stats
+from eve_jax.tasks.losses import cross_entropy
 
 
 class NLVR2Task(FineTuning):
@@ -72,11 +73,10 @@ class NLVR2Task(FineTuning):
     logits, stats = model(batch["image0"], batch["image1"], batch["text"],
                           batch["text_valid"], rng=rng)
     ce = cross_entropy(logits, batch["label"])
-    s = sum_moe_stats(stats)
+    moe = moe_metrics(sum_moe_stats(stats))
     acc = (logits.argmax(-1) == batch["label"]).astype(jnp.float32).mean()
-    return ce + s["aux_loss"], dict(
-        nlvr2_loss=ce, aux_loss=s["aux_loss"], nlvr2_train_acc=acc,
-        dropped_token_frac=s["dropped"] / jnp.maximum(s["routed"], 1.0))
+    return ce + moe["aux_loss"], dict(nlvr2_loss=ce, nlvr2_train_acc=acc,
+                                      **moe)
 
   @staticmethod
   def predict(model, batch):

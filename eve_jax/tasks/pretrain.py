@@ -1,4 +1,7 @@
-"""Masked signal modeling: the MLM pass, the MIM pass and their losses.
+"""Masked signal modeling: masking, the MLM and MIM losses, evaluation.
+
+The forward passes are the model's (eve_jax/model/passes.py); this module
+masks their inputs and scores their outputs.
 
 Two forward passes per batch (paper, eqs. 8-10):
   MLM: full image + text with `text_mask_ratio` (50%) of the tokens masked;
@@ -29,7 +32,9 @@ import jax.numpy as jnp
 
 from eve_jax.model.embeddings import patchify
 from eve_jax.model.heads import EVEPretrainModel
-from eve_jax.model.moe import MoEStats
+from eve_jax.model.passes import (itc_pass, itm_pass, mim_pass, mlm_pass,
+                                  moe_metrics)
+from eve_jax.tasks.losses import contrastive_loss, cross_entropy, masked_mean
 
 
 @dataclasses.dataclass(frozen=True)
@@ -114,135 +119,6 @@ def patch_targets(images: jax.Array, patch: int, norm_pix: bool
     var = t.var(-1, keepdims=True)
     t = (t - mean) / jnp.sqrt(var + 1e-6)
   return t
-
-
-def sum_moe_stats(stats: list[MoEStats]) -> dict[str, jax.Array]:
-  """One pass's soft-router stats: scalars summed over its layers, and
-  `expert_counts` [S, M, E] per layer (eve_jax/viz/routing.py; unused
-  outputs cost nothing under jit)."""
-  zero = jnp.zeros((), jnp.float32)
-  counts = (jnp.stack([s.expert_counts for s in stats]) if stats
-            else jnp.zeros((0, 2, 0), jnp.float32))
-  return dict(
-      aux_loss=sum((s.aux_loss for s in stats), zero),
-      dropped=sum((s.dropped for s in stats), zero),
-      routed=sum((s.routed for s in stats), zero),
-      expert_counts=counts,
-  )
-
-
-def mlm_pass(model: EVEPretrainModel, images: jax.Array, text_in: jax.Array,
-             text_valid: jax.Array, rng: jax.Array | None
-             ) -> tuple[jax.Array, dict[str, jax.Array]]:
-  """Full image + masked text -> [B, L, V] float32 logits, MoE stats."""
-  bb = model.backbone
-  img = bb.embed_image(images)
-  txt = bb.embed_text(text_in)
-  states, stats = bb.encode(img, txt, text_valid, rng=rng)
-  with jax.named_scope("mlm_head"):
-    logits = model.mlm_head(states[:, img.shape[1]:])
-  return logits, sum_moe_stats(stats)
-
-
-def mim_pass(model: EVEPretrainModel, images: jax.Array, text: jax.Array,
-             text_valid: jax.Array, keep_idx: jax.Array,
-             rng: jax.Array | None) -> tuple[jax.Array, dict[str, jax.Array]]:
-  """Visible patches + full text -> [B, N, Q] float32 pixels, MoE stats."""
-  bb = model.backbone
-  img = bb.embed_image(images)
-  patches = jnp.take_along_axis(img[:, 1:], keep_idx[..., None], axis=1)
-  vis = jnp.concatenate([img[:, :1], patches], axis=1)
-  txt = bb.embed_text(text)
-  states, stats = bb.encode(vis, txt, text_valid, rng=rng)
-  with jax.named_scope("mim_decoder"):
-    pred = model.mim_decoder(states[:, : vis.shape[1]], keep_idx)
-  return pred, sum_moe_stats(stats)
-
-
-def itc_pass(model: EVEPretrainModel, images: jax.Array, text: jax.Array,
-             text_valid: jax.Array, rng: jax.Array | None
-             ) -> tuple[jax.Array, dict[str, jax.Array]]:
-  """Image-only and text-only passes -> [B, B] float32 similarities / temp
-  (rows images, columns texts), MoE stats of both passes."""
-  bb = model.backbone
-  r_img, r_txt = (jax.random.split(rng) if rng is not None else (None, None))
-  img = bb.embed_image(images)
-  txt = bb.embed_text(text)
-  img_states, s_img = bb.encode(img, txt[:, :0], text_valid[:, :0],
-                                rng=r_img)
-  txt_states, s_txt = bb.encode(img[:, :0], txt, text_valid, rng=r_txt)
-  with jax.named_scope("itc_head"):
-    sims = model.matching.similarities(img_states[:, 0], txt_states[:, 0])
-  return sims, sum_moe_stats(s_img + s_txt)
-
-
-def contrastive_loss(sims: jax.Array) -> jax.Array:
-  """Symmetric cross-entropy of a [B, B] similarity matrix whose diagonal
-  holds the true pairs: (image->text + text->image) / 2."""
-  labels = jnp.arange(sims.shape[0])
-  return (cross_entropy(sims, labels) + cross_entropy(sims.T, labels)) / 2
-
-
-def cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
-  """Mean cross-entropy of [B, C] float32 logits against [B] int labels."""
-  logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
-  return -jnp.mean(jnp.take_along_axis(logp, labels[:, None], axis=-1))
-
-
-def hard_negatives(rng: jax.Array, sims: jax.Array,
-                   positive: jax.Array | None = None
-                   ) -> tuple[jax.Array, jax.Array]:
-  """For each text an image, and for each image a text, that it is not paired
-  with, drawn with probability softmax(similarity) (ALBEF's hard negatives).
-
-  Args:
-    sims: [B, B] image-text similarities.
-    positive: [B, B] bool, the pairs that match (default the diagonal;
-      retrieval adds the other captions of the same image).
-
-  Returns:
-    (neg_image [B] int32: an image index per text,
-     neg_text [B] int32: a text index per image).
-  """
-  sims = jax.lax.stop_gradient(sims.astype(jnp.float32))
-  if positive is None:
-    positive = jnp.eye(sims.shape[0], dtype=bool)
-  off_diag = ~positive
-  r_img, r_txt = jax.random.split(rng)
-  neg_min = jnp.finfo(jnp.float32).min
-  neg_image = jax.random.categorical(
-      r_img, jnp.where(off_diag, sims.T, neg_min), axis=-1)
-  neg_text = jax.random.categorical(
-      r_txt, jnp.where(off_diag, sims, neg_min), axis=-1)
-  return neg_image.astype(jnp.int32), neg_text.astype(jnp.int32)
-
-
-def itm_pass(model: EVEPretrainModel, images: jax.Array, text: jax.Array,
-             text_valid: jax.Array, sims: jax.Array, neg_rng: jax.Array,
-             rng: jax.Array | None, positive: jax.Array | None = None):
-  """The pair, a hard-negative image and a hard-negative text through the
-  fused encoder -> ([3B, 2] logits, [3B] labels (1 = match), MoE stats).
-  `positive` as in `hard_negatives`."""
-  neg_image, neg_text = hard_negatives(neg_rng, sims, positive)
-  b = images.shape[0]
-  all_images = jnp.concatenate([images, images[neg_image], images])
-  all_text = jnp.concatenate([text, text, text[neg_text]])
-  all_valid = jnp.concatenate([text_valid, text_valid,
-                               text_valid[neg_text]])
-  bb = model.backbone
-  img = bb.embed_image(all_images)
-  states, stats = bb.encode(img, bb.embed_text(all_text), all_valid, rng=rng)
-  with jax.named_scope("itm_head"):
-    logits = model.matching.match_logits(states[:, img.shape[1]])
-  labels = jnp.concatenate([jnp.ones((b,), jnp.int32),
-                            jnp.zeros((2 * b,), jnp.int32)])
-  return logits, labels, sum_moe_stats(stats)
-
-
-def masked_mean(x: jax.Array, mask: jax.Array) -> jax.Array:
-  """Mean of x over the True entries of mask (0 when there are none)."""
-  m = mask.astype(jnp.float32)
-  return (x * m).sum() / jnp.maximum(m.sum(), 1.0)
 
 
 def mlm_loss_and_acc(logits: jax.Array, targets: jax.Array, mask: jax.Array
@@ -341,12 +217,10 @@ class PretrainTask:
         metrics["itm_acc"] = jnp.mean(
             (itm_logits.argmax(-1) == labels).astype(jnp.float32))
         stats.append(s)
-    aux = sum(s["aux_loss"] for s in stats)
-    routed = sum(s["routed"] for s in stats)
-    dropped = sum(s["dropped"] for s in stats)
-    loss = sum(v for k, v in metrics.items() if k.endswith("_loss")) + aux
-    metrics.update(loss=loss, aux_loss=aux,
-                   dropped_token_frac=dropped / jnp.maximum(routed, 1.0))
+    moe = moe_metrics(*stats)
+    loss = (sum(v for k, v in metrics.items() if k.endswith("_loss"))
+            + moe["aux_loss"])
+    metrics.update(loss=loss, **moe)
     return loss, metrics
 
 

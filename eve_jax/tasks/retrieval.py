@@ -29,7 +29,8 @@ from eve_jax.data import downstream, finetune_data, specs
 from eve_jax.finetune import FineTuning
 from eve_jax.model.task_models import RetrievalModel
 from eve_jax.tasks import metrics as M
-from eve_jax.tasks.pretrain import cross_entropy, itc_pass, itm_pass
+from eve_jax.model.passes import itc_pass, itm_pass, moe_metrics
+from eve_jax.tasks.losses import cross_entropy
 
 
 def multi_positive_contrastive(sims: jax.Array, positive: jax.Array
@@ -108,13 +109,10 @@ class RetrievalTask(FineTuning):
     logits, labels, s_itm = itm_pass(model, images, text, valid, sims, r_neg,
                                      r_itm, positive)
     itm = cross_entropy(logits, labels)
-    aux = s_itc["aux_loss"] + s_itm["aux_loss"]
+    moe = moe_metrics(s_itc, s_itm)
     itm_acc = (logits.argmax(-1) == labels).astype(jnp.float32).mean()
-    routed = s_itc["routed"] + s_itm["routed"]
-    dropped = s_itc["dropped"] + s_itm["dropped"]
-    return itc + itm + aux, dict(
-        itc_loss=itc, itm_loss=itm, itm_acc=itm_acc, aux_loss=aux,
-        dropped_token_frac=dropped / jnp.maximum(routed, 1.0))
+    return itc + itm + moe["aux_loss"], dict(
+        itc_loss=itc, itm_loss=itm, itm_acc=itm_acc, **moe)
 
   # --- evaluation ------------------------------------------------------------
 

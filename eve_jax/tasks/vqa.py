@@ -40,7 +40,7 @@ from eve_jax.data.errors import DataError
 from eve_jax.finetune import FineTuning
 from eve_jax.model.task_models import VQAModel
 from eve_jax.tasks import metrics as M
-from eve_jax.tasks.pretrain import sum_moe_stats
+from eve_jax.model.passes import moe_metrics, sum_moe_stats
 
 
 ANSWERS_FILE = "answers.json"
@@ -179,12 +179,11 @@ class VQATask(FineTuning):
                           rng=rng)
     target = batch["target"]
     bce = optax.sigmoid_binary_cross_entropy(logits, target).sum(-1).mean()
-    s = sum_moe_stats(stats)
+    moe = moe_metrics(sum_moe_stats(stats))
     # The soft score of the top answer: the training-set VQA score.
     top = jnp.take_along_axis(target, logits.argmax(-1)[:, None], -1)
-    return bce + s["aux_loss"], dict(
-        vqa_loss=bce, aux_loss=s["aux_loss"], vqa_score=top.mean(),
-        dropped_token_frac=s["dropped"] / jnp.maximum(s["routed"], 1.0))
+    return bce + moe["aux_loss"], dict(vqa_loss=bce, vqa_score=top.mean(),
+                                       **moe)
 
   @staticmethod
   def predict(model, batch):

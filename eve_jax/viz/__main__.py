@@ -32,7 +32,8 @@ import numpy as np
 from eve_jax import inference
 from eve_jax.data import pipeline, shapes
 from eve_jax.inference import InputError
-from eve_jax.tasks.pretrain import mim_pass, random_patch_keep
+from eve_jax.model.passes import mim_pass
+from eve_jax.tasks.pretrain import random_patch_keep
 from eve_jax.viz import charts, gradcam, reconstruct
 from eve_jax.viz import images as vimg
 

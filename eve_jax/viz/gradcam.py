@@ -40,7 +40,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from eve_jax.tasks.pretrain import mim_pass, mlm_pass, patch_targets
+from eve_jax.model.passes import mim_pass, mlm_pass
+from eve_jax.tasks.pretrain import patch_targets
 
 METHODS = ("ig", "gradcam")
 DEFAULT_LAYER = {"ig": 0, "gradcam": -1}

@@ -21,7 +21,7 @@ from __future__ import annotations
 import numpy as np
 
 from eve_jax.data import pipeline, shapes, transforms
-from eve_jax.tasks.pretrain import mlm_pass
+from eve_jax.model.passes import mlm_pass
 from eve_jax.viz import gradcam
 
 

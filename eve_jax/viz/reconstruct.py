@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from eve_jax.model.embeddings import patchify, unpatchify
-from eve_jax.tasks.pretrain import mim_pass
+from eve_jax.model.passes import mim_pass
 from eve_jax.viz import images as vimg
 
 COLUMNS = ("original", "masked input", "reconstruction")

@@ -24,7 +24,7 @@ from eve_jax.data import run_tokenizer, sources, specs
 from eve_jax.model.eve import EVE
 from eve_jax.model.layers import Dense
 from eve_jax.model.variants import ModelConfig
-from eve_jax.tasks.pretrain import sum_moe_stats
+from eve_jax.model.passes import moe_metrics, sum_moe_stats
 
 
 class MatchModel(nnx.Module):
@@ -104,8 +104,8 @@ class ShapesMatch:
     ce = optax.softmax_cross_entropy_with_integer_labels(logits,
                                                          labels).mean()
     acc = (logits.argmax(-1) == labels).mean()
-    return ce + s["aux_loss"], dict(match_loss=ce, match_acc=acc,
-                                    aux_loss=s["aux_loss"])
+    moe = moe_metrics(s)
+    return ce + moe["aux_loss"], dict(match_loss=ce, match_acc=acc, **moe)
 
   def optimizer(self):
     return optim.make_optimizer(self.config.optim, self.steps)
