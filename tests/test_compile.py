@@ -86,15 +86,13 @@ def test_expert_one_builds_the_batched_experts_not_the_host_form(
 
 
 def test_target_platform_comes_from_the_mesh(v5p):
-  from eve_jax.model.moe import ModalityMoE
-  from flax import nnx
-  moe = ModalityMoE(8, 16, 4, rngs=nnx.Rngs(0))
+  from eve_jax.model.moe import experts_unrolled
   mesh = sharding.make_mesh(dict(data=-1), v5p.devices)
   rules = sharding.parse_rules(sharding.DEFAULT_RULES)
-  assert sharding.target_platform() == "cpu" and moe._unrolled()  # pylint: disable=protected-access
+  assert sharding.target_platform() == "cpu" and experts_unrolled("auto")
   with sharding.use(mesh, rules):
     assert sharding.target_platform() == "tpu"
-    assert not moe._unrolled()  # pylint: disable=protected-access
+    assert not experts_unrolled("auto")
   assert sharding.target_platform() == "cpu"
 
 

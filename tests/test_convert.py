@@ -31,6 +31,7 @@ from eve_jax.convert.__main__ import main
 from eve_jax.convert.source import ConversionError
 from eve_jax.model import task_models
 from eve_jax.model.block import Block
+from eve_jax.model.moe_config import MoEConfig
 from eve_jax.model.variants import ModelConfig
 
 TOL = 1e-4  # float32 eve_jax vs float32 PyTorch
@@ -91,8 +92,9 @@ def _block(params, kind, d, h, f, e=4, activation="gelu", cf=1.0, seed=0):
   """An eve_jax Block holding `params` (missing ones random)."""
   abstract = nnx.eval_shape(lambda: Block(
       d, h, f, ffn=kind, layer_scale_init=0.1, drop_path_rate=0.0,
-      activation=activation, num_experts=e, top_k=2, capacity_factor=cf,
-      normalize_gates=True, rngs=nnx.Rngs(0)))
+      activation=activation, moe=MoEConfig(
+          e, 2, capacity_factor=cf, normalize_gates=True,
+          activation=activation), rngs=nnx.Rngs(0)))
   graphdef, state = nnx.split(abstract)
   pure = nnx.to_pure_dict(state)
   merged = _merge(pure, params)

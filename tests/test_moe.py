@@ -8,7 +8,9 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from eve_jax.model import moe, router
+from eve_jax.model import dispatch, moe, router
+from eve_jax.model.moe_config import MoEConfig
+from eve_jax.model.variants import ModelConfig
 
 _ERF = np.vectorize(math.erf)
 
@@ -212,7 +214,8 @@ def test_moe_stats_by_hand(name):
   s, e = probs.shape
   capacity = router.expert_capacity(s, e, case["top_k"], case["cf"])
   assert capacity == case["capacity"]
-  layer = moe.ModalityMoE(e, 4, e, case["top_k"], capacity_factor=case["cf"],
+  layer = moe.ModalityMoE(e, 4, MoEConfig(e, case["top_k"],
+                                         capacity_factor=case["cf"]),
                           rngs=nnx.Rngs(0))
   layer.kernel.set_value(jnp.eye(e))
   layer.modality_embed.set_value(jnp.zeros_like(layer.modality_embed[...]))
@@ -292,9 +295,9 @@ VALID = np.array([[1, 1, 1, 1, 1, 1, 0],
     (6, 1, 0.6, False, "quick_gelu"),   # capacity 1: drops
 ])
 def test_moe_matches_dense_reference(e, k, cf, add, act):
-  layer = moe.ModalityMoE(D, F, e, k, capacity_factor=cf,
-                          add_modality_to_experts=add, aux_loss_weight=0.01,
-                          activation=act, rngs=nnx.Rngs(1))
+  layer = moe.ModalityMoE(D, F, MoEConfig(
+      e, k, capacity_factor=cf, add_modality_to_experts=add,
+      aux_loss_weight=0.01, activation=act), rngs=nnx.Rngs(1))
   rng = np.random.default_rng(e * 10 + k)
   randomize(layer, rng, moe_scales(D, F))
   x = rng.normal(size=(B, L, D)).astype(np.float32)
@@ -315,7 +318,8 @@ def test_moe_matches_dense_reference(e, k, cf, add, act):
 
 @pytest.mark.parametrize("b_nonzero,changes", [(True, True), (False, False)])
 def test_add_modality_to_experts_switch(b_nonzero, changes):
-  layer = moe.ModalityMoE(D, F, 4, 2, capacity_factor=0.0, rngs=nnx.Rngs(2))
+  layer = moe.ModalityMoE(D, F, MoEConfig(4, 2, capacity_factor=0.0),
+                          rngs=nnx.Rngs(2))
   rng = np.random.default_rng(3)
   randomize(layer, rng, moe_scales(D, F))
   if not b_nonzero:
@@ -323,7 +327,7 @@ def test_add_modality_to_experts_switch(b_nonzero, changes):
   args = (jnp.asarray(rng.normal(size=(B, L, D)), jnp.float32),
           jnp.asarray(MODALITY, jnp.int32), jnp.asarray(VALID))
   y_on, stats_on = layer(*args)
-  layer.add_modality_to_experts = False
+  layer.router = router.ModalityRouter(add_modality_to_experts=False)
   y_off, stats_off = layer(*args)
   # The router always sees x + b_m: the routing is the same either way.
   np.testing.assert_array_equal(np.asarray(stats_on.expert_counts),
@@ -333,8 +337,8 @@ def test_add_modality_to_experts_switch(b_nonzero, changes):
 
 
 def test_moe_bfloat16_experts_float32_router():
-  layer = moe.ModalityMoE(D, F, 4, 2, capacity_factor=0.0, dtype=jnp.bfloat16,
-                          rngs=nnx.Rngs(4))
+  layer = moe.ModalityMoE(D, F, MoEConfig(4, 2, capacity_factor=0.0),
+                          dtype=jnp.bfloat16, rngs=nnx.Rngs(4))
   rng = np.random.default_rng(5)
   randomize(layer, rng, moe_scales(D, F))
   x = rng.normal(size=(B, L, D)).astype(np.float32)
@@ -349,7 +353,7 @@ def test_moe_bfloat16_experts_float32_router():
 
 
 def test_moe_grad_reaches_router_and_modality_embed():
-  layer = moe.ModalityMoE(D, F, 4, 2, rngs=nnx.Rngs(6))
+  layer = moe.ModalityMoE(D, F, MoEConfig(4, 2), rngs=nnx.Rngs(6))
   graphdef, params = nnx.split(layer)
   x = jax.random.normal(jax.random.key(0), (B, L, D))
   modality = jnp.asarray(MODALITY, jnp.int32)
@@ -371,7 +375,7 @@ def test_moe_grad_reaches_router_and_modality_embed():
 
 
 def test_logical_axis_names():
-  layer = moe.ModalityMoE(D, F, 4, 2, rngs=nnx.Rngs(0))
+  layer = moe.ModalityMoE(D, F, MoEConfig(4, 2), rngs=nnx.Rngs(0))
   specs = nnx.get_partition_spec(nnx.state(layer))
   assert tuple(specs["wi"].get_value()) == ("expert", "embed", "mlp")
   assert tuple(specs["wo"].get_value()) == ("expert", "mlp", "embed")
@@ -437,3 +441,111 @@ def test_modality_ffn_gather_costs_one_ffn_per_token():
   ffn_flops = 2 * 2 * 2 * sum(counts) * d * f  # two matmuls, 2 flops/MAC
   assert gather < 0.6 * fallback, (gather, fallback)
   assert gather < 1.3 * ffn_flops, (gather, ffn_flops)
+
+
+# ---------------------------------------------------------------------------
+# Router and dispatcher interfaces: chosen by config, one file each.
+# ---------------------------------------------------------------------------
+
+def _soft_layer_from_config(**model_keys):
+  """A soft-router layer built as EVE builds it: from config.model keys
+  through ModelConfig.moe, nothing else."""
+  cfg = ModelConfig.from_config(dict(variant="tiny", **model_keys))
+  layer = moe.ModalityMoE(D, F, cfg.moe, rngs=nnx.Rngs(7))
+  randomize(layer, np.random.default_rng(8),
+            {k: v for k, v in moe_scales(D, F).items()
+             if k in layer.router_params or k in ("wi", "bi", "wo", "bo")})
+  return layer
+
+
+def test_the_plain_router_is_chosen_by_config_and_ignores_modality():
+  x = jnp.asarray(np.random.default_rng(9).normal(size=(B, L, D)),
+                  jnp.float32)
+  valid = jnp.asarray(VALID)
+  ids = jnp.asarray(MODALITY, jnp.int32)
+  flipped = 1 - ids  # every token claims the other modality
+
+  plain = _soft_layer_from_config(moe_router="plain")
+  assert isinstance(plain.router, router.PlainRouter)
+  assert plain.router_params == ("kernel",)
+  assert "modality_embed" not in nnx.to_pure_dict(nnx.state(plain))
+  y1, s1 = plain(x, ids, valid)
+  y2, s2 = plain(x, flipped, valid)
+  np.testing.assert_array_equal(np.asarray(y1), np.asarray(y2))
+  np.testing.assert_array_equal(np.asarray(s1.expert_counts).sum(0),
+                                np.asarray(s2.expert_counts).sum(0))
+
+  default = _soft_layer_from_config()
+  assert isinstance(default.router, router.ModalityRouter)
+  y1, _ = default(x, ids, valid)
+  y2, _ = default(x, flipped, valid)
+  assert float(jnp.max(jnp.abs(y1 - y2))) > 1e-3
+
+
+def test_a_router_name_that_does_not_exist_is_one_line():
+  with pytest.raises(ValueError, match=r"model.moe_router='modallity' is "
+                     r"not one of \['modality', 'plain'\]"):
+    ModelConfig.from_config(dict(variant="tiny", moe_router="modallity"))
+  with pytest.raises(ValueError, match="router 'x' is not one of"):
+    router.make_router(MoEConfig(router="x"))
+
+
+def test_the_whole_model_takes_the_router_from_config():
+  """EVE built from config.model.moe_router="plain": no soft layer has a
+  modality embedding; the hard-router layers are untouched."""
+  from eve_jax.model.eve import EVE  # pylint: disable=g-import-not-at-top
+  cfg = ModelConfig.from_config(dict(variant="tiny", moe_router="plain"))
+  params = nnx.to_pure_dict(nnx.state(
+      nnx.eval_shape(lambda: EVE(cfg, rngs=nnx.Rngs(0))), nnx.Param))
+  soft = [b for i, b in params["blocks"].items() if cfg.soft_layer(int(i))]
+  assert len(soft) == cfg.num_soft_layers
+  for block in soft:
+    assert set(block["ffn"]) == {"kernel", "wi", "bi", "wo", "bo"}
+
+
+def test_dispatchers_agree_through_the_interface():
+  """gather and einsum (dispatch.DISPATCHERS) on one routing decision with
+  drops: the same buffer, the same combined output, the same gradients."""
+  rng = np.random.default_rng(10)
+  e, k, s, dim = 4, 2, 9, 5
+  logits = jnp.asarray(rng.normal(size=(2, s, e)), jnp.float32)
+  valid = jnp.asarray(rng.random((2, s)) > 0.2)
+  capacity = 3  # < K * S / E: some assignments are dropped
+  d = router.route(logits, valid, k, capacity)
+  assert int(jnp.sum(d.kept)) < k * int(jnp.sum(valid))
+  x = jnp.asarray(rng.normal(size=(2, s, dim)), jnp.float32)
+  w = jnp.asarray(rng.normal(size=(e, dim, dim)), jnp.float32)
+
+  def run(name, x, w):
+    disp = dispatch.make_dispatcher(name)
+    plan = disp.plan(d, e, capacity)
+    buf = disp.dispatch(x, plan)
+    return buf, disp.combine(jnp.einsum("EGCD,EDF->EGCF", buf, w), plan)
+
+  (buf_g, y_g), (buf_e, y_e) = run("gather", x, w), run("einsum", x, w)
+  np.testing.assert_allclose(np.asarray(buf_g), np.asarray(buf_e), atol=1e-6)
+  np.testing.assert_allclose(np.asarray(y_g), np.asarray(y_e), atol=1e-5)
+  grads = [jax.grad(lambda x, w, n=n: jnp.sum(jnp.sin(run(n, x, w)[1])),
+                    argnums=(0, 1))(x, w) for n in ("gather", "einsum")]
+  for a, b in zip(*grads):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5)
+  with pytest.raises(ValueError, match="dispatch: expected one of"):
+    dispatch.make_dispatcher("scatter")
+
+
+def test_a_run_trains_with_the_plain_router_by_config_only(tmp_path):
+  """--config.model.moe_router=plain, nothing else: the run's checkpoint
+  has no modality embedding in its soft layers, and the loss is finite."""
+  from eve_jax import config_lib, pretrained, trainer  # pylint: disable=g-import-not-at-top
+  c = config_lib.get_pretrain_config("tiny", default_variant="base")
+  c.model.update(dict(depth=2, decoder_depth=1, moe_router="plain"))
+  c.train.update(dict(steps=2, batch_size=8, log_every=1, eval_every=0,
+                      checkpoint_every=2, eval_examples=8,
+                      eval_batch_size=8, viz=False))
+  c.data.num_tokenizer_captions = 500
+  out = trainer.run(c, str(tmp_path))
+  assert np.isfinite(out.eval["mlm_acc"])
+  params, _ = pretrained.load_params(str(tmp_path))
+  ffns = [b["ffn"] for b in params["backbone"]["blocks"].values()]
+  assert len(ffns) == 2 and all("modality_embed" not in f for f in ffns)
+  assert all("kernel" in f for f in ffns)  # both soft: depth 2, 2 soft

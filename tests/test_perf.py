@@ -1,6 +1,7 @@
 """Speed work that must not change results, FLOP accounting, the benchmark,
 and the ITC/ITM objectives of the Table 1 comparison."""
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -17,6 +18,7 @@ from eve_jax.model import eve
 from eve_jax.model.attention import Attention
 from eve_jax.model.heads import EVEPretrainModel
 from eve_jax.model.moe import ModalityMoE
+from eve_jax.model.moe_config import MoEConfig
 from eve_jax.model.variants import ModelConfig
 from eve_jax.model import passes
 from eve_jax.tasks import losses, pretrain
@@ -52,8 +54,9 @@ def test_dispatch_and_expert_forms_agree(capacity_factor):
   outs = {}
   for dispatch, experts in (("einsum", "batched"), ("gather", "batched"),
                             ("gather", "unrolled")):
-    layer = ModalityMoE(16, 32, 8, 2, capacity_factor=capacity_factor,
-                        dispatch=dispatch, experts=experts, rngs=nnx.Rngs(1))
+    layer = ModalityMoE(16, 32, MoEConfig(
+        8, 2, capacity_factor=capacity_factor, dispatch=dispatch,
+        experts=experts), rngs=nnx.Rngs(1))
     fn, params = _moe_value_and_grad(layer)
     outs[dispatch, experts] = fn(params, x, m, v)
   (_, (y_ref, drop_ref)), g_ref = outs["einsum", "batched"]
@@ -75,9 +78,8 @@ def _layer_train_flops(dispatch, experts="batched"):
   cfg = ModelConfig.from_config(config_lib.model_config("base"))
   length = 1 + cfg.num_patches + 40
   layer = nnx.eval_shape(lambda: ModalityMoE(
-      cfg.width, cfg.mlp_dim, cfg.num_experts, cfg.top_k,
-      capacity_factor=cfg.capacity_factor, dispatch=dispatch,
-      experts=experts, rngs=nnx.Rngs(0)))
+      cfg.width, cfg.mlp_dim, dataclasses.replace(
+          cfg.moe, dispatch=dispatch, experts=experts), rngs=nnx.Rngs(0)))
   graphdef, params = nnx.split(layer)
   x, m, v = _moe_inputs(2, length, cfg.width)
 

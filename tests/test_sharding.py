@@ -17,6 +17,7 @@ from eve_jax.checkpoint import Checkpointer
 from eve_jax.data.tokenizer import Tokenizer
 from eve_jax.model import eve
 from eve_jax.model.moe import ModalityMoE
+from eve_jax.model.moe_config import MoEConfig
 from eve_jax.model.variants import ModelConfig
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -138,7 +139,8 @@ def _moe_outputs(mesh, num_experts=8, batch=16, length=20):
   dim, hidden = 32, 64
 
   def build():
-    return ModalityMoE(dim, hidden, num_experts, top_k=2, rngs=nnx.Rngs(3))
+    return ModalityMoE(dim, hidden, MoEConfig(num_experts, top_k=2),
+                       rngs=nnx.Rngs(3))
 
   graphdef, abstract = nnx.split(nnx.eval_shape(build))
   state_sh = sharding.tree_shardings(abstract, mesh, RULES)

@@ -21,6 +21,7 @@ from flax import nnx
 from eve_jax.model.attention import Attention
 from eve_jax.model.layers import LayerNorm, MLP, drop_path, param
 from eve_jax.model.moe import ModalityFFN, ModalityMoE, MoEStats
+from eve_jax.model.moe_config import MoEConfig
 from eve_jax.sharding import constrain
 
 _TOKENS = ("act_batch", "act_seq", "act_embed")  # the residual stream
@@ -31,14 +32,7 @@ class Block(nnx.Module):
 
   def __init__(self, dim: int, heads: int, mlp_dim: int, *, ffn: str,
                layer_scale_init: float | None, drop_path_rate: float,
-               activation: str = "gelu", num_experts: int = 0,
-               top_k: int = 2, capacity_factor: float = 1.25,
-               aux_loss_weight: float = 0.001,
-               add_modality_to_experts: bool = True,
-               normalize_gates: bool = False,
-               moe_dispatch: str = "gather", moe_experts: str = "auto",
-               moe_group: str = "sample", moe_route_padding: bool = False,
-               moe_min_capacity: int = 1,
+               activation: str = "gelu", moe: MoEConfig | None = None,
                attention: str = "einsum",
                dtype=jnp.float32, rngs: nnx.Rngs):
     self.ffn_kind = ffn
@@ -54,13 +48,9 @@ class Block(nnx.Module):
                              rngs=rngs)
     elif ffn == "soft":
       self.norm2 = LayerNorm(dim, dtype=dtype, rngs=rngs)
-      self.ffn = ModalityMoE(
-          dim, mlp_dim, num_experts, top_k, capacity_factor=capacity_factor,
-          add_modality_to_experts=add_modality_to_experts,
-          normalize_gates=normalize_gates, aux_loss_weight=aux_loss_weight,
-          activation=activation, dispatch=moe_dispatch, experts=moe_experts,
-          group=moe_group, route_padding=moe_route_padding,
-          min_capacity=moe_min_capacity, dtype=dtype, rngs=rngs)
+      if moe is None:
+        raise ValueError("a soft-router block needs its MoEConfig (moe=)")
+      self.ffn = ModalityMoE(dim, mlp_dim, moe, dtype=dtype, rngs=rngs)
     else:
       raise ValueError(f"unknown ffn kind {ffn!r}")
     if layer_scale_init is None:

@@ -1,4 +1,15 @@
-"""Moving tokens to expert slots and back: the gather dispatcher.
+"""Moving tokens to expert slots and back: the dispatchers.
+
+A dispatcher (`DISPATCHERS`, chosen by `MoEConfig.dispatch`) turns a
+routing decision into a plan, puts tokens [G, S, D] into the [E, G, C, D]
+expert buffer by it and combines the experts' outputs back with the gates:
+
+  "gather"  by index (below): no FLOPs, the layer costs the experts' FLOPs
+            at capacity plus the router
+  "einsum"  the one-hot einsums (vmoe's form): + 2*S*E*C*D FLOPs per group
+            each way
+
+The gather dispatcher:
 
 `slot_maps` turns a `Dispatch` (router.py) into, per expert slot, the
 token it holds, and per (token, choice), the slot it went to; the gathers
@@ -11,6 +22,9 @@ Dimension legend (as in moe.py):
 """
 
 from __future__ import annotations
+
+import dataclasses
+from typing import Any, Protocol
 
 import jax
 import jax.numpy as jnp
@@ -101,3 +115,61 @@ def gather_combine(out: jax.Array, slots: jax.Array, sources: jax.Array,
                        sources[:, :, None])
   return jnp.einsum("GSKD,GSK->GSD", picked.reshape(g, s, k, dim),
                     gates.astype(out.dtype))
+
+
+class Dispatcher(Protocol):
+  """Tokens to expert slots and back, for one routing decision."""
+
+  def plan(self, d: Dispatch, num_experts: int, capacity: int) -> Any:
+    """What `dispatch` and `combine` need of the decision."""
+
+  def dispatch(self, x: jax.Array, plan: Any) -> jax.Array:
+    """[G, S, D] tokens -> [E, G, C, D] expert buffer, empty slots 0."""
+
+  def combine(self, out: jax.Array, plan: Any) -> jax.Array:
+    """[E, G, C, D] expert outputs -> [G, S, D], gate-weighted."""
+
+
+@dataclasses.dataclass(frozen=True)
+class GatherDispatcher:
+  """By index: `slot_maps`, then `gather_dispatch` / `gather_combine`."""
+
+  def plan(self, d, num_experts, capacity):
+    slots, sources = slot_maps(d, num_experts, capacity)
+    return slots, sources, d.gates, num_experts, capacity
+
+  def dispatch(self, x, plan):
+    slots, sources, _, num_experts, capacity = plan
+    return jnp.swapaxes(gather_dispatch(x, slots, sources, num_experts,
+                                        capacity), 0, 1)
+
+  def combine(self, out, plan):
+    slots, sources, gates, _, _ = plan
+    return gather_combine(jnp.swapaxes(out, 0, 1), slots, sources, gates)
+
+
+@dataclasses.dataclass(frozen=True)
+class EinsumDispatcher:
+  """The one-hot `Dispatch.dispatch` / `combine` tensors in einsums:
+  G*S*E*C*D multiply-adds each way."""
+
+  def plan(self, d, num_experts, capacity):
+    del num_experts, capacity
+    return d
+
+  def dispatch(self, x, plan):
+    return jnp.einsum("GSEC,GSD->EGCD", plan.dispatch.astype(x.dtype), x)
+
+  def combine(self, out, plan):
+    return jnp.einsum("GSEC,EGCD->GSD", plan.combine.astype(out.dtype), out)
+
+
+DISPATCHERS = {"gather": GatherDispatcher, "einsum": EinsumDispatcher}
+
+
+def make_dispatcher(name: str) -> Dispatcher:
+  """The dispatcher `name` names. Raises ValueError (one line)."""
+  if name not in DISPATCHERS:
+    raise ValueError(f"dispatch: expected one of {sorted(DISPATCHERS)}, got "
+                     f"{name!r}")
+  return DISPATCHERS[name]()

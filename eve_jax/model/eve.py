@@ -76,16 +76,8 @@ class EVE(nnx.Module):
                         "soft" if cfg.soft_layer(i) else "hard"),
                    layer_scale_init=cfg.layer_scale_init,
                    drop_path_rate=rate, activation=cfg.activation,
-                   num_experts=cfg.num_experts, top_k=cfg.top_k,
-                   capacity_factor=cfg.capacity_factor,
-                   aux_loss_weight=cfg.aux_loss_weight,
-                   add_modality_to_experts=cfg.add_modality_to_experts,
-                   normalize_gates=cfg.moe_normalize_gates,
-                   moe_dispatch=cfg.moe_dispatch, moe_experts=cfg.moe_experts,
-                   moe_group=cfg.moe_group,
-                   moe_route_padding=cfg.moe_route_padding,
-                   moe_min_capacity=cfg.moe_min_capacity,
-                   attention=cfg.attention, dtype=dt, rngs=rngs)
+                   moe=cfg.moe, attention=cfg.attention, dtype=dt,
+                   rngs=rngs)
 
     # Built unrolled in any case, so a model's initial values do not depend
     # on scan_layers; with it, the hard-router blocks (all alike) are then

@@ -1,10 +1,11 @@
 """Modality-aware feed-forward layers: soft-router MoE and hard-router FFN.
 
 EVE paper eqs. 4-7: g(x) = softmax(W (x + b_m)), MoE(x) = sum_topk g(x)_i FFN_i,
-L_aux = alpha * E * sum_i f_i p_i. Router (router.py: choices, gates,
-capacity, eq. 7) -> `Dispatch` -> the gather dispatcher (dispatch.py) ->
-stacked experts (here), each a separate, separately tested piece (the vmoe
-layout).
+L_aux = alpha * E * sum_i f_i p_i. Router (router.py: logits, choices,
+gates, capacity, eq. 7, stats) -> `Dispatch` -> a dispatcher (dispatch.py:
+gather or einsum) -> stacked experts (here, batched or unrolled) ->
+combine, each a separate, separately tested piece (the vmoe layout), all
+set by one `MoEConfig` (moe_config.py).
 
 Dimension legend (every einsum below is written in these letters):
   B batch, L sequence, D model width, F expert hidden, E experts, K top-k,
@@ -17,16 +18,15 @@ with `out_shardings`), so building a layer needs no mesh.
 
 from __future__ import annotations
 
-import flax.struct
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
 from eve_jax.model.layers import activation_fn as gelu_fn
 from eve_jax.model.layers import layer_norm, param
-from eve_jax.model.dispatch import gather_combine, gather_dispatch, slot_maps
-from eve_jax.model.router import (Dispatch, expert_capacity,
-                                  load_balancing_loss, normalize_gates, route)
+from eve_jax.model.dispatch import make_dispatcher
+from eve_jax.model.moe_config import MoEConfig
+from eve_jax.model.router import MoEStats, decide, make_router
 from eve_jax.sharding import constrain, logical_size, target_platform
 
 _KERNEL_INIT = nnx.initializers.truncated_normal(stddev=0.02)
@@ -34,86 +34,62 @@ _ZEROS = nnx.initializers.zeros_init()
 _ONES = nnx.initializers.ones_init()
 
 
-@flax.struct.dataclass
-class MoEStats:
-  """What a `ModalityMoE` call reports besides its output.
-
-  Attributes:
-    aux_loss: float32 scalar, eq. 7 already multiplied by `aux_loss_weight`.
-    dropped: float32 scalar, valid (token, choice) assignments dropped by
-      capacity.
-    routed: float32 scalar, valid (token, choice) assignments (K * tokens).
-    expert_counts: [M, E] float32, top-K choices (kept and dropped) of each
-      modality's valid tokens per expert.
-  """
-  aux_loss: jax.Array
-  dropped: jax.Array
-  routed: jax.Array
-  expert_counts: jax.Array
-
-
 class ModalityMoE(nnx.Module):
-  """Soft-router layer: E experts, top-K, modality-aware router (eqs. 4-7).
+  """Soft-router layer: E experts, top-K, a router from `cfg.router`
+  (eqs. 4-7): router (router.py) -> dispatcher (dispatch.py) -> experts
+  (here) -> combine.
 
   Groups are one sample each (G = B, S = L) and padding is never routed:
-  `group="batch"` makes all B * L tokens of a call one group (G = 1, S =
-  B * L) and `route_padding` routes padding tokens like any other (they
-  take slots), which with `min_capacity=4` is what the released EVE's
-  DeepSpeed layer computes; a reproduction switch, not one for training
-  (one group cannot be split over devices). `dispatch="gather"` (default)
-  moves tokens into the [E, G, C, D] expert buffer and back by index, so the
-  layer costs the experts' FLOPs at capacity plus the router;
-  `dispatch="einsum"` uses the one-hot einsums (vmoe's form, + 2*S*E*C*D
-  FLOPs per group each way). The block owns the LayerNorm in front of this
-  layer and adds the residual.
+  `cfg.group="batch"` makes all B * L tokens of a call one group (G = 1,
+  S = B * L) and `cfg.route_padding` routes padding tokens like any other
+  (they take slots), which with `min_capacity=4` is what the released
+  EVE's DeepSpeed layer computes; a reproduction switch, not one for
+  training (one group cannot be split over devices). The block owns the
+  LayerNorm in front of this layer and adds the residual.
+
+  Parameters: the router's (router.py; "modality": `kernel` [D, E] and
+  `modality_embed` [M, D]) and the experts' `wi` [E, D, F], `bi` [E, F],
+  `wo` [E, F, D], `bo` [E, D].
   """
 
-  def __init__(self, dim: int, hidden: int, num_experts: int, top_k: int = 2,
-               *, num_modalities: int = 2, capacity_factor: float = 1.25,
-               add_modality_to_experts: bool = True,
-               normalize_gates: bool = False,
-               aux_loss_weight: float = 0.001, activation: str = "gelu",
-               dispatch: str = "gather", experts: str = "auto",
-               group: str = "sample", route_padding: bool = False,
-               min_capacity: int = 1,
-               dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs):
-    if not 1 <= top_k <= num_experts:
-      raise ValueError(f"top_k: expected 1..{num_experts}, got {top_k}")
-    if dispatch not in ("gather", "einsum"):
-      raise ValueError(f"dispatch: expected 'gather' or 'einsum', got "
-                       f"{dispatch!r}")
-    self.dispatch = dispatch
-    if experts not in ("auto", "batched", "unrolled"):
+  def __init__(self, dim: int, hidden: int, cfg: MoEConfig, *,
+               num_modalities: int = 2, dtype=jnp.float32,
+               param_dtype=jnp.float32, rngs: nnx.Rngs):
+    if not 1 <= cfg.top_k <= cfg.num_experts:
+      raise ValueError(f"top_k: expected 1..{cfg.num_experts}, got "
+                       f"{cfg.top_k}")
+    if cfg.experts not in ("auto", "batched", "unrolled"):
       raise ValueError(f"experts: expected 'auto', 'batched' or 'unrolled', "
-                       f"got {experts!r}")
-    self.experts = experts
-    if group not in ("sample", "batch"):
-      raise ValueError(f"group: expected 'sample' or 'batch', got {group!r}")
-    self.group = group
-    self.route_padding = route_padding
-    self.min_capacity = min_capacity
-    self.num_experts = num_experts
-    self.top_k = top_k
+                       f"got {cfg.experts!r}")
+    if cfg.group not in ("sample", "batch"):
+      raise ValueError(f"group: expected 'sample' or 'batch', got "
+                       f"{cfg.group!r}")
+    gelu_fn(cfg.activation)  # fail early on a bad name
+    self.cfg = cfg
+    self.router = make_router(cfg)
+    self.dispatcher = make_dispatcher(cfg.dispatch)
     self.num_modalities = num_modalities
-    self.capacity_factor = capacity_factor
-    self.add_modality_to_experts = add_modality_to_experts
-    self.normalize_gates = normalize_gates
-    self.aux_loss_weight = aux_loss_weight
-    gelu_fn(activation)  # fail early on a bad name
-    self.activation = activation
     self.dtype = dtype
-    e, d, f, m = num_experts, dim, hidden, num_modalities
-    self.kernel = param(rngs, _KERNEL_INIT, (d, e), ("embed", None),
-                        param_dtype)
-    # Small normal rather than zeros: the router sees the modality from step 0.
-    self.modality_embed = param(rngs, _KERNEL_INIT, (m, d), (None, "embed"),
-                                param_dtype)
+    e, d, f = cfg.num_experts, dim, hidden
+    self.router_params = tuple(self._set_params(self.router.params(
+        rngs, dim, e, num_modalities, param_dtype)))
     self.wi = param(rngs, _KERNEL_INIT, (e, d, f), ("expert", "embed", "mlp"),
                     param_dtype)
     self.bi = param(rngs, _ZEROS, (e, f), ("expert", "mlp"), param_dtype)
     self.wo = param(rngs, _KERNEL_INIT, (e, f, d), ("expert", "mlp", "embed"),
                     param_dtype)
     self.bo = param(rngs, _ZEROS, (e, d), ("expert", "embed"), param_dtype)
+
+  def _set_params(self, params: dict[str, nnx.Param]):
+    """The router's parameters as attributes of this layer (checkpoints
+    and converters know them by these paths); yields their names."""
+    for name, p in params.items():
+      setattr(self, name, p)
+      yield name
+
+  # Read by code that inspects routing (viz, tests) under the old names.
+  num_experts = property(lambda self: self.cfg.num_experts)
+  top_k = property(lambda self: self.cfg.top_k)
 
   def __call__(self, x: jax.Array, modality: jax.Array,
                valid: jax.Array) -> tuple[jax.Array, MoEStats]:
@@ -129,11 +105,11 @@ class ModalityMoE(nnx.Module):
       y: [B, L, D] in `dtype`, and `MoEStats` (over the routed tokens).
     """
     shape = x.shape
-    if self.group == "batch":  # [B, L, ...] -> [1, B * L, ...], row-major
+    if self.cfg.group == "batch":  # [B, L, ...] -> [1, B * L, ...]
       x, modality, valid = (a.reshape((1, -1) + a.shape[2:])
                             for a in (x, modality, valid))
     valid = valid.astype(bool)
-    if self.route_padding:
+    if self.cfg.route_padding:
       valid = jnp.ones_like(valid)
     y, stats = self._groups(x, modality, valid)
     return y.reshape(shape[:2] + y.shape[2:]), stats
@@ -141,100 +117,65 @@ class ModalityMoE(nnx.Module):
   def _groups(self, x: jax.Array, modality: jax.Array, valid: jax.Array
               ) -> tuple[jax.Array, MoEStats]:
     """`__call__` on [G, S, D] groups: each routed on its own."""
-    _, group_size, _ = x.shape
     with jax.named_scope("router"):
-      # As a one-hot product (its gradient a small matmul, not a scatter-add
-      # over every token); as fast as jnp.take on the CPU measured, and kept
-      # because the measured runs in README.md used it.
-      one_hot = jax.nn.one_hot(modality, self.num_modalities,
-                               dtype=jnp.float32)
-      b_m = jnp.einsum("GSM,MD->GSD", one_hot,
-                       self.modality_embed[...].astype(jnp.float32))
-      x_m = x.astype(jnp.float32) + b_m.astype(jnp.float32)
-      # Eq. 6 in float32: small logit differences decide the top-k.
-      logits = jnp.einsum("GSD,DE->GSE", x_m,
-                          self.kernel[...].astype(jnp.float32))
-      capacity = expert_capacity(group_size, self.num_experts, self.top_k,
-                                 self.capacity_factor, self.min_capacity)
-      d = route(logits, valid, self.top_k, capacity)
-      if self.normalize_gates:
-        d = normalize_gates(d)
-      aux = load_balancing_loss(d.probs, d.expert_choice, valid,
-                                self.aux_loss_weight)
-      stats = self._stats(d, modality, valid, aux)
+      params = {n: getattr(self, n)[...] for n in self.router_params}
+      r = decide(self.router, params, self.cfg, x, modality, valid,
+                 self.num_modalities)
     with jax.named_scope("experts"):
-      # The released checkpoints also feed x + b_m to the experts.
-      x_in = x_m if self.add_modality_to_experts else x
-      x_in = x_in.astype(self.dtype)
-      if self.dispatch == "gather":
-        slots, sources = slot_maps(d, self.num_experts, capacity)
-        buf = jnp.swapaxes(gather_dispatch(x_in, slots, sources,
-                                           self.num_experts, capacity), 0, 1)
-      else:  # one-hot einsum: G*S*E*C*D multiply-adds
-        buf = jnp.einsum("GSEC,GSD->EGCD", d.dispatch.astype(self.dtype),
-                         x_in)
+      plan = self.dispatcher.plan(r.dispatch, self.cfg.num_experts,
+                                  r.capacity)
+      buf = self.dispatcher.dispatch(r.expert_input.astype(self.dtype), plan)
       # Dispatch where the groups are (split over act_batch = data x fsdp x
       # expert), then move the buffer to experts x act_group: resharding
       # between the two layouts is an all-to-all on `expert`. Constraining
       # only the second makes GSPMD all-gather the tokens instead.
       buf = constrain(buf, (None, "act_batch", None, "act_embed"))
       buf = constrain(buf, ("act_expert", "act_group", None, "act_embed"))
-      # One [G*C, D] x [D, F] product per expert (N = G*C): with G and C
-      # as separate dims XLA:CPU's backward ran 1.4x slower (measured).
-      e, g, c, dim = buf.shape
-      tokens = buf.reshape(e, g * c, dim)
-      act = gelu_fn(self.activation)
-      wi, wo = self.wi[...].astype(self.dtype), self.wo[...].astype(self.dtype)
-      bi, bo = self.bi[...].astype(self.dtype), self.bo[...].astype(self.dtype)
-      if self._unrolled():
-        # E plain [N, D] x [D, F] products: XLA:CPU runs them ~1.3x faster
-        # than the batched einsum below (measured on the small model).
-        # lax.split, not x[i]: the transpose of a split is one concatenate,
-        # that of E slices is E zero-padded full-size adds.
-        parts = [jax.lax.split(a, [1] * e, axis=0)
-                 for a in (tokens, wi, bi, wo, bo)]
-        out = jnp.concatenate([
-            act(t[0] @ w1[0] + b1[0]) @ w2[0] + b2[0]
-            for t, w1, b1, w2, b2 in zip(*parts)])
-        out = out.reshape(e, g * c, dim)
-      else:
-        h = jnp.einsum("END,EDF->ENF", tokens, wi)
-        h = act(h + bi[:, None, :])
-        h = constrain(h, ("act_expert", "act_group", "act_mlp"))
-        out = jnp.einsum("ENF,EFD->END", h, wo)
-        out = out + bo[:, None, :]
-      out = constrain(out.reshape(e, g, c, dim),
-                      ("act_expert", "act_group", None, "act_embed"))
+      out = self._experts(buf)
       out = constrain(out, (None, "act_batch", None, "act_embed"))  # and back
-      if self.dispatch == "gather":
-        y = gather_combine(jnp.swapaxes(out, 0, 1), slots, sources, d.gates)
-      else:
-        y = jnp.einsum("GSEC,EGCD->GSD", d.combine.astype(self.dtype), out)
+      y = self.dispatcher.combine(out, plan)
       y = constrain(y, ("act_batch", "act_seq", "act_embed"))
-    return y, stats
+    return y, r.stats
 
-  def _unrolled(self) -> bool:
-    """Whether the experts run as E separate matmuls (see `experts`)."""
-    if self.experts == "auto":
-      # Only where it pays (CPU) and is harmless: with experts sharded
-      # over devices, one batched einsum keeps each expert on its device.
-      # The target's platform, not the host's: compiling for a TPU from a
-      # CPU machine must build the TPU program.
-      return (target_platform() == "cpu"
-              and logical_size("act_expert") == 1)
-    return self.experts == "unrolled"
+  def _experts(self, buf: jax.Array) -> jax.Array:
+    """[E, G, C, D] -> [E, G, C, D]: expert e's FFN on its slots."""
+    # One [G*C, D] x [D, F] product per expert (N = G*C): with G and C
+    # as separate dims XLA:CPU's backward ran 1.4x slower (measured).
+    e, g, c, dim = buf.shape
+    tokens = buf.reshape(e, g * c, dim)
+    act = gelu_fn(self.cfg.activation)
+    wi, wo = self.wi[...].astype(self.dtype), self.wo[...].astype(self.dtype)
+    bi, bo = self.bi[...].astype(self.dtype), self.bo[...].astype(self.dtype)
+    if experts_unrolled(self.cfg.experts):
+      # E plain [N, D] x [D, F] products: XLA:CPU runs them ~1.3x faster
+      # than the batched einsum below (measured on the small model).
+      # lax.split, not x[i]: the transpose of a split is one concatenate,
+      # that of E slices is E zero-padded full-size adds.
+      parts = [jax.lax.split(a, [1] * e, axis=0)
+               for a in (tokens, wi, bi, wo, bo)]
+      out = jnp.concatenate([
+          act(t[0] @ w1[0] + b1[0]) @ w2[0] + b2[0]
+          for t, w1, b1, w2, b2 in zip(*parts)])
+      out = out.reshape(e, g * c, dim)
+    else:
+      h = jnp.einsum("END,EDF->ENF", tokens, wi)
+      h = act(h + bi[:, None, :])
+      h = constrain(h, ("act_expert", "act_group", "act_mlp"))
+      out = jnp.einsum("ENF,EFD->END", h, wo)
+      out = out + bo[:, None, :]
+    return constrain(out.reshape(e, g, c, dim),
+                     ("act_expert", "act_group", None, "act_embed"))
 
-  def _stats(self, d: Dispatch, modality: jax.Array, valid: jax.Array,
-             aux: jax.Array) -> MoEStats:
-    w = valid.astype(jnp.float32)
-    routed = self.top_k * jnp.sum(w)
-    dropped = routed - jnp.sum(d.kept.astype(jnp.float32))
-    chosen = jax.nn.one_hot(d.expert_choice, self.num_experts,
-                            dtype=jnp.float32) * w[:, :, None, None]
-    mod = jax.nn.one_hot(modality, self.num_modalities, dtype=jnp.float32)
-    counts = jnp.einsum("GSKE,GSM->ME", chosen, mod)
-    return MoEStats(aux_loss=aux, dropped=dropped, routed=routed,
-                    expert_counts=counts)
+
+def experts_unrolled(mode: str) -> bool:
+  """Whether the experts run as E separate matmuls: `mode` "unrolled", or
+  "auto" where it pays (CPU) and is harmless (experts not sharded: with
+  experts over devices, one batched einsum keeps each expert on its
+  device). The target's platform (the mesh's devices), not the host's:
+  compiling for a TPU from a CPU machine must build the TPU program."""
+  if mode == "auto":
+    return target_platform() == "cpu" and logical_size("act_expert") == 1
+  return mode == "unrolled"
 
 
 class ModalityFFN(nnx.Module):

@@ -1,23 +1,42 @@
 """The soft-router layer's router: which experts each token asks for, with
-what gate, and what capacity lets through (EVE eqs. 4-7, pure functions).
+what gate, and what capacity lets through (EVE eqs. 4-7).
 
-`route` turns router logits into a `Dispatch` (choices, gates, kept
-mask); `expert_capacity` sizes the expert buffers; `load_balancing_loss`
-is eq. 7; `normalize_gates` is the released model's renormalization.
-`ModalityMoE` (moe.py) computes the logits (the modality-aware part) and
-runs the dispatch (dispatch.py) and the experts.
+A router (`ROUTERS`, chosen by `MoEConfig.router` = config.model.moe_router)
+owns the router parameters and computes logits; `decide` runs the rest,
+the same for every router: `route` turns the logits into a `Dispatch`
+(choices, gates, kept mask), `expert_capacity` sizes the expert buffers,
+`normalize_gates` is the released model's renormalization,
+`load_balancing_loss` is eq. 7, and `MoEStats` what a layer reports.
+`ModalityMoE` (moe.py) then runs a dispatcher (dispatch.py) and the experts.
+
+Routers:
+  "modality"  softmax(W (x + b_m)), b_m a learned embedding per modality
+              (eq. 4; the paper's and the released weights')
+  "plain"     softmax(W x): no modality embedding, routing blind to the
+              modality ids
+A new router is one class here (`params`, `logits`) and one entry in
+ROUTERS; its parameters live in the layer under the names it gives.
 
 Dimension legend (as in moe.py):
-  G groups, S group size, E experts, K top-k, C capacity.
+  G groups, S group size, D model width, E experts, K top-k, C capacity,
+  M modalities.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
+from typing import Mapping, Protocol
 
 import flax.struct
 import jax
 import jax.numpy as jnp
+from flax import nnx
+
+from eve_jax.model.layers import param
+from eve_jax.model.moe_config import MoEConfig
+
+_KERNEL_INIT = nnx.initializers.truncated_normal(stddev=0.02)
 
 
 def expert_capacity(group_size: int, num_experts: int, top_k: int,
@@ -153,3 +172,149 @@ def load_balancing_loss(probs: jax.Array, expert_choice: jax.Array,
   counts = jnp.einsum("GSKE,GS->E", chosen, w)
   f = counts / jnp.maximum(jnp.sum(counts), 1.0)
   return alpha * num_experts * jnp.sum(f * p)
+
+
+@flax.struct.dataclass
+class MoEStats:
+  """What a `ModalityMoE` call reports besides its output.
+
+  Attributes:
+    aux_loss: float32 scalar, eq. 7 already multiplied by `aux_loss_weight`.
+    dropped: float32 scalar, valid (token, choice) assignments dropped by
+      capacity.
+    routed: float32 scalar, valid (token, choice) assignments (K * tokens).
+    expert_counts: [M, E] float32, top-K choices (kept and dropped) of each
+      modality's valid tokens per expert.
+  """
+  aux_loss: jax.Array
+  dropped: jax.Array
+  routed: jax.Array
+  expert_counts: jax.Array
+
+
+class Router(Protocol):
+  """How a soft-router layer scores the experts for each token."""
+
+  def params(self, rngs: nnx.Rngs, dim: int, num_experts: int,
+             num_modalities: int, param_dtype) -> dict[str, nnx.Param]:
+    """The router's parameters, by the attribute names the layer stores
+    them under (in creation order: it draws from `rngs`)."""
+
+  def logits(self, params: Mapping[str, jax.Array], x: jax.Array,
+             modality: jax.Array, num_modalities: int
+             ) -> tuple[jax.Array, jax.Array]:
+    """([G, S, E] float32 logits, [G, S, D] float32 expert input) for
+    tokens x [G, S, D] with modality ids [G, S]. The expert input is what
+    the experts see (x, or x + b_m for the modality router with
+    `add_modality_to_experts`)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ModalityRouter:
+  """Eq. 4: g(x) = softmax(W (x + b_m)) with b_m learned per modality."""
+  add_modality_to_experts: bool = True
+
+  def params(self, rngs, dim, num_experts, num_modalities, param_dtype):
+    return {
+        "kernel": param(rngs, _KERNEL_INIT, (dim, num_experts),
+                        ("embed", None), param_dtype),
+        # Small normal rather than zeros: the router sees the modality
+        # from step 0.
+        "modality_embed": param(rngs, _KERNEL_INIT, (num_modalities, dim),
+                                (None, "embed"), param_dtype),
+    }
+
+  def logits(self, params, x, modality, num_modalities):
+    # As a one-hot product (its gradient a small matmul, not a scatter-add
+    # over every token); as fast as jnp.take on the CPU measured, and kept
+    # because the measured runs in README.md used it.
+    one_hot = jax.nn.one_hot(modality, num_modalities, dtype=jnp.float32)
+    b_m = jnp.einsum("GSM,MD->GSD", one_hot,
+                     params["modality_embed"].astype(jnp.float32))
+    x_m = x.astype(jnp.float32) + b_m.astype(jnp.float32)
+    # Eq. 6 in float32: small logit differences decide the top-k.
+    logits = jnp.einsum("GSD,DE->GSE", x_m,
+                        params["kernel"].astype(jnp.float32))
+    # The released checkpoints also feed x + b_m to the experts.
+    return logits, (x_m if self.add_modality_to_experts else x)
+
+
+@dataclasses.dataclass(frozen=True)
+class PlainRouter:
+  """g(x) = softmax(W x): a top-k router without the modality embedding
+  (the ablation of the paper's Table 8)."""
+
+  def params(self, rngs, dim, num_experts, num_modalities, param_dtype):
+    del num_modalities
+    return {"kernel": param(rngs, _KERNEL_INIT, (dim, num_experts),
+                            ("embed", None), param_dtype)}
+
+  def logits(self, params, x, modality, num_modalities):
+    del modality, num_modalities
+    logits = jnp.einsum("GSD,DE->GSE", x.astype(jnp.float32),
+                        params["kernel"].astype(jnp.float32))
+    return logits, x
+
+
+ROUTERS = {
+    "modality": lambda cfg: ModalityRouter(cfg.add_modality_to_experts),
+    "plain": lambda cfg: PlainRouter(),
+}
+
+
+def make_router(cfg: MoEConfig) -> Router:
+  """The router `cfg.router` names. Raises ValueError (one line)."""
+  if cfg.router not in ROUTERS:
+    raise ValueError(f"router {cfg.router!r} is not one of "
+                     f"{sorted(ROUTERS)}")
+  return ROUTERS[cfg.router](cfg)
+
+
+@flax.struct.dataclass
+class Routing:
+  """A router's decision for G groups of S tokens, and its numbers.
+
+  Attributes:
+    dispatch: the `Dispatch` (choices, slots, gates).
+    capacity: C, slots per expert per group (static).
+    expert_input: [G, S, D] float32, what the experts get.
+    stats: `MoEStats` (aux loss, dropped, routed, per-modality counts).
+  """
+  dispatch: Dispatch
+  capacity: int = flax.struct.field(pytree_node=False)
+  expert_input: jax.Array
+  stats: MoEStats
+
+
+def decide(router: Router, params: Mapping[str, jax.Array], cfg: MoEConfig,
+           x: jax.Array, modality: jax.Array, valid: jax.Array,
+           num_modalities: int) -> Routing:
+  """Routes tokens x [G, S, D] (modality ids and valid mask [G, S]) by
+  `router`: logits -> top-K with capacity -> (renormalized) gates ->
+  eq. 7 and the stats."""
+  group_size = x.shape[1]
+  logits, expert_input = router.logits(params, x, modality, num_modalities)
+  capacity = expert_capacity(group_size, cfg.num_experts, cfg.top_k,
+                             cfg.capacity_factor, cfg.min_capacity)
+  d = route(logits, valid, cfg.top_k, capacity)
+  if cfg.normalize_gates:
+    d = normalize_gates(d)
+  aux = load_balancing_loss(d.probs, d.expert_choice, valid,
+                            cfg.aux_loss_weight)
+  return Routing(dispatch=d, capacity=capacity, expert_input=expert_input,
+                 stats=_stats(d, modality, valid, aux, cfg.top_k,
+                              cfg.num_experts, num_modalities))
+
+
+def _stats(d: Dispatch, modality: jax.Array, valid: jax.Array,
+           aux: jax.Array, top_k: int, num_experts: int,
+           num_modalities: int) -> MoEStats:
+  w = valid.astype(jnp.float32)
+  routed = top_k * jnp.sum(w)
+  dropped = routed - jnp.sum(d.kept.astype(jnp.float32))
+  chosen = jax.nn.one_hot(d.expert_choice, num_experts,
+                          dtype=jnp.float32) * w[:, :, None, None]
+  mod = jax.nn.one_hot(modality, num_modalities, dtype=jnp.float32)
+  counts = jnp.einsum("GSKE,GSM->ME", chosen, mod)
+  return MoEStats(aux_loss=aux, dropped=dropped, routed=routed,
+                  expert_counts=counts)

@@ -18,6 +18,8 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
+from eve_jax.model.moe_config import MoEConfig
+
 VARIANTS: dict[str, dict[str, Any]] = {
     "tiny": dict(depth=4, width=128, heads=4, mlp_dim=512, num_soft_layers=2,
                  num_experts=4, decoder_width=128, decoder_depth=2,
@@ -79,6 +81,9 @@ class ModelConfig:
   moe_group: str = "sample"
   moe_route_padding: bool = False
   moe_min_capacity: int = 1
+  # The soft-router layers' router (eve_jax/model/router.py: ROUTERS):
+  # "modality" (eq. 4, the paper's) or "plain" (no modality embedding).
+  moe_router: str = "modality"
   # Released-computation switches of the task heads: the VQA head's
   # LayerNorm eps (1e-5 released, torch's default) and the retrieval
   # evaluation features, the CLS "normed" by the final LayerNorm (as in
@@ -114,6 +119,20 @@ class ModelConfig:
   @property
   def head_dim(self) -> int:
     return self.width // self.heads
+
+  @property
+  def moe(self) -> MoEConfig:
+    """The soft-router layers' settings as one object."""
+    return MoEConfig(
+        num_experts=self.num_experts, top_k=self.top_k,
+        capacity_factor=self.capacity_factor,
+        min_capacity=self.moe_min_capacity,
+        aux_loss_weight=self.aux_loss_weight, router=self.moe_router,
+        add_modality_to_experts=self.add_modality_to_experts,
+        normalize_gates=self.moe_normalize_gates,
+        dispatch=self.moe_dispatch, experts=self.moe_experts,
+        group=self.moe_group, route_padding=self.moe_route_padding,
+        activation=self.activation)
 
   def soft_layer(self, i: int) -> bool:
     """Whether block i (0-based) has the soft-router MoE."""
@@ -179,6 +198,10 @@ class ModelConfig:
       if getattr(self, name) not in allowed:
         raise ValueError(f"model.{name}={getattr(self, name)!r} is not one "
                          f"of {list(allowed)}")
+    from eve_jax.model.router import ROUTERS  # pylint: disable=g-import-not-at-top
+    if self.moe_router not in ROUTERS:
+      raise ValueError(f"model.moe_router={self.moe_router!r} is not one of "
+                       f"{sorted(ROUTERS)}")
     if self.moe_min_capacity < 1:
       raise ValueError(f"model.moe_min_capacity={self.moe_min_capacity}: "
                        "expected >= 1")
