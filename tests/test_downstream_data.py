@@ -21,7 +21,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from eve_jax.data import downstream, shapes, shapes_tasks
+from eve_jax.data import (downstream, downstream_vqa, shapes, shapes_tasks,
+                          shapes_tasks_common)
 from eve_jax.data.errors import DataError
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -77,10 +78,10 @@ def _vqa_answer(question: str, objects) -> str:
 
 
 @pytest.mark.parametrize("position,subtype", list(enumerate(
-    shapes_tasks.SPLITS["vqa"])))
+    shapes_tasks_common.SPLITS["vqa"])))
 def test_vqa_answers_match_the_images(files, position, subtype):
   annotations = files.vqa_annotations.get(subtype)
-  examples = downstream.load_vqa(files.vqa_questions[subtype], annotations,
+  examples = downstream_vqa.load_vqa(files.vqa_questions[subtype], annotations,
                                  image_dir=files.vqa_images)
   assert len({e.image_id for e in examples}) == SIZES[position]
   per_image = collections.Counter(e.image_id for e in examples)
@@ -112,7 +113,7 @@ def test_vqa_answers_match_the_images(files, position, subtype):
   # The JPEG on disk is the generator's image (quality 95, 4:4:4).
   for image_id, example in list(generated.items())[:5]:
     path = os.path.join(files.vqa_images,
-                        downstream.vqa_image_name(subtype, image_id))
+                        downstream_vqa.vqa_image_name(subtype, image_id))
     diff = np.abs(_read_image(path).astype(int) - example.image.astype(int))
     assert diff.mean() < 2.0
 
@@ -148,15 +149,15 @@ def test_vqa_annotations_exercise_soft_scores(files):
 def test_vqa_predictions_round_trip(tmp_path):
   path = str(tmp_path / "results.json")
   predictions = [(np.int64(5), "two"), (3, "red"), (1_000_000_001, "yes")]
-  assert downstream.write_vqa_predictions(path, predictions) == path
+  assert downstream_vqa.write_vqa_predictions(path, predictions) == path
   with open(path) as f:
     assert json.load(f) == [{"question_id": 5, "answer": "two"},
                             {"question_id": 3, "answer": "red"},
                             {"question_id": 1_000_000_001, "answer": "yes"}]
-  assert downstream.load_vqa_predictions(path) == {5: "two", 3: "red",
+  assert downstream_vqa.load_vqa_predictions(path) == {5: "two", 3: "red",
                                                    1_000_000_001: "yes"}
   with pytest.raises(DataError, match="question_id 3 given twice"):
-    downstream.write_vqa_predictions(str(tmp_path / "dup.json"),
+    downstream_vqa.write_vqa_predictions(str(tmp_path / "dup.json"),
                                      [(3, "a"), (3, "b")])
   assert not os.path.exists(tmp_path / "dup.json")
 
@@ -165,7 +166,7 @@ def test_vqa_test_dev_and_visual_genome(tmp_path):
   questions = tmp_path / "v2_OpenEnded_mscoco_test-dev2015_questions.json"
   questions.write_text(json.dumps({"data_subtype": "test-dev2015", "questions": [
       {"image_id": 7, "question": "What?", "question_id": 7000}]}))
-  (example,) = downstream.load_vqa(str(questions), image_dir="test2015")
+  (example,) = downstream_vqa.load_vqa(str(questions), image_dir="test2015")
   # test-dev images are test2015 files.
   assert example == downstream.VQAExample(
       7000, 7, os.path.join("test2015", "COCO_test2015_000000000007.jpg"),
@@ -175,7 +176,7 @@ def test_vqa_test_dev_and_visual_genome(tmp_path):
       {"id": 1, "qas": [{"qa_id": 10, "image_id": 1, "question": "What color?",
                          "answer": "Red."}]},
       {"id": 2, "qas": []}]))
-  (example,) = downstream.load_vg_qa(str(vg), "VG")
+  (example,) = downstream_vqa.load_vg_qa(str(vg), "VG")
   assert example.image_path == os.path.join("VG", "1.jpg")
   assert example.answers == ("Red.",) * 10 and example.question_id == 10
 
@@ -214,7 +215,7 @@ def files_all_families(tmp_path_factory) -> shapes_tasks.TaskFiles:
 
 @pytest.mark.parametrize("families", ["count", "all"])
 @pytest.mark.parametrize("position,split",
-                         list(enumerate(shapes_tasks.SPLITS["nlvr2"])))
+                         list(enumerate(shapes_tasks_common.SPLITS["nlvr2"])))
 def test_nlvr2_labels_match_the_images(request, families, position, split):
   """Every label recomputed from the generator's scenes; the default
   statements are the count families, every family can be asked for."""
@@ -238,7 +239,7 @@ def test_nlvr2_labels_match_the_images(request, families, position, split):
     assert len(e.sentence.split()) <= 6
     folder = files.nlvr2_images[split]
     if split == "train":
-      folder = os.path.join(folder, str(j % shapes_tasks.NLVR2_DIRECTORIES))
+      folder = os.path.join(folder, str(j % shapes_tasks_common.NLVR2_DIRECTORIES))
     assert e.image_paths == (os.path.join(folder, f"{split}-{j}-0-img0.png"),
                              os.path.join(folder, f"{split}-{j}-0-img1.png"))
     if k < 5:  # PNG is lossless: the generator's pixels exactly
@@ -264,7 +265,7 @@ def test_nlvr2_families_are_checked(tmp_path):
 
 
 @pytest.mark.parametrize("position,split", list(enumerate(
-    shapes_tasks.SPLITS["retrieval"])))
+    shapes_tasks_common.SPLITS["retrieval"])))
 def test_retrieval_captions_describe_the_images(files, position, split):
   images = downstream.load_karpathy(files.retrieval, files.retrieval_images, split)
   assert len(images) == SIZES[position]
@@ -340,17 +341,17 @@ def test_default_sizes(tmp_path):
   files = shapes_tasks.write_all(str(tmp_path))
   vqa, nlvr2, retrieval = (shapes_tasks.DEFAULT_SIZES[t] for t in
                            shapes_tasks.TASKS)
-  for subtype, n in zip(shapes_tasks.SPLITS["vqa"], vqa):
-    examples = downstream.load_vqa(files.vqa_questions[subtype],
+  for subtype, n in zip(shapes_tasks_common.SPLITS["vqa"], vqa):
+    examples = downstream_vqa.load_vqa(files.vqa_questions[subtype],
                                    files.vqa_annotations.get(subtype),
                                    image_dir=files.vqa_images)
     assert downstream.check_images(examples) == n
-  for split, n in zip(shapes_tasks.SPLITS["nlvr2"], nlvr2):
+  for split, n in zip(shapes_tasks_common.SPLITS["nlvr2"], nlvr2):
     examples = downstream.load_nlvr2(files.nlvr2[split],
                                      files.nlvr2_images[split])
     assert len(examples) == n and sum(e.label for e in examples) == n // 2
     assert downstream.check_images(examples) == 2 * n
-  for split, n in zip(shapes_tasks.SPLITS["retrieval"], retrieval):
+  for split, n in zip(shapes_tasks_common.SPLITS["retrieval"], retrieval):
     images = downstream.load_karpathy(files.retrieval, files.retrieval_images,
                                       split)
     assert downstream.check_images(images) == n
@@ -378,7 +379,7 @@ def test_command_line(tmp_path):
       cwd=REPO, capture_output=True, text=True, timeout=120)
   assert bad.returncode == 2
   assert bad.stderr.count("\n") == 1 and "families must be" in bad.stderr
-  (example,) = downstream.load_vqa(
+  (example,) = downstream_vqa.load_vqa(
       str(out / "vqa" / "v2_OpenEnded_mscoco_test2015_questions.json"),
       image_dir=str(out / "vqa" / "images"))[:1]
   assert _read_image(example.image_path).shape == (32, 32, 3)
@@ -413,7 +414,7 @@ def _no_question_id(d):
   questions = [_question(i) for i in range(5)]
   del questions[3]["question_id"]
   q = _write(d / QUESTIONS, {"data_subtype": "val2014", "questions": questions})
-  return lambda: downstream.load_vqa(q, None, image_dir=str(d)), QUESTIONS, \
+  return lambda: downstream_vqa.load_vqa(q, None, image_dir=str(d)), QUESTIONS, \
       "questions[3] has no 'question_id'"
 
 
@@ -422,7 +423,7 @@ def _other_image_id(d):
                              "questions": [_question(i) for i in range(3)]})
   a = _write(d / ANNOTATIONS, {"data_subtype": "val2014", "annotations": [
       _annotation(0), _annotation(1, image_id=99), _annotation(2)]})
-  return lambda: downstream.load_vqa(q, a, image_dir=str(d)), ANNOTATIONS, \
+  return lambda: downstream_vqa.load_vqa(q, a, image_dir=str(d)), ANNOTATIONS, \
       "annotations[1] (question_id 101) has image_id 99, but questions[1]"
 
 
@@ -431,7 +432,7 @@ def _no_annotation(d):
                              "questions": [_question(i) for i in range(3)]})
   a = _write(d / ANNOTATIONS, {"data_subtype": "val2014", "annotations": [
       _annotation(0), _annotation(2)]})
-  return lambda: downstream.load_vqa(q, a, image_dir=str(d)), ANNOTATIONS, \
+  return lambda: downstream_vqa.load_vqa(q, a, image_dir=str(d)), ANNOTATIONS, \
       "no annotation for question_id 101"
 
 
@@ -477,7 +478,7 @@ def _missing_file(d):
 
 def _missing_questions_file(d):
   p = str(d / QUESTIONS)
-  return lambda: downstream.load_vqa(p, image_dir=str(d)), p, "no such file"
+  return lambda: downstream_vqa.load_vqa(p, image_dir=str(d)), p, "no such file"
 
 
 def _missing_image(d):

@@ -24,7 +24,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from eve_jax.data import prepare, records, shapes
+from eve_jax.data import prepare, prepare_sink, records, shapes
 
 skimage_data = pytest.importorskip("skimage.data")
 
@@ -366,7 +366,7 @@ def test_eval_split_limit_and_determinism(tsv, tmp_path):
   assert len(held) == 3 and train.isdisjoint(held)
   assert train | set(held) == everything
   # The held-out images are those with the smallest hash of their id.
-  assert set(held) == set(sorted(everything, key=prepare.eval_key)[:3])
+  assert set(held) == set(sorted(everything, key=prepare_sink.eval_key)[:3])
   assert read_all(tmp_path / "a", "eval")[0]["captions"]  # whole records
   shards = sorted(os.listdir(tmp_path / "a"))
   assert shards == sorted(os.listdir(tmp_path / "b"))

@@ -47,10 +47,9 @@ from typing import Any
 
 from eve_jax.data.errors import DataError
 
-# The official test-dev questions name their subtype "test-dev2015", but
-# test-dev is a subset of the test2015 images, whose files are named
-# COCO_test2015_*.jpg.
-_VQA_IMAGE_SUBTYPE = {"test-dev2015": "test2015"}
+from eve_jax.data.json_fields import (check_file, field, is_kind, list_field,
+                                      load_json, one_line, show)
+
 # NLVR2 labels are the strings "True" / "False"; JSON booleans (found in
 # some re-distributions) mean the same.
 _NLVR2_LABELS = {"True": True, "False": False, True: True, False: False}
@@ -118,291 +117,6 @@ class RetrievalImage:
 
 
 # --------------------------------------------------------------------------
-# Validation helpers: every check names the file and the entry.
-
-
-def _one_line(e: BaseException) -> str:
-  text = str(e).strip()
-  return text.splitlines()[0][:200] if text else type(e).__name__
-
-
-def _show(value: Any) -> str:
-  """A short one-line rendering of a JSON value for error messages."""
-  try:
-    text = json.dumps(value)
-  except (TypeError, ValueError):
-    text = repr(value)
-  return text if len(text) <= 60 else text[:57] + "..."
-
-
-def _check_file(path: str) -> None:
-  if os.path.isdir(path):
-    raise DataError.at(path, "is a folder, expected a file")
-  if not os.path.isfile(path):
-    raise DataError.at(path, "no such file")
-
-
-def _load_json(path: str) -> Any:
-  _check_file(path)
-  try:
-    with open(path, "rb") as f:
-      return json.load(f)
-  except ValueError as e:  # JSONDecodeError and UnicodeDecodeError
-    raise DataError.at(path, f"not valid JSON ({_one_line(e)})") from None
-  except OSError as e:
-    raise DataError.at(path, f"cannot read ({e.strerror})") from None
-
-
-_KIND_NAMES = {int: "an integer", str: "a string", list: "a list",
-               dict: "an object"}
-
-
-def _is(value: Any, kind: type) -> bool:
-  # JSON true/false load as bool, a subclass of int: never an id.
-  if kind is int and isinstance(value, bool):
-    return False
-  return isinstance(value, kind)
-
-
-def _field(obj: Any, key: str, path: str, where: str,
-           kind: type | None = None) -> Any:
-  """obj[key], or a DataError naming the file, entry and field.
-
-  Args:
-    obj: a decoded JSON value that should be an object.
-    key: the field.
-    path: the file, for the message.
-    where: the entry, e.g. "questions[3]".
-    kind: the expected type (int excludes bool), or None for any.
-
-  Returns:
-    The field's value.
-  """
-  if not isinstance(obj, dict):
-    raise DataError.at(path, f"{where} is {_show(obj)}, expected an "
-                              f"object with {key!r}")
-  if key not in obj:
-    raise DataError.at(path, f"{where} has no {key!r}")
-  value = obj[key]
-  if kind is not None and not _is(value, kind):
-    raise DataError.at(path, f"{where}.{key} is {_show(value)}, "
-                              f"expected {_KIND_NAMES[kind]}")
-  return value
-
-
-def _list_field(obj: Any, key: str, path: str, where: str) -> list[Any]:
-  return _field(obj, key, path, where, list)
-
-
-# --------------------------------------------------------------------------
-# VQAv2 and Visual Genome QA.
-
-
-def vqa_image_name(data_subtype: str, image_id: int) -> str:
-  """The COCO file name of a VQAv2 image, e.g. COCO_val2014_000000000042.jpg."""
-  subtype = _VQA_IMAGE_SUBTYPE.get(data_subtype, data_subtype)
-  return f"COCO_{subtype}_{image_id:012d}.jpg"
-
-
-def load_vqa(questions_json: str, annotations_json: str | None = None,
-             image_dir: str = ".") -> list[VQAExample]:
-  """Reads a VQAv2 questions file and, optionally, its annotations.
-
-  Args:
-    questions_json: `v2_OpenEnded_mscoco_{subtype}_questions.json`.
-    annotations_json: `v2_mscoco_{subtype}_annotations.json`, or None (test
-      splits): the examples then have `answers=None`.
-    image_dir: the folder of the subtype's COCO images (e.g. `val2014/`).
-
-  Returns:
-    One `VQAExample` per question, in the file's order.
-
-  Raises:
-    DataError: a missing or malformed file, a duplicate
-      question_id, a question without an annotation or whose annotation has
-      another image_id, annotations of another data_subtype.
-  """
-  qpath = questions_json
-  data = _load_json(qpath)
-  questions = _list_field(data, "questions", qpath, "the file")
-  subtype = _field(data, "data_subtype", qpath, "the file", str)
-  rows = []
-  first_index: dict[int, int] = {}
-  for i, q in enumerate(questions):
-    where = f"questions[{i}]"
-    question_id = _field(q, "question_id", qpath, where, int)
-    image_id = _field(q, "image_id", qpath, where, int)
-    text = _field(q, "question", qpath, where, str)
-    if question_id in first_index:
-      raise DataError.at(
-          qpath, f"{where}: question_id {question_id} is also "
-          f"questions[{first_index[question_id]}]")
-    first_index[question_id] = i
-    rows.append((question_id, image_id, text))
-
-  answers_of: dict[int, tuple[tuple[str, ...], str | None]] = {}
-  if annotations_json is not None:
-    answers_of = _vqa_answers(annotations_json, subtype, qpath, rows)
-
-  examples = []
-  for question_id, image_id, text in rows:
-    answers, answer_type = answers_of.get(question_id, (None, None))
-    examples.append(VQAExample(
-        question_id=question_id, image_id=image_id,
-        image_path=os.path.join(image_dir, vqa_image_name(subtype, image_id)),
-        question=text, answers=answers, answer_type=answer_type))
-  return examples
-
-
-def _vqa_answers(apath: str, subtype: str, qpath: str,
-                 rows: list[tuple[int, int, str]]
-                 ) -> dict[int, tuple[tuple[str, ...], str | None]]:
-  """question_id -> (raw answers, answer_type or None), checked against the
-  questions' image ids."""
-  data = _load_json(apath)
-  annotations = _list_field(data, "annotations", apath, "the file")
-  ann_subtype = data.get("data_subtype")
-  # Pairing val questions with train annotations would fail later with a
-  # confusing "no annotation" error; say what is wrong instead.
-  if isinstance(ann_subtype, str) and ann_subtype != subtype:
-    raise DataError.at(
-        apath, f"data_subtype is {ann_subtype!r} but "
-        f"{os.path.basename(qpath)} has {subtype!r}")
-  found: dict[int, tuple[int, int, tuple[str, ...], str | None]] = {}
-  for j, ann in enumerate(annotations):
-    where = f"annotations[{j}]"
-    question_id = _field(ann, "question_id", apath, where, int)
-    image_id = _field(ann, "image_id", apath, where, int)
-    answers = _list_field(ann, "answers", apath, where)
-    if not answers:
-      raise DataError.at(apath, f"{where}.answers is empty")
-    texts = tuple(_field(a, "answer", apath, f"{where}.answers[{k}]", str)
-                  for k, a in enumerate(answers))
-    if question_id in found:
-      raise DataError.at(
-          apath, f"{where}: question_id {question_id} is also "
-          f"annotations[{found[question_id][0]}]")
-    answer_type = ann.get("answer_type")
-    found[question_id] = (j, image_id, texts,
-                          answer_type if isinstance(answer_type, str) else None)
-  answers_of = {}
-  for i, (question_id, image_id, _) in enumerate(rows):
-    if question_id not in found:
-      raise DataError.at(
-          apath, f"no annotation for question_id {question_id} "
-          f"(questions[{i}] of {os.path.basename(qpath)})")
-    j, ann_image_id, texts, answer_type = found[question_id]
-    if ann_image_id != image_id:
-      raise DataError.at(
-          apath, f"annotations[{j}] (question_id {question_id}) has image_id "
-          f"{ann_image_id}, but questions[{i}] of {os.path.basename(qpath)} "
-          f"has image_id {image_id}")
-    answers_of[question_id] = (texts, answer_type)
-  return answers_of
-
-
-def load_vg_qa(qa_json: str, image_dir: str) -> list[VQAExample]:
-  """Reads Visual Genome's `question_answers.json` as VQA examples.
-
-  Each question gets its single answer repeated 10 times, as VQA
-  fine-tuning recipes commonly do, so the VQAv2 soft score gives it 1.
-
-  Args:
-    qa_json: `question_answers.json`.
-    image_dir: one folder holding every `{image_id}.jpg` (VG ships them in
-      VG_100K and VG_100K_2: link both into one folder).
-
-  Returns:
-    One `VQAExample` per qa, question_id = qa_id, in the file's order.
-
-  Raises:
-    DataError: a missing or malformed file, a qa whose image_id
-      is not its entry's id, a duplicate qa_id.
-  """
-  path = qa_json
-  data = _load_json(path)
-  if not isinstance(data, list):
-    raise DataError.at(path, f"is {_show(data)}, expected a JSON list "
-                              "of {\"id\", \"qas\"} objects")
-  out = []
-  first: dict[int, str] = {}
-  for i, entry in enumerate(data):
-    image_id = _field(entry, "id", path, f"[{i}]", int)
-    image_path = os.path.join(image_dir, f"{image_id}.jpg")
-    for k, qa in enumerate(_list_field(entry, "qas", path, f"[{i}]")):
-      where = f"[{i}].qas[{k}]"
-      qa_id = _field(qa, "qa_id", path, where, int)
-      qa_image = _field(qa, "image_id", path, where, int)
-      question = _field(qa, "question", path, where, str)
-      answer = _field(qa, "answer", path, where, str)
-      if qa_image != image_id:
-        raise DataError.at(path, f"{where}.image_id is {qa_image}, but "
-                                  f"[{i}].id is {image_id}")
-      if qa_id in first:
-        raise DataError.at(path, f"{where}: qa_id {qa_id} is also "
-                                  f"{first[qa_id]}")
-      first[qa_id] = where
-      out.append(VQAExample(question_id=qa_id, image_id=image_id,
-                            image_path=image_path, question=question,
-                            answers=(answer,) * 10))
-  return out
-
-
-def write_vqa_predictions(path: str,
-                          predictions: Iterable[tuple[int, str]]) -> str:
-  """Writes answers in the VQA evaluation server's result format.
-
-  Args:
-    path: the result file, e.g. `vqav2_test-dev2015_eve_results.json`.
-    predictions: (question_id, answer) pairs, one per question.
-
-  Returns:
-    path, written atomically: `[{"question_id": int, "answer": str}, ...]`.
-
-  Raises:
-    DataError: a question_id twice, an id that is not an integer,
-      an answer that is not a string (nothing is written).
-  """
-  rows = []
-  seen = set()
-  for k, (question_id, answer) in enumerate(predictions):
-    if isinstance(question_id, bool) or not hasattr(question_id, "__index__"):
-      raise DataError.at(path, f"prediction {k}: question_id "
-                                f"{question_id!r} is not an integer")
-    question_id = int(question_id)  # numpy integers are not JSON numbers
-    if not isinstance(answer, str):
-      raise DataError.at(path, f"prediction {k}: answer {answer!r} "
-                                "is not a string")
-    if question_id in seen:
-      raise DataError.at(path, f"prediction {k}: question_id "
-                                f"{question_id} given twice")
-    seen.add(question_id)
-    rows.append({"question_id": question_id, "answer": answer})
-  tmp = f"{path}.tmp{os.getpid()}"
-  with open(tmp, "w", encoding="utf-8") as f:
-    json.dump(rows, f)
-  os.replace(tmp, path)
-  return path
-
-
-def load_vqa_predictions(path: str) -> dict[int, str]:
-  """Reads a result file of `write_vqa_predictions`: question_id -> answer."""
-  data = _load_json(path)
-  if not isinstance(data, list):
-    raise DataError.at(path, f"is {_show(data)}, expected a JSON list "
-                              "of {\"question_id\", \"answer\"} objects")
-  out: dict[int, str] = {}
-  for k, row in enumerate(data):
-    question_id = _field(row, "question_id", path, f"[{k}]", int)
-    answer = _field(row, "answer", path, f"[{k}]", str)
-    if question_id in out:
-      raise DataError.at(path, f"[{k}]: question_id {question_id} "
-                                "given twice")
-    out[question_id] = answer
-  return out
-
-
-# --------------------------------------------------------------------------
 # NLVR2.
 
 
@@ -430,7 +144,7 @@ def load_nlvr2(jsonl_path: str, image_dir: str) -> list[NLVR2Example]:
       duplicate identifier, a train example without `directory`.
   """
   path = jsonl_path
-  _check_file(path)
+  check_file(path)
   out = []
   first_line: dict[str, int] = {}
   try:
@@ -448,17 +162,17 @@ def load_nlvr2(jsonl_path: str, image_dir: str) -> list[NLVR2Example]:
               f"{e.pos + 1})") from None
         except ValueError as e:  # UnicodeDecodeError
           raise DataError.at(
-              path, f"{where}: not valid JSON ({_one_line(e)})") from None
-        identifier = _field(obj, "identifier", path, where, str)
-        sentence = _field(obj, "sentence", path, where, str)
-        raw_label = _field(obj, "label", path, where)
+              path, f"{where}: not valid JSON ({one_line(e)})") from None
+        identifier = field(obj, "identifier", path, where, str)
+        sentence = field(obj, "sentence", path, where, str)
+        raw_label = field(obj, "label", path, where)
         if not isinstance(raw_label, (str, bool)) or raw_label not in _NLVR2_LABELS:
-          raise DataError.at(path, f"{where}: label is {_show(raw_label)}, "
+          raise DataError.at(path, f"{where}: label is {show(raw_label)}, "
                                     "expected \"True\" or \"False\"")
         match = _NLVR2_IDENTIFIER.match(identifier)
         if not match:
           raise DataError.at(
-              path, f"{where}: identifier {_show(identifier)} is not "
+              path, f"{where}: identifier {show(identifier)} is not "
               "split-set-pair-sentence (e.g. \"dev-850-0-0\")")
         if identifier in first_line:
           raise DataError.at(path, f"{where}: identifier {identifier} "
@@ -473,9 +187,9 @@ def load_nlvr2(jsonl_path: str, image_dir: str) -> list[NLVR2Example]:
             raise DataError.at(path, f"{where} has no 'directory' "
                                       "(train images live in "
                                       "image_dir/DIRECTORY/)")
-          if not (_is(directory, int) or _is(directory, str)):
+          if not (is_kind(directory, int) or is_kind(directory, str)):
             raise DataError.at(path, f"{where}: directory is "
-                                      f"{_show(directory)}, expected an "
+                                      f"{show(directory)}, expected an "
                                       "integer or a string")
           folder = os.path.join(image_dir, str(directory))
         left, right = nlvr2_image_names(identifier)
@@ -524,32 +238,32 @@ def load_karpathy(json_path: str, image_root: str,
                      f"got {split!r}")
   wanted = {"train", "restval"} if split == "train" else {split}
   path = json_path
-  data = _load_json(path)
-  images = _list_field(data, "images", path, "the file")
+  data = load_json(path)
+  images = list_field(data, "images", path, "the file")
   out = []
   first: dict[str, int] = {}
   for i, image in enumerate(images):
     where = f"images[{i}]"
-    image_split = _field(image, "split", path, where, str)
+    image_split = field(image, "split", path, where, str)
     if image_split not in KARPATHY_SPLITS:
       raise DataError.at(path, f"{where}.split is {image_split!r}, "
                                 f"expected one of {', '.join(KARPATHY_SPLITS)}")
-    filename = _field(image, "filename", path, where, str)
+    filename = field(image, "filename", path, where, str)
     folder = image_root
     if "filepath" in image:
       folder = os.path.join(image_root,
-                            _field(image, "filepath", path, where, str))
-    sentences = _list_field(image, "sentences", path, where)
+                            field(image, "filepath", path, where, str))
+    sentences = list_field(image, "sentences", path, where)
     if not sentences:
       raise DataError.at(path, f"{where}.sentences is empty")
     captions = []
     for k, sentence in enumerate(sentences):
-      raw = _field(sentence, "raw", path, f"{where}.sentences[{k}]", str)
+      raw = field(sentence, "raw", path, f"{where}.sentences[{k}]", str)
       if not raw.strip():
         raise DataError.at(path, f"{where}.sentences[{k}].raw is blank")
       captions.append(raw.strip())
     if "cocoid" in image:
-      image_id = str(_field(image, "cocoid", path, where, int))
+      image_id = str(field(image, "cocoid", path, where, int))
     else:
       image_id = os.path.splitext(filename)[0]
     if image_split not in wanted:
@@ -613,3 +327,4 @@ def check_images(examples: Iterable[VQAExample | NLVR2Example | RetrievalImage]
     raise DataError.at(image_path, f"no such image (needed by {who}; "
                               f"{missing} of {len(checked)} images missing)")
   return len(checked)
+

@@ -35,7 +35,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from eve_jax.data import downstream, finetune_data, specs
+from eve_jax.data import downstream, downstream_vqa, finetune_data, specs
 from eve_jax.data.errors import DataError
 from eve_jax.finetune import FineTuning
 from eve_jax.model.task_models import VQAModel
@@ -105,7 +105,7 @@ class VQATask(FineTuning):
     self.train_examples = [ex for s in splits for ex in self._load(s, True)]
     if d.get("vg_qa"):  # Visual Genome QA as extra training data (optional;
       # the paper does not use it)
-      vg = downstream.load_vg_qa(d.vg_qa, d.vg_image_dir)
+      vg = downstream_vqa.load_vg_qa(d.vg_qa, d.vg_image_dir)
       downstream.check_images(vg)
       self.train_examples += vg
     self.eval_examples = self._load(d.eval_split, True) if d.eval_split \
@@ -135,7 +135,7 @@ class VQATask(FineTuning):
                                 "json") if annotated else None)
     sub = os.path.join(self.image_dir, split)
     images = sub if os.path.isdir(sub) else self.image_dir
-    examples = downstream.load_vqa(questions, annotations, images)
+    examples = downstream_vqa.load_vqa(questions, annotations, images)
     downstream.check_images(examples)
     return examples
 
@@ -208,7 +208,7 @@ class VQATask(FineTuning):
     if self.test_examples:
       pred = run_eval(self.test_examples, self.encode_eval, self.predict)
       if is_main:
-        downstream.write_vqa_predictions(
+        downstream_vqa.write_vqa_predictions(
             os.path.join(workdir, f"vqa_{self.test_split}_predictions.json"),
             [(ex.question_id, self.vocab[int(i)])
              for ex, i in zip(self.test_examples, pred)])
