@@ -18,9 +18,13 @@ from eve_jax import config_lib
 
 def get_config(arg=None):
   variant = config_lib.parse_arg(arg, variant="base").variant
-  c = config_lib.finetune_config("nlvr2", variant,
-                                 lr=3e-5 if variant == "large" else 4e-5,
-                                 batch_size=128, image_size=384)
+  c = config_lib.finetune_config(
+      "nlvr2",
+      variant,
+      lr=3e-5 if variant == "large" else 4e-5,
+      batch_size=128,
+      image_size=384,
+  )
   c.data.update(dict(train="train.json", eval="dev.json", test="test1.json"))
   # The released EVE head (bi-attention, attention pooling over every
   # token of both passes): on EVE-Shapes it learns reliably where the

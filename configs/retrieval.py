@@ -23,12 +23,19 @@ from eve_jax import config_lib
 def get_config(arg=None):
   variant = config_lib.parse_arg(arg, variant="base").variant
   tiny = variant == "tiny"
-  c = config_lib.finetune_config("retrieval", variant,
-                                 lr=5e-5 if variant == "large" else 3.5e-5,
-                                 batch_size=256, image_size=384)
-  c.data.update(dict(
-      karpathy="dataset_shapes.json" if tiny else "dataset_coco.json",
-      image_root=""))
+  c = config_lib.finetune_config(
+      "retrieval",
+      variant,
+      lr=5e-5 if variant == "large" else 3.5e-5,
+      batch_size=256,
+      image_size=384,
+  )
+  c.data.update(
+      dict(
+          karpathy="dataset_shapes.json" if tiny else "dataset_coco.json",
+          image_root="",
+      )
+  )
   # ITC picks the top k candidates, ITM reranks them (paper: 128).
   c.retrieval = ml_collections.ConfigDict(dict(k_test=16 if tiny else 128))
   if tiny:

@@ -24,15 +24,25 @@ def get_config(arg=None):
   tiny = variant == "tiny"
   # tiny: its tokenizer knows only caption words, so question words split
   # into letters: 24 tokens hold every EVE-Shapes question.
-  c = config_lib.finetune_config("vqa", variant, lr=3e-5, batch_size=128,
-                                 image_size=480,
-                                 max_text_len=24 if tiny else 40)
-  c.data.update(dict(train_splits="train2014", eval_split="val2014",
-                     test_split="test2015" if tiny else "", vg_qa="",
-                     vg_image_dir=""))
+  c = config_lib.finetune_config(
+      "vqa",
+      variant,
+      lr=3e-5,
+      batch_size=128,
+      image_size=480,
+      max_text_len=24 if tiny else 40,
+  )
+  c.data.update(
+      dict(
+          train_splits="train2014",
+          eval_split="val2014",
+          test_split="test2015" if tiny else "",
+          vg_qa="",
+          vg_image_dir="",
+      )
+  )
   # min_answer_count: answers given this often in training form the answer
   # vocabulary. metric: the official script's answer processing,
   # "vqa2021" (today's) or "vqa2016" (tasks/metrics.py, VQA_RULES).
-  c.vqa = ml_collections.ConfigDict(dict(min_answer_count=9,
-                                         metric="vqa2021"))
+  c.vqa = ml_collections.ConfigDict(dict(min_answer_count=9, metric="vqa2021"))
   return c

@@ -43,23 +43,37 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 _CONFIG = config_flags.DEFINE_config_file(
-    "config", None, "Config file, e.g. configs/base.py:small.",
-    lock_config=False)
-_STEPS = flags.DEFINE_integer("steps", 10, "Timed steps (the median is "
-                              "reported).")
+    "config",
+    None,
+    "Config file, e.g. configs/base.py:small.",
+    lock_config=False,
+)
+_STEPS = flags.DEFINE_integer(
+    "steps", 10, "Timed steps (the median is " "reported)."
+)
 _WARMUP = flags.DEFINE_integer("warmup", 2, "Untimed steps after compiling.")
-_BATCH = flags.DEFINE_integer("batch_size", 0, "Global batch; 0 = the "
-                              "config's train.batch_size.")
+_BATCH = flags.DEFINE_integer(
+    "batch_size", 0, "Global batch; 0 = the " "config's train.batch_size."
+)
 _COMPARE = flags.DEFINE_multi_enum(
-    "compare", [], ["dense", "objectives", "scan"],
+    "compare",
+    [],
+    ["dense", "objectives", "scan"],
     "Also measure the dense model, the other objective sets and/or the "
-    "model with model.scan_layers flipped.")
+    "model with model.scan_layers flipped.",
+)
 _OBJECTIVES = flags.DEFINE_string(
-    "objectives", None, "Objectives of the measured step, e.g. mlm,itc,itm "
-    "(default: the config's, mlm,mim).")
+    "objectives",
+    None,
+    "Objectives of the measured step, e.g. mlm,itc,itm "
+    "(default: the config's, mlm,mim).",
+)
 _JSON = flags.DEFINE_bool("json", False, "Print one JSON object.")
-_MATMUL_N = flags.DEFINE_integer("matmul_size", 0, "Side of the peak-FLOPs "
-                                 "matmul; 0 = 2048 on CPU, 8192 otherwise.")
+_MATMUL_N = flags.DEFINE_integer(
+    "matmul_size",
+    0,
+    "Side of the peak-FLOPs " "matmul; 0 = 2048 on CPU, 8192 otherwise.",
+)
 
 OBJECTIVE_SETS = ("mlm,mim", "mlm,itc,itm", "mlm,mim,itc,itm")
 
@@ -67,6 +81,7 @@ OBJECTIVE_SETS = ("mlm,mim", "mlm,itc,itm", "mlm,mim,itc,itm")
 @dataclasses.dataclass(frozen=True)
 class SyntheticVocab:
   """Stands in for a tokenizer when the benchmark makes up its text."""
+
   vocab_size: int
   pad_id: int = 0
   cls_id: int = 2
@@ -83,6 +98,7 @@ def matmul_peak(dtype, n: int, reps: int = 10) -> float:
   do, so the fastest call, not the median)."""
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+
   k1, k2 = jax.random.split(jax.random.key(0))
   a = jax.random.normal(k1, (n, n), jnp.float32).astype(dtype)
   b = jax.random.normal(k2, (n, n), jnp.float32).astype(dtype)
@@ -93,29 +109,41 @@ def matmul_peak(dtype, n: int, reps: int = 10) -> float:
     t = time.perf_counter()
     f(a, b).block_until_ready()
     times.append(time.perf_counter() - t)
-  return 2.0 * n ** 3 / min(times)
+  return 2.0 * n**3 / min(times)
 
 
 def _batch(config, vocab, model_cfg, batch_size: int):
   """One global batch (numpy): EVE-Shapes for shapes configs, else random."""
   import numpy as np  # pylint: disable=g-import-not-at-top
+
   if config.data.name == "shapes":
     from eve_jax.data import pipeline  # pylint: disable=g-import-not-at-top
+
     ds = pipeline.make_shapes_dataset(
-        seed=config.seed, split="train", image_size=model_cfg.image_size,
-        tokenizer=vocab, max_text_len=model_cfg.max_text_len,
-        batch_size=batch_size)
+        seed=config.seed,
+        split="train",
+        image_size=model_cfg.image_size,
+        tokenizer=vocab,
+        max_text_len=model_cfg.max_text_len,
+        batch_size=batch_size,
+    )
     b = next(iter(ds))
     return {k: b[k] for k in ("image", "text", "text_valid")}, "eve-shapes"
   rng = np.random.default_rng(0)
   size = model_cfg.image_size
-  text = rng.integers(len(vocab.special_ids), vocab.vocab_size,
-                      (batch_size, model_cfg.max_text_len)).astype(np.int32)
+  text = rng.integers(
+      len(vocab.special_ids),
+      vocab.vocab_size,
+      (batch_size, model_cfg.max_text_len),
+  ).astype(np.int32)
   text[:, 0] = vocab.cls_id
-  return {"image": rng.uniform(-1, 1, (batch_size, size, size, 3)
-                               ).astype(np.float32),
-          "text": text,
-          "text_valid": np.ones(text.shape, bool)}, "synthetic"
+  return {
+      "image": rng.uniform(-1, 1, (batch_size, size, size, 3)).astype(
+          np.float32
+      ),
+      "text": text,
+      "text_valid": np.ones(text.shape, bool),
+  }, "synthetic"
 
 
 class Runner:
@@ -125,6 +153,7 @@ class Runner:
 
   def __init__(self, config, vocab, batch_size: int):
     from eve_jax import sharding, train  # pylint: disable=g-import-not-at-top
+
     config = config.copy_and_resolve_references()
     config.train.batch_size = batch_size
     config.train.eval_batch_size = batch_size
@@ -134,10 +163,10 @@ class Runner:
     sharding.check_batch("batch_size", batch_size, self.mesh, self.rules)
     with sharding.use(self.mesh, self.rules):
       self.prog = train.build_program(config, vocab, self.mesh, self.rules)
-      local, self.data = _batch(config, vocab, self.prog.model_cfg,
-                                batch_size)
-      self.batch = sharding.global_batch(local, self.prog.batch_sharding,
-                                         batch_size)
+      local, self.data = _batch(config, vocab, self.prog.model_cfg, batch_size)
+      self.batch = sharding.global_batch(
+          local, self.prog.batch_sharding, batch_size
+      )
       self.state = self.prog.init(self.prog.init_rng)
       t0 = time.perf_counter()
       self.compiled = self.prog.step.lower(self.state, self.batch).compile()
@@ -147,6 +176,7 @@ class Runner:
 
   def step(self, timed: bool = True) -> None:
     import jax  # pylint: disable=g-import-not-at-top
+
     t = time.perf_counter()
     self.state, self.metrics = self.compiled(self.state, self.batch)
     jax.block_until_ready(self.state)
@@ -157,26 +187,34 @@ class Runner:
     import jax  # pylint: disable=g-import-not-at-top
     from eve_jax.program import xla_flops  # pylint: disable=g-import-not-at-top
     from eve_jax.flops import train_flops_per_sample  # pylint: disable=g-import-not-at-top
+
     step_s = statistics.median(self.times)
     flops = train_flops_per_sample(
-        self.prog.model_cfg, self.prog.task.objectives,
+        self.prog.model_cfg,
+        self.prog.task.objectives,
         image_mask_ratio=self.config.masking.image_mask_ratio,
-        batch_size=self.batch_size)
+        batch_size=self.batch_size,
+    )
     mem = self.compiled.memory_analysis()
     stats = jax.local_devices()[0].memory_stats() or {}
     if "peak_bytes_in_use" in stats:
       peak_mem, mem_source = int(stats["peak_bytes_in_use"]), "device"
     else:  # CPU: what XLA planned for the step's buffers
-      peak_mem = int(mem.argument_size_in_bytes + mem.output_size_in_bytes
-                     + mem.temp_size_in_bytes - mem.alias_size_in_bytes)
+      peak_mem = int(
+          mem.argument_size_in_bytes
+          + mem.output_size_in_bytes
+          + mem.temp_size_in_bytes
+          - mem.alias_size_in_bytes
+      )
       mem_source = "xla_memory_analysis"
     return {
         "step_s": step_s,
         "step_s_min": min(self.times),
         "samples_per_s": self.batch_size / step_s,
         "flops_per_sample_analytic": flops["total"],
-        "flops_per_sample_xla": (xla_flops(self.compiled)
-                                 * self.mesh.size / self.batch_size),
+        "flops_per_sample_xla": (
+            xla_flops(self.compiled) * self.mesh.size / self.batch_size
+        ),
         "compile_s": self.compile_s,
         "peak_memory_bytes": peak_mem,
         "peak_memory_source": mem_source,
@@ -209,23 +247,34 @@ def _time_interleaved(runners: dict, steps: int, warmup: int) -> None:
     for _ in range(warmup):
       r.step(timed=False)
   for i in range(steps):
-    for r in order[i % len(order):] + order[:i % len(order)]:
+    for r in order[i % len(order) :] + order[: i % len(order)]:
       r.step()
 
 
-def run(config, *, steps: int, warmup: int, batch_size: int,
-        compare=(), matmul_size: int = 0) -> dict:
+def run(
+    config,
+    *,
+    steps: int,
+    warmup: int,
+    batch_size: int,
+    compare=(),
+    matmul_size: int = 0,
+) -> dict:
   """The benchmark's JSON object (see the module docstring)."""
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+
   batch_size = batch_size or config.train.batch_size
   if config.data.name == "shapes":
     from eve_jax.data.tokenizer import shapes_tokenizer  # pylint: disable=g-import-not-at-top
+
     with tempfile.TemporaryDirectory() as d:
-      vocab = shapes_tokenizer(f"{d}/tokenizer.model",
-                               vocab_size=config.data.vocab_size,
-                               num_captions=config.data.num_tokenizer_captions,
-                               seed=config.seed)
+      vocab = shapes_tokenizer(
+          f"{d}/tokenizer.model",
+          vocab_size=config.data.vocab_size,
+          num_captions=config.data.num_tokenizer_captions,
+          seed=config.seed,
+      )
   else:
     vocab = SyntheticVocab(config.data.vocab_size)
   dtype = jnp.dtype(config.model.dtype)
@@ -258,8 +307,9 @@ def run(config, *, steps: int, warmup: int, batch_size: int,
         c.objectives = objectives
         phase2[objectives] = Runner(c, vocab, batch_size)
     _time_interleaved(phase2, steps, warmup)
-    results["objectives"] = {k: r.summary()["samples_per_s"]
-                             for k, r in phase2.items()}
+    results["objectives"] = {
+        k: r.summary()["samples_per_s"] for k, r in phase2.items()
+    }
     del phase2
   peak = max(peak, matmul_peak(dtype, n)) * jax.device_count()
 
@@ -275,8 +325,9 @@ def run(config, *, steps: int, warmup: int, batch_size: int,
       "peak_matmul_size": n,
   }
   out["mfu"] = out["samples_per_s"] * out["flops_per_sample_analytic"] / peak
-  out["flops_xla_over_analytic"] = (out["flops_per_sample_xla"]
-                                    / out["flops_per_sample_analytic"])
+  out["flops_xla_over_analytic"] = (
+      out["flops_per_sample_xla"] / out["flops_per_sample_analytic"]
+  )
   if "dense" in results:
     dense = results["dense"]
     out["dense_step_s"] = dense["step_s"]
@@ -286,15 +337,20 @@ def run(config, *, steps: int, warmup: int, batch_size: int,
     a, b = main, results["scan"]
     scanned, unrolled = (a, b) if config.model.scan_layers else (b, a)
     out["scan"] = dict(
-        scanned_step_s=scanned["step_s"], unrolled_step_s=unrolled["step_s"],
+        scanned_step_s=scanned["step_s"],
+        unrolled_step_s=unrolled["step_s"],
         scanned_compile_s=scanned["compile_s"],
         unrolled_compile_s=unrolled["compile_s"],
         scanned_peak_memory_bytes=scanned["peak_memory_bytes"],
-        unrolled_peak_memory_bytes=unrolled["peak_memory_bytes"])
+        unrolled_peak_memory_bytes=unrolled["peak_memory_bytes"],
+    )
     out["scan_step_over_unrolled"] = scanned["step_s"] / unrolled["step_s"]
   if "objectives" in results:
-    per = {o: results["objectives"][o] for o in OBJECTIVE_SETS
-           if o in results["objectives"]}
+    per = {
+        o: results["objectives"][o]
+        for o in OBJECTIVE_SETS
+        if o in results["objectives"]
+    }
     out["objectives_samples_per_s"] = per
     out["mlm_mim_over_mlm_itc_itm"] = per["mlm,mim"] / per["mlm,itc,itm"]
   return out
@@ -315,19 +371,27 @@ def main(argv) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   if _CONFIG.value is None:
-    raise app.UsageError("--config is required, e.g. "
-                         "--config=configs/base.py:small")
+    raise app.UsageError(
+        "--config is required, e.g. " "--config=configs/base.py:small"
+    )
   logging.set_verbosity(logging.WARNING)
   config = _CONFIG.value
   if _OBJECTIVES.value:
     config.objectives = _OBJECTIVES.value
   try:
-    out = run(config, steps=_STEPS.value, warmup=_WARMUP.value,
-              batch_size=_BATCH.value, compare=tuple(_COMPARE.value),
-              matmul_size=_MATMUL_N.value)
+    out = run(
+        config,
+        steps=_STEPS.value,
+        warmup=_WARMUP.value,
+        batch_size=_BATCH.value,
+        compare=tuple(_COMPARE.value),
+        matmul_size=_MATMUL_N.value,
+    )
   except ValueError as e:
-    print(f"eve_jax.bench: error: {str(e).strip().splitlines()[0]}",
-          file=sys.stderr)
+    print(
+        f"eve_jax.bench: error: {str(e).strip().splitlines()[0]}",
+        file=sys.stderr,
+    )
     sys.exit(1)
   print(json.dumps(out) if _JSON.value else _table(out))
 

@@ -20,8 +20,10 @@ def _names(tree: Any) -> list[tuple[str, Any]]:
   names them with nnx Variables' trailing ".value" dropped."""
   out = []
   for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
-    parts = [str(getattr(k, "key", getattr(k, "idx", getattr(k, "name", k))))
-             for k in path]
+    parts = [
+        str(getattr(k, "key", getattr(k, "idx", getattr(k, "name", k))))
+        for k in path
+    ]
     if parts and parts[-1] == "value":
       parts = parts[:-1]
     out.append((".".join(parts), leaf))
@@ -37,8 +39,10 @@ class Checkpointer:
     self._mngr = ocp.CheckpointManager(
         self.directory,
         options=ocp.CheckpointManagerOptions(
-            max_to_keep=keep, create=True, save_interval_steps=1),
-        item_names=("state", "data"))
+            max_to_keep=keep, create=True, save_interval_steps=1
+        ),
+        item_names=("state", "data"),
+    )
 
   def latest_step(self) -> int | None:
     return self._mngr.latest_step()
@@ -48,9 +52,13 @@ class Checkpointer:
 
   def save(self, step: int, state: Any, data_state: Any) -> None:
     """Starts an asynchronous save of `state` and the iterator state."""
-    self._mngr.save(step, args=ocp.args.Composite(
-        state=ocp.args.StandardSave(state),
-        data=ocp.args.JsonSave(data_state)))
+    self._mngr.save(
+        step,
+        args=ocp.args.Composite(
+            state=ocp.args.StandardSave(state),
+            data=ocp.args.JsonSave(data_state),
+        ),
+    )
 
   def restore(self, step: int, abstract_state: Any) -> tuple[Any, Any]:
     """Restores (state, data_state) at `step` into `abstract_state`'s layout.
@@ -63,17 +71,24 @@ class Checkpointer:
     # orbax starts reading arrays it would have to abandon.
     what = self.mismatch(step, abstract_state)
     if what is not None:
-      raise ValueError(f"checkpoint {self.directory}/{step} does not match "
-                       f"this model config: {what[:300]}")
+      raise ValueError(
+          f"checkpoint {self.directory}/{step} does not match "
+          f"this model config: {what[:300]}"
+      )
     try:
-      out = self._mngr.restore(step, args=ocp.args.Composite(
-          state=ocp.args.StandardRestore(abstract_state),
-          data=ocp.args.JsonRestore()))
+      out = self._mngr.restore(
+          step,
+          args=ocp.args.Composite(
+              state=ocp.args.StandardRestore(abstract_state),
+              data=ocp.args.JsonRestore(),
+          ),
+      )
     except (ValueError, KeyError, TypeError) as e:
       what = str(e).strip().splitlines()[0] if str(e).strip() else repr(e)
       raise ValueError(
           f"checkpoint {self.directory}/{step} does not match this model "
-          f"config: {what[:300]}") from None
+          f"config: {what[:300]}"
+      ) from None
     return out.state, out.data
 
   def mismatch(self, step: int, abstract_state: Any) -> str | None:
@@ -87,15 +102,18 @@ class Checkpointer:
     except (OSError, ValueError, KeyError, TypeError):
       return None
     meta = getattr(getattr(meta, "item_metadata", meta), "tree", meta)
-    saved = {n: tuple(getattr(m, "shape", ()) or ())
-             for n, m in _names(meta)}
+    saved = {n: tuple(getattr(m, "shape", ()) or ()) for n, m in _names(meta)}
     wanted = {n: tuple(x.shape) for n, x in _names(abstract_state)}
-    order = sorted(wanted.keys() | saved.keys(),
-                   key=lambda n: (not n.startswith("params."), n))
+    order = sorted(
+        wanted.keys() | saved.keys(),
+        key=lambda n: (not n.startswith("params."), n),
+    )
     for n in order:
       if n in wanted and n in saved and wanted[n] != saved[n]:
-        return (f"{n} is {list(saved[n])} in the checkpoint but "
-                f"{list(wanted[n])} in this model")
+        return (
+            f"{n} is {list(saved[n])} in the checkpoint but "
+            f"{list(wanted[n])} in this model"
+        )
       if n not in saved:
         return f"{n} {list(wanted[n])} of this model is not in the checkpoint"
       if n not in wanted:

@@ -58,31 +58,45 @@ from eve_jax.aot import step  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file(
-    "config", None, "Config file, e.g. configs/base.py or configs/vqa.py.",
-    lock_config=True)
+    "config",
+    None,
+    "Config file, e.g. configs/base.py or configs/vqa.py.",
+    lock_config=True,
+)
 _TOPOLOGY = flags.DEFINE_string(
-    "topology", None, "v5p:4x4x4, v6e:8x8, v5e:16x16 ... or h100x8, "
-    "h200x8, h100x8x4 (nodes x GPUs).")
-_NUM_SLICES = flags.DEFINE_integer("num_slices", 1,
-                                   "TPU slices (multislice).")
+    "topology",
+    None,
+    "v5p:4x4x4, v6e:8x8, v5e:16x16 ... or h100x8, "
+    "h200x8, h100x8x4 (nodes x GPUs).",
+)
+_NUM_SLICES = flags.DEFINE_integer("num_slices", 1, "TPU slices (multislice).")
 _JSON = flags.DEFINE_bool("json", False, "Print one JSON object.")
-_HLO_OUT = flags.DEFINE_string("hlo_out", None,
-                               "Write the optimized HLO text here.")
+_HLO_OUT = flags.DEFINE_string(
+    "hlo_out", None, "Write the optimized HLO text here."
+)
 _DEPTH = flags.DEFINE_string(
-    "depth", None, "A,B: compile at A and B blocks and extrapolate to the "
-    "model's depth.")
-_SEARCH = flags.DEFINE_bool("search", False,
-                            "Try meshes / remat / scan / batches.")
+    "depth",
+    None,
+    "A,B: compile at A and B blocks and extrapolate to the " "model's depth.",
+)
+_SEARCH = flags.DEFINE_bool(
+    "search", False, "Try meshes / remat / scan / batches."
+)
 _BATCHES = flags.DEFINE_string(
-    "per_device_batch", None, "--search: per-device batches to try "
-    "(comma separated; default the config's).")
+    "per_device_batch",
+    None,
+    "--search: per-device batches to try "
+    "(comma separated; default the config's).",
+)
 _MAX_CANDIDATES = flags.DEFINE_integer(
-    "max_candidates", 24, "--search: compile at most this many.")
+    "max_candidates", 24, "--search: compile at most this many."
+)
 _VOCAB = flags.DEFINE_integer(
-    "vocab_size", None, "Tokenizer vocabulary (default data.vocab_size or "
-    "model.vocab_size).")
-_ANSWERS = flags.DEFINE_integer("num_answers", 3129,
-                                "VQA answer vocabulary.")
+    "vocab_size",
+    None,
+    "Tokenizer vocabulary (default data.vocab_size or " "model.vocab_size).",
+)
+_ANSWERS = flags.DEFINE_integer("num_answers", 3129, "VQA answer vocabulary.")
 # Accepted and unused, so that a launcher can pass a run's own arguments.
 flags.DEFINE_string("workdir", None, "Ignored (a run's flag).")
 
@@ -92,10 +106,14 @@ EXIT_DOES_NOT_FIT = 3
 def format_report(r: dict) -> str:
   """The report as a few human lines."""
   g = lambda b: f"{b / 2 ** 30:.2f} GiB"  # noqa: E731
-  mesh = " x ".join(f"{k}={v}" for k, v in r["mesh"].items() if v > 1) or \
-      "one device"
-  lines = [f"{r['target']}; mesh {mesh}; batch {r['batch_size']} "
-           f"({r['per_device_batch']:g} per device)"]
+  mesh = (
+      " x ".join(f"{k}={v}" for k, v in r["mesh"].items() if v > 1)
+      or "one device"
+  )
+  lines = [
+      f"{r['target']}; mesh {mesh}; batch {r['batch_size']} "
+      f"({r['per_device_batch']:g} per device)"
+  ]
   if not r["fits"] and "memory" not in r:
     lines.append(f"DOES NOT FIT: {r['error']}")
     return "\n".join(lines)
@@ -104,16 +122,27 @@ def format_report(r: dict) -> str:
       f"memory per device: {g(m['total'])} of {g(r['hbm_bytes'])} "
       f"(arguments {g(m['argument'])}, outputs {g(m['output'])}, aliased "
       f"{g(m['alias'])}, temp {g(m['temp'])}); margin "
-      f"{g(r['margin_bytes'])}: {'fits' if r['fits'] else 'DOES NOT FIT'}")
+      f"{g(r['margin_bytes'])}: {'fits' if r['fits'] else 'DOES NOT FIT'}"
+  )
   xla = r.get("xla_over_analytic")
   lines.append(
       f"compile {r['compile_s']:.1f} s (lowering {r['lower_s']:.1f} s"
-      + ("; both depths" if "extrapolated_from" in r else "") + "); "
+      + ("; both depths" if "extrapolated_from" in r else "")
+      + "); "
       f"FLOPs per step {r['flops_per_step_analytic']:.4g} analytic"
-      + (f", XLA {r['flops_per_step_xla']:.4g} ({xla:.3f}x)" if xla
-         else ", XLA: no cost analysis on this platform"))
-  coll = ", ".join(f"{k} {int(v['count'])} ({v['bytes'] / 2 ** 20:.1f} MiB)"
-                   for k, v in sorted(r["collectives"].items())) or "none"
+      + (
+          f", XLA {r['flops_per_step_xla']:.4g} ({xla:.3f}x)"
+          if xla
+          else ", XLA: no cost analysis on this platform"
+      )
+  )
+  coll = (
+      ", ".join(
+          f"{k} {int(v['count'])} ({v['bytes'] / 2 ** 20:.1f} MiB)"
+          for k, v in sorted(r["collectives"].items())
+      )
+      or "none"
+  )
   lines.append(f"collectives per device: {coll}")
   lines.append(
       f"ESTIMATED step {r['est_step_s'] * 1e3:.3g} ms, MFU "
@@ -121,14 +150,21 @@ def format_report(r: dict) -> str:
       f"{r['roofline_step_s'] * 1e3:.1f} ms = max(compute "
       f"{r['compute_s'] * 1e3:.1f}, memory {r['memory_s'] * 1e3:.1f}) + "
       f"collectives {r['collectives_s'] * 1e3:.1f} ms"
-      + (f"; TPU cost model {r['cost_model_step_s'] * 1e3:.1f} ms with "
-         f"{r['sparsecore_offloads']} SparseCore offloads added back"
-         if "cost_model_step_s" in r else "") + ")")
+      + (
+          f"; TPU cost model {r['cost_model_step_s'] * 1e3:.1f} ms with "
+          f"{r['sparsecore_offloads']} SparseCore offloads added back"
+          if "cost_model_step_s" in r
+          else ""
+      )
+      + ")"
+  )
   if r.get("extrapolated_from"):
-    lines.append(f"(extrapolated linearly from depths "
-                 f"{r['extrapolated_from']}"
-                 + (", compiled unscanned" if r.get("extrapolated_unscanned")
-                    else "") + ")")
+    lines.append(
+        f"(extrapolated linearly from depths "
+        f"{r['extrapolated_from']}"
+        + (", compiled unscanned" if r.get("extrapolated_unscanned") else "")
+        + ")"
+    )
   if r.get("cost_model_note"):
     lines.append(f"note: {r['cost_model_note']}")
   return "\n".join(lines)
@@ -143,22 +179,36 @@ def main(argv) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   if _CONFIG.value is None or not _TOPOLOGY.value:
-    raise app.UsageError("--config and --topology are required, e.g. "
-                         "--config=configs/base.py --topology=v5p:2x2x2")
+    raise app.UsageError(
+        "--config and --topology are required, e.g. "
+        "--config=configs/base.py --topology=v5p:2x2x2"
+    )
   config = _CONFIG.value
   try:
     target = _targets.get_target(_TOPOLOGY.value, _NUM_SLICES.value)
     if _SEARCH.value:
       from eve_jax.aot import search  # pylint: disable=g-import-not-at-top
-      rows = search.run(config, target, batches=_BATCHES.value,
-                        depth=_DEPTH.value, vocab_size=_VOCAB.value,
-                        num_answers=_ANSWERS.value,
-                        max_candidates=_MAX_CANDIDATES.value,
-                        log=lambda s: print(s, file=sys.stderr, flush=True))
+
+      rows = search.run(
+          config,
+          target,
+          batches=_BATCHES.value,
+          depth=_DEPTH.value,
+          vocab_size=_VOCAB.value,
+          num_answers=_ANSWERS.value,
+          max_candidates=_MAX_CANDIDATES.value,
+          log=lambda s: print(s, file=sys.stderr, flush=True),
+      )
       print(json.dumps(rows) if _JSON.value else search.format_table(rows))
       sys.exit(0 if any(r["fits"] for r in rows) else EXIT_DOES_NOT_FIT)
-    r = step.compile_one(config, target, _DEPTH.value, _HLO_OUT.value,
-                    _VOCAB.value, _ANSWERS.value)
+    r = step.compile_one(
+        config,
+        target,
+        _DEPTH.value,
+        _HLO_OUT.value,
+        _VOCAB.value,
+        _ANSWERS.value,
+    )
   except ValueError as e:  # TargetError, mesh / batch / config errors
     _fail(str(e).strip().splitlines()[0])
   print(json.dumps(r) if _JSON.value else format_report(r))

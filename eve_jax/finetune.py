@@ -49,7 +49,8 @@ from eve_jax.tasks.contract import RunContext
 def train_steps(config, num_train: int) -> int:
   """`train.steps`, else `train.epochs` x examples / batch."""
   return config.train.steps or math.ceil(
-      config.train.epochs * num_train / config.train.batch_size)
+      config.train.epochs * num_train / config.train.batch_size
+  )
 
 
 def shapes_tasks_dir(config, workdir: str) -> str:
@@ -69,8 +70,13 @@ class FineTuning:
 
   # -- what each task provides (see the module docstring) -------------------
 
-  def __init__(self, config, tokenizer: Tokenizer, model_cfg: ModelConfig,
-               data_dir: str | None = None):
+  def __init__(
+      self,
+      config,
+      tokenizer: Tokenizer,
+      model_cfg: ModelConfig,
+      data_dir: str | None = None,
+  ):
     raise NotImplementedError
 
   # -- building ------------------------------------------------------------
@@ -88,15 +94,22 @@ class FineTuning:
     if config.data.get("shapes", False) and not data_dir:
       data_dir = _write_shapes_tasks(config, workdir, is_main)
     tokenizer = build_tokenizer(config, workdir, make=_make_tokenizer)
-    model_cfg = ModelConfig.from_config(config.model,
-                                        vocab_size=tokenizer.vocab_size)
+    model_cfg = ModelConfig.from_config(
+        config.model, vocab_size=tokenizer.vocab_size
+    )
     self = cls(config, tokenizer, model_cfg, data_dir=data_dir)
     self.config, self.workdir = config, workdir
     self.steps = train_steps(config, self.num_train)
-    self._resolved = ({} if data_dir == config.data.dir
-                      else {"data.dir": data_dir})
-    logging.info("%s: %d training examples, %d steps of %d", self.name,
-                 self.num_train, self.steps, config.train.batch_size)
+    self._resolved = (
+        {} if data_dir == config.data.dir else {"data.dir": data_dir}
+    )
+    logging.info(
+        "%s: %d training examples, %d steps of %d",
+        self.name,
+        self.num_train,
+        self.steps,
+        config.train.batch_size,
+    )
     return self
 
   @classmethod
@@ -107,8 +120,9 @@ class FineTuning:
     self = cls.__new__(cls)
     self.config, self.workdir = config, ""
     self.tokenizer = tokenizer
-    self.model_cfg = ModelConfig.from_config(config.model,
-                                             vocab_size=tokenizer.vocab_size)
+    self.model_cfg = ModelConfig.from_config(
+        config.model, vocab_size=tokenizer.vocab_size
+    )
     self.train_examples, self.num_train = [], 0
     self.steps = max(config.train.steps, 1)
     self._resolved = {}
@@ -122,23 +136,34 @@ class FineTuning:
     return finetune_optimizer(self.config.optim, self.steps)
 
   def analytic_flops_per_sample(self, batch_size: int) -> float:
-    return flops_lib.finetune_flops_per_sample(self.model_cfg, self.name,
-                                               batch_size)
+    return flops_lib.finetune_flops_per_sample(
+        self.model_cfg, self.name, batch_size
+    )
 
   # -- running -------------------------------------------------------------
 
   def train_batches(self, shard: tuple[int, int]):
     return finetune_data.train_batches(
-        self.train_examples, self.encode_train,
+        self.train_examples,
+        self.encode_train,
         batch_size=self.config.train.batch_size // shard[1],
-        seed=self.config.seed, process_index=shard[0],
-        process_count=shard[1], num_threads=self.config.data.num_threads)
+        seed=self.config.seed,
+        process_index=shard[0],
+        process_count=shard[1],
+        num_threads=self.config.data.num_threads,
+    )
 
   def initial_state(self, state, ctx: RunContext):
     if not self.config.init_from:
       return state
-    return _load_pretrained(self.config, state, ctx.program.state_shardings,
-                            self.model_cfg, ctx.workdir, ctx.is_main)
+    return _load_pretrained(
+        self.config,
+        state,
+        ctx.program.state_shardings,
+        self.model_cfg,
+        ctx.workdir,
+        ctx.is_main,
+    )
 
   def run_info(self, program) -> dict[str, Any]:
     del program
@@ -154,8 +179,10 @@ class FineTuning:
   def evaluator(self, ctx: RunContext):
     run_eval = _EvalRunner(ctx)
     return lambda state: self.evaluate(
-        functools.partial(run_eval, params=state.params), ctx.workdir,
-        ctx.is_main)
+        functools.partial(run_eval, params=state.params),
+        ctx.workdir,
+        ctx.is_main,
+    )
 
 
 class _EvalRunner:
@@ -171,23 +198,31 @@ class _EvalRunner:
   def __call__(self, examples, encode, fn, *, params):
     ctx, eval_bs = self.ctx, self.ctx.config.train.eval_batch_size
     if fn not in self.compiled:
-      self.compiled[fn] = _eval_fn(fn, ctx.program.graphdef,
-                                   ctx.program.state_shardings.params,
-                                   ctx.eval_sharding)
+      self.compiled[fn] = _eval_fn(
+          fn,
+          ctx.program.graphdef,
+          ctx.program.state_shardings.params,
+          ctx.eval_sharding,
+      )
     compiled = self.compiled[fn]
     outs, rows = [], []
     for batch in finetune_data.eval_batches(
-        examples, encode, global_batch=eval_bs,
-        process_index=ctx.eval_shard[0], process_count=ctx.eval_shard[1],
-        num_threads=ctx.config.data.num_threads):
+        examples,
+        encode,
+        global_batch=eval_bs,
+        process_index=ctx.eval_shard[0],
+        process_count=ctx.eval_shard[1],
+        num_threads=ctx.config.data.num_threads,
+    ):
       g = sharding.global_batch(batch, ctx.eval_sharding, eval_bs)
       out, row = jax.device_get(compiled(params, g))
       outs.append(out)
       rows.append(row)
     out, row = np.concatenate(outs), np.concatenate(rows).astype(np.int64)
     # Padding rows (-1) sort last; every real row appears exactly once.
-    order = np.argsort(np.where(row < 0, len(examples), row),
-                       kind="stable")[:len(examples)]
+    order = np.argsort(np.where(row < 0, len(examples), row), kind="stable")[
+        : len(examples)
+    ]
     if not np.array_equal(row[order], np.arange(len(examples))):
       raise RuntimeError("evaluation lost or repeated examples")
     return out[order]
@@ -196,14 +231,15 @@ class _EvalRunner:
 def _eval_fn(fn, graphdef, params_sh, eval_sh):
   """jit of fn(model, batch) -> (outputs, rows), batch laid out on the mesh
   and the outputs gathered to every device."""
-  replicated = jax.sharding.NamedSharding(eval_sh.mesh,
-                                          jax.sharding.PartitionSpec())
+  replicated = jax.sharding.NamedSharding(
+      eval_sh.mesh, jax.sharding.PartitionSpec()
+  )
 
   def f(params, batch):
     model = nnx.merge(graphdef, params)
     return fn(model, batch), batch["row"]
-  return jax.jit(f, in_shardings=(params_sh, eval_sh),
-                 out_shardings=replicated)
+
+  return jax.jit(f, in_shardings=(params_sh, eval_sh), out_shardings=replicated)
 
 
 def _make_tokenizer(config, path: str) -> Tokenizer:
@@ -213,31 +249,37 @@ def _make_tokenizer(config, path: str) -> Tokenizer:
   if os.path.exists(path):
     return load_tokenizer(path)
   source = config.data.tokenizer or (
-      pretrained.tokenizer_path(config.init_from) if config.init_from
-      else "")
+      pretrained.tokenizer_path(config.init_from) if config.init_from else ""
+  )
   if source:
     return copy_tokenizer(source, path)
   if config.data.get("shapes", False):
-    return shapes_tokenizer(path, vocab_size=64, num_captions=4000,
-                            seed=config.seed)
-  raise DataError("no tokenizer: set --config.init_from (a pretraining "
-                  "workdir) or --config.data.tokenizer")
+    return shapes_tokenizer(
+        path, vocab_size=64, num_captions=4000, seed=config.seed
+    )
+  raise DataError(
+      "no tokenizer: set --config.init_from (a pretraining "
+      "workdir) or --config.data.tokenizer"
+  )
 
 
 def _write_shapes_tasks(config, workdir: str, is_main: bool) -> str:
   """EVE-Shapes versions of the tasks in the official formats, written
   once into DIR/shapes_tasks; returns this task's folder."""
   from eve_jax.data import shapes_tasks  # pylint: disable=g-import-not-at-top
+
   root = os.path.join(workdir, "shapes_tasks")
   done = os.path.join(root, "written")
   if is_main and not os.path.exists(done):
     logging.info("writing the EVE-Shapes downstream tasks to %s", root)
-    shapes_tasks.write_all(root, image_size=config.model.image_size,
-                           seed=config.seed)
+    shapes_tasks.write_all(
+        root, image_size=config.model.image_size, seed=config.seed
+    )
     with open(done, "w") as f:
       f.write("ok\n")
   if jax.process_count() > 1:
     from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+
     multihost_utils.sync_global_devices("eve_jax shapes tasks written")
   return shapes_tasks_dir(config, workdir)
 
@@ -263,11 +305,22 @@ def _load_pretrained(config, state, state_sh, model_cfg, workdir, is_main):
   params = jax.tree_util.tree_map_with_path(put, target)
   new_params = state.params
   nnx.replace_by_pure_dict(new_params, params)
-  logging.info("init_from %s (step %d): %s", config.init_from, step,
-               pretrained.summary(report))
+  logging.info(
+      "init_from %s (step %d): %s",
+      config.init_from,
+      step,
+      pretrained.summary(report),
+  )
   if is_main:
     with open(os.path.join(workdir, "init_report.json"), "w") as f:
-      json.dump(dict(report, init_from=os.path.abspath(config.init_from),
-                     step=int(step)), f, indent=1)
+      json.dump(
+          dict(
+              report,
+              init_from=os.path.abspath(config.init_from),
+              step=int(step),
+          ),
+          f,
+          indent=1,
+      )
   # The optimizer moments start at zero either way; only params change.
   return state.replace(params=new_params)

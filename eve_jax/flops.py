@@ -53,21 +53,25 @@ def encoder(cfg: ModelConfig, image_len: int, text_len: int) -> float:
 
 
 def patch_embed(cfg: ModelConfig) -> float:
-  return mm(cfg.num_patches, cfg.patch_size ** 2 * 3, cfg.width)
+  return mm(cfg.num_patches, cfg.patch_size**2 * 3, cfg.width)
 
 
 def mim_decoder(cfg: ModelConfig, visible: int) -> float:
-  dd, q = cfg.decoder_width, cfg.patch_size ** 2 * 3
+  dd, q = cfg.decoder_width, cfg.patch_size**2 * 3
   tokens = 1 + cfg.num_patches
-  blocks = cfg.decoder_depth * (attention(tokens, dd) + mm(tokens, dd, 4 * dd)
-                                + mm(tokens, 4 * dd, dd))
+  blocks = cfg.decoder_depth * (
+      attention(tokens, dd) + mm(tokens, dd, 4 * dd) + mm(tokens, 4 * dd, dd)
+  )
   return mm(1 + visible, cfg.width, dd) + blocks + mm(tokens, dd, q)
 
 
-def train_flops_per_sample(cfg: ModelConfig, objectives=("mlm", "mim"),
-                           image_mask_ratio: float = 0.75,
-                           batch_size: int = 1,
-                           proj_dim: int | None = None) -> dict[str, float]:
+def train_flops_per_sample(
+    cfg: ModelConfig,
+    objectives=("mlm", "mim"),
+    image_mask_ratio: float = 0.75,
+    batch_size: int = 1,
+    proj_dim: int | None = None,
+) -> dict[str, float]:
   """{objective: training FLOPs per sample, ..., "total": their sum}.
 
   Args:
@@ -93,20 +97,24 @@ def train_flops_per_sample(cfg: ModelConfig, objectives=("mlm", "mim"),
     out["mlm"] = 3 * (encoder(cfg, li, lt) + head) + embed
   if "mim" in objectives:
     visible = cfg.num_patches - int(image_mask_ratio * cfg.num_patches + 0.5)
-    out["mim"] = 3 * (encoder(cfg, 1 + visible, lt)
-                      + mim_decoder(cfg, visible)) + embed
+    out["mim"] = (
+        3 * (encoder(cfg, 1 + visible, lt) + mim_decoder(cfg, visible)) + embed
+    )
   if "itc" in objectives:
     unimodal = encoder(cfg, li, 0) + encoder(cfg, 0, lt)
-    out["itc"] = 3 * (unimodal + 2 * mm(1, d, proj)
-                      + 2 * mm(1, proj, batch_size)) + embed
+    out["itc"] = (
+        3 * (unimodal + 2 * mm(1, d, proj) + 2 * mm(1, proj, batch_size))
+        + embed
+    )
   if "itm" in objectives:
     out["itm"] = 3 * 3 * (encoder(cfg, li, lt) + mm(1, d, 2)) + 3 * embed
   out["total"] = sum(out.values())
   return out
 
 
-def finetune_flops_per_sample(cfg: ModelConfig, task: str,
-                              batch_size: int = 1) -> float:
+def finetune_flops_per_sample(
+    cfg: ModelConfig, task: str, batch_size: int = 1
+) -> float:
   """Training FLOPs per example of a fine-tuning task's backbone passes
   (3 x forward; the small heads left out).
 
@@ -120,6 +128,7 @@ def finetune_flops_per_sample(cfg: ModelConfig, task: str,
   if task == "nlvr2":
     return 2 * fused
   if task == "retrieval":
-    return train_flops_per_sample(cfg, ("itc", "itm"),
-                                  batch_size=batch_size)["total"]
+    return train_flops_per_sample(cfg, ("itc", "itm"), batch_size=batch_size)[
+        "total"
+    ]
   raise ValueError(f"no FLOP count for task {task!r}")

@@ -59,6 +59,7 @@ class Workdir:
     step: the checkpoint's step.
     answers: the VQA answer of each classifier output (vqa only).
   """
+
   path: str
   kind: str
   config: dict[str, Any]
@@ -74,36 +75,47 @@ class Workdir:
 
 
 def _objectives(config: dict[str, Any]) -> tuple[str, ...]:
-  return tuple(o.strip() for o in str(config.get("objectives", "mlm,mim"))
-               .split(",") if o.strip())
+  return tuple(
+      o.strip()
+      for o in str(config.get("objectives", "mlm,mim")).split(",")
+      if o.strip()
+  )
 
 
-def read_answers(directory: str, config: dict[str, Any], tokenizer,
-                 model_cfg: ModelConfig) -> list[str]:
+def read_answers(
+    directory: str, config: dict[str, Any], tokenizer, model_cfg: ModelConfig
+) -> list[str]:
   """DIR/answers.json, or (runs from before it was written) the vocabulary
   rebuilt from the training data config.json names."""
   from eve_jax.tasks import vqa  # pylint: disable=g-import-not-at-top
+
   path = os.path.join(directory, vqa.ANSWERS_FILE)
   if os.path.isfile(path):
     with open(path) as f:
       return list(json.load(f))
   import ml_collections  # pylint: disable=g-import-not-at-top
   from eve_jax.finetune import shapes_tasks_dir  # pylint: disable=g-import-not-at-top
+
   c = ml_collections.ConfigDict(config)
-  data_dir = c.data.dir or (shapes_tasks_dir(c, directory)
-                            if c.data.get("shapes", False) else "")
+  data_dir = c.data.dir or (
+      shapes_tasks_dir(c, directory) if c.data.get("shapes", False) else ""
+  )
   try:
     return list(vqa.VQATask(c, tokenizer, model_cfg, data_dir=data_dir).vocab)
   except (OSError, ValueError) as e:
-    raise InputError(f"{directory} has no {vqa.ANSWERS_FILE} and its "
-                     f"training data cannot be read to rebuild it: "
-                     f"{str(e).splitlines()[0]}") from None
+    raise InputError(
+        f"{directory} has no {vqa.ANSWERS_FILE} and its "
+        f"training data cannot be read to rebuild it: "
+        f"{str(e).splitlines()[0]}"
+    ) from None
 
 
 def _build(kind: str, cfg: ModelConfig, answers, rngs):
   from eve_jax.tasks import registry  # pylint: disable=g-import-not-at-top
+
   return registry.get(kind).inference_model(
-      cfg, rngs, **({"num_answers": len(answers)} if answers else {}))
+      cfg, rngs, **({"num_answers": len(answers)} if answers else {})
+  )
 
 
 def _nest(flat: dict[tuple, np.ndarray]) -> dict:
@@ -122,8 +134,9 @@ def _tokenizer(directory: str):
   try:
     return load_tokenizer(pretrained.tokenizer_path(directory))
   except pretrained.InitError:
-    raise InputError(f"--workdir {directory} has no tokenizer.model or "
-                     "tokenizer.json") from None
+    raise InputError(
+        f"--workdir {directory} has no tokenizer.model or " "tokenizer.json"
+    ) from None
 
 
 def restore_params(directory: str) -> tuple[dict[str, Any], int]:
@@ -153,8 +166,11 @@ def model_overrides(items: Sequence[str]) -> dict[str, Any]:
   return out
 
 
-def load(directory: str, kinds: Sequence[str] = (),
-         overrides: dict[str, Any] | None = None) -> Workdir:
+def load(
+    directory: str,
+    kinds: Sequence[str] = (),
+    overrides: dict[str, Any] | None = None,
+) -> Workdir:
   """Loads a workdir's newest checkpoint.
 
   Args:
@@ -172,44 +188,68 @@ def load(directory: str, kinds: Sequence[str] = (),
     raise InputError(f"--workdir {directory}: no such directory")
   path = os.path.join(directory, "config.json")
   if not os.path.isfile(path):
-    raise InputError(f"--workdir {directory} has no config.json: not a "
-                     "run directory of python -m eve_jax.main")
+    raise InputError(
+        f"--workdir {directory} has no config.json: not a "
+        "run directory of python -m eve_jax.main"
+    )
   with open(path) as f:
     config = json.load(f)
   kind = config.get("task", "pretrain")
   if kinds and kind not in kinds:
-    raise InputError(f"--workdir {directory} is a {kind} run; this needs "
-                     f"a {' or '.join(kinds)} run")
+    raise InputError(
+        f"--workdir {directory} is a {kind} run; this needs "
+        f"a {' or '.join(kinds)} run"
+    )
   tokenizer = _tokenizer(directory)
   if not os.path.isdir(os.path.join(directory, "checkpoints")):
-    raise InputError(f"--workdir {directory} has no checkpoints/ (the run "
-                     "has not saved one yet)")
+    raise InputError(
+        f"--workdir {directory} has no checkpoints/ (the run "
+        "has not saved one yet)"
+    )
   try:
-    cfg = ModelConfig.from_config(dict(config["model"], **(overrides or {})),
-                                  vocab_size=tokenizer.vocab_size)
+    cfg = ModelConfig.from_config(
+        dict(config["model"], **(overrides or {})),
+        vocab_size=tokenizer.vocab_size,
+    )
   except (ValueError, TypeError) as e:
     raise InputError(f"--set: {e}") from None
   cfg = dataclasses.replace(
-      cfg, scan_layers=False, remat=False, attention="einsum",
-      matching_heads=cfg.matching_heads or "itc" in _objectives(config))
-  answers = (read_answers(directory, config, tokenizer, cfg)
-             if kind == "vqa" else None)
+      cfg,
+      scan_layers=False,
+      remat=False,
+      attention="einsum",
+      matching_heads=cfg.matching_heads or "itc" in _objectives(config),
+  )
+  answers = (
+      read_answers(directory, config, tokenizer, cfg) if kind == "vqa" else None
+  )
   source, step = restore_params(directory)
   model = _build(kind, cfg, answers, nnx.Rngs(0))
   state = nnx.state(model, nnx.Param)
-  loaded, report = pretrained.match(nnx.to_pure_dict(state), source,
-                                    config["model"], cfg)
+  loaded, report = pretrained.match(
+      nnx.to_pure_dict(state), source, config["model"], cfg
+  )
   if report["new"] or report["interpolated"]:
     missing = report["new"] + report["interpolated"]
-    raise InputError(f"--workdir {directory}: checkpoint {step} does not "
-                     f"hold {missing[0][0]} {missing[0][1]} (and "
-                     f"{len(missing) - 1} more) of its {kind} model")
-  nnx.replace_by_pure_dict(state, _nest(
-      {p: jax.numpy.asarray(v) for p, v in loaded.items()}))
+    raise InputError(
+        f"--workdir {directory}: checkpoint {step} does not "
+        f"hold {missing[0][0]} {missing[0][1]} (and "
+        f"{len(missing) - 1} more) of its {kind} model"
+    )
+  nnx.replace_by_pure_dict(
+      state, _nest({p: jax.numpy.asarray(v) for p, v in loaded.items()})
+  )
   nnx.update(model, state)
-  return Workdir(path=directory, kind=kind, config=config, model_cfg=cfg,
-                 model=model, tokenizer=tokenizer, step=int(step),
-                 answers=answers)
+  return Workdir(
+      path=directory,
+      kind=kind,
+      config=config,
+      model_cfg=cfg,
+      model=model,
+      tokenizer=tokenizer,
+      step=int(step),
+      answers=answers,
+  )
 
 
 def check_file(path: str, flag: str = "--image") -> None:
@@ -233,16 +273,22 @@ def list_images(folder: str) -> list[str]:
   """The image files directly in `folder`, sorted by name."""
   if not os.path.isdir(folder):
     raise InputError(f"--images {folder}: no such directory")
-  paths = sorted(os.path.join(folder, n) for n in os.listdir(folder)
-                 if n.lower().endswith(IMAGE_SUFFIXES))
+  paths = sorted(
+      os.path.join(folder, n)
+      for n in os.listdir(folder)
+      if n.lower().endswith(IMAGE_SUFFIXES)
+  )
   if not paths:
-    raise InputError(f"--images {folder} holds no image file "
-                     f"({', '.join(IMAGE_SUFFIXES)})")
+    raise InputError(
+        f"--images {folder} holds no image file "
+        f"({', '.join(IMAGE_SUFFIXES)})"
+    )
   return paths
 
 
-def encode_text(tokenizer: Tokenizer, text: str, max_len: int
-                ) -> tuple[np.ndarray, np.ndarray, list[int]]:
+def encode_text(
+    tokenizer: Tokenizer, text: str, max_len: int
+) -> tuple[np.ndarray, np.ndarray, list[int]]:
   """Text with optional [MASK] words -> model input.
 
   "[MASK]" stands for one token (a word of the EVE-Shapes vocabulary is
@@ -261,10 +307,12 @@ def encode_text(tokenizer: Tokenizer, text: str, max_len: int
     if part.strip():
       ids.extend(tokenizer.encode(part.strip()))
   if len(ids) > max_len:
-    raise InputError(f"--text is {len(ids) - 1} tokens; this model reads at "
-                     f"most {max_len - 1}")
+    raise InputError(
+        f"--text is {len(ids) - 1} tokens; this model reads at "
+        f"most {max_len - 1}"
+    )
   out = np.full((max_len,), tokenizer.pad_id, np.int32)
-  out[:len(ids)] = ids
+  out[: len(ids)] = ids
   return out, np.arange(max_len) < len(ids), masks
 
 
@@ -275,8 +323,9 @@ class ArgumentParser(argparse.ArgumentParser):
     raise InputError(f"{self.prog}: {message}")
 
 
-def cli_main(run: Callable[[Sequence[str]], None],
-             argv: Sequence[str] | None = None) -> None:
+def cli_main(
+    run: Callable[[Sequence[str]], None], argv: Sequence[str] | None = None
+) -> None:
   """Runs a command; InputError / ValueError / OSError -> one line on
   stderr and exit status 1 (never a traceback)."""
   # Library chatter (orbax's notes on checkpoint metadata) is not output.

@@ -58,8 +58,10 @@ class StopRequest:
     if self.signal is not None:
       raise KeyboardInterrupt(f"signal {signum} again")
     self.signal = signum
-    logging.warning("received %s: stopping after this step with a "
-                    "checkpoint", signal.Signals(signum).name)
+    logging.warning(
+        "received %s: stopping after this step with a " "checkpoint",
+        signal.Signals(signum).name,
+    )
 
   def __enter__(self) -> "StopRequest":
     if threading.current_thread() is threading.main_thread():
@@ -78,19 +80,31 @@ class StopRequest:
     if step % max(sync_every, 1):
       return False
     from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+
     return bool(np.any(multihost_utils.process_allgather(np.int32(local))))
 
 
-def run_steps(state: Any, compiled: Callable, first_batch: Any,
-              batches: Iterator[Any], *, start: int, total_steps: int,
-              batch_size: int, log_every: int, eval_every: int,
-              evaluate: Callable[[Any], dict[str, float]],
-              data_state: Callable[[], Any], writer: MetricWriter,
-              ckpt: Checkpointer, is_main: bool,
-              log_extra: Callable[[], dict[str, float]] | None = None,
-              max_bad_steps: int = 0, step_timeout_s: float = 0,
-              workdir: str = ""
-              ) -> tuple[Any, dict[str, float]]:
+def run_steps(
+    state: Any,
+    compiled: Callable,
+    first_batch: Any,
+    batches: Iterator[Any],
+    *,
+    start: int,
+    total_steps: int,
+    batch_size: int,
+    log_every: int,
+    eval_every: int,
+    evaluate: Callable[[Any], dict[str, float]],
+    data_state: Callable[[], Any],
+    writer: MetricWriter,
+    ckpt: Checkpointer,
+    is_main: bool,
+    log_extra: Callable[[], dict[str, float]] | None = None,
+    max_bad_steps: int = 0,
+    step_timeout_s: float = 0,
+    workdir: str = "",
+) -> tuple[Any, dict[str, float]]:
   """Steps from `start` to `total_steps`.
 
   Args:
@@ -113,16 +127,31 @@ def run_steps(state: Any, compiled: Callable, first_batch: Any,
   Returns:
     (final state, the last evaluation).
   """
-  watchdog = Watchdog(step_timeout_s if workdir else 0, workdir,
-                      jax.process_index())
+  watchdog = Watchdog(
+      step_timeout_s if workdir else 0, workdir, jax.process_index()
+  )
   with StopRequest() as stop, watchdog:
     try:
-      return _steps(state, compiled, first_batch, batches, stop, start=start,
-                    total_steps=total_steps, batch_size=batch_size,
-                    log_every=log_every, eval_every=eval_every,
-                    evaluate=evaluate, data_state=data_state, writer=writer,
-                    ckpt=ckpt, is_main=is_main, log_extra=log_extra,
-                    max_bad_steps=max_bad_steps, watchdog=watchdog)
+      return _steps(
+          state,
+          compiled,
+          first_batch,
+          batches,
+          stop,
+          start=start,
+          total_steps=total_steps,
+          batch_size=batch_size,
+          log_every=log_every,
+          eval_every=eval_every,
+          evaluate=evaluate,
+          data_state=data_state,
+          writer=writer,
+          ckpt=ckpt,
+          is_main=is_main,
+          log_extra=log_extra,
+          max_bad_steps=max_bad_steps,
+          watchdog=watchdog,
+      )
     except Exception:
       # A checkpoint still being written finishes before the error leaves:
       # what was saved is not lost to a later failure.
@@ -140,17 +169,37 @@ def log_means(pending: list[dict[str, Any]]) -> dict[str, float]:
   loss or gradient), the lr of the last step."""
   rows = [{k: float(v) for k, v in m.items()} for m in pending]
   good = [r for r in rows if not r.get("nonfinite", 0.0)] or rows
-  means = {k: float(np.mean([r[k] for r in good]))
-           for k in rows[0] if k != "nonfinite"}
+  means = {
+      k: float(np.mean([r[k] for r in good]))
+      for k in rows[0]
+      if k != "nonfinite"
+  }
   means["skipped_steps"] = int(sum(r.get("nonfinite", 0.0) for r in rows))
   means["lr"] = rows[-1]["lr"]
   return means
 
 
-def _steps(state, compiled, first_batch, batches, stop: StopRequest, *,
-           start, total_steps, batch_size, log_every, eval_every, evaluate,
-           data_state, writer, ckpt, is_main, log_extra, max_bad_steps,
-           watchdog: Watchdog):
+def _steps(
+    state,
+    compiled,
+    first_batch,
+    batches,
+    stop: StopRequest,
+    *,
+    start,
+    total_steps,
+    batch_size,
+    log_every,
+    eval_every,
+    evaluate,
+    data_state,
+    writer,
+    ckpt,
+    is_main,
+    log_extra,
+    max_bad_steps,
+    watchdog: Watchdog,
+):
   progress = Progress(total_steps, start, enabled=is_main)
   pending: list[dict[str, Any]] = []
   t_log, n_log = time.perf_counter(), 0
@@ -177,11 +226,16 @@ def _steps(state, compiled, first_batch, batches, stop: StopRequest, *,
             f"loss or gradient not finite for {bad_in_row} steps in a row "
             f"(steps {first + i - bad_in_row + 1}-{first + i}, none applied; "
             f"train.max_bad_steps={max_bad_steps}); the last checkpoint "
-            f"(step {last}) is intact: check the data or lower optim.lr")
+            f"(step {last}) is intact: check the data or lower optim.lr"
+        )
     if any(flags):
-      logging.warning("step %d: %d of the last %d steps had a non-finite "
-                      "loss or gradient and were skipped", step, sum(flags),
-                      len(flags))
+      logging.warning(
+          "step %d: %d of the last %d steps had a non-finite "
+          "loss or gradient and were skipped",
+          step,
+          sum(flags),
+          len(flags),
+      )
 
   step = start
   hang_at = _hang_step()
@@ -200,9 +254,11 @@ def _steps(state, compiled, first_batch, batches, stop: StopRequest, *,
         flush(step)
       with watchdog.paused():
         ckpt.save(step, state, data_state())
-      progress.message(f"stopped at step {step} by "
-                       f"{signal.Signals(stop.signal or 15).name}; "
-                       "checkpoint saved, the same command resumes")
+      progress.message(
+          f"stopped at step {step} by "
+          f"{signal.Signals(stop.signal or 15).name}; "
+          "checkpoint saved, the same command resumes"
+      )
       break
     if (eval_every and step % eval_every == 0) or step == total_steps:
       t_eval = time.perf_counter()
@@ -211,10 +267,16 @@ def _steps(state, compiled, first_batch, batches, stop: StopRequest, *,
       if last_eval:
         writer.write_eval(step, last_eval)
         # The per-expert routing fractions go to eval.json, not the log.
-        progress.message(f"eval at step {step}: " + json.dumps(
-            {k: round(v, 4) if isinstance(v, float) else v
-             for k, v in last_eval.items()
-             if not k.startswith("routing/")}))
+        progress.message(
+            f"eval at step {step}: "
+            + json.dumps(
+                {
+                    k: round(v, 4) if isinstance(v, float) else v
+                    for k, v in last_eval.items()
+                    if not k.startswith("routing/")
+                }
+            )
+        )
       # Evaluation time is not training throughput.
       t_log += time.perf_counter() - t_eval
     if ckpt.should_save(step, total_steps):

@@ -27,28 +27,40 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 _CONFIG = config_flags.DEFINE_config_file(
-    "config", None, "Config file, e.g. configs/base.py:tiny.",
-    lock_config=True)
-_WORKDIR = flags.DEFINE_string("workdir", None,
-                               "Run directory: checkpoints, metrics, eval.")
+    "config", None, "Config file, e.g. configs/base.py:tiny.", lock_config=True
+)
+_WORKDIR = flags.DEFINE_string(
+    "workdir", None, "Run directory: checkpoints, metrics, eval."
+)
 _COORDINATOR = flags.DEFINE_string(
-    "coordinator", None, "HOST:PORT of process 0, for a multi-process run "
-    "outside Cloud TPU and SLURM (which are detected by themselves).")
-_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None,
-                                      "Processes in a multi-process run.")
-_PROCESS_ID = flags.DEFINE_integer("process_id", None,
-                                   "This process's index in [0, N).")
+    "coordinator",
+    None,
+    "HOST:PORT of process 0, for a multi-process run "
+    "outside Cloud TPU and SLURM (which are detected by themselves).",
+)
+_NUM_PROCESSES = flags.DEFINE_integer(
+    "num_processes", None, "Processes in a multi-process run."
+)
+_PROCESS_ID = flags.DEFINE_integer(
+    "process_id", None, "This process's index in [0, N)."
+)
 # jax.distributed's own defaults are 100 / 300 / 300 s: kept, but named, so
 # a launcher can shorten them (tests do) and README can say what they mean.
 _HEARTBEAT_S = flags.DEFINE_integer(
-    "heartbeat_timeout_s", 100, "A process whose heartbeat the coordinator "
+    "heartbeat_timeout_s",
+    100,
+    "A process whose heartbeat the coordinator "
     "misses this long counts as lost: every other process is then ended "
-    "(non-zero exit) instead of waiting in a collective forever.")
+    "(non-zero exit) instead of waiting in a collective forever.",
+)
 _INIT_TIMEOUT_S = flags.DEFINE_integer(
-    "init_timeout_s", 300, "How long processes wait for each other at start.")
+    "init_timeout_s", 300, "How long processes wait for each other at start."
+)
 _SHUTDOWN_TIMEOUT_S = flags.DEFINE_integer(
-    "shutdown_timeout_s", 300, "How long a finished process waits for the "
-    "others at exit.")
+    "shutdown_timeout_s",
+    300,
+    "How long a finished process waits for the " "others at exit.",
+)
 
 
 class _QuietLibraries(std_logging.Filter):
@@ -56,8 +68,9 @@ class _QuietLibraries(std_logging.Filter):
   their warnings and errors still show."""
 
   def filter(self, record: std_logging.LogRecord) -> bool:
-    return (record.levelno >= std_logging.WARNING or not any(
-        f"/{lib}/" in record.pathname for lib in ("orbax", "grain")))
+    return record.levelno >= std_logging.WARNING or not any(
+        f"/{lib}/" in record.pathname for lib in ("orbax", "grain")
+    )
 
 
 def main(argv) -> None:
@@ -66,8 +79,9 @@ def main(argv) -> None:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   config = _CONFIG.value
   if config is None:
-    raise app.UsageError("--config is required, e.g. "
-                         "--config=configs/base.py:tiny")
+    raise app.UsageError(
+        "--config is required, e.g. " "--config=configs/base.py:tiny"
+    )
   try:
     config.task  # pylint: disable=pointless-statement
   except OSError as e:  # ml_collections loads the file lazily
@@ -79,6 +93,7 @@ def main(argv) -> None:
   # pylint: disable=g-import-not-at-top
   from eve_jax import sharding, trainer
   from eve_jax.tasks import registry
+
   try:
     registry.get(config.task)
   except ValueError as e:
@@ -106,12 +121,16 @@ def _peer_lost(e: Exception) -> None:
   --shutdown_timeout_s for the dead peer and then abort."""
   import jax  # pylint: disable=g-import-not-at-top
   from eve_jax.watchdog import resume_note  # pylint: disable=g-import-not-at-top
+
   logging.debug("%s", traceback.format_exc())
   first = " ".join(str(e).split())[:300]
-  print(f"eve_jax: error: process {jax.process_index()}: a collective "
-        f"failed, a peer process is most likely lost ({first}); restart "
-        f"every process: {resume_note(_WORKDIR.value)}",
-        file=sys.stderr, flush=True)
+  print(
+      f"eve_jax: error: process {jax.process_index()}: a collective "
+      f"failed, a peer process is most likely lost ({first}); restart "
+      f"every process: {resume_note(_WORKDIR.value)}",
+      file=sys.stderr,
+      flush=True,
+  )
   os._exit(1)  # pylint: disable=protected-access
 
 
@@ -119,14 +138,19 @@ def cluster_detected() -> str | None:
   """The multi-host environment jax.distributed can configure itself from:
   'slurm' inside an `srun` step of several tasks, 'tpu' on a Cloud TPU VM
   (one host or a pod slice), else None."""
-  if (int(os.environ.get("SLURM_NTASKS", "1")) > 1
-      and "SLURM_STEP_ID" in os.environ):
+  if (
+      int(os.environ.get("SLURM_NTASKS", "1")) > 1
+      and "SLURM_STEP_ID" in os.environ
+  ):
     return "slurm"
   # TPU chips show up as /dev/accel* (v2-v4) or /dev/vfio/* (v5e and later;
   # VFIO also exists on other machines, hence the libtpu check).
   has_libtpu = importlib.util.find_spec("libtpu") is not None
-  if (glob.glob("/dev/accel[0-9]*") or os.environ.get("TPU_WORKER_HOSTNAMES")
-      or (has_libtpu and glob.glob("/dev/vfio/[0-9]*"))):
+  if (
+      glob.glob("/dev/accel[0-9]*")
+      or os.environ.get("TPU_WORKER_HOSTNAMES")
+      or (has_libtpu and glob.glob("/dev/vfio/[0-9]*"))
+  ):
     return "tpu"
   return None
 
@@ -138,36 +162,52 @@ def init_distributed() -> None:
   for an incomplete or inconsistent set of flags.
   """
   import jax  # pylint: disable=g-import-not-at-top
-  given = {"coordinator": _COORDINATOR.value,
-           "num_processes": _NUM_PROCESSES.value,
-           "process_id": _PROCESS_ID.value}
+
+  given = {
+      "coordinator": _COORDINATOR.value,
+      "num_processes": _NUM_PROCESSES.value,
+      "process_id": _PROCESS_ID.value,
+  }
   if any(v is not None for v in given.values()):
     missing = [f"--{k}" for k, v in given.items() if v is None]
     if missing:
-      raise ValueError(f"a multi-process run needs --coordinator, "
-                       f"--num_processes and --process_id; missing "
-                       f"{', '.join(missing)}")
+      raise ValueError(
+          f"a multi-process run needs --coordinator, "
+          f"--num_processes and --process_id; missing "
+          f"{', '.join(missing)}"
+      )
     if not 0 <= given["process_id"] < given["num_processes"]:
-      raise ValueError(f"--process_id={given['process_id']} is not in "
-                       f"[0, --num_processes={given['num_processes']})")
+      raise ValueError(
+          f"--process_id={given['process_id']} is not in "
+          f"[0, --num_processes={given['num_processes']})"
+      )
     jax.distributed.initialize(
         coordinator_address=given["coordinator"],
-        num_processes=given["num_processes"], process_id=given["process_id"],
-        **_timeouts())
+        num_processes=given["num_processes"],
+        process_id=given["process_id"],
+        **_timeouts(),
+    )
   elif cluster_detected():
-    logging.info("%s detected: jax.distributed.initialize()",
-                 cluster_detected())
+    logging.info(
+        "%s detected: jax.distributed.initialize()", cluster_detected()
+    )
     jax.distributed.initialize(**_timeouts())
   if jax.process_count() > 1:
-    logging.info("process %d of %d, %d local devices of %d",
-                 jax.process_index(), jax.process_count(),
-                 jax.local_device_count(), jax.device_count())
+    logging.info(
+        "process %d of %d, %d local devices of %d",
+        jax.process_index(),
+        jax.process_count(),
+        jax.local_device_count(),
+        jax.device_count(),
+    )
 
 
 def _timeouts() -> dict[str, int]:
-  return dict(heartbeat_timeout_seconds=_HEARTBEAT_S.value,
-              initialization_timeout=_INIT_TIMEOUT_S.value,
-              shutdown_timeout_seconds=_SHUTDOWN_TIMEOUT_S.value)
+  return dict(
+      heartbeat_timeout_seconds=_HEARTBEAT_S.value,
+      initialization_timeout=_INIT_TIMEOUT_S.value,
+      shutdown_timeout_seconds=_SHUTDOWN_TIMEOUT_S.value,
+  )
 
 
 def _fail(message: str) -> None:

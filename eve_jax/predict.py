@@ -41,13 +41,15 @@ def _word(tokenizer, i: int) -> str:
 
 def fill_logits(model, images, text, valid) -> np.ndarray:
   """[B, H, W, 3], [B, Lt] with [MASK]s -> [B, Lt, V] MLM probabilities."""
-  logits, _ = mlm_pass(model, jnp.asarray(images), jnp.asarray(text),
-                       jnp.asarray(valid), None)
+  logits, _ = mlm_pass(
+      model, jnp.asarray(images), jnp.asarray(text), jnp.asarray(valid), None
+  )
   return np.asarray(jax.nn.softmax(logits, -1))
 
 
-def fill(w: inference.Workdir, image: np.ndarray, text: str, top: int = 5
-         ) -> tuple[list[list[tuple[str, float]]], str]:
+def fill(
+    w: inference.Workdir, image: np.ndarray, text: str, top: int = 5
+) -> tuple[list[list[tuple[str, float]]], str]:
   """The top words for each [MASK] of `text` and the text with the best
   ones filled in.
 
@@ -57,16 +59,18 @@ def fill(w: inference.Workdir, image: np.ndarray, text: str, top: int = 5
     text: words with one or more "[MASK]".
     top: words per mask.
   """
-  ids, valid, masks = inference.encode_text(w.tokenizer, text,
-                                            w.model_cfg.max_text_len)
+  ids, valid, masks = inference.encode_text(
+      w.tokenizer, text, w.model_cfg.max_text_len
+  )
   if not masks:
     raise InputError(f"--text {text!r} has no {inference.MASK} to fill")
   probs = fill_logits(w.model, image[None], ids[None], valid[None])[0]
   out, filled = [], []
   for p in masks:
     order = np.argsort(-probs[p])[:top]
-    out.append([(_word(w.tokenizer, int(i)), float(probs[p, i]))
-                for i in order])
+    out.append(
+        [(_word(w.tokenizer, int(i)), float(probs[p, i])) for i in order]
+    )
   parts = text.split(inference.MASK)
   for i, part in enumerate(parts):
     filled.append(part)
@@ -75,13 +79,16 @@ def fill(w: inference.Workdir, image: np.ndarray, text: str, top: int = 5
   return out, " ".join("".join(filled).split())
 
 
-def answer(w: inference.Workdir, image: np.ndarray, question: str,
-           top: int = 5) -> list[tuple[str, float]]:
+def answer(
+    w: inference.Workdir, image: np.ndarray, question: str, top: int = 5
+) -> list[tuple[str, float]]:
   """The top answers to `question` with their scores (sigmoid)."""
-  ids, valid, _ = inference.encode_text(w.tokenizer, question,
-                                        w.model_cfg.max_text_len)
-  logits, _ = w.model(jnp.asarray(image[None]), jnp.asarray(ids[None]),
-                      jnp.asarray(valid[None]))
+  ids, valid, _ = inference.encode_text(
+      w.tokenizer, question, w.model_cfg.max_text_len
+  )
+  logits, _ = w.model(
+      jnp.asarray(image[None]), jnp.asarray(ids[None]), jnp.asarray(valid[None])
+  )
   scores = np.asarray(jax.nn.sigmoid(logits[0]))
   order = np.argsort(-scores)[:top]
   return [(w.answers[int(i)], float(scores[i])) for i in order]
@@ -109,32 +116,40 @@ def _retrieval_scores(graphdef):
     nothing = jnp.zeros((n, 0), jnp.int32)
     i_states, _ = bb.encode(emb, bb.embed_text(nothing), nothing > 0)
     sim = _unit(heads.image_proj(i_states[:, 0])) @ t_emb
-    fused, _ = bb.encode(emb, bb.embed_text(ids.repeat(n, 0)),
-                         valid.repeat(n, 0))
+    fused, _ = bb.encode(
+        emb, bb.embed_text(ids.repeat(n, 0)), valid.repeat(n, 0)
+    )
     logits = heads.match_logits(fused[:, emb.shape[1]])
     return sim, jax.nn.softmax(logits, -1)[:, 1]
 
   return scores
 
 
-def retrieve(w: inference.Workdir, paths: Sequence[str], text: str,
-             itm: bool = False, batch: int = 32
-             ) -> list[tuple[str, float, float | None]]:
+def retrieve(
+    w: inference.Workdir,
+    paths: Sequence[str],
+    text: str,
+    itm: bool = False,
+    batch: int = 32,
+) -> list[tuple[str, float, float | None]]:
   """The images at `paths` ranked for `text`: (path, ITC cosine
   similarity, ITM match probability or None), best first."""
   if not w.has_matching_heads:
-    raise InputError(f"--workdir {w.path} is a {w.kind} run without "
-                     "ITC/ITM heads: retrieve needs a retrieval run "
-                     "(configs/retrieval.py) or pretraining with objective "
-                     "itc")
+    raise InputError(
+        f"--workdir {w.path} is a {w.kind} run without "
+        "ITC/ITM heads: retrieve needs a retrieval run "
+        "(configs/retrieval.py) or pretraining with objective "
+        "itc"
+    )
   cfg = w.model_cfg
   ids, valid, _ = inference.encode_text(w.tokenizer, text, cfg.max_text_len)
   graphdef, state = nnx.split(w.model)
   scores = _retrieval_scores(graphdef)
   sims, matches = [], []
   for s in range(0, len(paths), batch):
-    imgs = np.stack([inference.read_image(p, cfg.image_size)
-                     for p in paths[s:s + batch]])
+    imgs = np.stack(
+        [inference.read_image(p, cfg.image_size) for p in paths[s : s + batch]]
+    )
     n = len(imgs)
     # One compiled shape: the last batch padded with copies, cut after.
     imgs = np.concatenate([imgs, np.repeat(imgs[:1], batch - n, 0)])
@@ -143,23 +158,28 @@ def retrieve(w: inference.Workdir, paths: Sequence[str], text: str,
     matches.append(np.asarray(match)[:n])
   sim, match = np.concatenate(sims), np.concatenate(matches)
   order = np.argsort(-(match if itm else sim), kind="stable")
-  return [(paths[i], float(sim[i]), float(match[i]) if itm else None)
-          for i in order]
+  return [
+      (paths[i], float(sim[i]), float(match[i]) if itm else None) for i in order
+  ]
 
 
 def _parser() -> inference.ArgumentParser:
   p = inference.ArgumentParser(
       prog="python -m eve_jax.predict",
-      description="Predictions from a trained eve_jax workdir.")
+      description="Predictions from a trained eve_jax workdir.",
+  )
   p.add_argument("--workdir", required=True, help="the run directory")
-  p.add_argument("--set", action="append", default=[],
-                 metavar="model.KEY=VALUE",
-                 help="run with this config.model key changed (repeatable)")
+  p.add_argument(
+      "--set",
+      action="append",
+      default=[],
+      metavar="model.KEY=VALUE",
+      help="run with this config.model key changed (repeatable)",
+  )
   sub = p.add_subparsers(dest="command", required=True)
   f = sub.add_parser("fill", help="the words behind each [MASK]")
   f.add_argument("--image", required=True)
-  f.add_argument("--text", required=True,
-                 help='e.g. "a small [MASK] circle"')
+  f.add_argument("--text", required=True, help='e.g. "a small [MASK] circle"')
   f.add_argument("--top", type=int, default=5)
   q = sub.add_parser("vqa", help="answer a question about an image")
   q.add_argument("--image", required=True)
@@ -169,15 +189,21 @@ def _parser() -> inference.ArgumentParser:
   r.add_argument("--images", required=True, help="a folder of images")
   r.add_argument("--text", required=True)
   r.add_argument("--top", type=int, default=10)
-  r.add_argument("--itm", action="store_true",
-                 help="rank by the ITM head's match probability")
+  r.add_argument(
+      "--itm",
+      action="store_true",
+      help="rank by the ITM head's match probability",
+  )
   return p
 
 
 def run(argv: Sequence[str]) -> None:
   args = _parser().parse_args(argv)
-  kinds = {"fill": ("pretrain",), "vqa": ("vqa",),
-           "retrieve": ("retrieval", "pretrain")}[args.command]
+  kinds = {
+      "fill": ("pretrain",),
+      "vqa": ("vqa",),
+      "retrieve": ("retrieval", "pretrain"),
+  }[args.command]
   # Check the cheap inputs before loading the model.
   if args.command == "retrieve":
     paths = inference.list_images(args.images)
@@ -185,19 +211,19 @@ def run(argv: Sequence[str]) -> None:
     inference.check_file(args.image)
   if args.command == "fill" and inference.MASK not in args.text:
     raise InputError(f"--text {args.text!r} has no {inference.MASK} to fill")
-  w = inference.load(args.workdir, kinds,
-                     inference.model_overrides(args.set))
+  w = inference.load(args.workdir, kinds, inference.model_overrides(args.set))
   size = w.model_cfg.image_size
   if args.command == "fill":
-    preds, filled = fill(w, inference.read_image(args.image, size),
-                         args.text, args.top)
+    preds, filled = fill(
+        w, inference.read_image(args.image, size), args.text, args.top
+    )
     for k, words in enumerate(preds, 1):
-      print(f"[MASK] {k}: " + "  ".join(f"{word} {p:.3f}"
-                                        for word, p in words))
+      print(f"[MASK] {k}: " + "  ".join(f"{word} {p:.3f}" for word, p in words))
     print(f"filled: {filled}")
   elif args.command == "vqa":
-    top = answer(w, inference.read_image(args.image, size), args.question,
-                 args.top)
+    top = answer(
+        w, inference.read_image(args.image, size), args.question, args.top
+    )
     width = max(len(a) for a, _ in top)
     for k, (a, s) in enumerate(top, 1):
       print(f"{k}. {a:<{width}}  {s:.3f}")
@@ -205,7 +231,7 @@ def run(argv: Sequence[str]) -> None:
     ranked = retrieve(w, paths, args.text, itm=args.itm)
     head = "rank  itc_sim" + ("  itm_prob" if args.itm else "") + "  image"
     print(head)
-    for k, (path, sim, match) in enumerate(ranked[:args.top], 1):
+    for k, (path, sim, match) in enumerate(ranked[: args.top], 1):
       m = f"  {match:8.3f}" if match is not None else ""
       print(f"{k:4d}  {sim:7.3f}{m}  {path}")
 

@@ -45,19 +45,25 @@ def _pure(tree: Any) -> Any:
   if isinstance(tree, dict):
     if set(tree) == {"value"}:
       return _pure(tree["value"])
-    return {(int(k) if isinstance(k, str) and k.isdigit() else k): _pure(v)
-            for k, v in tree.items()}
+    return {
+        (int(k) if isinstance(k, str) and k.isdigit() else k): _pure(v)
+        for k, v in tree.items()
+    }
   return tree
 
 
 def read_config(directory: str) -> dict[str, Any]:
   if directory.strip() in ("''", '""'):  # the shell kept the quotes
-    raise InitError(f"config.init_from={directory} is not empty: pass "
-                    "--config.init_from= to train from scratch")
+    raise InitError(
+        f"config.init_from={directory} is not empty: pass "
+        "--config.init_from= to train from scratch"
+    )
   path = os.path.join(directory, "config.json")
   if not os.path.isfile(path):
-    raise InitError(f"config.init_from={directory} has no config.json: not "
-                    "a pretraining workdir or converted checkpoint")
+    raise InitError(
+        f"config.init_from={directory} has no config.json: not "
+        "a pretraining workdir or converted checkpoint"
+    )
   with open(path) as f:
     return json.load(f)
 
@@ -69,8 +75,10 @@ def tokenizer_path(directory: str) -> str:
     path = os.path.join(directory, name)
     if os.path.isfile(path):
       return path
-  raise InitError(f"config.init_from={directory} has no tokenizer.model or "
-                  "tokenizer.json")
+  raise InitError(
+      f"config.init_from={directory} has no tokenizer.model or "
+      "tokenizer.json"
+  )
 
 
 class _DropStepMetadataWarning(logging.Filter):
@@ -93,8 +101,9 @@ def _quiet_step_metadata():
     log.removeFilter(f)
 
 
-def load_params(directory: str, flag: str = "config.init_from"
-                ) -> tuple[dict[str, Any], int]:
+def load_params(
+    directory: str, flag: str = "config.init_from"
+) -> tuple[dict[str, Any], int]:
   """(the newest checkpoint's parameters as a nested dict, its step).
 
   Parameters only (no optimizer moments), onto this process's first
@@ -102,16 +111,21 @@ def load_params(directory: str, flag: str = "config.init_from"
   one on 1. `flag` names the directory's origin in errors.
   """
   import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+
   ckpt_dir = os.path.join(os.path.abspath(directory), "checkpoints")
   if not os.path.isdir(ckpt_dir):
     raise InitError(f"{flag}={directory} has no checkpoints/")
   # A finished checkpoint is a plain step folder; an interrupted write is
   # still named N.orbax-checkpoint-tmp-*.
-  steps = sorted(int(d) for d in os.listdir(ckpt_dir) if d.isdigit()
-                 and os.path.isdir(os.path.join(ckpt_dir, d, "state")))
+  steps = sorted(
+      int(d)
+      for d in os.listdir(ckpt_dir)
+      if d.isdigit() and os.path.isdir(os.path.join(ckpt_dir, d, "state"))
+  )
   if not steps:
-    raise InitError(f"{flag}={directory}: checkpoints/ holds no finished "
-                    "checkpoint")
+    raise InitError(
+        f"{flag}={directory}: checkpoints/ holds no finished " "checkpoint"
+    )
   step = steps[-1]
   path = os.path.join(ckpt_dir, str(step), "state")
   with _quiet_step_metadata(), ocp.PyTreeCheckpointer() as reader:
@@ -121,28 +135,42 @@ def load_params(directory: str, flag: str = "config.init_from"
     if "params" not in tree:
       raise InitError(f"{flag}={directory}: checkpoint {step} has no params")
     dev = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-    target = {"params": jax.tree.map(
-        lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=dev),
-        tree["params"])}
-    out = reader.restore(path, args=ocp.args.PyTreeRestore(
-        item=target, partial_restore=True,
-        restore_args=jax.tree.map(
-            lambda _: ocp.ArrayRestoreArgs(sharding=dev), target)))
+    target = {
+        "params": jax.tree.map(
+            lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=dev),
+            tree["params"],
+        )
+    }
+    out = reader.restore(
+        path,
+        args=ocp.args.PyTreeRestore(
+            item=target,
+            partial_restore=True,
+            restore_args=jax.tree.map(
+                lambda _: ocp.ArrayRestoreArgs(sharding=dev), target
+            ),
+        ),
+    )
   return _pure(out["params"]), step
 
 
 def interpolate_positions(pos: np.ndarray, num_patches: int) -> np.ndarray:
   """[1 + g*g, D] -> [1 + num_patches, D]: the g x g grid resized bicubically
   to the new grid (square), the CLS row kept."""
-  g, g_new = int(round((pos.shape[0] - 1) ** 0.5)), int(round(num_patches
-                                                             ** 0.5))
+  g, g_new = int(round((pos.shape[0] - 1) ** 0.5)), int(round(num_patches**0.5))
   if g * g != pos.shape[0] - 1 or g_new * g_new != num_patches:
-    raise InitError(f"image position embeddings {pos.shape} do not form a "
-                    f"square grid to resize to {num_patches} patches")
+    raise InitError(
+        f"image position embeddings {pos.shape} do not form a "
+        f"square grid to resize to {num_patches} patches"
+    )
   grid = jnp.asarray(pos[1:], jnp.float32).reshape(g, g, -1)
   grid = jax.image.resize(grid, (g_new, g_new, grid.shape[-1]), "bicubic")
-  return np.concatenate([np.asarray(pos[:1], np.float32),
-                         np.asarray(grid).reshape(num_patches, -1)])
+  return np.concatenate(
+      [
+          np.asarray(pos[:1], np.float32),
+          np.asarray(grid).reshape(num_patches, -1),
+      ]
+  )
 
 
 def _flatten(tree, prefix=()):
@@ -157,9 +185,12 @@ def _path(p) -> str:
   return "/".join(str(k) for k in p)
 
 
-def match(target: dict[str, Any], source: dict[str, Any],
-          source_model: dict[str, Any], target_cfg: ModelConfig
-          ) -> tuple[dict[tuple, np.ndarray], dict[str, list]]:
+def match(
+    target: dict[str, Any],
+    source: dict[str, Any],
+    source_model: dict[str, Any],
+    target_cfg: ModelConfig,
+) -> tuple[dict[tuple, np.ndarray], dict[str, list]]:
   """Which checkpoint arrays go where in the new model.
 
   Args:
@@ -177,15 +208,19 @@ def match(target: dict[str, Any], source: dict[str, Any],
   if "backbone" in source and "backbone" in target:
     src_scanned = "scanned" in source["backbone"]
     tgt_scanned = "scanned" in target["backbone"]
-    src_cfg = ModelConfig(**{k: v for k, v in source_model.items()
-                             if k in ModelConfig.__dataclass_fields__})
+    src_cfg = ModelConfig(
+        **{
+            k: v
+            for k, v in source_model.items()
+            if k in ModelConfig.__dataclass_fields__
+        }
+    )
     if src_scanned and not tgt_scanned:
       source["backbone"] = eve.unscan_layout(source["backbone"], src_cfg)
     elif tgt_scanned and not src_scanned:
       source["backbone"] = eve.scan_layout(source["backbone"], src_cfg)
   src = dict(_flatten(source))
-  out, report = {}, {"loaded": [], "interpolated": [], "new": [],
-                     "dropped": []}
+  out, report = {}, {"loaded": [], "interpolated": [], "new": [], "dropped": []}
   for path, leaf in _flatten(target):
     shape = tuple(leaf.shape)
     if path not in src:
@@ -197,9 +232,11 @@ def match(target: dict[str, Any], source: dict[str, Any],
         value = interpolate_positions(value, target_cfg.num_patches)
         report["interpolated"].append([_path(path), list(value.shape)])
       else:
-        raise InitError(f"parameter {_path(path)} is {list(value.shape)} in "
-                        f"the checkpoint but {list(shape)} in this model "
-                        "(another variant or vocabulary?)")
+        raise InitError(
+            f"parameter {_path(path)} is {list(value.shape)} in "
+            f"the checkpoint but {list(shape)} in this model "
+            "(another variant or vocabulary?)"
+        )
     else:
       report["loaded"].append([_path(path), list(shape)])
     out[path] = value
@@ -209,9 +246,13 @@ def match(target: dict[str, Any], source: dict[str, Any],
 
 def summary(report: dict[str, list]) -> str:
   """One line: how many parameters (and arrays) were loaded, new, dropped."""
+
   def n(key):
     return sum(int(np.prod(s)) for _, s in report[key])
-  return (f"{len(report['loaded'])} arrays loaded ({n('loaded'):,} "
-          f"parameters), {len(report['interpolated'])} interpolated, "
-          f"{len(report['new'])} new ({n('new'):,}), "
-          f"{len(report['dropped'])} dropped ({n('dropped'):,})")
+
+  return (
+      f"{len(report['loaded'])} arrays loaded ({n('loaded'):,} "
+      f"parameters), {len(report['interpolated'])} interpolated, "
+      f"{len(report['new'])} new ({n('new'):,}), "
+      f"{len(report['dropped'])} dropped ({n('dropped'):,})"
+  )

@@ -42,8 +42,16 @@ def run_keys(seed: int) -> tuple[jax.Array, jax.Array]:
   return init_rng, base_rng
 
 
-def train_step(state: TrainState, batch, *, graphdef, task,
-               tx: optax.GradientTransformation, schedule, seed: int):
+def train_step(
+    state: TrainState,
+    batch,
+    *,
+    graphdef,
+    task,
+    tx: optax.GradientTransformation,
+    schedule,
+    seed: int,
+):
   """One optimizer step of any task whose `loss(model, batch, rng)` returns
   (loss, metrics); pretraining and fine-tuning both step with it.
   Per-step randomness = fold_in(base_rng, step), base_rng from `run_keys`."""
@@ -53,7 +61,8 @@ def train_step(state: TrainState, batch, *, graphdef, task,
     return task.loss(nnx.merge(graphdef, params), batch, rng)
 
   (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-      state.params)
+      state.params
+  )
   grad_norm = optax.tree.norm(grads)
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
@@ -64,13 +73,23 @@ def train_step(state: TrainState, batch, *, graphdef, task,
   # row.
   finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
   keep = lambda new, old: jax.tree.map(  # noqa: E731
-      lambda n, o: jnp.where(finite, n, o), new, old)
-  metrics = dict(metrics, loss=loss, grad_norm=grad_norm,
-                 lr=schedule(state.step),
-                 nonfinite=(~finite).astype(jnp.int32))
-  return TrainState(step=state.step + 1,
-                    params=keep(params, state.params),
-                    opt_state=keep(opt_state, state.opt_state)), metrics
+      lambda n, o: jnp.where(finite, n, o), new, old
+  )
+  metrics = dict(
+      metrics,
+      loss=loss,
+      grad_norm=grad_norm,
+      lr=schedule(state.step),
+      nonfinite=(~finite).astype(jnp.int32),
+  )
+  return (
+      TrainState(
+          step=state.step + 1,
+          params=keep(params, state.params),
+          opt_state=keep(opt_state, state.opt_state),
+      ),
+      metrics,
+  )
 
 
 @dataclasses.dataclass
@@ -89,6 +108,7 @@ class StepProgram:
     step: jitted (state, batch) -> (state, replicated metrics), donated.
     seed: the run's seed (`run_keys`).
   """
+
   graphdef: Any
   abstract: Any
   state_shardings: Any
@@ -109,11 +129,17 @@ class StepProgram:
       return self.step.lower(self.abstract, self.batch)
 
 
-def build_step(*, make_model: Callable[[jax.Array], nnx.Module], task,
-               tx: optax.GradientTransformation, schedule, seed: int,
-               mesh: jax.sharding.Mesh, rules: sharding.Rules,
-               batch_spec: dict[str, tuple[tuple[int, ...], Any]]
-               ) -> StepProgram:
+def build_step(
+    *,
+    make_model: Callable[[jax.Array], nnx.Module],
+    task,
+    tx: optax.GradientTransformation,
+    schedule,
+    seed: int,
+    mesh: jax.sharding.Mesh,
+    rules: sharding.Rules,
+    batch_spec: dict[str, tuple[tuple[int, ...], Any]],
+) -> StepProgram:
   """The StepProgram of `task` on `mesh`.
 
   Args:
@@ -126,31 +152,46 @@ def build_step(*, make_model: Callable[[jax.Array], nnx.Module], task,
     batch_spec: {name: (shape, dtype)} of one global training batch, from
       the data code (eve_jax/data/specs.py); shape[0] is the batch size.
   """
+
   def init(rng):
     params = nnx.state(make_model(rng), nnx.Param)
-    return TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                      opt_state=tx.init(params))
+    return TrainState(
+        step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params)
+    )
 
   key_spec = jax.eval_shape(lambda: run_keys(seed)[0])
-  graphdef = nnx.graphdef(nnx.eval_shape(
-      lambda: make_model(run_keys(seed)[0])))
+  graphdef = nnx.graphdef(nnx.eval_shape(lambda: make_model(run_keys(seed)[0])))
   abstract = jax.eval_shape(init, key_spec)
   state_sh = sharding.tree_shardings(abstract, mesh, rules)
   batch_size = next(iter(batch_spec.values()))[0][0]
   batch_sh = sharding.batch_sharding(mesh, rules, batch_size)
   replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
   step = jax.jit(
-      functools.partial(train_step, graphdef=graphdef, task=task, tx=tx,
-                        schedule=schedule, seed=seed),
-      in_shardings=(state_sh, batch_sh), out_shardings=(state_sh, replicated),
-      donate_argnums=(0,))
+      functools.partial(
+          train_step,
+          graphdef=graphdef,
+          task=task,
+          tx=tx,
+          schedule=schedule,
+          seed=seed,
+      ),
+      in_shardings=(state_sh, batch_sh),
+      out_shardings=(state_sh, replicated),
+      donate_argnums=(0,),
+  )
   return StepProgram(
       graphdef=graphdef,
       abstract=sharding.with_shardings(abstract, state_sh),
-      state_shardings=state_sh, batch_sharding=batch_sh,
-      batch={k: jax.ShapeDtypeStruct(shape, dtype, sharding=batch_sh)
-             for k, (shape, dtype) in batch_spec.items()},
-      init=jax.jit(init, out_shardings=state_sh), step=step, seed=seed)
+      state_shardings=state_sh,
+      batch_sharding=batch_sh,
+      batch={
+          k: jax.ShapeDtypeStruct(shape, dtype, sharding=batch_sh)
+          for k, (shape, dtype) in batch_spec.items()
+      },
+      init=jax.jit(init, out_shardings=state_sh),
+      step=step,
+      seed=seed,
+  )
 
 
 def xla_flops(compiled) -> float:

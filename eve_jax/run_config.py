@@ -26,12 +26,23 @@ from absl import logging
 
 # Dotted keys, or prefixes ending in ".", that may differ on resume.
 FREE = (
-    "mesh.", "axis_rules.", "data.num_threads", "train.log_every",
-    "train.eval_every", "train.checkpoint_every", "train.keep_checkpoints",
-    "train.eval_examples", "train.eval_batch_size", "train.viz",
-    "train.max_bad_steps", "train.allow_config_change",
-    "train.step_timeout_s", "model.remat",
-    "model.attention", "model.moe_dispatch", "model.moe_experts",
+    "mesh.",
+    "axis_rules.",
+    "data.num_threads",
+    "train.log_every",
+    "train.eval_every",
+    "train.checkpoint_every",
+    "train.keep_checkpoints",
+    "train.eval_examples",
+    "train.eval_batch_size",
+    "train.viz",
+    "train.max_bad_steps",
+    "train.allow_config_change",
+    "train.step_timeout_s",
+    "model.remat",
+    "model.attention",
+    "model.moe_dispatch",
+    "model.moe_experts",
 )
 # May differ, with a warning.
 LENGTH = ("train.steps", "train.epochs")
@@ -58,17 +69,20 @@ def _set(tree: dict[str, Any], key: str, value: Any) -> None:
 
 
 def _free(key: str) -> bool:
-  return any(key == f or (f.endswith(".") and key.startswith(f))
-             for f in FREE)
+  return any(key == f or (f.endswith(".") and key.startswith(f)) for f in FREE)
 
 
-def changes(saved: dict[str, Any], new: dict[str, Any]
-            ) -> list[tuple[str, Any, Any]]:
+def changes(
+    saved: dict[str, Any], new: dict[str, Any]
+) -> list[tuple[str, Any, Any]]:
   """(key, saved value, new value) for every compared key that differs,
   sorted by key; FREE keys and keys missing on either side are skipped."""
   a, b = _flat(saved), _flat(new)
-  return [(k, a[k], b[k]) for k in sorted(a.keys() & b.keys())
-          if a[k] != b[k] and not _free(k)]
+  return [
+      (k, a[k], b[k])
+      for k in sorted(a.keys() & b.keys())
+      if a[k] != b[k] and not _free(k)
+  ]
 
 
 def as_dict(config: ml_collections.ConfigDict) -> dict[str, Any]:
@@ -76,9 +90,12 @@ def as_dict(config: ml_collections.ConfigDict) -> dict[str, Any]:
   return json.loads(config.to_json_best_effort(sort_keys=True))
 
 
-def check(config: ml_collections.ConfigDict, workdir: str,
-          step: int | None, resolved: dict[str, Any] | None = None
-          ) -> list[str]:
+def check(
+    config: ml_collections.ConfigDict,
+    workdir: str,
+    step: int | None,
+    resolved: dict[str, Any] | None = None,
+) -> list[str]:
   """Compares `config` with DIR/config.json of the run being resumed.
 
   Every process calls it, so all refuse together; nothing is written.
@@ -107,8 +124,9 @@ def check(config: ml_collections.ConfigDict, workdir: str,
     with open(path) as f:
       saved = json.load(f)
   except (OSError, ValueError) as e:
-    raise ConfigChangeError(f"cannot read {path} of the run being resumed: "
-                            f"{e}") from None
+    raise ConfigChangeError(
+        f"cannot read {path} of the run being resumed: " f"{e}"
+    ) from None
   new = as_dict(config)
   saved_flat = _flat(saved)
   for key, value in (resolved or {}).items():
@@ -117,9 +135,14 @@ def check(config: ml_collections.ConfigDict, workdir: str,
   diff = changes(saved, new)
   for k, old, cur in diff:
     if k in LENGTH:
-      logging.warning("%s changed %r -> %r on resume at step %d: the "
-                      "learning-rate schedule differs from here on", k, old,
-                      cur, step)
+      logging.warning(
+          "%s changed %r -> %r on resume at step %d: the "
+          "learning-rate schedule differs from here on",
+          k,
+          old,
+          cur,
+          step,
+      )
   other = [d for d in diff if d[0] not in LENGTH]
   if other and not config.train.get("allow_config_change", False):
     shown = ", ".join(f"{k}: {old!r} -> {cur!r}" for k, old, cur in other[:3])
@@ -127,12 +150,17 @@ def check(config: ml_collections.ConfigDict, workdir: str,
     raise ConfigChangeError(
         f"{workdir} holds a run with another config ({shown}{more}); use a "
         "new --workdir, or --config.train.allow_config_change=True to resume "
-        "it with this one")
+        "it with this one"
+    )
   return [k for k, _, _ in other]
 
 
-def write(config: ml_collections.ConfigDict, workdir: str,
-          step: int | None, changed: list[str]) -> None:
+def write(
+    config: ml_collections.ConfigDict,
+    workdir: str,
+    step: int | None,
+    changed: list[str],
+) -> None:
   """Writes DIR/config.json (call on process 0, after the checkpoint was
   restored); with `changed` keys, the old one is kept as
   DIR/config.step{step}.json first."""
@@ -140,8 +168,13 @@ def write(config: ml_collections.ConfigDict, workdir: str,
   if changed and os.path.isfile(path):
     kept = os.path.join(workdir, f"config.step{step}.json")
     os.replace(path, kept)
-    logging.warning("config changed on resume at step %s (%s); the old one "
-                    "is kept in %s", step, ", ".join(changed), kept)
+    logging.warning(
+        "config changed on resume at step %s (%s); the old one "
+        "is kept in %s",
+        step,
+        ", ".join(changed),
+        kept,
+    )
   text = json.dumps(as_dict(config), indent=1, sort_keys=True)
   with open(path + ".tmp", "w") as f:
     f.write(text)

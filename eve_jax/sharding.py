@@ -67,36 +67,46 @@ def rules_config() -> ml_collections.ConfigDict:
   return ml_collections.ConfigDict(dict(DEFAULT_RULES))
 
 
-def mesh_shape(mesh_cfg: Any, num_devices: int, what: str = ""
-               ) -> dict[str, int]:
+def mesh_shape(
+    mesh_cfg: Any, num_devices: int, what: str = ""
+) -> dict[str, int]:
   """{axis: size} for MESH_AXES, the one -1 filled so the product is
   `num_devices`. Raises ValueError (one line) when that is impossible;
   `what` names the devices in it (e.g. "tpu v5p:2x2x2")."""
   cfg = dict(mesh_cfg)
   unknown = sorted(set(cfg) - set(MESH_AXES))
   if unknown:
-    raise ValueError(f"config.mesh has unknown axes {unknown}; the axes are "
-                     f"{list(MESH_AXES)}")
+    raise ValueError(
+        f"config.mesh has unknown axes {unknown}; the axes are "
+        f"{list(MESH_AXES)}"
+    )
   sizes = {a: int(cfg.get(a, 1)) for a in MESH_AXES}
   desc = " x ".join(f"{a}={s}" for a, s in sizes.items())
   fill = [a for a, s in sizes.items() if s == -1]
   if len(fill) > 1 or any(s == 0 or s < -1 for s in sizes.values()):
-    raise ValueError(f"config.mesh {desc}: sizes must be >= 1, with at most "
-                     "one -1 to fill the rest")
+    raise ValueError(
+        f"config.mesh {desc}: sizes must be >= 1, with at most "
+        "one -1 to fill the rest"
+    )
   known = math.prod(s for s in sizes.values() if s != -1)
   if fill:
     if num_devices % known:
-      raise ValueError(f"config.mesh {desc}: {num_devices} devices are not "
-                       f"divisible by the fixed axes' product {known}")
+      raise ValueError(
+          f"config.mesh {desc}: {num_devices} devices are not "
+          f"divisible by the fixed axes' product {known}"
+      )
     sizes[fill[0]] = num_devices // known
   elif known != num_devices:
-    raise ValueError(f"config.mesh {desc} needs {known} devices, but there "
-                     f"are {num_devices}" + (f" ({what})" if what else ""))
+    raise ValueError(
+        f"config.mesh {desc} needs {known} devices, but there "
+        f"are {num_devices}" + (f" ({what})" if what else "")
+    )
   return sizes
 
 
-def make_mesh(mesh_cfg: Any, devices: Sequence[jax.Device] | None = None
-              ) -> jax.sharding.Mesh:
+def make_mesh(
+    mesh_cfg: Any, devices: Sequence[jax.Device] | None = None
+) -> jax.sharding.Mesh:
   """The run's mesh over `devices` (default: all devices of all processes).
 
   Axis types are Auto: GSPMD propagates shardings from the parameters,
@@ -105,9 +115,11 @@ def make_mesh(mesh_cfg: Any, devices: Sequence[jax.Device] | None = None
   devices = list(jax.devices() if devices is None else devices)
   sizes = mesh_shape(mesh_cfg, len(devices), devices[0].platform)
   return jax.make_mesh(
-      tuple(sizes[a] for a in MESH_AXES), MESH_AXES,
+      tuple(sizes[a] for a in MESH_AXES),
+      MESH_AXES,
       axis_types=(jax.sharding.AxisType.Auto,) * len(MESH_AXES),
-      devices=devices)
+      devices=devices,
+  )
 
 
 def parse_rules(rules_cfg: Any) -> Rules:
@@ -117,14 +129,20 @@ def parse_rules(rules_cfg: Any) -> Rules:
     axes = tuple(a.strip() for a in str(value or "").split(",") if a.strip())
     bad = [a for a in axes if a not in MESH_AXES]
     if bad:
-      raise ValueError(f"config.axis_rules.{name}={value!r}: {bad} are not "
-                       f"mesh axes {list(MESH_AXES)}")
+      raise ValueError(
+          f"config.axis_rules.{name}={value!r}: {bad} are not "
+          f"mesh axes {list(MESH_AXES)}"
+      )
     out.append((name, axes))
   return tuple(out)
 
 
-def logical_to_spec(names: Sequence[str | None], shape: Sequence[int],
-                    rules: Rules, mesh_shape_: dict[str, int]) -> P:
+def logical_to_spec(
+    names: Sequence[str | None],
+    shape: Sequence[int],
+    rules: Rules,
+    mesh_shape_: dict[str, int],
+) -> P:
   """PartitionSpec for an array of `shape` whose dims are named `names`.
 
   Each name takes its rule's mesh axes that are not used by an earlier dim,
@@ -151,8 +169,7 @@ def _is_var(x) -> bool:
   return isinstance(x, nnx.Variable)
 
 
-def tree_shardings(abstract: Any, mesh: jax.sharding.Mesh, rules: Rules
-                   ) -> Any:
+def tree_shardings(abstract: Any, mesh: jax.sharding.Mesh, rules: Rules) -> Any:
   """NamedShardings for a pytree of (abstract) arrays and nnx Variables.
 
   Variables with logical names in their `out_sharding` metadata (parameters
@@ -166,8 +183,11 @@ def tree_shardings(abstract: Any, mesh: jax.sharding.Mesh, rules: Rules
       if not hasattr(x.get_value(), "shape"):
         return x  # an optax.MaskedNode: state multi_transform leaves empty
       names = x.get_metadata().get("out_sharding") or ()
-      spec = (logical_to_spec(names, x.get_value().shape, rules, shape)
-              if names else P())
+      spec = (
+          logical_to_spec(names, x.get_value().shape, rules, shape)
+          if names
+          else P()
+      )
       return x.replace(NamedSharding(mesh, spec))
     return NamedSharding(mesh, P())
 
@@ -179,14 +199,17 @@ def with_shardings(abstract: Any, shardings: Any) -> Any:
   form orbax restores into."""
   return jax.tree.map(
       lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-      abstract, shardings)
+      abstract,
+      shardings,
+  )
 
 
 # The platform ("cpu", "tpu", "gpu") of the mesh `use` made current: the
 # devices the program is compiled for, which need not be the host's (a
 # compile-only TPU topology on a CPU machine, eve_jax/aot/).
 _TARGET_PLATFORM: contextvars.ContextVar[str | None] = contextvars.ContextVar(
-    "eve_jax_target_platform", default=None)
+    "eve_jax_target_platform", default=None
+)
 
 
 @contextlib.contextmanager
@@ -233,8 +256,7 @@ def logical_size(name: str) -> int:
   mesh = jax.sharding.get_abstract_mesh()
   if mesh.empty:
     return 1
-  return _axes_size(dict(mesh.shape), flax_spmd.get_logical_axis_rules(),
-                    name)
+  return _axes_size(dict(mesh.shape), flax_spmd.get_logical_axis_rules(), name)
 
 
 def _axes_size(mesh_shape_: dict[str, int], rules: Rules, name: str) -> int:
@@ -242,11 +264,11 @@ def _axes_size(mesh_shape_: dict[str, int], rules: Rules, name: str) -> int:
   return math.prod(mesh_shape_.get(a, 1) for a in dict(rules).get(name, ()))
 
 
-def batch_sharding(mesh: jax.sharding.Mesh, rules: Rules, batch_size: int
-                   ) -> NamedSharding:
+def batch_sharding(
+    mesh: jax.sharding.Mesh, rules: Rules, batch_size: int
+) -> NamedSharding:
   """Layout of a [B, ...] input batch: B split as `act_batch` says."""
-  spec = logical_to_spec(("act_batch",), (batch_size,), rules,
-                         dict(mesh.shape))
+  spec = logical_to_spec(("act_batch",), (batch_size,), rules, dict(mesh.shape))
   return NamedSharding(mesh, spec)
 
 
@@ -255,29 +277,39 @@ def data_parallel_size(mesh: jax.sharding.Mesh, rules: Rules) -> int:
   return _axes_size(dict(mesh.shape), rules, "act_batch")
 
 
-def check_batch(name: str, batch_size: int, mesh: jax.sharding.Mesh,
-                rules: Rules) -> None:
+def check_batch(
+    name: str, batch_size: int, mesh: jax.sharding.Mesh, rules: Rules
+) -> None:
   """One-line error unless the batch splits evenly over the data shards."""
   n = data_parallel_size(mesh, rules)
   axes = " x ".join(a for a in dict(rules).get("act_batch", ()))
   if batch_size % n:
-    raise ValueError(f"{name}={batch_size} is not divisible by the {n} "
-                     f"data-parallel shards ({axes} of the mesh)")
+    raise ValueError(
+        f"{name}={batch_size} is not divisible by the {n} "
+        f"data-parallel shards ({axes} of the mesh)"
+    )
 
 
-def check_experts(num_experts: int, num_soft_layers: int,
-                  mesh: jax.sharding.Mesh, rules: Rules) -> None:
+def check_experts(
+    num_experts: int,
+    num_soft_layers: int,
+    mesh: jax.sharding.Mesh,
+    rules: Rules,
+) -> None:
   """One-line error unless the experts split evenly over the expert axes."""
   axes = dict(rules).get("expert", ())
   n = _axes_size(dict(mesh.shape), rules, "expert")
   if num_soft_layers and num_experts % n:
-    raise ValueError(f"model.num_experts={num_experts} is not divisible by "
-                     f"the expert-parallel size {n} "
-                     f"({' x '.join(axes)} of the mesh)")
+    raise ValueError(
+        f"model.num_experts={num_experts} is not divisible by "
+        f"the expert-parallel size {n} "
+        f"({' x '.join(axes)} of the mesh)"
+    )
 
 
-def process_batch_slice(sharding: NamedSharding, batch_size: int
-                        ) -> tuple[int, int]:
+def process_batch_slice(
+    sharding: NamedSharding, batch_size: int
+) -> tuple[int, int]:
   """(index, count): this process feeds rows [index * B/count, ...) of the
   global batch. Processes whose devices hold the same rows (a batch
   replicated over `tensor` across hosts) get the same index."""
@@ -288,15 +320,22 @@ def process_batch_slice(sharding: NamedSharding, batch_size: int
   rows = sorted(rows)
   local = len(rows)
   if rows != list(range(rows[0], rows[0] + local)) or batch_size % local:
-    raise ValueError(f"this process holds batch rows {rows[0]}..{rows[-1]} "
-                     "that are not one contiguous equal block; reorder the "
-                     "mesh axes")
+    raise ValueError(
+        f"this process holds batch rows {rows[0]}..{rows[-1]} "
+        "that are not one contiguous equal block; reorder the "
+        "mesh axes"
+    )
   return rows[0] // local, batch_size // local
 
 
-def global_batch(local: dict[str, np.ndarray], sharding: NamedSharding,
-                 batch_size: int) -> dict[str, jax.Array]:
+def global_batch(
+    local: dict[str, np.ndarray], sharding: NamedSharding, batch_size: int
+) -> dict[str, jax.Array]:
   """This process's rows -> global arrays of `batch_size` rows on the mesh
   (`sharding` splits the first dim; the rest are replicated)."""
-  return {k: jax.make_array_from_process_local_data(
-      sharding, v, (batch_size,) + v.shape[1:]) for k, v in local.items()}
+  return {
+      k: jax.make_array_from_process_local_data(
+          sharding, v, (batch_size,) + v.shape[1:]
+      )
+      for k, v in local.items()
+  }

@@ -33,13 +33,18 @@ from eve_jax.model.variants import ModelConfig
 from eve_jax.optim import make_optimizer
 from eve_jax.program import StepProgram
 from eve_jax.tasks.contract import RunContext
-from eve_jax.tasks.pretrain import (MaskingConfig, PretrainTask, eval_metrics,
-                                    eval_sums)
+from eve_jax.tasks.pretrain import (
+    MaskingConfig,
+    PretrainTask,
+    eval_metrics,
+    eval_sums,
+)
 from eve_jax.viz import hook as viz_hook
 from eve_jax.viz import routing
 
+
 def parse_objectives(text: str) -> tuple[str, ...]:
-  """"mlm,mim" -> ("mlm", "mim") (validated by PretrainTask)."""
+  """ "mlm,mim" -> ("mlm", "mim") (validated by PretrainTask)."""
   return tuple(o.strip() for o in str(text).split(",") if o.strip())
 
 
@@ -77,10 +82,13 @@ class Pretraining:
     self.model_cfg = model_config(config, tokenizer.vocab_size)
     self.steps = config.train.steps
     self.objective = PretrainTask(
-        masking=MaskingConfig(**config.masking), mask_id=tokenizer.mask_id,
-        cls_id=tokenizer.cls_id, vocab_size=tokenizer.vocab_size,
+        masking=MaskingConfig(**config.masking),
+        mask_id=tokenizer.mask_id,
+        cls_id=tokenizer.cls_id,
+        vocab_size=tokenizer.vocab_size,
         num_special=max(tokenizer.special_ids) + 1,
-        objectives=parse_objectives(config.objectives))
+        objectives=parse_objectives(config.objectives),
+    )
 
   # -- building ------------------------------------------------------------
 
@@ -100,8 +108,9 @@ class Pretraining:
     return cls(config, tokenizer)
 
   @classmethod
-  def inference_model(cls, model_cfg: ModelConfig, rngs: nnx.Rngs,
-                      **sizes) -> EVEPretrainModel:
+  def inference_model(
+      cls, model_cfg: ModelConfig, rngs: nnx.Rngs, **sizes
+  ) -> EVEPretrainModel:
     del sizes
     return EVEPretrainModel(model_cfg, rngs=rngs)
 
@@ -110,8 +119,9 @@ class Pretraining:
 
   def batch_spec(self, batch_size: int) -> specs.Spec:
     """One global pretraining batch (EVE-Shapes and corpora alike)."""
-    return specs.pretrain(batch_size, self.model_cfg.image_size,
-                          self.model_cfg.max_text_len)
+    return specs.pretrain(
+        batch_size, self.model_cfg.image_size, self.model_cfg.max_text_len
+    )
 
   def loss(self, model, batch, rng):
     return self.objective.loss(model, batch, rng)
@@ -121,14 +131,20 @@ class Pretraining:
 
   def analytic_flops_per_sample(self, batch_size: int) -> float:
     return flops_lib.train_flops_per_sample(
-        self.model_cfg, self.objective.objectives,
-        self.config.masking.image_mask_ratio, batch_size=batch_size)["total"]
+        self.model_cfg,
+        self.objective.objectives,
+        self.config.masking.image_mask_ratio,
+        batch_size=batch_size,
+    )["total"]
 
   # -- running -------------------------------------------------------------
 
   def train_batches(self, shard: tuple[int, int]):
-    return iter(sources.make_train_data(self.config, self.tokenizer,
-                                        self.model_cfg, shard))
+    return iter(
+        sources.make_train_data(
+            self.config, self.tokenizer, self.model_cfg, shard
+        )
+    )
 
   def initial_state(self, state, ctx: RunContext):
     del ctx  # pretraining starts from the random initialization
@@ -136,8 +152,11 @@ class Pretraining:
 
   def run_info(self, program: StepProgram) -> dict[str, Any]:
     counts = count_params(program.abstract.params, self.model_cfg)
-    logging.info("model %s: %s", self.model_cfg.variant,
-                 ", ".join(f"{k} {v:,}" for k, v in counts.items()))
+    logging.info(
+        "model %s: %s",
+        self.model_cfg.variant,
+        ", ".join(f"{k} {v:,}" for k, v in counts.items()),
+    )
     return {f"params_{k}": v for k, v in counts.items()}
 
   def log_extra(self, train_batches):
@@ -149,12 +168,14 @@ class Pretraining:
   def resolved_config(self) -> dict[str, Any]:
     return {}
 
-  def eval_step(self, program: StepProgram,
-                eval_sharding: jax.sharding.NamedSharding):
+  def eval_step(
+      self, program: StepProgram, eval_sharding: jax.sharding.NamedSharding
+  ):
     """jitted (params, batch, rng) -> replicated metric sums
     (`tasks.pretrain.eval_sums`)."""
-    replicated = jax.sharding.NamedSharding(eval_sharding.mesh,
-                                            jax.sharding.PartitionSpec())
+    replicated = jax.sharding.NamedSharding(
+        eval_sharding.mesh, jax.sharding.PartitionSpec()
+    )
     # NumPy constants: no eager op on the mesh while building.
     if sources.uses_corpora(self.config):
       # No word list that only the image can tell; the "blank" image (the
@@ -162,66 +183,107 @@ class Pretraining:
       visual_ids = np.zeros((0,), np.int32)
       blank = np.zeros((self.model_cfg.image_size,) * 2 + (3,), np.float32)
     else:
-      visual_ids = np.asarray(self.tokenizer.word_ids(shapes.VISUAL_WORDS),
-                              np.int32)
+      visual_ids = np.asarray(
+          self.tokenizer.word_ids(shapes.VISUAL_WORDS), np.int32
+      )
       blank = transforms.normalize_image(
-          shapes.blank_image(self.model_cfg.image_size))
+          shapes.blank_image(self.model_cfg.image_size)
+      )
     return jax.jit(
         functools.partial(
-            _eval_step, graphdef=program.graphdef, task=self.objective,
-            visual_ids=visual_ids, blank=blank),
-        in_shardings=(program.state_shardings.params, eval_sharding,
-                      replicated),
-        out_shardings=replicated)
+            _eval_step,
+            graphdef=program.graphdef,
+            task=self.objective,
+            visual_ids=visual_ids,
+            blank=blank,
+        ),
+        in_shardings=(
+            program.state_shardings.params,
+            eval_sharding,
+            replicated,
+        ),
+        out_shardings=replicated,
+    )
 
   def evaluator(self, ctx: RunContext):
     config, model_cfg = self.config, self.model_cfg
     if config.train.eval_examples < ctx.eval_shard[1]:
-      raise ValueError(f"train.eval_examples={config.train.eval_examples} "
-                       f"is fewer than the {ctx.eval_shard[1]} processes' "
-                       "data shards")
+      raise ValueError(
+          f"train.eval_examples={config.train.eval_examples} "
+          f"is fewer than the {ctx.eval_shard[1]} processes' "
+          "data shards"
+      )
     eval_step = self.eval_step(ctx.program, ctx.eval_sharding)
     to_global = functools.partial(
-        sharding.global_batch, sharding=ctx.eval_sharding,
-        batch_size=config.train.eval_batch_size)
+        sharding.global_batch,
+        sharding=ctx.eval_sharding,
+        batch_size=config.train.eval_batch_size,
+    )
     pictures = None
     if config.train.get("viz", True):  # DIR/viz/ PNGs (eve_jax/viz/hook.py)
       pictures = viz_hook.EvalPictures(
-          ctx.workdir, graphdef=ctx.program.graphdef, task=self.objective,
+          ctx.workdir,
+          graphdef=ctx.program.graphdef,
+          task=self.objective,
           model_cfg=model_cfg,
           params_sharding=ctx.program.state_shardings.params,
           batch_sharding=ctx.eval_sharding,
           first_batch=viz_hook.first_of(
-              lambda: sources.eval_batches(config, self.tokenizer, model_cfg,
-                                           ctx.eval_shard),
-              to_global),
-          rng=eval_batch_rng(config, 0), writer=ctx.writer,
-          is_main=ctx.is_main)
+              lambda: sources.eval_batches(
+                  config, self.tokenizer, model_cfg, ctx.eval_shard
+              ),
+              to_global,
+          ),
+          rng=eval_batch_rng(config, 0),
+          writer=ctx.writer,
+          is_main=ctx.is_main,
+      )
 
     def evaluate_and_draw(state):
-      out = evaluate(eval_step, state.params, config, self.tokenizer,
-                     model_cfg, to_global, ctx.eval_shard)
+      out = evaluate(
+          eval_step,
+          state.params,
+          config,
+          self.tokenizer,
+          model_cfg,
+          to_global,
+          ctx.eval_shard,
+      )
       if pictures is not None and out:
         pictures(int(state.step), state.params, out)
       return out
+
     return evaluate_and_draw
 
 
-def evaluate(eval_step, params, config, tokenizer, model_cfg,
-             to_global=lambda b: b, shard=(0, 1)) -> dict:
+def evaluate(
+    eval_step,
+    params,
+    config,
+    tokenizer,
+    model_cfg,
+    to_global=lambda b: b,
+    shard=(0, 1),
+) -> dict:
   """Sums `eval_sums` over the whole held-out set, same masks every time."""
   total = None
-  for i, batch in enumerate(sources.eval_batches(config, tokenizer, model_cfg,
-                                                 shard)):
+  for i, batch in enumerate(
+      sources.eval_batches(config, tokenizer, model_cfg, shard)
+  ):
     sums = eval_step(params, to_global(batch), eval_batch_rng(config, i))
     total = sums if total is None else jax.tree.map(jnp.add, total, sums)
   if total is None:  # corpora without an eval split (`prepare --eval_images`)
     return {}
   total = jax.device_get(total)
   # Figure 6's numbers: routing/layer{i}/{image,text}/expert{e}.
-  return dict(eval_metrics(total), **routing.metrics(
-      total["expert_counts"], model_cfg.top_k,
-      routing.soft_layers(model_cfg.depth, total["expert_counts"].shape[0])))
+  return dict(
+      eval_metrics(total),
+      **routing.metrics(
+          total["expert_counts"],
+          model_cfg.top_k,
+          routing.soft_layers(model_cfg.depth, total["expert_counts"].shape[0]),
+      ),
+  )
 
 
 @dataclasses.dataclass
@@ -236,6 +298,7 @@ class Program:
     eval_sharding: NamedSharding of an evaluation batch.
     eval_step: jitted (params, batch, rng) -> replicated metric sums.
   """
+
   model_cfg: ModelConfig
   task: PretrainTask
   train: StepProgram
@@ -252,16 +315,21 @@ class Program:
   init_rng = property(lambda self: self.train.init_rng)
 
 
-def build_program(config, tokenizer: Tokenizer, mesh: jax.sharding.Mesh,
-                  rules: sharding.Rules) -> Program:
+def build_program(
+    config, tokenizer: Tokenizer, mesh: jax.sharding.Mesh, rules: sharding.Rules
+) -> Program:
   """The pretraining step and eval step the trainer builds, for callers
   that need them without a run (benchmarks, tests, the compile command)."""
   task = Pretraining(config, tokenizer)
   prog = trainer.build_program(task, config, mesh, rules)
   eval_sh = sharding.batch_sharding(mesh, rules, config.train.eval_batch_size)
-  return Program(model_cfg=task.model_cfg, task=task.objective, train=prog,
-                 eval_sharding=eval_sh,
-                 eval_step=task.eval_step(prog, eval_sh))
+  return Program(
+      model_cfg=task.model_cfg,
+      task=task.objective,
+      train=prog,
+      eval_sharding=eval_sh,
+      eval_step=task.eval_step(prog, eval_sh),
+  )
 
 
 def _eval_step(params, batch, rng, *, graphdef, task, visual_ids, blank):

@@ -35,12 +35,16 @@ from eve_jax.writers import MetricWriter
 class RunResult:
   """What `run` ends with: the last evaluation and the final train state
   (global arrays on the run's mesh)."""
+
   eval: dict[str, Any]
   state: TrainState
 
 
-def run(config: ml_collections.ConfigDict, workdir: str,
-        mesh: jax.sharding.Mesh | None = None) -> RunResult:
+def run(
+    config: ml_collections.ConfigDict,
+    workdir: str,
+    mesh: jax.sharding.Mesh | None = None,
+) -> RunResult:
   """Trains (or resumes) `config.task` in `workdir`.
 
   Args:
@@ -55,15 +59,22 @@ def run(config: ml_collections.ConfigDict, workdir: str,
   rules = sharding.parse_rules(config.axis_rules)
   for name in ("batch_size", "eval_batch_size"):
     sharding.check_batch(f"train.{name}", config.train[name], mesh, rules)
-  logging.info("mesh %s over %d devices, %d processes",
-               dict(mesh.shape), mesh.size, jax.process_count())
+  logging.info(
+      "mesh %s over %d devices, %d processes",
+      dict(mesh.shape),
+      mesh.size,
+      jax.process_count(),
+  )
   with sharding.use(mesh, rules):
     return _run(task_cls, config, workdir, mesh, rules)
 
 
-def build_program(task: Task, config: ml_collections.ConfigDict,
-                  mesh: jax.sharding.Mesh, rules: sharding.Rules
-                  ) -> StepProgram:
+def build_program(
+    task: Task,
+    config: ml_collections.ConfigDict,
+    mesh: jax.sharding.Mesh,
+    rules: sharding.Rules,
+) -> StepProgram:
   """`task`'s training step on `mesh`, from shapes alone (no eager work,
   so also for compile-only devices; traced later, under `sharding.use`)."""
   m = task.model_cfg
@@ -71,8 +82,14 @@ def build_program(task: Task, config: ml_collections.ConfigDict,
   tx, schedule = task.optimizer()
   return build_step(
       make_model=lambda key: task.build_model(nnx.Rngs(params=key)),
-      task=task, tx=tx, schedule=schedule, seed=config.seed, mesh=mesh,
-      rules=rules, batch_spec=task.batch_spec(config.train.batch_size))
+      task=task,
+      tx=tx,
+      schedule=schedule,
+      seed=config.seed,
+      mesh=mesh,
+      rules=rules,
+      batch_spec=task.batch_spec(config.train.batch_size),
+  )
 
 
 def _run(task_cls, config, workdir: str, mesh, rules) -> RunResult:
@@ -90,21 +107,33 @@ def _run(task_cls, config, workdir: str, mesh, rules) -> RunResult:
   def to_global(local):
     # Only the arrays the step was compiled for (the task's batch_spec),
     # in its dtypes.
-    return sharding.global_batch(specs.select(local, spec),
-                                 prog.batch_sharding, bs)
+    return sharding.global_batch(
+        specs.select(local, spec), prog.batch_sharding, bs
+    )
 
-  ckpt = Checkpointer(workdir, every=config.train.checkpoint_every,
-                      keep=config.train.keep_checkpoints)
+  ckpt = Checkpointer(
+      workdir,
+      every=config.train.checkpoint_every,
+      keep=config.train.keep_checkpoints,
+  )
   train_iter = task.train_batches(shard)
   # No writer yet: nothing in the workdir changes until the checkpoint is
   # restored (or the initial state made) and the config recorded.
-  ctx = RunContext(config=config, workdir=workdir, is_main=is_main,
-                   mesh=mesh, rules=rules, program=prog,
-                   eval_sharding=eval_sh, eval_shard=eval_shard,
-                   writer=None)
+  ctx = RunContext(
+      config=config,
+      workdir=workdir,
+      is_main=is_main,
+      mesh=mesh,
+      rules=rules,
+      program=prog,
+      eval_sharding=eval_sh,
+      eval_shard=eval_shard,
+      writer=None,
+  )
   start = ckpt.latest_step()
-  changed = run_config.check(config, workdir, start,
-                             resolved=task.resolved_config())
+  changed = run_config.check(
+      config, workdir, start, resolved=task.resolved_config()
+  )
   if start is None:
     # Each device initializes only its own shards: no full copy anywhere.
     state = task.initial_state(prog.init(prog.init_rng), ctx)
@@ -120,8 +149,9 @@ def _run(task_cls, config, workdir: str, mesh, rules) -> RunResult:
 
   last_eval: dict[str, Any] = {}
   if start >= task.steps:
-    logging.info("already at step %d of %d: nothing to train", start,
-                 task.steps)
+    logging.info(
+        "already at step %d of %d: nothing to train", start, task.steps
+    )
   else:
     evaluate = task.evaluator(ctx)
     batch = to_global(next(train_iter))
@@ -129,20 +159,43 @@ def _run(task_cls, config, workdir: str, mesh, rules) -> RunResult:
     compiled = prog.lower(mesh, rules).compile()
     compile_s = time.perf_counter() - t0
     flops = xla_flops(compiled) * mesh.size
-    logging.info("step compiled in %.1fs; XLA counts %.3g FLOPs per step "
-                 "(%.3g per sample)", compile_s, flops, flops / bs)
-    writer.write(start, dict(compile_s=compile_s, xla_flops_per_step=flops,
-                             mesh=dict(mesh.shape), **task.run_info(prog)),
-                 file="run.jsonl")
+    logging.info(
+        "step compiled in %.1fs; XLA counts %.3g FLOPs per step "
+        "(%.3g per sample)",
+        compile_s,
+        flops,
+        flops / bs,
+    )
+    writer.write(
+        start,
+        dict(
+            compile_s=compile_s,
+            xla_flops_per_step=flops,
+            mesh=dict(mesh.shape),
+            **task.run_info(prog),
+        ),
+        file="run.jsonl",
+    )
     state, last_eval = loop.run_steps(
-        state, compiled, batch, (to_global(b) for b in train_iter),
-        start=start, total_steps=task.steps, batch_size=bs,
-        log_every=config.train.log_every, eval_every=config.train.eval_every,
-        evaluate=evaluate, data_state=train_iter.get_state, writer=writer,
-        ckpt=ckpt, is_main=is_main, log_extra=task.log_extra(train_iter),
+        state,
+        compiled,
+        batch,
+        (to_global(b) for b in train_iter),
+        start=start,
+        total_steps=task.steps,
+        batch_size=bs,
+        log_every=config.train.log_every,
+        eval_every=config.train.eval_every,
+        evaluate=evaluate,
+        data_state=train_iter.get_state,
+        writer=writer,
+        ckpt=ckpt,
+        is_main=is_main,
+        log_extra=task.log_extra(train_iter),
         max_bad_steps=config.train.max_bad_steps,
         step_timeout_s=config.train.get("step_timeout_s", -1.0),
-        workdir=workdir)
+        workdir=workdir,
+    )
   ckpt.close()
   writer.close()
   return RunResult(eval=last_eval, state=state)

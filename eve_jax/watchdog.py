@@ -46,28 +46,41 @@ def committed_steps(workdir: str) -> list[int]:
     names = os.listdir(directory)
   except OSError:
     return []
-  return sorted(int(n) for n in names
-                if n.isdigit() and os.path.isdir(os.path.join(directory, n)))
+  return sorted(
+      int(n)
+      for n in names
+      if n.isdigit() and os.path.isdir(os.path.join(directory, n))
+  )
 
 
 def resume_note(workdir: str) -> str:
   """'resumes from step N' / 'starts over' for a restart of this run."""
   steps = committed_steps(workdir)
-  return (f"the same command resumes from step {steps[-1]}" if steps else
-          "no checkpoint is committed yet: the same command starts over")
+  return (
+      f"the same command resumes from step {steps[-1]}"
+      if steps
+      else "no checkpoint is committed yet: the same command starts over"
+  )
 
 
 class Watchdog:
   """See the module docstring. Use as a context manager around the loop."""
 
-  def __init__(self, timeout_s: float, workdir: str, process_index: int = 0,
-               *, exit_fn: Callable[[int], None] = os._exit,
-               stream=None):
+  def __init__(
+      self,
+      timeout_s: float,
+      workdir: str,
+      process_index: int = 0,
+      *,
+      exit_fn: Callable[[int], None] = os._exit,
+      stream=None,
+  ):
     self.timeout_s = float(timeout_s)
     self.workdir = workdir
     self.process_index = process_index
-    self.stacks_path = os.path.join(workdir,
-                                    f"stacks.process{process_index}.txt")
+    self.stacks_path = os.path.join(
+        workdir, f"stacks.process{process_index}.txt"
+    )
     self._exit = exit_fn
     self._stream = stream
     self._lock = threading.Lock()
@@ -91,8 +104,10 @@ class Watchdog:
       per = list(self._per_step)
     if len(per) < 3:
       return AUTO_FLOOR_S
-    return max(AUTO_FACTOR * statistics.median(per) * self._steps_per_beat,
-               AUTO_FLOOR_S)
+    return max(
+        AUTO_FACTOR * statistics.median(per) * self._steps_per_beat,
+        AUTO_FLOOR_S,
+    )
 
   def beat(self, step: int) -> None:
     """`step` is complete (its metrics were read back from the device)."""
@@ -122,8 +137,9 @@ class Watchdog:
   def __enter__(self) -> "Watchdog":
     if self.enabled:
       self._last = time.monotonic()
-      self._thread = threading.Thread(target=self._watch, daemon=True,
-                                      name="eve_jax-watchdog")
+      self._thread = threading.Thread(
+          target=self._watch, daemon=True, name="eve_jax-watchdog"
+      )
       self._thread.start()
     return self
 
@@ -154,12 +170,18 @@ class Watchdog:
       stacks = f"Python stacks in {self.stacks_path}"
     except OSError as e:
       stacks = f"cannot write the stacks ({e})"
-    how = (f"train.step_timeout_s={self.timeout_s:g}" if self.timeout_s > 0
-           else f"automatic limit {limit:.0f} s")
+    how = (
+        f"train.step_timeout_s={self.timeout_s:g}"
+        if self.timeout_s > 0
+        else f"automatic limit {limit:.0f} s"
+    )
     stream = self._stream or sys.stderr
-    print(f"eve_jax: error: process {self.process_index}: no training step "
-          f"finished for {waited:.0f} s after step {step} ({how}): a step is "
-          f"hung, e.g. a collective waiting on a lost host; {stacks}; "
-          f"restart every process: {resume_note(self.workdir)}",
-          file=stream, flush=True)
+    print(
+        f"eve_jax: error: process {self.process_index}: no training step "
+        f"finished for {waited:.0f} s after step {step} ({how}): a step is "
+        f"hung, e.g. a collective waiting on a lost host; {stacks}; "
+        f"restart every process: {resume_note(self.workdir)}",
+        file=stream,
+        flush=True,
+    )
     self._exit(EXIT_HUNG)

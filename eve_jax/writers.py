@@ -38,8 +38,9 @@ def _drop_partial_line(path: str) -> None:
       data = f.read()
       if data and not data.endswith(b"\n"):
         f.truncate(data.rfind(b"\n") + 1)
-        logging.warning("%s ended in a partial row (a killed run); dropped "
-                        "it", path)
+        logging.warning(
+            "%s ended in a partial row (a killed run); dropped " "it", path
+        )
   except FileNotFoundError:
     pass
 
@@ -56,10 +57,12 @@ class MetricWriter:
       for name in ("metrics.jsonl", "eval.jsonl", "run.jsonl"):
         _drop_partial_line(os.path.join(workdir, name))
       from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
+
       self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
 
-  def write(self, step: int, metrics: Mapping[str, Any],
-            file: str = "metrics.jsonl") -> None:
+  def write(
+      self, step: int, metrics: Mapping[str, Any], file: str = "metrics.jsonl"
+  ) -> None:
     if not self.enabled:
       return
     row = {"step": int(step)}
@@ -76,8 +79,9 @@ class MetricWriter:
     """A uint8 [H, W, 3] picture to TensorBoard (its Images tab)."""
     if not self.enabled:
       return
-    self._tb.add_image(tag, np.asarray(image, np.uint8), step,
-                       dataformats="HWC")
+    self._tb.add_image(
+        tag, np.asarray(image, np.uint8), step, dataformats="HWC"
+    )
     self._tb.flush()
 
   def write_eval(self, step: int, metrics: Mapping[str, Any]) -> None:
@@ -105,8 +109,9 @@ def _fmt_time(s: float) -> str:
 class Progress:
   """A live line: step, loss, samples/s, ETA. Plain log lines off a tty."""
 
-  def __init__(self, total_steps: int, start_step: int, enabled: bool = True,
-               stream=None):
+  def __init__(
+      self, total_steps: int, start_step: int, enabled: bool = True, stream=None
+  ):
     self.total = total_steps
     self.start_step = start_step
     self.enabled = enabled
@@ -124,12 +129,20 @@ class Progress:
     if not self.enabled:
       return
     # The task's accuracy-like metric, when it logs one.
-    acc = next((k for k in ("mlm_acc", "vqa_score", "nlvr2_train_acc",
-                            "itm_acc") if k in metrics), None)
+    acc = next(
+        (
+            k
+            for k in ("mlm_acc", "vqa_score", "nlvr2_train_acc", "itm_acc")
+            if k in metrics
+        ),
+        None,
+    )
     acc = f"{acc} {float(metrics[acc]):.3f} " if acc else ""
-    line = (f"step {step}/{self.total} loss {float(metrics['loss']):.4f} "
-            f"{acc}{float(metrics['samples_per_s']):.1f} samples/s "
-            f"ETA {_fmt_time(self.eta(step))}")
+    line = (
+        f"step {step}/{self.total} loss {float(metrics['loss']):.4f} "
+        f"{acc}{float(metrics['samples_per_s']):.1f} samples/s "
+        f"ETA {_fmt_time(self.eta(step))}"
+    )
     if self.tty:
       self.stream.write("\r" + line.ljust(100))
       self.stream.flush()

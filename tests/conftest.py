@@ -22,13 +22,22 @@ def micro_workdir(tmp_path_factory):
   tests on it check plumbing, not quality."""
   import jax  # pylint: disable=g-import-not-at-top
   from eve_jax import config_lib, sharding, trainer  # pylint: disable=g-import-not-at-top
+
   c = config_lib.get_pretrain_config("tiny", default_variant="base")
   c.objectives = "mlm,mim,itc"
   c.model.update(dict(depth=1, num_soft_layers=1, decoder_depth=1))
   c.data.num_tokenizer_captions = 500
-  c.train.update(dict(steps=2, batch_size=8, log_every=1, eval_every=2,
-                      checkpoint_every=2, eval_examples=8,
-                      eval_batch_size=8))
+  c.train.update(
+      dict(
+          steps=2,
+          batch_size=8,
+          log_every=1,
+          eval_every=2,
+          checkpoint_every=2,
+          eval_examples=8,
+          eval_batch_size=8,
+      )
+  )
   c.mesh.data = 1  # one device: compiles in half the time of 8 fake ones
   d = str(tmp_path_factory.mktemp("micro_pretrain"))
   trainer.run(c, d, sharding.make_mesh(c.mesh, devices=jax.devices()[:1]))
@@ -48,9 +57,18 @@ def tiny_workdir(tmp_path_factory):
   d = str(tmp_path_factory.mktemp("tiny") / "w")
   env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
   out = subprocess.run(
-      [sys.executable, "-m", "eve_jax.main", "--config=configs/base.py:tiny",
-       f"--workdir={d}"], cwd=os.path.dirname(os.path.dirname(
-           os.path.abspath(__file__))), capture_output=True, text=True,
-      timeout=1500, env=env)
+      [
+          sys.executable,
+          "-m",
+          "eve_jax.main",
+          "--config=configs/base.py:tiny",
+          f"--workdir={d}",
+      ],
+      cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+      capture_output=True,
+      text=True,
+      timeout=1500,
+      env=env,
+  )
   assert out.returncode == 0, out.stderr[-3000:]
   return d

@@ -35,19 +35,22 @@ def layout(name: str) -> str:
   the paper's 30,522-word vocabulary."""
   variant, _, scan = name.partition("_")
   cfg = ModelConfig.from_config(
-      config_lib.model_config(variant, scan_layers=bool(scan)),
-      vocab_size=30522)
+      config_lib.model_config(variant, scan_layers=bool(scan)), vocab_size=30522
+  )
   rules = sharding.parse_rules(sharding.DEFAULT_RULES)
-  state = nnx.state(nnx.eval_shape(
-      lambda: EVEPretrainModel(cfg, rngs=nnx.Rngs(0))), nnx.Param)
+  state = nnx.state(
+      nnx.eval_shape(lambda: EVEPretrainModel(cfg, rngs=nnx.Rngs(0))), nnx.Param
+  )
   lines = []
   for path, var in jax.tree_util.tree_leaves_with_path(
-      state, is_leaf=lambda x: isinstance(x, nnx.Variable)):
+      state, is_leaf=lambda x: isinstance(x, nnx.Variable)
+  ):
     names = tuple(var.get_metadata().get("out_sharding") or ())
     shape = var.get_value().shape
     spec = sharding.logical_to_spec(names, shape, rules, MESH_SHAPE)
-    lines.append(f"{jax.tree_util.keystr(path)} {list(shape)} "
-                 f"{list(names)} {spec}")
+    lines.append(
+        f"{jax.tree_util.keystr(path)} {list(shape)} " f"{list(names)} {spec}"
+    )
   return "\n".join(lines) + "\n"
 
 

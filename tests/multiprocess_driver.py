@@ -36,8 +36,10 @@ def driver(argv):
   mesh = sharding.make_mesh(config.mesh)
   result = trainer.run(config, FLAGS.workdir, mesh)
   params = multihost_utils.process_allgather(result.state.params, tiled=True)
-  flat = {jax.tree_util.keystr(k): np.asarray(v) for k, v in
-          jax.tree_util.tree_leaves_with_path(params)}
+  flat = {
+      jax.tree_util.keystr(k): np.asarray(v)
+      for k, v in jax.tree_util.tree_leaves_with_path(params)
+  }
   pid = jax.process_index()
   if pid == 0:
     np.savez(os.path.join(_OUT.value, "params.npz"), **flat)
@@ -45,15 +47,22 @@ def driver(argv):
   rules = sharding.parse_rules(config.axis_rules)
   bs = config.train.batch_size
   shard = sharding.process_batch_slice(
-      sharding.batch_sharding(mesh, rules, bs), bs)
+      sharding.batch_sharding(mesh, rules, bs), bs
+  )
   tok = Tokenizer(os.path.join(FLAGS.workdir, "tokenizer.model"))
   model_cfg = ModelConfig.from_config(config.model, vocab_size=tok.vocab_size)
   first = next(iter(sources.make_train_data(config, tok, model_cfg, shard)))
   with open(os.path.join(_OUT.value, f"data_{pid}.json"), "w") as f:
-    json.dump({"shard": list(shard), "rows": int(first["text"].shape[0]),
-               "indices": [int(i) for i in first["index"]],
-               "local_devices": jax.local_device_count(),
-               "devices": jax.device_count()}, f)
+    json.dump(
+        {
+            "shard": list(shard),
+            "rows": int(first["text"].shape[0]),
+            "indices": [int(i) for i in first["index"]],
+            "local_devices": jax.local_device_count(),
+            "devices": jax.device_count(),
+        },
+        f,
+    )
   multihost_utils.sync_global_devices("driver done")
 
 

@@ -30,8 +30,10 @@ def _target_or_skip(name):
   except targets.TargetError as e:
     if REQUIRE:
       raise
-    pytest.skip(f"{e} (runs where the target's compiler is installed; CI "
-                "installs it and sets EVE_JAX_REQUIRE_COMPILE_TARGETS=1)")
+    pytest.skip(
+        f"{e} (runs where the target's compiler is installed; CI "
+        "installs it and sets EVE_JAX_REQUIRE_COMPILE_TARGETS=1)"
+    )
 
 
 @pytest.fixture(scope="module")
@@ -40,8 +42,11 @@ def v5p():
 
 
 def tiny(task="pretrain", **mesh):
-  c = (config_lib.get_pretrain_config("tiny", default_variant="base")
-       if task == "pretrain" else config_lib.from_file(task, "tiny"))
+  c = (
+      config_lib.get_pretrain_config("tiny", default_variant="base")
+      if task == "pretrain"
+      else config_lib.from_file(task, "tiny")
+  )
   c.mesh.update(dict(data=-1, **mesh))
   return c
 
@@ -70,7 +75,8 @@ def test_expert_parallel_step_has_all_to_all(pretrain_reports):
 
 
 def test_expert_one_builds_the_batched_experts_not_the_host_form(
-    pretrain_reports):
+    pretrain_reports,
+):
   """With experts unsharded the CPU host would unroll the experts into E
   matmuls (moe.py, `experts="auto"`); compiling for a TPU from a CPU must
   build the TPU's batched form: no all-to-all, no collective-permute."""
@@ -87,6 +93,7 @@ def test_expert_one_builds_the_batched_experts_not_the_host_form(
 
 def test_target_platform_comes_from_the_mesh(v5p):
   from eve_jax.model.moe import experts_unrolled
+
   mesh = sharding.make_mesh(dict(data=-1), v5p.devices)
   rules = sharding.parse_rules(sharding.DEFAULT_RULES)
   assert sharding.target_platform() == "cpu" and experts_unrolled("auto")
@@ -98,16 +105,33 @@ def test_target_platform_comes_from_the_mesh(v5p):
 
 def test_report_keys_and_numbers(pretrain_reports):
   r, _ = pretrain_reports[2]
-  for key in ("target", "devices", "mesh", "batch_size", "per_device_batch",
-              "fits", "hbm_bytes", "memory", "margin_bytes", "compile_s",
-              "flops_per_step_analytic", "flops_per_step_xla",
-              "xla_over_analytic", "collectives", "est_step_s", "est_mfu",
-              "estimate_method", "roofline_step_s", "cost_model_step_s",
-              "sparsecore_offloads"):
+  for key in (
+      "target",
+      "devices",
+      "mesh",
+      "batch_size",
+      "per_device_batch",
+      "fits",
+      "hbm_bytes",
+      "memory",
+      "margin_bytes",
+      "compile_s",
+      "flops_per_step_analytic",
+      "flops_per_step_xla",
+      "xla_over_analytic",
+      "collectives",
+      "est_step_s",
+      "est_mfu",
+      "estimate_method",
+      "roofline_step_s",
+      "cost_model_step_s",
+      "sparsecore_offloads",
+  ):
     assert key in r, key
   m = r["memory"]
-  assert m["total"] == (m["argument"] + m["output"] - m["alias"] + m["temp"]
-                        + m["code"])
+  assert m["total"] == (
+      m["argument"] + m["output"] - m["alias"] + m["temp"] + m["code"]
+  )
   assert m["alias"] > 0.9 * m["argument"]  # the state is donated
   assert r["fits"] and r["margin_bytes"] == r["hbm_bytes"] - m["total"]
   # XLA counts the analytic matmuls plus what they leave out (capacity
@@ -145,26 +169,44 @@ def test_depth_extrapolation_matches_a_full_compile(v5p):
   assert r["extrapolated_from"] == [3, 4]
   for key in ("argument", "output", "total"):
     assert r["memory"][key] == pytest.approx(full["memory"][key], rel=0.02)
-  assert r["flops_per_step_xla"] == pytest.approx(full["flops_per_step_xla"],
-                                                  rel=0.01)
+  assert r["flops_per_step_xla"] == pytest.approx(
+      full["flops_per_step_xla"], rel=0.01
+  )
   assert r["flops_per_step_analytic"] == pytest.approx(
-      full["flops_per_step_analytic"], rel=1e-9)
+      full["flops_per_step_analytic"], rel=1e-9
+  )
 
 
 def test_depth_extrapolation_by_hand():
   """`combine` on two hand-made reports (depths 3 and 4 -> 6): per-step
   numbers on the line through them; compile seconds are the two compiles'
   sum (what they cost here), never a line that can go negative."""
+
   def rep(depth, compile_s):
-    return dict(fits=True, hbm_bytes=1000, devices=2,
-                peak_flops_per_device=1e12,
-                memory=dict(argument=100 * depth, output=10 * depth,
-                            alias=0, temp=50, total=110 * depth + 50),
-                collectives={"all-reduce": dict(count=depth, bytes=8.0 * depth)},
-                flops_per_step_analytic=1e9 * depth,
-                flops_per_step_xla=1.1e9 * depth, compute_s=0.001 * depth,
-                memory_s=0.002, collectives_s=0.0, roofline_step_s=0.003,
-                est_step_s=0.001 * depth, lower_s=2.0, compile_s=compile_s)
+    return dict(
+        fits=True,
+        hbm_bytes=1000,
+        devices=2,
+        peak_flops_per_device=1e12,
+        memory=dict(
+            argument=100 * depth,
+            output=10 * depth,
+            alias=0,
+            temp=50,
+            total=110 * depth + 50,
+        ),
+        collectives={"all-reduce": dict(count=depth, bytes=8.0 * depth)},
+        flops_per_step_analytic=1e9 * depth,
+        flops_per_step_xla=1.1e9 * depth,
+        compute_s=0.001 * depth,
+        memory_s=0.002,
+        collectives_s=0.0,
+        roofline_step_s=0.003,
+        est_step_s=0.001 * depth,
+        lower_s=2.0,
+        compile_s=compile_s,
+    )
+
   r = extrapolate.combine(rep(3, 30.0), rep(4, 5.0), 3, 4, 6)
   assert r["memory"]["total"] == 110 * 6 + 50
   assert r["collectives"]["all-reduce"] == dict(count=6, bytes=48.0)
@@ -179,23 +221,30 @@ def test_depth_extrapolation_by_hand():
 
 def test_collective_bytes_from_hlo_lines():
   """Hand-worked: result shapes -> bytes, async starts counted once."""
-  hlo = "\n".join([
-      "  %a2a = bf16[4,8,16]{2,1,0} all-to-all(%x), replica_groups=[2,2]<=[4]",
-      "  %ar = (f32[10]{0}, f32[2,3]{1,0}) all-reduce(%p, %q), "
-      "replica_groups={{0,1,2,3}}, to_apply=%sum",
-      "  %ags = (f32[8]{0}, f32[32]{0}) all-gather-start(%y), dimensions={0}",
-      "  %agd = f32[32]{0} all-gather-done(%ags)",
-      "  %m = bf16[8,2]{1,0} all-to-all(%z), channel_id=3, "
-      "replica_groups=mesh['axis_0'=2,'axis_1'=4,'axis_2'=1], "
-      "device_ids=([2,4]T(1,0)) {'axis_1'}, dimensions={0}",
-      "  %c = f32[4]{0} add(%u, %v)",
-  ])
+  hlo = "\n".join(
+      [
+          "  %a2a = bf16[4,8,16]{2,1,0} all-to-all(%x), replica_groups=[2,2]<=[4]",
+          "  %ar = (f32[10]{0}, f32[2,3]{1,0}) all-reduce(%p, %q), "
+          "replica_groups={{0,1,2,3}}, to_apply=%sum",
+          "  %ags = (f32[8]{0}, f32[32]{0}) all-gather-start(%y), dimensions={0}",
+          "  %agd = f32[32]{0} all-gather-done(%ags)",
+          "  %m = bf16[8,2]{1,0} all-to-all(%z), channel_id=3, "
+          "replica_groups=mesh['axis_0'=2,'axis_1'=4,'axis_2'=1], "
+          "device_ids=([2,4]T(1,0)) {'axis_1'}, dimensions={0}",
+          "  %c = f32[4]{0} add(%u, %v)",
+      ]
+  )
   c = report.collectives(hlo)
-  assert c["all-to-all"] == dict(count=2, bytes=(4 * 8 * 16 + 8 * 2) * 2,
-                                 group=4)  # the largest: 4 on 'axis_1'
-  assert report._group_size(  # pylint: disable=protected-access
-      "x = f32[2] all-reduce(y), replica_groups=mesh['axis_0'=4,'axis_1'=2]"
-      " {'axis_0','axis_1'}, use_global_device_ids=true") == 8
+  assert c["all-to-all"] == dict(
+      count=2, bytes=(4 * 8 * 16 + 8 * 2) * 2, group=4
+  )  # the largest: 4 on 'axis_1'
+  assert (
+      report._group_size(  # pylint: disable=protected-access
+          "x = f32[2] all-reduce(y), replica_groups=mesh['axis_0'=4,'axis_1'=2]"
+          " {'axis_0','axis_1'}, use_global_device_ids=true"
+      )
+      == 8
+  )
   assert c["all-reduce"] == dict(count=1, bytes=(10 + 6) * 4, group=4)
   assert c["all-gather"]["count"] == 1 and c["all-gather"]["bytes"] == 128
   assert targets.accelerator_topology("v5p-64") == "v5p:2x4x4"
@@ -215,18 +264,27 @@ def test_target_names():
 def _cli(*args, timeout=600):
   env = dict(os.environ, ALLOW_MULTIPLE_LIBTPU_LOAD="1")
   env.pop("XLA_FLAGS", None)  # no fake CPU devices needed
-  return subprocess.run([sys.executable, "-m", "eve_jax.compile", *args],
-                        capture_output=True, text=True, env=env,
-                        timeout=timeout)
+  return subprocess.run(
+      [sys.executable, "-m", "eve_jax.compile", *args],
+      capture_output=True,
+      text=True,
+      env=env,
+      timeout=timeout,
+  )
 
 
 def _needs_cuda_plugin():
   if not targets.cuda_plugin_available():
     if REQUIRE:
-      pytest.fail("the CUDA compiler plugin is not installed: "
-                  + targets.CUDA_PLUGIN_INSTALL)
-    pytest.skip("no CUDA compiler plugin (runs where it is installed: "
-                + targets.CUDA_PLUGIN_INSTALL + "; CI installs it)")
+      pytest.fail(
+          "the CUDA compiler plugin is not installed: "
+          + targets.CUDA_PLUGIN_INSTALL
+      )
+    pytest.skip(
+        "no CUDA compiler plugin (runs where it is installed: "
+        + targets.CUDA_PLUGIN_INSTALL
+        + "; CI installs it)"
+    )
 
 
 # expert=1 (no all-to-all, no unrolled host form) is slow: the TPU test
@@ -237,8 +295,12 @@ def test_gpu_target_compiles_tiny(expert):
   (and no unrolled CPU form); XLA:GPU gives no cost analysis, so the
   estimate is the roofline."""
   _needs_cuda_plugin()
-  out = _cli("--config=configs/base.py:tiny", "--topology=h100x2",
-             f"--config.mesh.expert={expert}", "--json")
+  out = _cli(
+      "--config=configs/base.py:tiny",
+      "--topology=h100x2",
+      f"--config.mesh.expert={expert}",
+      "--json",
+  )
   assert out.returncode == 0, out.stderr[-2000:]
   r = json.loads(out.stdout.strip().splitlines()[-1])
   assert r["platform"] == "gpu" and r["devices"] == 2 and r["fits"]
@@ -254,9 +316,12 @@ def test_cli_reports_a_step_that_does_not_fit():
   """A 224 px tiny model at 4,096 images per chip overflows a v5e chip's
   16 GiB: exit 3 and one line with the compiler's reason."""
   _target_or_skip("v5e:2x2")
-  out = _cli("--config=configs/base.py:tiny", "--topology=v5e:2x2",
-             "--config.model.image_size=224",
-             "--config.train.batch_size=16384")
+  out = _cli(
+      "--config=configs/base.py:tiny",
+      "--topology=v5e:2x2",
+      "--config.model.image_size=224",
+      "--config.train.batch_size=16384",
+  )
   assert out.returncode == 3, out.stderr[-2000:]
   lines = out.stdout.strip().splitlines()
   assert "DOES NOT FIT" in lines[-1] and "memory" in lines[-1].lower()
@@ -265,19 +330,31 @@ def test_cli_reports_a_step_that_does_not_fit():
 def test_cli_one_line_errors():
   out = _cli("--config=configs/base.py:tiny", "--topology=v9z:1x1")
   assert out.returncode == 1
-  assert out.stderr.strip().splitlines()[-1].startswith(
-      "eve_jax.compile: error: TPU 'v9z'")
-  out = _cli("--config=configs/base.py:tiny", "--topology=v5p:2x2x1",
-             "--config.mesh.expert=3")
+  assert (
+      out.stderr.strip()
+      .splitlines()[-1]
+      .startswith("eve_jax.compile: error: TPU 'v9z'")
+  )
+  out = _cli(
+      "--config=configs/base.py:tiny",
+      "--topology=v5p:2x2x1",
+      "--config.mesh.expert=3",
+  )
   assert out.returncode == 1 and "config.mesh" in out.stderr
 
 
 def test_search_meshes_are_exact_factorizations():
   from eve_jax.aot import search
+
   got = search.meshes(8, num_experts=4, heads=4, has_moe=True)
   assert {tuple(m.values()) for m in got} == {
-      (d, f, e, t) for e in (1, 2, 4) for t in (1, 2, 4) for f in (1, 2, 4, 8)
-      for d in (1, 2, 4, 8) if d * f * e * t == 8}
+      (d, f, e, t)
+      for e in (1, 2, 4)
+      for t in (1, 2, 4)
+      for f in (1, 2, 4, 8)
+      for d in (1, 2, 4, 8)
+      if d * f * e * t == 8
+  }
   assert got[0] == dict(data=2, fsdp=1, expert=4, tensor=1)
   assert all(m["expert"] == 1 for m in search.meshes(8, 4, 4, False))
 
@@ -285,8 +362,17 @@ def test_search_meshes_are_exact_factorizations():
 @pytest.mark.slow  # ~1.5 min on 2 cores
 def test_search_ranks_what_fits(v5p):
   from eve_jax.aot import search
-  rows = search.run(tiny(), v5p, batches="8", depth=None, vocab_size=None,
-                    num_answers=3129, max_candidates=2, log=lambda s: None)
+
+  rows = search.run(
+      tiny(),
+      v5p,
+      batches="8",
+      depth=None,
+      vocab_size=None,
+      num_answers=3129,
+      max_candidates=2,
+      log=lambda s: None,
+  )
   assert len(rows) == 2 and all(r["fits"] for r in rows)
   speeds = [r["est_samples_per_s"] for r in rows]
   assert speeds == sorted(speeds, reverse=True)
@@ -301,12 +387,17 @@ def test_estimate_by_hand():
   chip = targets.TPU_CHIPS["v5p"]
   t = targets.Target("v5p:2x2x1", "tpu", [None] * 4, chip, 1)
   mem = dict(argument=0, output=0, alias=0, temp=0, code=0, total=0)
-  hlo = ("  %ar = bf16[600000000]{0} all-reduce(%g), "
-         "replica_groups=[1,4]<=[4], to_apply=%sum\n"
-         '  %s = (f32[8]{0}) call-start(%x), async_execution_thread='
-         '"sparsecore", to_apply=%c\n')
-  cost = {"flops": chip.peak_flops * 0.010,
-          "bytes accessed": chip.hbm_bw * 0.020, "optimal_seconds": -0.97}
+  hlo = (
+      "  %ar = bf16[600000000]{0} all-reduce(%g), "
+      "replica_groups=[1,4]<=[4], to_apply=%sum\n"
+      "  %s = (f32[8]{0}) call-start(%x), async_execution_thread="
+      '"sparsecore", to_apply=%c\n'
+  )
+  cost = {
+      "flops": chip.peak_flops * 0.010,
+      "bytes accessed": chip.hbm_bw * 0.020,
+      "optimal_seconds": -0.97,
+  }
   r = report.estimate(t, cost, hlo, mem, 4 * chip.peak_flops * 0.010)
   assert r["compute_s"] == pytest.approx(0.010)
   assert r["memory_s"] == pytest.approx(0.020)
@@ -328,8 +419,7 @@ def test_cuda_plugin_absent_is_false_not_an_error(monkeypatch, tmp_path):
   find_spec raises: the check must say False (so the GPU tests can skip or
   fail with the install line), not crash."""
   monkeypatch.setattr(targets, "CUDA_PLUGIN_DIR", str(tmp_path))
-  monkeypatch.setattr(sys, "path", [p for p in sys.path
-                                    if "cuda12" not in p])
+  monkeypatch.setattr(sys, "path", [p for p in sys.path if "cuda12" not in p])
   for name in [m for m in sys.modules if m.startswith("jax_plugins")]:
     monkeypatch.delitem(sys.modules, name)
   assert targets.cuda_plugin_available() is False

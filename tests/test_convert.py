@@ -51,12 +51,20 @@ def _hf_beit(width, depth, heads, mlp, image, seed=0):
   torch = _torch()
   tf = pytest.importorskip("transformers")
   cfg = tf.BeitConfig(
-      hidden_size=width, num_hidden_layers=depth, num_attention_heads=heads,
-      intermediate_size=mlp, image_size=image, patch_size=16,
+      hidden_size=width,
+      num_hidden_layers=depth,
+      num_attention_heads=heads,
+      intermediate_size=mlp,
+      image_size=image,
+      patch_size=16,
       use_absolute_position_embeddings=False,
       use_relative_position_bias=False,
-      use_shared_relative_position_bias=False, use_mean_pooling=False,
-      layer_norm_eps=1e-6, hidden_act="gelu", layer_scale_init_value=0.1)
+      use_shared_relative_position_bias=False,
+      use_mean_pooling=False,
+      layer_norm_eps=1e-6,
+      hidden_act="gelu",
+      layer_scale_init_value=0.1,
+  )
   torch.manual_seed(seed)
   model = tf.BeitModel(cfg, add_pooling_layer=False).eval()
   g = torch.Generator().manual_seed(seed)
@@ -77,47 +85,72 @@ def _hf_beit(width, depth, heads, mlp, image, seed=0):
 
 
 def _numpy_sd(model):
-  return {k: v.detach().numpy().astype(np.float32)
-          for k, v in model.state_dict().items()}
+  return {
+      k: v.detach().numpy().astype(np.float32)
+      for k, v in model.state_dict().items()
+  }
 
 
 def _filled(tree, rng):
   """ShapeDtypeStruct leaves (parameters a checkpoint lacks) -> random."""
   return jax.tree.map(
       lambda x: (0.02 * rng.standard_normal(x.shape)).astype(np.float32)
-      if isinstance(x, jax.ShapeDtypeStruct) else x, tree)
+      if isinstance(x, jax.ShapeDtypeStruct)
+      else x,
+      tree,
+  )
 
 
 def _block(params, kind, d, h, f, e=4, activation="gelu", cf=1.0, seed=0):
   """An eve_jax Block holding `params` (missing ones random)."""
-  abstract = nnx.eval_shape(lambda: Block(
-      d, h, f, ffn=kind, layer_scale_init=0.1, drop_path_rate=0.0,
-      activation=activation, moe=MoEConfig(
-          e, 2, capacity_factor=cf, normalize_gates=True,
-          activation=activation), rngs=nnx.Rngs(0)))
+  abstract = nnx.eval_shape(
+      lambda: Block(
+          d,
+          h,
+          f,
+          ffn=kind,
+          layer_scale_init=0.1,
+          drop_path_rate=0.0,
+          activation=activation,
+          moe=MoEConfig(
+              e,
+              2,
+              capacity_factor=cf,
+              normalize_gates=True,
+              activation=activation,
+          ),
+          rngs=nnx.Rngs(0),
+      )
+  )
   graphdef, state = nnx.split(abstract)
   pure = nnx.to_pure_dict(state)
   merged = _merge(pure, params)
-  nnx.replace_by_pure_dict(state, _filled(merged, np.random.default_rng(
-      seed)))
+  nnx.replace_by_pure_dict(state, _filled(merged, np.random.default_rng(seed)))
   return nnx.merge(graphdef, state)
 
 
 def _merge(target, params):
   if isinstance(target, dict):
-    return {k: _merge(v, params.get(k, {}) if isinstance(params, dict)
-                      else {}) for k, v in target.items()}
+    return {
+        k: _merge(v, params.get(k, {}) if isinstance(params, dict) else {})
+        for k, v in target.items()
+    }
   return params if isinstance(params, np.ndarray) else target
 
 
 def _run_block(block, x, n_image, n_text, valid=None):
   b, length, _ = x.shape
-  modality = jnp.concatenate([jnp.zeros((b, n_image), jnp.int32),
-                              jnp.ones((b, n_text), jnp.int32)], 1)
+  modality = jnp.concatenate(
+      [jnp.zeros((b, n_image), jnp.int32), jnp.ones((b, n_text), jnp.int32)], 1
+  )
   if valid is None:
     valid = jnp.ones((b, length), bool)
-  y, _ = block(jnp.asarray(x, jnp.float32), valid=jnp.asarray(valid),
-               modality=modality, counts=(n_image, n_text))
+  y, _ = block(
+      jnp.asarray(x, jnp.float32),
+      valid=jnp.asarray(valid),
+      modality=modality,
+      counts=(n_image, n_text),
+  )
   return np.asarray(y)
 
 
@@ -129,12 +162,14 @@ def _to_v4(sd):
   out = {}
   for k, v in sd.items():
     k2 = k.replace("layers.", "encoder.layer.")
-    for a, b in (("attention.q_proj", "attention.attention.query"),
-                 ("attention.k_proj", "attention.attention.key"),
-                 ("attention.v_proj", "attention.attention.value"),
-                 ("attention.o_proj", "attention.output.dense"),
-                 ("mlp.fc1", "intermediate.dense"),
-                 ("mlp.fc2", "output.dense")):
+    for a, b in (
+        ("attention.q_proj", "attention.attention.query"),
+        ("attention.k_proj", "attention.attention.key"),
+        ("attention.v_proj", "attention.attention.value"),
+        ("attention.o_proj", "attention.output.dense"),
+        ("mlp.fc1", "intermediate.dense"),
+        ("mlp.fc2", "output.dense"),
+    ):
       k2 = k2.replace(a, b)
     out["beit." + k2] = v
   return out
@@ -142,35 +177,46 @@ def _to_v4(sd):
 
 def _to_timm(sd, depth, unilm: bool):
   """HF names -> timm / unilm BEiTv2 names (fused qkv, gamma_1, ...)."""
-  out = {"cls_token": sd["embeddings.cls_token"],
-         "patch_embed.proj.weight":
-             sd["embeddings.patch_embeddings.projection.weight"],
-         "patch_embed.proj.bias":
-             sd["embeddings.patch_embeddings.projection.bias"]}
+  out = {
+      "cls_token": sd["embeddings.cls_token"],
+      "patch_embed.proj.weight": sd[
+          "embeddings.patch_embeddings.projection.weight"
+      ],
+      "patch_embed.proj.bias": sd[
+          "embeddings.patch_embeddings.projection.bias"
+      ],
+  }
   d = out["cls_token"].shape[-1]
   heads = 4
   num_rel = (2 * 2 - 1) ** 2 + 3  # a 2x2 patch grid
   for i in range(depth):
     h, b = f"layers.{i}.", f"blocks.{i}."
     out[b + "attn.qkv.weight"] = np.concatenate(
-        [sd[h + f"attention.{n}_proj.weight"] for n in "qkv"])
+        [sd[h + f"attention.{n}_proj.weight"] for n in "qkv"]
+    )
     out[b + "attn.q_bias"] = sd[h + "attention.q_proj.bias"]
     out[b + "attn.v_bias"] = sd[h + "attention.v_proj.bias"]
     out[b + "attn.proj.weight"] = sd[h + "attention.o_proj.weight"]
     out[b + "attn.proj.bias"] = sd[h + "attention.o_proj.bias"]
     for a, c in (("lambda_1", "gamma_1"), ("lambda_2", "gamma_2")):
       out[b + c] = sd[h + a]
-    for a, c in (("layernorm_before", "norm1"), ("layernorm_after", "norm2"),
-                 ("mlp.fc1", "mlp.fc1"), ("mlp.fc2", "mlp.fc2")):
+    for a, c in (
+        ("layernorm_before", "norm1"),
+        ("layernorm_after", "norm2"),
+        ("mlp.fc1", "mlp.fc1"),
+        ("mlp.fc2", "mlp.fc2"),
+    ):
       out[b + c + ".weight"] = sd[h + a + ".weight"]
       out[b + c + ".bias"] = sd[h + a + ".bias"]
     if not unilm:  # timm: a relative position bias per block
       out[b + "attn.relative_position_bias_table"] = np.ones(
-          (num_rel, heads), np.float32)
+          (num_rel, heads), np.float32
+      )
       out[b + "attn.relative_position_index"] = np.zeros((5, 5), np.int64)
   if unilm:  # shared bias, MIM and CLS-pretraining heads
     out["rel_pos_bias.relative_position_bias_table"] = np.ones(
-        (num_rel, heads), np.float32)
+        (num_rel, heads), np.float32
+    )
     out["rel_pos_bias.relative_position_index"] = np.zeros((5, 5), np.int64)
     out["mask_token"] = np.zeros((1, 1, d), np.float32)
     out["lm_head.weight"] = np.zeros((8, d), np.float32)
@@ -197,9 +243,11 @@ def test_beit_layouts_agree():
   assert pieces["layout"] == "hf" and pieces["dropped"] == []
   assert cfg["depth"] == 2 and cfg["width"] == 64 and cfg["mlp_dim"] == 128
   flat = layout.flatten(ref)
-  for name, other in (("hf_v4", _to_v4(sd)),
-                      ("unilm", _to_timm(sd, 2, unilm=True)),
-                      ("timm", _to_timm(sd, 2, unilm=False))):
+  for name, other in (
+      ("hf_v4", _to_v4(sd)),
+      ("unilm", _to_timm(sd, 2, unilm=True)),
+      ("timm", _to_timm(sd, 2, unilm=False)),
+  ):
     params, _, p = beit.convert(other, name + ".pth", **kw)
     assert p["layout"] == name
     got = layout.flatten(params)
@@ -212,38 +260,60 @@ def test_beit_layouts_agree():
     for k in flat_cmp:
       np.testing.assert_array_equal(got[k], flat_cmp[k], err_msg=str(k))
     dropped = {k for k, _, _ in p["dropped"]}
-    extra = set(other) - {k for k in other if "rel" not in k and k not in (
-        "mask_token", "fc_norm.weight", "fc_norm.bias", "head.weight",
-        "head.bias", "lm_head.weight", "lm_head.bias",
-        "cls_pt_layers.0.norm1.weight")}
+    extra = set(other) - {
+        k
+        for k in other
+        if "rel" not in k
+        and k
+        not in (
+            "mask_token",
+            "fc_norm.weight",
+            "fc_norm.bias",
+            "head.weight",
+            "head.bias",
+            "lm_head.weight",
+            "lm_head.bias",
+            "cls_pt_layers.0.norm1.weight",
+        )
+    }
     assert dropped == extra, name
   # Where the tensors land: conv -> [kh, kw, in, out], q rows -> heads,
   # the FFN in both modality FFNs and in every expert.
   w = sd["embeddings.patch_embeddings.projection.weight"]
   np.testing.assert_array_equal(
-      ref["backbone"]["image_embed"]["patch_kernel"][3, 5, 1, 7],
-      w[7, 1, 3, 5])
+      ref["backbone"]["image_embed"]["patch_kernel"][3, 5, 1, 7], w[7, 1, 3, 5]
+  )
   q = sd["layers.0.attention.q_proj.weight"]
   np.testing.assert_array_equal(
-      ref["backbone"]["blocks"][0]["attn"]["q_kernel"][:, 2, 5], q[2 * 16 + 5])
+      ref["backbone"]["blocks"][0]["attn"]["q_kernel"][:, 2, 5], q[2 * 16 + 5]
+  )
   fc1 = sd["layers.1.mlp.fc1.weight"]
   for e in range(3):
-    np.testing.assert_array_equal(ref["backbone"]["blocks"][1]["ffn"]["wi"][e],
-                                  fc1.T)
+    np.testing.assert_array_equal(
+        ref["backbone"]["blocks"][1]["ffn"]["wi"][e], fc1.T
+    )
   hard = ref["backbone"]["blocks"][0]["ffn"]
   np.testing.assert_array_equal(hard["wo"][0], hard["wo"][1])
-  np.testing.assert_array_equal(hard["wo"][1],
-                                sd["layers.0.mlp.fc2.weight"].T)
+  np.testing.assert_array_equal(hard["wo"][1], sd["layers.0.mlp.fc2.weight"].T)
 
 
-@pytest.mark.parametrize("mutate, message", [
-    (lambda sd: sd.pop("layers.1.attention.v_proj.bias"),
-     "missing layers.1.attention.v_proj.bias (expected shape [64])"),
-    (lambda sd: sd.update({"layers.0.extra.weight": np.zeros((3, 2))}),
-     "unexpected key layers.0.extra.weight with shape [3, 2]"),
-    (lambda sd: sd.update({"layers.1.mlp.fc2.bias": np.zeros((65,))}),
-     "layers.1.mlp.fc2.bias has shape [65], expected [64]"),
-])
+@pytest.mark.parametrize(
+    "mutate, message",
+    [
+        (
+            lambda sd: sd.pop("layers.1.attention.v_proj.bias"),
+            "missing layers.1.attention.v_proj.bias (expected shape [64])",
+        ),
+        (
+            lambda sd: sd.update({"layers.0.extra.weight": np.zeros((3, 2))}),
+            "unexpected key layers.0.extra.weight with shape [3, 2]",
+        ),
+        (
+            lambda sd: sd.update({"layers.1.mlp.fc2.bias": np.zeros((65,))}),
+            "layers.1.mlp.fc2.bias has shape [65], expected [64]",
+        ),
+    ],
+)
 def test_beit_bad_input_one_line(mutate, message):
   sd = _numpy_sd(_hf_beit(64, 2, 4, 128, 32))
   mutate(sd)
@@ -257,28 +327,44 @@ def test_beit_cli_errors_exit_1(tmp_path, capsys):
   torch = _torch()
   bad = tmp_path / "bad.pth"
   torch.save({"model": {"foo.weight": torch.zeros(2)}}, bad)
-  assert main(["beitv2", "--in", str(bad), "--out",
-               str(tmp_path / "o")]) == 1
+  assert main(["beitv2", "--in", str(bad), "--out", str(tmp_path / "o")]) == 1
   err = capsys.readouterr().err.strip()
   assert err.startswith("eve_jax: error: ") and "\n" not in err
   assert "not a BEiT state dict" in err
-  assert main(["beitv2", "--in", str(tmp_path / "nope.pth"), "--out",
-               str(tmp_path / "o")]) == 1
+  assert (
+      main(
+          [
+              "beitv2",
+              "--in",
+              str(tmp_path / "nope.pth"),
+              "--out",
+              str(tmp_path / "o"),
+          ]
+      )
+      == 1
+  )
   assert "no such file" in capsys.readouterr().err
 
 
 # --------------------------------------------- BEiT: parity with PyTorch
 
 
-def _beit_blocks_parity(width, depth, heads, mlp, image, num_soft, experts,
-                        batch=2):
+def _beit_blocks_parity(
+    width, depth, heads, mlp, image, num_soft, experts, batch=2
+):
   """Max abs error of each eve_jax block vs the same HF BeitLayer, fed the
   reference's own hidden states."""
   torch = _torch()
   model = _hf_beit(width, depth, heads, mlp, image)
   sd = _numpy_sd(model)
-  params, _, _ = beit.convert(sd, "hf.pth", heads=heads, image_size=image,
-                              num_soft_layers=num_soft, num_experts=experts)
+  params, _, _ = beit.convert(
+      sd,
+      "hf.pth",
+      heads=heads,
+      image_size=image,
+      num_soft_layers=num_soft,
+      num_experts=experts,
+  )
   g = torch.Generator().manual_seed(1)
   pixels = torch.rand((batch, 3, image, image), generator=g) * 2 - 1
   with torch.no_grad():
@@ -290,8 +376,15 @@ def _beit_blocks_parity(width, depth, heads, mlp, image, num_soft, experts,
     kind = "soft" if i >= depth - num_soft else "hard"
     # No capacity limit (capacity_factor 0): identical experts with
     # renormalized gates then give exactly the BEiT FFN.
-    block = _block(params["backbone"]["blocks"][i], kind, width, heads, mlp,
-                   e=experts, cf=0.0)
+    block = _block(
+        params["backbone"]["blocks"][i],
+        kind,
+        width,
+        heads,
+        mlp,
+        e=experts,
+        cf=0.0,
+    )
     x = hidden[i].numpy()
     y = _run_block(block, x, n_image, 0)
     errors.append(float(np.max(np.abs(y - hidden[i + 1].numpy()))))
@@ -305,8 +398,10 @@ def test_beit_blocks_match_transformers_base():
   expert a copy of the FFN; 4 experts instead of 32 to save memory)."""
   t0 = time.time()
   errors, moved = _beit_blocks_parity(768, 12, 12, 3072, 224, 2, 4, batch=1)
-  print(f"\nBEiT base block max abs errors: "
-        f"{[f'{e:.2e}' for e in errors]} ({time.time() - t0:.1f} s)")
+  print(
+      f"\nBEiT base block max abs errors: "
+      f"{[f'{e:.2e}' for e in errors]} ({time.time() - t0:.1f} s)"
+  )
   assert max(errors) <= TOL, errors
   assert min(moved) > 0.1  # every block really changes its input
 
@@ -318,15 +413,33 @@ def _write_beit(tmp_path, model):
   return path
 
 
-def _encoder_parity(tmp_path, width, depth, heads, mlp, image, num_soft,
-                    experts, batch):
+def _encoder_parity(
+    tmp_path, width, depth, heads, mlp, image, num_soft, experts, batch
+):
   torch = _torch()
   model = _hf_beit(width, depth, heads, mlp, image)
   path = _write_beit(tmp_path, model)
   out = tmp_path / "converted"
-  assert main(["beitv2", "--in", str(path), "--out", str(out), "--heads",
-               str(heads), "--image-size", str(image), "--soft-layers",
-               str(num_soft), "--experts", str(experts)]) == 0
+  assert (
+      main(
+          [
+              "beitv2",
+              "--in",
+              str(path),
+              "--out",
+              str(out),
+              "--heads",
+              str(heads),
+              "--image-size",
+              str(image),
+              "--soft-layers",
+              str(num_soft),
+              "--experts",
+              str(experts),
+          ]
+      )
+      == 0
+  )
   rep = json.load(open(out / "conversion_report.json"))
   assert rep["layout"] == "hf"
   with open(out / "config.json") as f:
@@ -336,9 +449,16 @@ def _encoder_parity(tmp_path, width, depth, heads, mlp, image, num_soft,
   # The embedding-level differences off, as in BEiT (no pre-stack LN, no
   # absolute positions, no type embedding), GELU; no capacity limit (with
   # a random router, tokens crowd into a few experts and get dropped).
-  eve, _ = output.load(str(out), overrides=dict(
-      pre_norm=False, position_embed=False, type_embed=False,
-      activation="gelu", capacity_factor=0.0))
+  eve, _ = output.load(
+      str(out),
+      overrides=dict(
+          pre_norm=False,
+          position_embed=False,
+          type_embed=False,
+          activation="gelu",
+          capacity_factor=0.0,
+      ),
+  )
   g = torch.Generator().manual_seed(2)
   pixels = torch.rand((batch, 3, image, image), generator=g) * 2 - 1
   with torch.no_grad():
@@ -357,15 +477,30 @@ def test_beit_encoder_matches_transformers_small(tmp_path, capsys):
   err = _encoder_parity(tmp_path, 128, 4, 4, 512, 64, 2, 4, batch=2)
   print(f"\nBEiT small encoder max abs error: {err:.2e}")
   from PIL import Image
+
   img = tmp_path / "img.jpg"
   Image.fromarray(np.full((70, 90, 3), 200, np.uint8)).save(img)
   capsys.readouterr()
-  assert main(["run", "--model", str(tmp_path / "converted"), "--image",
-               str(img)]) == 0
+  assert (
+      main(["run", "--model", str(tmp_path / "converted"), "--image", str(img)])
+      == 0
+  )
   pair = json.loads(capsys.readouterr().out)["pairs"][0]
   assert set(pair["feature_norms"]) == {"image_features"}
-  assert main(["run", "--model", str(tmp_path / "converted"), "--image",
-               str(img), "--text", "a cat"]) == 1
+  assert (
+      main(
+          [
+              "run",
+              "--model",
+              str(tmp_path / "converted"),
+              "--image",
+              str(img),
+              "--text",
+              "a cat",
+          ]
+      )
+      == 1
+  )
   assert "no tokenizer.model or tokenizer.json" in capsys.readouterr().err
 
 
@@ -379,12 +514,35 @@ def test_beit_encoder_matches_transformers_base(tmp_path):
 # -------------------------------------------- released EVE: the layout
 
 
-_SMALL = dict(d=64, heads=4, f=256, depth=4, soft=2, experts=4, vocab=100,
-              image=32, patch=16, text_positions=196, answers=10)
+_SMALL = dict(
+    d=64,
+    heads=4,
+    f=256,
+    depth=4,
+    soft=2,
+    experts=4,
+    vocab=100,
+    image=32,
+    patch=16,
+    text_positions=196,
+    answers=10,
+)
 
 
-def _released_sd(rng, d, heads, f, depth, soft, experts, vocab, image, patch,
-                 text_positions, answers):
+def _released_sd(
+    rng,
+    d,
+    heads,
+    f,
+    depth,
+    soft,
+    experts,
+    vocab,
+    image,
+    patch,
+    text_positions,
+    answers,
+):
   """A state dict in the released layout, random values (VQA fine-tuned,
   with the buffers and unused heads real files carry)."""
   n = (image // patch) ** 2
@@ -403,14 +561,18 @@ def _released_sd(rng, d, heads, f, depth, soft, experts, vocab, image, patch,
       sd[key + ".bias"] = t(out_dim)
 
   b = "backbone."
-  sd = {b + "patch_embed.weight": t(d, 3, patch, patch),
-        b + "patch_embed.bias": t(d), b + "class_embedding_vision": t(d),
-        b + "type_embed_vision": t(d), b + "type_embed_text": t(d),
-        b + "pos_embed_vision": t(1 + n, d, scale=0.1),
-        b + "word_embedding.weight": t(vocab, d, scale=1.0),
-        b + "pos_embed_text": t(text_positions, d, scale=0.1),
-        b + "position_ids_vision": np.arange(1 + n)[None],
-        b + "position_ids_text": np.arange(text_positions)}
+  sd = {
+      b + "patch_embed.weight": t(d, 3, patch, patch),
+      b + "patch_embed.bias": t(d),
+      b + "class_embedding_vision": t(d),
+      b + "type_embed_vision": t(d),
+      b + "type_embed_text": t(d),
+      b + "pos_embed_vision": t(1 + n, d, scale=0.1),
+      b + "word_embedding.weight": t(vocab, d, scale=1.0),
+      b + "pos_embed_text": t(text_positions, d, scale=0.1),
+      b + "position_ids_vision": np.arange(1 + n)[None],
+      b + "position_ids_text": np.arange(text_positions),
+  }
   ln(b + "layer_norm_text")
   ln(b + "pre_layrnorm")
   ln(b + "norm")
@@ -451,9 +613,11 @@ def test_released_round_trip_exact():
   assert cfg["num_soft_layers"] == 2 and cfg["num_experts"] == 4
   assert cfg["activation"] == "quick_gelu" and pieces["heads"] == ["vqa"]
   dropped = {k for k, _, _ in pieces["dropped"]}
-  assert dropped == {"backbone.position_ids_vision",
-                     "backbone.position_ids_text",
-                     "itc_vl_vision_proj_head.weight"}
+  assert dropped == {
+      "backbone.position_ids_vision",
+      "backbone.position_ids_text",
+      "itc_vl_vision_proj_head.weight",
+  }
   back = released.to_released(params, cfg)
   assert set(back) == set(sd) - dropped
   for k, v in back.items():
@@ -467,33 +631,56 @@ def test_released_round_trip_exact():
   # round-trip too).
   bb = params["backbone"]
   qkv = sd["backbone.encoder.layers.1.attn.qkv.weight"]
-  np.testing.assert_array_equal(bb["blocks"][1]["attn"]["v_kernel"][:, 3, 2],
-                                qkv[2 * 64 + 3 * 16 + 2])
-  np.testing.assert_array_equal(bb["type_embed"][1],
-                                sd["backbone.type_embed_text"])
+  np.testing.assert_array_equal(
+      bb["blocks"][1]["attn"]["v_kernel"][:, 3, 2], qkv[2 * 64 + 3 * 16 + 2]
+  )
+  np.testing.assert_array_equal(
+      bb["type_embed"][1], sd["backbone.type_embed_text"]
+  )
   np.testing.assert_array_equal(
       bb["blocks"][3]["ffn"]["wo"][2],
-      sd["backbone.encoder.layers.3.mlp_moe.moe.experts.experts.2.fc2.weight"]
-      .T)
+      sd[
+          "backbone.encoder.layers.3.mlp_moe.moe.experts.experts.2.fc2.weight"
+      ].T,
+  )
   np.testing.assert_array_equal(
       bb["blocks"][0]["ffn"]["norm_scale"][1],
-      sd["backbone.encoder.layers.0.norm2_text.weight"])
+      sd["backbone.encoder.layers.0.norm2_text.weight"],
+  )
   np.testing.assert_array_equal(
       bb["blocks"][2]["ffn"]["modality_embed"][0],
-      sd["backbone.encoder.layers.2.mlp_moe.moe.vision_embed"])
+      sd["backbone.encoder.layers.2.mlp_moe.moe.vision_embed"],
+  )
 
 
-@pytest.mark.parametrize("mutate, message", [
-    (lambda sd: sd.pop("backbone.encoder.layers.2.mlp_moe.moe.text_embed"),
-     "missing backbone.encoder.layers.2.mlp_moe.moe.text_embed (expected "
-     "shape [64])"),
-    (lambda sd: sd.update({"backbone.encoder.layers.0.attn.k_bias":
-                           np.zeros(64, np.float32)}),
-     "unexpected key backbone.encoder.layers.0.attn.k_bias with shape [64]"),
-    (lambda sd: sd.update({"backbone.encoder.layers.1.gamma_2":
-                           np.zeros(32, np.float32)}),
-     "backbone.encoder.layers.1.gamma_2 has shape [32], expected [64]"),
-])
+@pytest.mark.parametrize(
+    "mutate, message",
+    [
+        (
+            lambda sd: sd.pop(
+                "backbone.encoder.layers.2.mlp_moe.moe.text_embed"
+            ),
+            "missing backbone.encoder.layers.2.mlp_moe.moe.text_embed (expected "
+            "shape [64])",
+        ),
+        (
+            lambda sd: sd.update(
+                {
+                    "backbone.encoder.layers.0.attn.k_bias": np.zeros(
+                        64, np.float32
+                    )
+                }
+            ),
+            "unexpected key backbone.encoder.layers.0.attn.k_bias with shape [64]",
+        ),
+        (
+            lambda sd: sd.update(
+                {"backbone.encoder.layers.1.gamma_2": np.zeros(32, np.float32)}
+            ),
+            "backbone.encoder.layers.1.gamma_2 has shape [32], expected [64]",
+        ),
+    ],
+)
 def test_released_bad_input_one_line(mutate, message):
   sd = _released_sd(np.random.default_rng(0), **_SMALL)
   mutate(sd)
@@ -514,15 +701,20 @@ def test_released_drop_and_pretrained_head_names():
   sd["mitc_temp"] = np.float32(0.05) * np.ones((), np.float32)
   sd["mitm_head.weight"] = np.ones((2, 64), np.float32)
   sd["mitm_head.bias"] = np.ones((2,), np.float32)
-  with pytest.raises(ConversionError, match=r"unexpected key mlm_head\.dense"
-                     r"\.weight with shape \[64, 64\].*\(--drop PREFIX"):
+  with pytest.raises(
+      ConversionError,
+      match=r"unexpected key mlm_head\.dense"
+      r"\.weight with shape \[64, 64\].*\(--drop PREFIX",
+  ):
     released.from_released(sd, "eve.th", 4)
-  params, _, pieces = released.from_released(sd, "eve.th", 4,
-                                             drop=["mlm_head."])
+  params, _, pieces = released.from_released(
+      sd, "eve.th", 4, drop=["mlm_head."]
+  )
   assert pieces["heads"] == ["retrieval"]
   assert float(params["matching"]["temp"]) == pytest.approx(0.05)
-  assert ["mlm_head.dense.weight", [64, 64], "--drop mlm_head."] in \
-      pieces["dropped"]
+  assert ["mlm_head.dense.weight", [64, 64], "--drop mlm_head."] in pieces[
+      "dropped"
+  ]
 
 
 # ------------------------------ released EVE: NumPy float64 reference
@@ -548,12 +740,12 @@ def _np_attention(x, sd, p, heads, valid):
   padding keys masked, softmax, proj."""
   b, length, d = x.shape
   k = d // heads
-  bias = np.concatenate([sd[p + "attn.q_bias"], np.zeros(d),
-                         sd[p + "attn.v_bias"]])
-  qkv = (x @ sd[p + "attn.qkv.weight"].T + bias).reshape(b, length, 3,
-                                                         heads, k)
+  bias = np.concatenate(
+      [sd[p + "attn.q_bias"], np.zeros(d), sd[p + "attn.v_bias"]]
+  )
+  qkv = (x @ sd[p + "attn.qkv.weight"].T + bias).reshape(b, length, 3, heads, k)
   q, kk, v = (qkv[:, :, j].transpose(0, 2, 1, 3) for j in range(3))
-  logits = (q * k ** -0.5) @ kk.transpose(0, 1, 3, 2)
+  logits = (q * k**-0.5) @ kk.transpose(0, 1, 3, 2)
   logits = np.where(valid[:, None, None, :], logits, -np.inf)
   probs = np.exp(logits - logits.max(-1, keepdims=True))
   probs /= probs.sum(-1, keepdims=True)
@@ -561,8 +753,9 @@ def _np_attention(x, sd, p, heads, valid):
   return out @ sd[p + "attn.proj.weight"].T + sd[p + "attn.proj.bias"]
 
 
-def _np_top2_moe(h, sd, m, n_image, experts, capacity_factor=1.0,
-                 min_capacity=4):
+def _np_top2_moe(
+    h, sd, m, n_image, experts, capacity_factor=1.0, min_capacity=4
+):
   """DeepSpeed top2gating as the released MOELayer runs it, without the
   Gumbel noise on the 2nd choice: modality embedding added (first n_image
   tokens image) to router AND expert input, all tokens of the batch one
@@ -601,8 +794,13 @@ def _np_top2_moe(h, sd, m, n_image, experts, capacity_factor=1.0,
 def _np_block(x, sd, i, heads, n_image, n_text, valid, experts):
   """One released encoder layer (mode 'vl'), float64."""
   p = f"backbone.encoder.layers.{i}."
-  h = _np_attention(_np_ln(x, sd[p + "norm1.weight"], sd[p + "norm1.bias"]),
-                    sd, p, heads, valid)
+  h = _np_attention(
+      _np_ln(x, sd[p + "norm1.weight"], sd[p + "norm1.bias"]),
+      sd,
+      p,
+      heads,
+      valid,
+  )
   x = x + h * sd[p + "gamma_1"]
   dropped = 0
   if p + "norm2_vl.weight" in sd:
@@ -610,11 +808,25 @@ def _np_block(x, sd, i, heads, n_image, n_text, valid, experts):
     h, dropped = _np_top2_moe(h, sd, p + "mlp_moe.moe.", n_image, experts)
   else:  # hard router: the tokens after the first n_image are text
     vis, txt = x[:, :n_image], x[:, n_image:]
-    h = np.concatenate([
-        _np_mlp(_np_ln(vis, sd[p + "norm2_imag.weight"],
-                       sd[p + "norm2_imag.bias"]), sd, p + "mlp_imag"),
-        _np_mlp(_np_ln(txt, sd[p + "norm2_text.weight"],
-                       sd[p + "norm2_text.bias"]), sd, p + "mlp_text")], 1)
+    h = np.concatenate(
+        [
+            _np_mlp(
+                _np_ln(
+                    vis, sd[p + "norm2_imag.weight"], sd[p + "norm2_imag.bias"]
+                ),
+                sd,
+                p + "mlp_imag",
+            ),
+            _np_mlp(
+                _np_ln(
+                    txt, sd[p + "norm2_text.weight"], sd[p + "norm2_text.bias"]
+                ),
+                sd,
+                p + "mlp_text",
+            ),
+        ],
+        1,
+    )
   return x + h * sd[p + "gamma_2"], dropped
 
 
@@ -636,9 +848,15 @@ def test_released_blocks_match_numpy_float64():
   # Hard router, block 1: text padded after 25 and 33 tokens.
   x = rng.standard_normal((2, n_image + n_text, d))
   valid = np.ones((2, n_image + n_text), bool)
-  valid[0, n_image + 25:] = valid[1, n_image + 33:] = False
-  block = _block(params["backbone"]["blocks"][1], "hard", d, heads, f,
-                 activation="quick_gelu")
+  valid[0, n_image + 25 :] = valid[1, n_image + 33 :] = False
+  block = _block(
+      params["backbone"]["blocks"][1],
+      "hard",
+      d,
+      heads,
+      f,
+      activation="quick_gelu",
+  )
   got = _run_block(block, x, n_image, n_text, valid)
   want, _ = _np_block(x, sd64, 1, heads, n_image, n_text, valid, 4)
   err_hard = float(np.max(np.abs(got - want)[valid]))
@@ -647,15 +865,25 @@ def test_released_blocks_match_numpy_float64():
   x = rng.standard_normal((1, n_image + n_text, d))
   x += 3 * sd["backbone.encoder.layers.3.mlp_moe.moe.gate.wg.weight"][0]
   valid = np.ones((1, n_image + n_text), bool)
-  block = _block(params["backbone"]["blocks"][3], "soft", d, heads, f,
-                 e=c["experts"], activation="quick_gelu",
-                 cf=cfg["capacity_factor"])
+  block = _block(
+      params["backbone"]["blocks"][3],
+      "soft",
+      d,
+      heads,
+      f,
+      e=c["experts"],
+      activation="quick_gelu",
+      cf=cfg["capacity_factor"],
+  )
   got = _run_block(block, x, n_image, n_text, valid)
-  want, dropped = _np_block(x, sd64, 3, heads, n_image, n_text, valid,
-                            c["experts"])
+  want, dropped = _np_block(
+      x, sd64, 3, heads, n_image, n_text, valid, c["experts"]
+  )
   err_soft = float(np.max(np.abs(got - want)))
-  print(f"\nreleased blocks vs float64: hard {err_hard:.2e}, soft "
-        f"{err_soft:.2e} ({dropped} assignments dropped)")
+  print(
+      f"\nreleased blocks vs float64: hard {err_hard:.2e}, soft "
+      f"{err_soft:.2e} ({dropped} assignments dropped)"
+  )
   assert dropped > 0  # the capacity rule is exercised
   assert err_hard <= TOL64 and err_soft <= TOL64
   assert np.max(np.abs(want - x)) > 0.1
@@ -666,9 +894,9 @@ def _np_mha(xq, xkv, sd, name, heads, kv_valid):
   b, lq, d = xq.shape
   hd = d // heads
   w, bias = sd[name + ".in_proj_weight"], sd[name + ".in_proj_bias"]
-  q = (xq @ w[:d].T + bias[:d]) * hd ** -0.5
-  k = xkv @ w[d:2 * d].T + bias[d:2 * d]
-  v = xkv @ w[2 * d:].T + bias[2 * d:]
+  q = (xq @ w[:d].T + bias[:d]) * hd**-0.5
+  k = xkv @ w[d : 2 * d].T + bias[d : 2 * d]
+  v = xkv @ w[2 * d :].T + bias[2 * d :]
   split = lambda t: t.reshape(b, -1, heads, hd).transpose(0, 2, 1, 3)
   logits = split(q) @ split(k).transpose(0, 1, 3, 2)
   logits = np.where(kv_valid[:, None, None, :], logits, -np.inf)
@@ -687,8 +915,9 @@ def _np_biattn(h0, h1, v0, v1, sd, heads):
   f0, f1 = fc(np.concatenate([a0, h0], -1)), fc(np.concatenate([a1, h1], -1))
 
   def pool(f, valid):
-    score = relu(f @ sd["attn_pool.fc.0.weight"].T
-                 + sd["attn_pool.fc.0.bias"])[..., 0]
+    score = relu(f @ sd["attn_pool.fc.0.weight"].T + sd["attn_pool.fc.0.bias"])[
+        ..., 0
+    ]
     score = score + (~valid) * -1e4
     w = np.exp(score - score.max(-1, keepdims=True))
     w /= w.sum(-1, keepdims=True)
@@ -703,13 +932,15 @@ def test_released_nlvr2_head_matches_numpy_float64():
   (the MultiheadAttention k bias dropped: it cancels), round trip exact but
   for that k bias, output equal to the float64 reference (k bias kept)."""
   from eve_jax.model.task_models import BiAttentionHead
+
   rng = np.random.default_rng(7)
   sd = _released_sd(rng, **_SMALL)
   for k in [k for k in sd if k.startswith("output.")]:
     del sd[k]
   d = _SMALL["d"]
-  t = lambda *shape: (rng.standard_normal(shape) / math.sqrt(shape[-1])
-                      ).astype(np.float32)
+  t = lambda *shape: (rng.standard_normal(shape) / math.sqrt(shape[-1])).astype(
+      np.float32
+  )
   for a in ("attn1", "attn2"):
     sd[a + ".in_proj_weight"], sd[a + ".in_proj_bias"] = t(3 * d, d), t(3 * d)
     sd[a + ".out_proj.weight"], sd[a + ".out_proj.bias"] = t(d, d), t(d)
@@ -724,7 +955,7 @@ def test_released_nlvr2_head_matches_numpy_float64():
   for k, v in back.items():
     want = sd[k].copy()
     if k.endswith("in_proj_bias"):
-      want[d:2 * d] = 0
+      want[d : 2 * d] = 0
     np.testing.assert_array_equal(v, want, err_msg=k)
   rep = output.report(params, cfg, pieces, "nlvr2.th", ("nlvr2",))
   assert not rep["new"]
@@ -751,18 +982,25 @@ def _bpe_tokenizer_json(vocab_size):
   tokenizers = pytest.importorskip("tokenizers")
   tok = tokenizers.Tokenizer(tokenizers.models.BPE(unk_token="<unk>"))
   tok.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel(
-      add_prefix_space=False)
+      add_prefix_space=False
+  )
   tok.decoder = tokenizers.decoders.ByteLevel()
   specials = ["<s>", "<pad>", "</s>", "<unk>", "<mask>"]
   trainer = tokenizers.trainers.BpeTrainer(
-      vocab_size=vocab_size, special_tokens=specials,
-      initial_alphabet=tokenizers.pre_tokenizers.ByteLevel.alphabet())
-  words = ("what color is the cat on the mat a red blue small large dog "
-           "sitting left of right square circle how many are there").split()
-  tok.train_from_iterator([" ".join(words[i:] + words[:i])
-                           for i in range(len(words))] * 5, trainer)
+      vocab_size=vocab_size,
+      special_tokens=specials,
+      initial_alphabet=tokenizers.pre_tokenizers.ByteLevel.alphabet(),
+  )
+  words = (
+      "what color is the cat on the mat a red blue small large dog "
+      "sitting left of right square circle how many are there"
+  ).split()
+  tok.train_from_iterator(
+      [" ".join(words[i:] + words[:i]) for i in range(len(words))] * 5, trainer
+  )
   tok.post_processor = tokenizers.processors.RobertaProcessing(
-      ("</s>", tok.token_to_id("</s>")), ("<s>", tok.token_to_id("<s>")))
+      ("</s>", tok.token_to_id("</s>")), ("<s>", tok.token_to_id("<s>"))
+  )
   return tok.to_str()
 
 
@@ -771,6 +1009,7 @@ def test_hf_tokenizer_matches_transformers(tmp_path):
   truncation=True, max_length=L)`, which the released code called."""
   from eve_jax.data.hf_tokenizer import HFTokenizer
   from eve_jax.data.tokenizer import Tokenizer, load_tokenizer
+
   tf = pytest.importorskip("transformers")
   text = _bpe_tokenizer_json(300)
   path = tmp_path / "tokenizer.json"
@@ -778,22 +1017,29 @@ def test_hf_tokenizer_matches_transformers(tmp_path):
   tok = load_tokenizer(str(path))
   assert isinstance(tok, HFTokenizer)
   fast = tf.PreTrainedTokenizerFast(
-      tokenizer_file=str(path), bos_token="<s>", eos_token="</s>",
-      pad_token="<pad>", unk_token="<unk>", mask_token="<mask>")
+      tokenizer_file=str(path),
+      bos_token="<s>",
+      eos_token="</s>",
+      pad_token="<pad>",
+      unk_token="<unk>",
+      mask_token="<mask>",
+  )
   qs = ["what color is the cat?", "how many " * 30 + "dogs", ""]
   for max_len in (40, 8):
     ids, valid = tok.encode_batch(qs, max_len)
     ref = fast(qs, padding="max_length", truncation=True, max_length=max_len)
     np.testing.assert_array_equal(ids, np.asarray(ref["input_ids"]))
-    np.testing.assert_array_equal(valid, np.asarray(ref["attention_mask"],
-                                                    bool))
+    np.testing.assert_array_equal(
+        valid, np.asarray(ref["attention_mask"], bool)
+    )
   assert ids[0, 0] == tok.cls_id == fast.bos_token_id
   assert tok.pad_id == fast.pad_token_id and tok.mask_id == fast.mask_token_id
   assert tok.vocab_size == len(fast)
   assert tok.decode(tok.encode_batch(qs, 40)[0][0]).strip() == qs[0]
   again = pickle.loads(pickle.dumps(tok))
-  np.testing.assert_array_equal(again.encode_batch(qs, 40)[0],
-                                tok.encode_batch(qs, 40)[0])
+  np.testing.assert_array_equal(
+      again.encode_batch(qs, 40)[0], tok.encode_batch(qs, 40)[0]
+  )
   # A run's copied DIR/tokenizer.model holding JSON is found by content;
   # a SentencePiece file still loads as before.
   copied = tmp_path / "tokenizer.model"
@@ -801,6 +1047,7 @@ def test_hf_tokenizer_matches_transformers(tmp_path):
   assert isinstance(load_tokenizer(str(copied)), HFTokenizer)
   spm = tmp_path / "spm.model"
   from eve_jax.data.tokenizer import shapes_tokenizer
+
   shapes_tokenizer(str(spm), vocab_size=64, num_captions=200)
   assert isinstance(load_tokenizer(str(spm)), Tokenizer)
 
@@ -808,8 +1055,9 @@ def test_hf_tokenizer_matches_transformers(tmp_path):
 def _np_model_vqa(sd, cfg, pixels, ids):
   """The released VQA model (mode 'vl', no padding), float64: the fused
   pass's normed states and the head on the text CLS."""
-  _, states, _, n_image, _ = _np_pass(sd, cfg, pixels, ids,
-                                      np.ones(ids.shape, bool))
+  _, states, _, n_image, _ = _np_pass(
+      sd, cfg, pixels, ids, np.ones(ids.shape, bool)
+  )
   return states, _np_vqa_head(sd, states[:, n_image])
 
 
@@ -817,6 +1065,7 @@ def _np_vqa_head(sd, cls):
   h = cls @ sd["output.0.weight"].T + sd["output.0.bias"]
   h = _np_ln(h, sd["output.1.weight"], sd["output.1.bias"], eps=1e-5)
   from scipy.special import erf  # pylint: disable=g-import-not-at-top
+
   h = 0.5 * h * (1 + erf(h / np.sqrt(2)))
   return h @ sd["output.3.weight"].T + sd["output.3.bias"]
 
@@ -837,32 +1086,59 @@ def _np_pass(sd, cfg, pixels=None, ids=None, atts=None):
   if pixels is not None:
     img = pixels.astype(np.float64)
     bsz, hh, ww, _ = img.shape
-    patches = img.reshape(bsz, hh // p, p, ww // p, p, 3).transpose(
-        0, 1, 3, 5, 2, 4).reshape(bsz, -1, 3 * p * p)
+    patches = (
+        img.reshape(bsz, hh // p, p, ww // p, p, 3)
+        .transpose(0, 1, 3, 5, 2, 4)
+        .reshape(bsz, -1, 3 * p * p)
+    )
     w = sd[b + "patch_embed.weight"].reshape(d, -1)
     vis = patches @ w.T + sd[b + "patch_embed.bias"]
     cls = np.broadcast_to(sd[b + "class_embedding_vision"], (bsz, 1, d))
-    parts.append(np.concatenate([cls, vis], 1) + sd[b + "pos_embed_vision"]
-                 + sd[b + "type_embed_vision"])
+    parts.append(
+        np.concatenate([cls, vis], 1)
+        + sd[b + "pos_embed_vision"]
+        + sd[b + "type_embed_vision"]
+    )
     valid.append(np.ones(parts[-1].shape[:2], bool))
   if ids is not None:
-    txt = _np_ln(sd[b + "word_embedding.weight"][ids],
-                 sd[b + "layer_norm_text.weight"],
-                 sd[b + "layer_norm_text.bias"])
-    parts.append(txt + sd[b + "pos_embed_text"][:ids.shape[1]]
-                 + sd[b + "type_embed_text"])
+    txt = _np_ln(
+        sd[b + "word_embedding.weight"][ids],
+        sd[b + "layer_norm_text.weight"],
+        sd[b + "layer_norm_text.bias"],
+    )
+    parts.append(
+        txt
+        + sd[b + "pos_embed_text"][: ids.shape[1]]
+        + sd[b + "type_embed_text"]
+    )
     valid.append(atts.astype(bool))
   n_image = parts[0].shape[1] if pixels is not None else 0
-  x = _np_ln(np.concatenate(parts, 1), sd[b + "pre_layrnorm.weight"],
-             sd[b + "pre_layrnorm.bias"])
+  x = _np_ln(
+      np.concatenate(parts, 1),
+      sd[b + "pre_layrnorm.weight"],
+      sd[b + "pre_layrnorm.bias"],
+  )
   valid = np.concatenate(valid, 1)
   dropped = 0
   for i in range(cfg["depth"]):
-    x, n = _np_block(x, sd, i, cfg["heads"], n_image, x.shape[1] - n_image,
-                     valid, cfg["num_experts"])
+    x, n = _np_block(
+        x,
+        sd,
+        i,
+        cfg["heads"],
+        n_image,
+        x.shape[1] - n_image,
+        valid,
+        cfg["num_experts"],
+    )
     dropped += n
-  return (x, _np_ln(x, sd[b + "norm.weight"], sd[b + "norm.bias"]), valid,
-          n_image, dropped)
+  return (
+      x,
+      _np_ln(x, sd[b + "norm.weight"], sd[b + "norm.bias"]),
+      valid,
+      n_image,
+      dropped,
+  )
 
 
 def test_released_cli_and_whole_model(tmp_path, capsys):
@@ -873,21 +1149,46 @@ def test_released_cli_and_whole_model(tmp_path, capsys):
   c = _SMALL
   sd = _released_sd(np.random.default_rng(3), **dict(c, vocab=300))
   ckpt = tmp_path / "eve_vqa.th"
-  torch.save({"model": {k: torch.from_numpy(np.asarray(v))
-                        for k, v in sd.items()}, "epoch": 3}, ckpt)
+  torch.save(
+      {
+          "model": {k: torch.from_numpy(np.asarray(v)) for k, v in sd.items()},
+          "epoch": 3,
+      },
+      ckpt,
+  )
   tok_dir = tmp_path / "tok"
   tok_dir.mkdir()
   (tok_dir / "tokenizer.json").write_text(_bpe_tokenizer_json(300))
   answers = tmp_path / "answers.json"
   answers.write_text(json.dumps([f"ans{i}" for i in range(10)]))
   out = tmp_path / "converted"
-  assert main(["eve", "--in", str(ckpt), "--tokenizer", str(tok_dir),
-               "--out", str(out), "--answers", str(answers), "--heads",
-               "4"]) == 0
+  assert (
+      main(
+          [
+              "eve",
+              "--in",
+              str(ckpt),
+              "--tokenizer",
+              str(tok_dir),
+              "--out",
+              str(out),
+              "--answers",
+              str(answers),
+              "--heads",
+              "4",
+          ]
+      )
+      == 0
+  )
   line = capsys.readouterr().out
   assert "released EVE (vqa)" in line and "dropped" in line
-  for name in ("config.json", "tokenizer.json", "conversion_report.json",
-               "answers.json", "checkpoints"):
+  for name in (
+      "config.json",
+      "tokenizer.json",
+      "conversion_report.json",
+      "answers.json",
+      "checkpoints",
+  ):
     assert os.path.exists(out / name), name
   rep = json.load(open(out / "conversion_report.json"))
   assert not rep["new"]  # everything the VQA model has came from the file
@@ -900,26 +1201,47 @@ def test_released_cli_and_whole_model(tmp_path, capsys):
   ids = rng.integers(5, 300, (1, 40))
   sd64 = _sd64(sd)
   want_states, want_logits = _np_model_vqa(sd64, config["model"], pixels, ids)
-  args = (jnp.asarray(pixels, jnp.float32), jnp.asarray(ids, jnp.int32),
-          jnp.ones((1, 40), bool))
+  args = (
+      jnp.asarray(pixels, jnp.float32),
+      jnp.asarray(ids, jnp.int32),
+      jnp.ones((1, 40), bool),
+  )
   got = infer._outputs(model, *args)  # what `run` calls, jitted
   logits, _ = infer._call(model, *args)
   err_states = float(np.max(np.abs(np.asarray(got["states"]) - want_states)))
   err_logits = float(np.max(np.abs(np.asarray(logits) - want_logits)))
-  print(f"\nreleased model vs float64: states {err_states:.2e}, VQA logits "
-        f"{err_logits:.2e}")
+  print(
+      f"\nreleased model vs float64: states {err_states:.2e}, VQA logits "
+      f"{err_logits:.2e}"
+  )
   assert err_states <= TOL64
   # The head's LayerNorm eps differs (1e-5 released, 1e-6 eve_jax).
   assert err_logits <= 1e-4
   capsys.readouterr()
   # The CLI `run` on a user's image and question.
   from PIL import Image
+
   img = tmp_path / "img.png"
   Image.fromarray(rng.integers(0, 255, (40, 50, 3), np.uint8)).save(img)
   npz = tmp_path / "out.npz"
-  assert main(["run", "--model", str(out), "--image", str(img), "--text",
-               "what color is the cat?", "--top", "3", "--save",
-               str(npz)]) == 0
+  assert (
+      main(
+          [
+              "run",
+              "--model",
+              str(out),
+              "--image",
+              str(img),
+              "--text",
+              "what color is the cat?",
+              "--top",
+              "3",
+              "--save",
+              str(npz),
+          ]
+      )
+      == 0
+  )
   summary = json.loads(capsys.readouterr().out)
   pair = summary["pairs"][0]
   assert len(pair["vqa"]) == 3 and pair["vqa"][0][0].startswith("ans")
@@ -928,18 +1250,56 @@ def test_released_cli_and_whole_model(tmp_path, capsys):
   assert arrays["states"].shape == (1, 5 + 40, 64)
   assert arrays["vqa_logits"].shape == (1, 10)
   # Another setting without editing config.json; a typo is one line.
-  assert main(["run", "--model", str(out), "--image", str(img), "--text",
-               "what color is the cat?", "--set", "model.capacity_factor=0",
-               "--set", "model.moe_group=sample"]) == 0
+  assert (
+      main(
+          [
+              "run",
+              "--model",
+              str(out),
+              "--image",
+              str(img),
+              "--text",
+              "what color is the cat?",
+              "--set",
+              "model.capacity_factor=0",
+              "--set",
+              "model.moe_group=sample",
+          ]
+      )
+      == 0
+  )
   summary = json.loads(capsys.readouterr().out)
-  assert summary["overrides"] == {"capacity_factor": 0,
-                                  "moe_group": "sample"}
-  assert main(["run", "--model", str(out), "--image", str(img), "--set",
-               "model.moe_grup=sample"]) == 1
+  assert summary["overrides"] == {"capacity_factor": 0, "moe_group": "sample"}
+  assert (
+      main(
+          [
+              "run",
+              "--model",
+              str(out),
+              "--image",
+              str(img),
+              "--set",
+              "model.moe_grup=sample",
+          ]
+      )
+      == 1
+  )
   err = capsys.readouterr().err
   assert "unknown keys ['moe_grup']" in err and err.count("\n") == 1
-  assert main(["run", "--model", str(out), "--image", str(img), "--set",
-               "capacity_factor=0"]) == 1
+  assert (
+      main(
+          [
+              "run",
+              "--model",
+              str(out),
+              "--image",
+              str(img),
+              "--set",
+              "capacity_factor=0",
+          ]
+      )
+      == 1
+  )
   assert "expected model.KEY=VALUE" in capsys.readouterr().err
 
 
@@ -951,8 +1311,9 @@ def _with_head(sd, rng, head):
   for k in [k for k in sd if k.startswith("output.")]:
     del sd[k]
   d = sd["backbone.norm.weight"].shape[0]
-  t = lambda *shape: (rng.standard_normal(shape) / math.sqrt(shape[-1])
-                      ).astype(np.float32)
+  t = lambda *shape: (rng.standard_normal(shape) / math.sqrt(shape[-1])).astype(
+      np.float32
+  )
   if head == "retrieval":
     sd["itc_vision_proj_head.weight"] = t(d, d)
     sd["itc_text_proj_head.weight"] = t(d, d)
@@ -960,8 +1321,10 @@ def _with_head(sd, rng, head):
     sd["itm_head.weight"], sd["itm_head.bias"] = t(2, d), t(2)
   else:  # nlvr2, the --biattn head
     for a in ("attn1", "attn2"):
-      sd[a + ".in_proj_weight"], sd[a + ".in_proj_bias"] = (t(3 * d, d),
-                                                            t(3 * d))
+      sd[a + ".in_proj_weight"], sd[a + ".in_proj_bias"] = (
+          t(3 * d, d),
+          t(3 * d),
+      )
       sd[a + ".out_proj.weight"], sd[a + ".out_proj.bias"] = t(d, d), t(d)
     sd["fc.0.weight"], sd["fc.0.bias"] = t(d, 2 * d), t(d)
     sd["attn_pool.fc.0.weight"] = t(1, d)
@@ -985,8 +1348,7 @@ def test_released_batch_computation_matches_numpy_float64(tmp_path):
   for i in range(c["depth"] - c["soft"], c["depth"]):
     p = f"backbone.encoder.layers.{i}."
     bias = base[p + "norm2_vl.bias"]
-    base[p + "mlp_moe.moe.gate.wg.weight"][0] += 4 * bias / np.linalg.norm(
-        bias)
+    base[p + "mlp_moe.moe.gate.wg.weight"][0] += 4 * bias / np.linalg.norm(bias)
   n_text = 40
   pixels = rng.uniform(-1, 1, (3, c["image"], c["image"], 3))
   pixels1 = rng.uniform(-1, 1, (3, c["image"], c["image"], 3))
@@ -1012,8 +1374,9 @@ def test_released_batch_computation_matches_numpy_float64(tmp_path):
   errs, drops = {}, {}
 
   # VQA logits.
-  _, normed, _, n_image, want_drop = _np_pass(sds["vqa"], cfg, pixels, ids,
-                                              atts)
+  _, normed, _, n_image, want_drop = _np_pass(
+      sds["vqa"], cfg, pixels, ids, atts
+  )
   want_vqa = _np_vqa_head(sds["vqa"], normed[:, n_image])
   logits, stats = nnx.jit(lambda m, *a: m(*a))(models["vqa"], *jargs)
   errs["vqa"] = float(np.max(np.abs(np.asarray(logits) - want_vqa)))
@@ -1027,12 +1390,15 @@ def test_released_batch_computation_matches_numpy_float64(tmp_path):
   raw = _np_pass(sd, cfg, ids=ids, atts=atts)[0]
   want_txt = unit(raw[:, 0] @ sd["itc_text_proj_head.weight"].T)
   got_img = nnx.jit(lambda m, x: m.matching.image_proj(m.image_features(x)))(
-      m, jargs[0])
-  got_txt = nnx.jit(lambda m, a, b: m.matching.text_proj(
-      m.text_features(a, b)))(m, *jargs[1:])
+      m, jargs[0]
+  )
+  got_txt = nnx.jit(
+      lambda m, a, b: m.matching.text_proj(m.text_features(a, b))
+  )(m, *jargs[1:])
   errs["itc"] = max(
       float(np.max(np.abs(unit(np.asarray(got_img)) - want_img))),
-      float(np.max(np.abs(unit(np.asarray(got_txt)) - want_txt))))
+      float(np.max(np.abs(unit(np.asarray(got_txt)) - want_txt))),
+  )
   # ITM logits on the fused pass (normed states, text CLS).
   _, normed, _, n_image, want_drop = _np_pass(sd, cfg, pixels, ids, atts)
   want = normed[:, n_image] @ sd["itm_head.weight"].T + sd["itm_head.bias"]
@@ -1040,6 +1406,7 @@ def test_released_batch_computation_matches_numpy_float64(tmp_path):
   def itm(m, *a):
     states, _, st = task_models.fused(m.backbone, *a, None)
     return m.matching.match_logits(states[:, n_image]), st
+
   got, stats = nnx.jit(itm)(m, *jargs)
   errs["itm"] = float(np.max(np.abs(np.asarray(got) - want)))
   drops["itm"] = (sum(int(st.dropped) for st in stats), want_drop)
@@ -1050,19 +1417,23 @@ def test_released_batch_computation_matches_numpy_float64(tmp_path):
   _, h1, v1, _, d1 = _np_pass(sd, cfg, pixels1, ids, atts)
   want = _np_biattn(h0, h1, v0, v1, sd, cfg["heads"])
   got, stats = nnx.jit(lambda m, *a: m(*a))(
-      models["nlvr2"], jargs[0], j(pixels1), *jargs[1:])
+      models["nlvr2"], jargs[0], j(pixels1), *jargs[1:]
+  )
   errs["nlvr2"] = float(np.max(np.abs(np.asarray(got) - want)))
   drops["nlvr2"] = (sum(int(st.dropped) for st in stats), d0 + d1)
 
   # eve_jax's own grouping on the same weights and inputs.
-  flipped = output.load(str(tmp_path / "vqa"),
-                        overrides={"moe_group": "sample"})[0]
+  flipped = output.load(
+      str(tmp_path / "vqa"), overrides={"moe_group": "sample"}
+  )[0]
   logits_s, _ = nnx.jit(lambda m, *a: m(*a))(flipped, *jargs)
   err_flipped = float(np.max(np.abs(np.asarray(logits_s) - want_vqa)))
-  print(f"\nreleased batch computation vs float64: "
-        + ", ".join(f"{k} {v:.2e}" for k, v in errs.items())
-        + f"; dropped (eve_jax, reference) {drops}; moe_group=sample: VQA "
-        f"logits off by {err_flipped:.3f}")
+  print(
+      f"\nreleased batch computation vs float64: "
+      + ", ".join(f"{k} {v:.2e}" for k, v in errs.items())
+      + f"; dropped (eve_jax, reference) {drops}; moe_group=sample: VQA "
+      f"logits off by {err_flipped:.3f}"
+  )
   for name, (got_drop, want_drop) in drops.items():
     assert got_drop == want_drop > 0, name
   assert max(errs.values()) <= 1e-4, errs
@@ -1073,12 +1444,25 @@ def test_released_cli_vocab_mismatch(tmp_path, capsys):
   torch = _torch()
   sd = _released_sd(np.random.default_rng(3), **_SMALL)  # vocab 100
   ckpt = tmp_path / "eve.th"
-  torch.save({k: torch.from_numpy(np.asarray(v)) for k, v in sd.items()},
-             ckpt)
+  torch.save({k: torch.from_numpy(np.asarray(v)) for k, v in sd.items()}, ckpt)
   tok = tmp_path / "tokenizer.json"
   tok.write_text(_bpe_tokenizer_json(300))
-  assert main(["eve", "--in", str(ckpt), "--tokenizer", str(tok), "--out",
-               str(tmp_path / "o"), "--heads", "4"]) == 1
+  assert (
+      main(
+          [
+              "eve",
+              "--in",
+              str(ckpt),
+              "--tokenizer",
+              str(tok),
+              "--out",
+              str(tmp_path / "o"),
+              "--heads",
+              "4",
+          ]
+      )
+      == 1
+  )
   err = capsys.readouterr().err
   assert "has 300 tokens but" in err and "100 rows" in err
   assert not os.path.exists(tmp_path / "o" / "checkpoints")
@@ -1089,11 +1473,17 @@ def test_released_heads_are_told_not_guessed(tmp_path, capsys):
   checkpoint's own config, else the released sizes (768: 12, 1024: 16);
   any other width without either is refused in one line."""
   torch = _torch()
-  assert released.released_heads(768) == (12, "the released config of "
-                                          "width 768")
+  assert released.released_heads(768) == (
+      12,
+      "the released config of " "width 768",
+  )
   assert released.released_heads(1024)[0] == 16
-  assert released.released_heads(64, checkpoint_config={
-      "vlmo_config": {"num_attention_heads": 8}})[0] == 8
+  assert (
+      released.released_heads(
+          64, checkpoint_config={"vlmo_config": {"num_attention_heads": 8}}
+      )[0]
+      == 8
+  )
   with pytest.raises(ConversionError, match="does not divide"):
     released.released_heads(64, 5)
   sd = _released_sd(np.random.default_rng(3), **dict(_SMALL, vocab=300))
@@ -1117,11 +1507,16 @@ def test_released_heads_are_told_not_guessed(tmp_path, capsys):
 def test_init_from_accepts_converted_dir(tmp_path):
   """pretrained.load_params / match read a converted DIR like a run's."""
   from eve_jax import pretrained
+
   sd = _released_sd(np.random.default_rng(5), **_SMALL)
   params, cfg, pieces = released.from_released(sd, "eve.th", 4)
   rep = output.report(params, cfg, pieces, "eve.th", ("vqa",), 10)
-  output.write(str(tmp_path), params, {"model": cfg, "heads": ["vqa"],
-                                       "vqa_answers": 10}, rep)
+  output.write(
+      str(tmp_path),
+      params,
+      {"model": cfg, "heads": ["vqa"], "vqa_answers": 10},
+      rep,
+  )
   loaded, step = pretrained.load_params(str(tmp_path))
   assert step == 0
   flat = layout.flatten(params)
@@ -1130,7 +1525,13 @@ def test_init_from_accepts_converted_dir(tmp_path):
   for k in flat:
     np.testing.assert_array_equal(got[k], flat[k])
   # A fine-tuning model with another answer count: the head is named.
-  target = nnx.to_pure_dict(nnx.state(output.build(
-      ModelConfig.from_config(cfg), ("vqa",), 12, abstract=True), nnx.Param))
+  target = nnx.to_pure_dict(
+      nnx.state(
+          output.build(
+              ModelConfig.from_config(cfg), ("vqa",), 12, abstract=True
+          ),
+          nnx.Param,
+      )
+  )
   with pytest.raises(pretrained.InitError, match="vqa_head/fc2/bias"):
     pretrained.match(target, loaded, cfg, ModelConfig.from_config(cfg))

@@ -26,8 +26,9 @@ SIZE = 64
 
 def _encode(image: np.ndarray, fmt: str) -> bytes:
   buf = io.BytesIO()
-  Image.fromarray(image).save(buf, format=fmt, **(
-      dict(quality=95) if fmt == "JPEG" else {}))
+  Image.fromarray(image).save(
+      buf, format=fmt, **(dict(quality=95) if fmt == "JPEG" else {})
+  )
   return buf.getvalue()
 
 
@@ -38,10 +39,14 @@ def _write_corpus(directory, name, n, *, seed, bad=(), eval_images=0):
   with records.CorpusWriter(directory, name, records_per_shard=16) as w:
     for i in range(n + eval_images):
       ex = shapes.generate(seed, i, SIZE)
-      caps = [ex.caption] + ([shapes.generate_caption(seed + 1, i)]
-                             if i % 3 == 0 else [])
-      data = (b"\xff\xd8 not a jpeg" if i in bad else
-              _encode(ex.image, "JPEG" if i % 2 else "PNG"))
+      caps = [ex.caption] + (
+          [shapes.generate_caption(seed + 1, i)] if i % 3 == 0 else []
+      )
+      data = (
+          b"\xff\xd8 not a jpeg"
+          if i in bad
+          else _encode(ex.image, "JPEG" if i % 2 else "PNG")
+      )
       split = "train" if i < n else "eval"
       for c in caps:
         pairs[split].append((i in bad, c))
@@ -56,22 +61,32 @@ def root(tmp_path_factory):
   d = tmp_path_factory.mktemp("data")
   _write_corpus(str(d / "a"), "a", 40, seed=1, bad={5}, eval_images=8)
   _write_corpus(str(d / "b"), "b", 12, seed=2)
-  shapes_tokenizer(str(d / "tokenizer.model"), vocab_size=64,
-                   num_captions=500)
+  shapes_tokenizer(str(d / "tokenizer.model"), vocab_size=64, num_captions=500)
   return str(d)
 
 
 @pytest.fixture(scope="module")
 def tokenizer(root):
   from eve_jax.data.tokenizer import Tokenizer
+
   return Tokenizer(os.path.join(root, "tokenizer.model"))
 
 
 def _dataset(root, tokenizer, mixture="a", **kw):
-  kw = dict(dict(split="train", seed=0, batch_size=4, image_size=32,
-                 max_text_len=17, num_threads=2), **kw)
-  return corpora.make_dataset(corpora.parse_mixture(root, mixture),
-                              tokenizer=tokenizer, **kw)
+  kw = dict(
+      dict(
+          split="train",
+          seed=0,
+          batch_size=4,
+          image_size=32,
+          max_text_len=17,
+          num_threads=2,
+      ),
+      **kw,
+  )
+  return corpora.make_dataset(
+      corpora.parse_mixture(root, mixture), tokenizer=tokenizer, **kw
+  )
 
 
 # --- transforms --------------------------------------------------------------
@@ -124,7 +139,8 @@ def test_decode_flips_and_crops_real_pixels():
 
 
 def test_two_processes_read_disjoint_halves_covering_an_epoch_once(
-    root, tokenizer):
+    root, tokenizer
+):
   """Shuffled training order, one batch row at a time: the first epoch of
   each process's shard; together every decodable pair exactly once, and the
   record that does not decode skipped and counted in exactly one of them."""
@@ -133,10 +149,13 @@ def test_two_processes_read_disjoint_halves_covering_an_epoch_once(
   seen, skipped = [], 0
   for p in (0, 1):
     shard = list(range(split.num_pairs))[p::2]
-    it = _dataset(root, tokenizer, batch_size=1, process_index=p,
-                  process_count=2)
-    got = [int(next(it)["index"][0])
-           for _ in range(len(shard) - len(bad & set(shard)))]
+    it = _dataset(
+        root, tokenizer, batch_size=1, process_index=p, process_count=2
+    )
+    got = [
+        int(next(it)["index"][0])
+        for _ in range(len(shard) - len(bad & set(shard)))
+    ]
     assert sorted(got) == sorted(set(shard) - bad)
     assert got != sorted(got)  # shuffled
     seen += got
@@ -169,10 +188,10 @@ def test_mixture_weights_set_the_share_of_each_corpus(root, tokenizer):
     assert abs(np.mean(corpus == 0) - share) < 0.02, mixture
 
 
-def test_batches_hold_normalized_images_and_tokenized_captions(root,
-                                                               tokenizer):
-  batch = next(_dataset(root, tokenizer, split="eval", train=False,
-                        batch_size=8))
+def test_batches_hold_normalized_images_and_tokenized_captions(root, tokenizer):
+  batch = next(
+      _dataset(root, tokenizer, split="eval", train=False, batch_size=8)
+  )
   assert batch["image"].shape == (8, 32, 32, 3)
   assert batch["image"].dtype == np.float32
   assert -1.0 <= batch["image"].min() and batch["image"].max() <= 1.0
@@ -194,19 +213,26 @@ def test_missing_data_gives_one_line_errors_naming_the_fix(root, tmp_path):
   # A shard deleted after `prepare`: named, not a traceback from tfds.
   broken = tmp_path / "broken"
   _write_corpus(str(broken / "c"), "c", 20, seed=3)
-  os.remove(next(str(p) for p in (broken / "c").iterdir()
-                 if "array_record-00001" in p.name))
-  with pytest.raises(corpora.DataError, match="broken/c.*00001-of-00002 is "
-                     "missing"):
+  os.remove(
+      next(
+          str(p)
+          for p in (broken / "c").iterdir()
+          if "array_record-00001" in p.name
+      )
+  )
+  with pytest.raises(
+      corpora.DataError, match="broken/c.*00001-of-00002 is " "missing"
+  ):
     corpora.open_splits(corpora.parse_mixture(str(broken), ""), "train")
   # One cut in half: named too.
   _write_corpus(str(broken / "d"), "d", 20, seed=3)
-  shard = next(str(p) for p in (broken / "d").iterdir()
-               if "array_record-00000" in p.name)
+  shard = next(
+      str(p) for p in (broken / "d").iterdir() if "array_record-00000" in p.name
+  )
   with open(shard, "rb") as f:
     data = f.read()
   with open(shard, "wb") as f:
-    f.write(data[:len(data) // 2])
+    f.write(data[: len(data) // 2])
   with pytest.raises(corpora.DataError, match="00000-of-00002 cannot be read"):
     corpora.open_splits(corpora.parse_mixture(str(broken), "d"), "train")
 
@@ -220,8 +246,17 @@ def _tiny_on(root):
   c.data.dir = root
   c.data.num_threads = 2
   c.model.update(dict(depth=2, decoder_depth=1))
-  c.train.update(dict(steps=6, batch_size=8, log_every=1, eval_every=0,
-                      checkpoint_every=3, eval_examples=8, eval_batch_size=8))
+  c.train.update(
+      dict(
+          steps=6,
+          batch_size=8,
+          log_every=1,
+          eval_every=0,
+          checkpoint_every=3,
+          eval_examples=8,
+          eval_batch_size=8,
+      )
+  )
   return c
 
 
@@ -231,8 +266,9 @@ def _rows(workdir):
 
 
 @pytest.mark.slow  # ~2.5 min of training
-def test_tiny_pretrains_on_a_prepared_corpus_and_resumes_exactly(root,
-                                                                 tmp_path):
+def test_tiny_pretrains_on_a_prepared_corpus_and_resumes_exactly(
+    root, tmp_path
+):
   """Trains, evaluates on the held-out images, logs the skipped ones; a run
   stopped after its step-3 checkpoint and resumed logs bitwise the losses
   of the run that never stopped."""
@@ -260,14 +296,18 @@ def test_tiny_pretrains_on_a_prepared_corpus_and_resumes_exactly(root,
   # Resuming on a shard cut since: one line naming it; the run's files are
   # untouched.
   from test_reliability import snapshot  # pylint: disable=g-import-not-at-top
+
   cut = str(tmp_path / "cut")
   shutil.copytree(root, cut)
-  shard = next(str(p) for p in (tmp_path / "cut" / "a").iterdir()
-               if "array_record-00000" in p.name)
+  shard = next(
+      str(p)
+      for p in (tmp_path / "cut" / "a").iterdir()
+      if "array_record-00000" in p.name
+  )
   with open(shard, "rb") as f:
     data = f.read()
   with open(shard, "wb") as f:
-    f.write(data[:len(data) // 3])
+    f.write(data[: len(data) // 3])
   before = snapshot(b)
   c = _tiny_on(cut)
   c.train.steps = 8
@@ -278,13 +318,26 @@ def test_tiny_pretrains_on_a_prepared_corpus_and_resumes_exactly(root,
 
 def test_data_bench_reports_samples_per_core(root):
   out = subprocess.run(
-      [sys.executable, "-m", "eve_jax.data.bench",
-       "--config=configs/base.py:tiny", f"--config.data.dir={root}",
-       "--config.data.num_threads=2", "--batch_size=8", "--batches=4",
-       "--warmup=1", "--json"],
-      cwd=REPO, capture_output=True, text=True, timeout=300)
+      [
+          sys.executable,
+          "-m",
+          "eve_jax.data.bench",
+          "--config=configs/base.py:tiny",
+          f"--config.data.dir={root}",
+          "--config.data.num_threads=2",
+          "--batch_size=8",
+          "--batches=4",
+          "--warmup=1",
+          "--json",
+      ],
+      cwd=REPO,
+      capture_output=True,
+      text=True,
+      timeout=300,
+  )
   assert out.returncode == 0, out.stderr[-2000:]
   result = json.loads(out.stdout.strip().splitlines()[-1])
   assert result["data"] == "corpora" and result["samples_per_s"] > 0
   assert result["samples_per_s_per_core"] == pytest.approx(
-      result["samples_per_s"] / result["cores"])
+      result["samples_per_s"] / result["cores"]
+  )

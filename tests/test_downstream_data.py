@@ -21,22 +21,35 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from eve_jax.data import (downstream, downstream_vqa, shapes, shapes_tasks,
-                          shapes_tasks_common)
+from eve_jax.data import (
+    downstream,
+    downstream_vqa,
+    shapes,
+    shapes_tasks,
+    shapes_tasks_common,
+)
 from eve_jax.data.errors import DataError
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SIZES = (40, 40, 40)
 IMAGE_SIZE = 64
-NUMBERS = {"zero": 0, "one": 1, "two": 2, "three": 3, "four": 4, "five": 5,
-           "six": 6}
+NUMBERS = {
+    "zero": 0,
+    "one": 1,
+    "two": 2,
+    "three": 3,
+    "four": 4,
+    "five": 5,
+    "six": 6,
+}
 
 
 @pytest.fixture(scope="module")
 def files(tmp_path_factory) -> shapes_tasks.TaskFiles:
   out = tmp_path_factory.mktemp("shapes_tasks")
-  return shapes_tasks.write_all(str(out), image_size=IMAGE_SIZE, sizes=SIZES,
-                                seed=0)
+  return shapes_tasks.write_all(
+      str(out), image_size=IMAGE_SIZE, sizes=SIZES, seed=0
+  )
 
 
 def _read_image(path: str) -> np.ndarray:
@@ -77,12 +90,14 @@ def _vqa_answer(question: str, objects) -> str:
   raise AssertionError(f"unexpected question {question!r}")
 
 
-@pytest.mark.parametrize("position,subtype", list(enumerate(
-    shapes_tasks_common.SPLITS["vqa"])))
+@pytest.mark.parametrize(
+    "position,subtype", list(enumerate(shapes_tasks_common.SPLITS["vqa"]))
+)
 def test_vqa_answers_match_the_images(files, position, subtype):
   annotations = files.vqa_annotations.get(subtype)
-  examples = downstream_vqa.load_vqa(files.vqa_questions[subtype], annotations,
-                                 image_dir=files.vqa_images)
+  examples = downstream_vqa.load_vqa(
+      files.vqa_questions[subtype], annotations, image_dir=files.vqa_images
+  )
   assert len({e.image_id for e in examples}) == SIZES[position]
   per_image = collections.Counter(e.image_id for e in examples)
   assert set(per_image.values()) <= {2, 3}
@@ -93,27 +108,34 @@ def test_vqa_answers_match_the_images(files, position, subtype):
     assert e.image_id // shapes_tasks.VQA_ID_STRIDE == position + 1
     assert e.question_id // 1000 == e.image_id
     assert os.path.basename(e.image_path) == (
-        f"COCO_{subtype}_{e.image_id:012d}.jpg")
+        f"COCO_{subtype}_{e.image_id:012d}.jpg"
+    )
     assert len(e.question.split()) <= 6
     if e.image_id not in generated:
       generated[e.image_id] = shapes.generate(
-          stream, e.image_id % shapes_tasks.VQA_ID_STRIDE, IMAGE_SIZE)
+          stream, e.image_id % shapes_tasks.VQA_ID_STRIDE, IMAGE_SIZE
+      )
     example = generated[e.image_id]
     expected = _vqa_answer(e.question, example.objects)
     if annotations is None:
       assert e.answers is None and e.answer_type is None
       continue
     assert len(e.answers) == 10
-    assert e.answer_type == ("yes/no" if e.question.startswith("is ") else
-                             "number" if e.question.startswith("how many")
-                             else "other"), e
+    assert e.answer_type == (
+        "yes/no"
+        if e.question.startswith("is ")
+        else "number"
+        if e.question.startswith("how many")
+        else "other"
+    ), e
     votes = collections.Counter(_normalize(a) for a in e.answers)
     answer, count = votes.most_common(1)[0]
     assert answer == _normalize(expected) and count >= 6, (e, expected)
   # The JPEG on disk is the generator's image (quality 95, 4:4:4).
   for image_id, example in list(generated.items())[:5]:
-    path = os.path.join(files.vqa_images,
-                        downstream_vqa.vqa_image_name(subtype, image_id))
+    path = os.path.join(
+        files.vqa_images, downstream_vqa.vqa_image_name(subtype, image_id)
+    )
     diff = np.abs(_read_image(path).astype(int) - example.image.astype(int))
     assert diff.mean() < 2.0
 
@@ -125,12 +147,15 @@ def test_vqa_annotations_exercise_soft_scores(files):
   for ann in annotations:
     answers = [a["answer"] for a in ann["answers"]]
     assert [a["answer_id"] for a in ann["answers"]] == list(range(1, 11))
-    assert ann["multiple_choice_answer"] == collections.Counter(
-        answers).most_common(1)[0][0]
+    assert (
+        ann["multiple_choice_answer"]
+        == collections.Counter(answers).most_common(1)[0][0]
+    )
     # Canonical answers are already normalized, as VQAv2's are: today's
     # official metric compares unanimous answers unnormalized.
     assert _normalize(ann["multiple_choice_answer"]) == (
-        ann["multiple_choice_answer"])
+        ann["multiple_choice_answer"]
+    )
     assert ann["answer_type"] in ("yes/no", "number", "other")
     normalized = {_normalize(a) for a in answers}
     raw_disagree += len(set(answers)) > 1
@@ -141,8 +166,11 @@ def test_vqa_annotations_exercise_soft_scores(files):
   assert 0 < wrong < n / 3
   types = collections.Counter(ann["question_type"] for ann in annotations)
   assert len(types) == 5
-  yes_no = collections.Counter(ann["multiple_choice_answer"] for ann in
-                               annotations if ann["answer_type"] == "yes/no")
+  yes_no = collections.Counter(
+      ann["multiple_choice_answer"]
+      for ann in annotations
+      if ann["answer_type"] == "yes/no"
+  )
   assert yes_no["yes"] > 0 and yes_no["no"] > 0
 
 
@@ -151,31 +179,63 @@ def test_vqa_predictions_round_trip(tmp_path):
   predictions = [(np.int64(5), "two"), (3, "red"), (1_000_000_001, "yes")]
   assert downstream_vqa.write_vqa_predictions(path, predictions) == path
   with open(path) as f:
-    assert json.load(f) == [{"question_id": 5, "answer": "two"},
-                            {"question_id": 3, "answer": "red"},
-                            {"question_id": 1_000_000_001, "answer": "yes"}]
-  assert downstream_vqa.load_vqa_predictions(path) == {5: "two", 3: "red",
-                                                   1_000_000_001: "yes"}
+    assert json.load(f) == [
+        {"question_id": 5, "answer": "two"},
+        {"question_id": 3, "answer": "red"},
+        {"question_id": 1_000_000_001, "answer": "yes"},
+    ]
+  assert downstream_vqa.load_vqa_predictions(path) == {
+      5: "two",
+      3: "red",
+      1_000_000_001: "yes",
+  }
   with pytest.raises(DataError, match="question_id 3 given twice"):
-    downstream_vqa.write_vqa_predictions(str(tmp_path / "dup.json"),
-                                     [(3, "a"), (3, "b")])
+    downstream_vqa.write_vqa_predictions(
+        str(tmp_path / "dup.json"), [(3, "a"), (3, "b")]
+    )
   assert not os.path.exists(tmp_path / "dup.json")
 
 
 def test_vqa_test_dev_and_visual_genome(tmp_path):
   questions = tmp_path / "v2_OpenEnded_mscoco_test-dev2015_questions.json"
-  questions.write_text(json.dumps({"data_subtype": "test-dev2015", "questions": [
-      {"image_id": 7, "question": "What?", "question_id": 7000}]}))
+  questions.write_text(
+      json.dumps(
+          {
+              "data_subtype": "test-dev2015",
+              "questions": [
+                  {"image_id": 7, "question": "What?", "question_id": 7000}
+              ],
+          }
+      )
+  )
   (example,) = downstream_vqa.load_vqa(str(questions), image_dir="test2015")
   # test-dev images are test2015 files.
   assert example == downstream.VQAExample(
-      7000, 7, os.path.join("test2015", "COCO_test2015_000000000007.jpg"),
-      "What?", None)
+      7000,
+      7,
+      os.path.join("test2015", "COCO_test2015_000000000007.jpg"),
+      "What?",
+      None,
+  )
   vg = tmp_path / "question_answers.json"
-  vg.write_text(json.dumps([
-      {"id": 1, "qas": [{"qa_id": 10, "image_id": 1, "question": "What color?",
-                         "answer": "Red."}]},
-      {"id": 2, "qas": []}]))
+  vg.write_text(
+      json.dumps(
+          [
+              {
+                  "id": 1,
+                  "qas": [
+                      {
+                          "qa_id": 10,
+                          "image_id": 1,
+                          "question": "What color?",
+                          "answer": "Red.",
+                      }
+                  ],
+              },
+              {"id": 2, "qas": []},
+          ]
+      )
+  )
   (example,) = downstream_vqa.load_vg_qa(str(vg), "VG")
   assert example.image_path == os.path.join("VG", "1.jpg")
   assert example.answers == ("Red.",) * 10 and example.question_id == 10
@@ -195,8 +255,9 @@ def _nlvr2_label(sentence: str, left, right) -> tuple[bool, str]:
   if m := re.fullmatch(r"no image has a (?:(\w+) )?(\w+)", sentence):
     return not any(_has(objs, m[1], m[2]) for objs in pair), "none_has"
   if m := re.fullmatch(r"the (left|right) image has more objects", sentence):
-    return ((len(left) > len(right)) == (m[1] == "left")
-            and len(left) != len(right)), "more"
+    return (
+        (len(left) > len(right)) == (m[1] == "left") and len(left) != len(right)
+    ), "more"
   if m := re.fullmatch(r"there are (\w+) objects in total", sentence):
     return len(left) + len(right) == NUMBERS[m[1]], "total"
   if m := re.fullmatch(r"both images have (\w+) objects?", sentence):
@@ -208,20 +269,27 @@ def _nlvr2_label(sentence: str, left, right) -> tuple[bool, str]:
 def files_all_families(tmp_path_factory) -> shapes_tasks.TaskFiles:
   out = tmp_path_factory.mktemp("shapes_tasks_all")
   return shapes_tasks.write_all(
-      str(out), image_size=IMAGE_SIZE, seed=0,
+      str(out),
+      image_size=IMAGE_SIZE,
+      seed=0,
       sizes={"vqa": (1, 1, 1), "nlvr2": SIZES, "retrieval": (1, 1, 1)},
-      nlvr2_families=shapes_tasks.NLVR2_FAMILIES)
+      nlvr2_families=shapes_tasks.NLVR2_FAMILIES,
+  )
 
 
 @pytest.mark.parametrize("families", ["count", "all"])
-@pytest.mark.parametrize("position,split",
-                         list(enumerate(shapes_tasks_common.SPLITS["nlvr2"])))
+@pytest.mark.parametrize(
+    "position,split", list(enumerate(shapes_tasks_common.SPLITS["nlvr2"]))
+)
 def test_nlvr2_labels_match_the_images(request, families, position, split):
   """Every label recomputed from the generator's scenes; the default
   statements are the count families, every family can be asked for."""
   files = request.getfixturevalue(
-      "files" if families == "count" else "files_all_families")
-  examples = downstream.load_nlvr2(files.nlvr2[split], files.nlvr2_images[split])
+      "files" if families == "count" else "files_all_families"
+  )
+  examples = downstream.load_nlvr2(
+      files.nlvr2[split], files.nlvr2_images[split]
+  )
   n = SIZES[position]
   assert len(examples) == n
   assert sum(e.label for e in examples) == n // 2  # balanced
@@ -232,21 +300,30 @@ def test_nlvr2_labels_match_the_images(request, families, position, split):
     m = re.fullmatch(rf"{split}-(\d+)-0-0", e.identifier)
     assert m, e.identifier
     j = int(m[1])
-    left, right = (shapes.generate(stream, 2 * j + i, IMAGE_SIZE) for i in (0, 1))
+    left, right = (
+        shapes.generate(stream, 2 * j + i, IMAGE_SIZE) for i in (0, 1)
+    )
     label, family = _nlvr2_label(e.sentence, left.objects, right.objects)
     assert e.label == label, e
     seen[family, label] += 1
     assert len(e.sentence.split()) <= 6
     folder = files.nlvr2_images[split]
     if split == "train":
-      folder = os.path.join(folder, str(j % shapes_tasks_common.NLVR2_DIRECTORIES))
-    assert e.image_paths == (os.path.join(folder, f"{split}-{j}-0-img0.png"),
-                             os.path.join(folder, f"{split}-{j}-0-img1.png"))
+      folder = os.path.join(
+          folder, str(j % shapes_tasks_common.NLVR2_DIRECTORIES)
+      )
+    assert e.image_paths == (
+        os.path.join(folder, f"{split}-{j}-0-img0.png"),
+        os.path.join(folder, f"{split}-{j}-0-img1.png"),
+    )
     if k < 5:  # PNG is lossless: the generator's pixels exactly
       np.testing.assert_array_equal(_read_image(e.image_paths[0]), left.image)
       np.testing.assert_array_equal(_read_image(e.image_paths[1]), right.image)
-  want = (shapes_tasks.COUNT_FAMILIES if families == "count"
-          else shapes_tasks.NLVR2_FAMILIES)
+  want = (
+      shapes_tasks.COUNT_FAMILIES
+      if families == "count"
+      else shapes_tasks.NLVR2_FAMILIES
+  )
   assert {f for f, _ in seen} == set(want), seen
   if families == "count":  # 40 statements: every family both true and false
     assert len(seen) == 2 * len(want), seen
@@ -254,8 +331,9 @@ def test_nlvr2_labels_match_the_images(request, families, position, split):
 
 def test_nlvr2_families_are_checked(tmp_path):
   with pytest.raises(ValueError, match="families must be some of"):
-    shapes_tasks.write_all(str(tmp_path), sizes=(1, 1, 1),
-                           nlvr2_families=("more", "fewer"))
+    shapes_tasks.write_all(
+        str(tmp_path), sizes=(1, 1, 1), nlvr2_families=("more", "fewer")
+    )
   with pytest.raises(ValueError, match="families must be some of"):
     shapes_tasks.write_all(str(tmp_path), sizes=(1, 1, 1), nlvr2_families=())
 
@@ -264,10 +342,13 @@ def test_nlvr2_families_are_checked(tmp_path):
 # Retrieval.
 
 
-@pytest.mark.parametrize("position,split", list(enumerate(
-    shapes_tasks_common.SPLITS["retrieval"])))
+@pytest.mark.parametrize(
+    "position,split", list(enumerate(shapes_tasks_common.SPLITS["retrieval"]))
+)
 def test_retrieval_captions_describe_the_images(files, position, split):
-  images = downstream.load_karpathy(files.retrieval, files.retrieval_images, split)
+  images = downstream.load_karpathy(
+      files.retrieval, files.retrieval_images, split
+  )
   assert len(images) == SIZES[position]
   assert downstream.check_images(images) == len(images)
   stream = shapes_tasks.stream_seed(0, "retrieval", split)
@@ -279,9 +360,11 @@ def test_retrieval_captions_describe_the_images(files, position, split):
     for caption in image.captions:
       words = re.findall(r"\w+", caption)
       assert sorted(w for w in words if w in shapes.COLORS) == sorted(
-          o.color for o in example.objects), caption
+          o.color for o in example.objects
+      ), caption
       assert sorted(w for w in words if w in shapes.SHAPES) == sorted(
-          o.shape for o in example.objects), caption
+          o.shape for o in example.objects
+      ), caption
   if split != "train":  # scenes are told apart by their captions
     assert len({image.captions[0] for image in images}) == len(images)
 
@@ -289,17 +372,49 @@ def test_retrieval_captions_describe_the_images(files, position, split):
 def test_karpathy_flickr_layout_and_restval(tmp_path):
   path = tmp_path / "dataset_flickr30k.json"
   sentences = [{"raw": " A dog runs. ", "tokens": ["a", "dog", "runs"]}]
-  path.write_text(json.dumps({"dataset": "flickr30k", "images": [
-      {"filename": "100.jpg", "imgid": 0, "split": "train", "sentences": sentences},
-      {"filename": "101.jpg", "imgid": 1, "split": "restval", "sentences": sentences},
-      {"filename": "102.jpg", "imgid": 2, "split": "test", "sentences": sentences},
-      {"filepath": "val2014", "filename": "x.jpg", "cocoid": 42, "imgid": 3,
-       "split": "val", "sentences": sentences}]}))
+  path.write_text(
+      json.dumps(
+          {
+              "dataset": "flickr30k",
+              "images": [
+                  {
+                      "filename": "100.jpg",
+                      "imgid": 0,
+                      "split": "train",
+                      "sentences": sentences,
+                  },
+                  {
+                      "filename": "101.jpg",
+                      "imgid": 1,
+                      "split": "restval",
+                      "sentences": sentences,
+                  },
+                  {
+                      "filename": "102.jpg",
+                      "imgid": 2,
+                      "split": "test",
+                      "sentences": sentences,
+                  },
+                  {
+                      "filepath": "val2014",
+                      "filename": "x.jpg",
+                      "cocoid": 42,
+                      "imgid": 3,
+                      "split": "val",
+                      "sentences": sentences,
+                  },
+              ],
+          }
+      )
+  )
   train = downstream.load_karpathy(str(path), "root", "train")
   assert [i.image_id for i in train] == ["100", "101"]
   assert train[0] == downstream.RetrievalImage(
-      "100", os.path.join("root", "100.jpg"), ("A dog runs.",))
-  assert [i.image_id for i in downstream.load_karpathy(str(path), "r", "restval")] == ["101"]
+      "100", os.path.join("root", "100.jpg"), ("A dog runs.",)
+  )
+  assert [
+      i.image_id for i in downstream.load_karpathy(str(path), "r", "restval")
+  ] == ["101"]
   (val,) = downstream.load_karpathy(str(path), "root", "val")
   assert val.image_id == "42"
   assert val.image_path == os.path.join("root", "val2014", "x.jpg")
@@ -329,31 +444,39 @@ def test_same_seed_writes_identical_files(tmp_path):
   tree_a, tree_b = _tree(str(tmp_path / "a")), _tree(str(tmp_path / "b"))
   # 5 VQA + 3 NLVR2 + 1 Karpathy JSON files and every image.
   assert len(tree_a) == 9 + sum(sizes["vqa"]) + 2 * sum(sizes["nlvr2"]) + sum(
-      sizes["retrieval"])
+      sizes["retrieval"]
+  )
   assert tree_a == tree_b
   tree_c = _tree(str(tmp_path / "c"))
-  assert tree_c[os.path.relpath(a.retrieval, a.root)] != tree_a[
-      os.path.relpath(a.retrieval, a.root)]
+  assert (
+      tree_c[os.path.relpath(a.retrieval, a.root)]
+      != tree_a[os.path.relpath(a.retrieval, a.root)]
+  )
 
 
 def test_default_sizes(tmp_path):
   """The defaults every fine-tuning run uses: counts, balance, all images."""
   files = shapes_tasks.write_all(str(tmp_path))
-  vqa, nlvr2, retrieval = (shapes_tasks.DEFAULT_SIZES[t] for t in
-                           shapes_tasks.TASKS)
+  vqa, nlvr2, retrieval = (
+      shapes_tasks.DEFAULT_SIZES[t] for t in shapes_tasks.TASKS
+  )
   for subtype, n in zip(shapes_tasks_common.SPLITS["vqa"], vqa):
-    examples = downstream_vqa.load_vqa(files.vqa_questions[subtype],
-                                   files.vqa_annotations.get(subtype),
-                                   image_dir=files.vqa_images)
+    examples = downstream_vqa.load_vqa(
+        files.vqa_questions[subtype],
+        files.vqa_annotations.get(subtype),
+        image_dir=files.vqa_images,
+    )
     assert downstream.check_images(examples) == n
   for split, n in zip(shapes_tasks_common.SPLITS["nlvr2"], nlvr2):
-    examples = downstream.load_nlvr2(files.nlvr2[split],
-                                     files.nlvr2_images[split])
+    examples = downstream.load_nlvr2(
+        files.nlvr2[split], files.nlvr2_images[split]
+    )
     assert len(examples) == n and sum(e.label for e in examples) == n // 2
     assert downstream.check_images(examples) == 2 * n
   for split, n in zip(shapes_tasks_common.SPLITS["retrieval"], retrieval):
-    images = downstream.load_karpathy(files.retrieval, files.retrieval_images,
-                                      split)
+    images = downstream.load_karpathy(
+        files.retrieval, files.retrieval_images, split
+    )
     assert downstream.check_images(images) == n
   assert files.counts["vqa_images"] == sum(vqa)
   assert files.counts["nlvr2_images"] == 2 * sum(nlvr2)
@@ -363,25 +486,61 @@ def test_default_sizes(tmp_path):
 def test_command_line(tmp_path):
   out = tmp_path / "cli"
   result = subprocess.run(
-      [sys.executable, "-m", "eve_jax.data.shapes_tasks", "--out", str(out),
-       "--train", "3", "--val", "2", "--test", "1", "--image_size", "32",
-       "--seed", "1", "--nlvr2_families", "more,one_has"],
-      cwd=REPO, capture_output=True, text=True, timeout=120)
+      [
+          sys.executable,
+          "-m",
+          "eve_jax.data.shapes_tasks",
+          "--out",
+          str(out),
+          "--train",
+          "3",
+          "--val",
+          "2",
+          "--test",
+          "1",
+          "--image_size",
+          "32",
+          "--seed",
+          "1",
+          "--nlvr2_families",
+          "more,one_has",
+      ],
+      cwd=REPO,
+      capture_output=True,
+      text=True,
+      timeout=120,
+  )
   assert result.returncode == 0, result.stderr
   assert "nlvr2: 6 statements, 12 images" in result.stdout
   expected = shapes_tasks.write_all(
-      str(tmp_path / "api"), image_size=32, sizes=(3, 2, 1), seed=1,
-      nlvr2_families=("more", "one_has"))
+      str(tmp_path / "api"),
+      image_size=32,
+      sizes=(3, 2, 1),
+      seed=1,
+      nlvr2_families=("more", "one_has"),
+  )
   assert _tree(str(out)) == _tree(expected.root)
   bad = subprocess.run(
-      [sys.executable, "-m", "eve_jax.data.shapes_tasks", "--out",
-       str(tmp_path / "bad"), "--nlvr2_families", "more,fewer"],
-      cwd=REPO, capture_output=True, text=True, timeout=120)
+      [
+          sys.executable,
+          "-m",
+          "eve_jax.data.shapes_tasks",
+          "--out",
+          str(tmp_path / "bad"),
+          "--nlvr2_families",
+          "more,fewer",
+      ],
+      cwd=REPO,
+      capture_output=True,
+      text=True,
+      timeout=120,
+  )
   assert bad.returncode == 2
   assert bad.stderr.count("\n") == 1 and "families must be" in bad.stderr
   (example,) = downstream_vqa.load_vqa(
       str(out / "vqa" / "v2_OpenEnded_mscoco_test2015_questions.json"),
-      image_dir=str(out / "vqa" / "images"))[:1]
+      image_dir=str(out / "vqa" / "images"),
+  )[:1]
   assert _read_image(example.image_path).shape == (32, 32, 3)
 
 
@@ -397,11 +556,17 @@ def _question(i):
 
 
 def _annotation(i, image_id=None):
-  return {"question_id": 100 + i, "image_id": i if image_id is None else image_id,
-          "answers": [{"answer": "yes", "answer_confidence": "yes",
-                       "answer_id": k + 1} for k in range(10)],
-          "multiple_choice_answer": "yes", "answer_type": "yes/no",
-          "question_type": "is"}
+  return {
+      "question_id": 100 + i,
+      "image_id": i if image_id is None else image_id,
+      "answers": [
+          {"answer": "yes", "answer_confidence": "yes", "answer_id": k + 1}
+          for k in range(10)
+      ],
+      "multiple_choice_answer": "yes",
+      "answer_type": "yes/no",
+      "question_type": "is",
+  }
 
 
 def _write(path, obj) -> str:
@@ -414,61 +579,143 @@ def _no_question_id(d):
   questions = [_question(i) for i in range(5)]
   del questions[3]["question_id"]
   q = _write(d / QUESTIONS, {"data_subtype": "val2014", "questions": questions})
-  return lambda: downstream_vqa.load_vqa(q, None, image_dir=str(d)), QUESTIONS, \
-      "questions[3] has no 'question_id'"
+  return (
+      lambda: downstream_vqa.load_vqa(q, None, image_dir=str(d)),
+      QUESTIONS,
+      "questions[3] has no 'question_id'",
+  )
 
 
 def _other_image_id(d):
-  q = _write(d / QUESTIONS, {"data_subtype": "val2014",
-                             "questions": [_question(i) for i in range(3)]})
-  a = _write(d / ANNOTATIONS, {"data_subtype": "val2014", "annotations": [
-      _annotation(0), _annotation(1, image_id=99), _annotation(2)]})
-  return lambda: downstream_vqa.load_vqa(q, a, image_dir=str(d)), ANNOTATIONS, \
-      "annotations[1] (question_id 101) has image_id 99, but questions[1]"
+  q = _write(
+      d / QUESTIONS,
+      {
+          "data_subtype": "val2014",
+          "questions": [_question(i) for i in range(3)],
+      },
+  )
+  a = _write(
+      d / ANNOTATIONS,
+      {
+          "data_subtype": "val2014",
+          "annotations": [
+              _annotation(0),
+              _annotation(1, image_id=99),
+              _annotation(2),
+          ],
+      },
+  )
+  return (
+      lambda: downstream_vqa.load_vqa(q, a, image_dir=str(d)),
+      ANNOTATIONS,
+      "annotations[1] (question_id 101) has image_id 99, but questions[1]",
+  )
 
 
 def _no_annotation(d):
-  q = _write(d / QUESTIONS, {"data_subtype": "val2014",
-                             "questions": [_question(i) for i in range(3)]})
-  a = _write(d / ANNOTATIONS, {"data_subtype": "val2014", "annotations": [
-      _annotation(0), _annotation(2)]})
-  return lambda: downstream_vqa.load_vqa(q, a, image_dir=str(d)), ANNOTATIONS, \
-      "no annotation for question_id 101"
+  q = _write(
+      d / QUESTIONS,
+      {
+          "data_subtype": "val2014",
+          "questions": [_question(i) for i in range(3)],
+      },
+  )
+  a = _write(
+      d / ANNOTATIONS,
+      {
+          "data_subtype": "val2014",
+          "annotations": [_annotation(0), _annotation(2)],
+      },
+  )
+  return (
+      lambda: downstream_vqa.load_vqa(q, a, image_dir=str(d)),
+      ANNOTATIONS,
+      "no annotation for question_id 101",
+  )
 
 
 def _nlvr2_line(i, label="True"):
-  return json.dumps({"identifier": f"dev-{i}-0-0", "sentence": "s",
-                     "label": label, "left_url": "", "right_url": ""})
+  return json.dumps(
+      {
+          "identifier": f"dev-{i}-0-0",
+          "sentence": "s",
+          "label": label,
+          "left_url": "",
+          "right_url": "",
+      }
+  )
 
 
 def _bad_json_line_3(d):
-  p = _write(d / "dev.json", "\n".join(
-      [_nlvr2_line(0), _nlvr2_line(1), '{"identifier": "dev-2-0-0", ', _nlvr2_line(3)]))
-  return lambda: downstream.load_nlvr2(p, str(d)), "dev.json", \
-      "line 3: not valid JSON"
+  p = _write(
+      d / "dev.json",
+      "\n".join(
+          [
+              _nlvr2_line(0),
+              _nlvr2_line(1),
+              '{"identifier": "dev-2-0-0", ',
+              _nlvr2_line(3),
+          ]
+      ),
+  )
+  return (
+      lambda: downstream.load_nlvr2(p, str(d)),
+      "dev.json",
+      "line 3: not valid JSON",
+  )
 
 
 def _label_maybe(d):
-  p = _write(d / "dev.json", "\n".join([_nlvr2_line(0), _nlvr2_line(1, "maybe")]))
-  return lambda: downstream.load_nlvr2(p, str(d)), "dev.json", \
-      'line 2: label is "maybe", expected "True" or "False"'
+  p = _write(
+      d / "dev.json", "\n".join([_nlvr2_line(0), _nlvr2_line(1, "maybe")])
+  )
+  return (
+      lambda: downstream.load_nlvr2(p, str(d)),
+      "dev.json",
+      'line 2: label is "maybe", expected "True" or "False"',
+  )
 
 
 def _train_without_directory(d):
-  line = json.dumps({"identifier": "train-5-0-1", "sentence": "s", "label": "False"})
+  line = json.dumps(
+      {"identifier": "train-5-0-1", "sentence": "s", "label": "False"}
+  )
   p = _write(d / "train.json", line + "\n")
-  return lambda: downstream.load_nlvr2(p, str(d)), "train.json", \
-      "line 1 has no 'directory'"
+  return (
+      lambda: downstream.load_nlvr2(p, str(d)),
+      "train.json",
+      "line 1 has no 'directory'",
+  )
 
 
 def _karpathy_no_sentences(d):
   sentences = [{"raw": "a cat", "tokens": ["a", "cat"]}]
-  p = _write(d / "dataset_coco.json", {"dataset": "coco", "images": [
-      {"filepath": "val2014", "filename": "a.jpg", "split": "test",
-       "sentences": sentences, "cocoid": 1},
-      {"filepath": "val2014", "filename": "b.jpg", "split": "test", "cocoid": 2}]})
-  return lambda: downstream.load_karpathy(p, str(d), "test"), "dataset_coco.json", \
-      "images[1] has no 'sentences'"
+  p = _write(
+      d / "dataset_coco.json",
+      {
+          "dataset": "coco",
+          "images": [
+              {
+                  "filepath": "val2014",
+                  "filename": "a.jpg",
+                  "split": "test",
+                  "sentences": sentences,
+                  "cocoid": 1,
+              },
+              {
+                  "filepath": "val2014",
+                  "filename": "b.jpg",
+                  "split": "test",
+                  "cocoid": 2,
+              },
+          ],
+      },
+  )
+  return (
+      lambda: downstream.load_karpathy(p, str(d), "test"),
+      "dataset_coco.json",
+      "images[1] has no 'sentences'",
+  )
 
 
 def _missing_file(d):
@@ -482,24 +729,44 @@ def _missing_questions_file(d):
 
 
 def _missing_image(d):
-  images = [downstream.RetrievalImage("1", str(d / "1.jpg"), ("a",)),
-            downstream.RetrievalImage("2", str(d / "2.jpg"), ("b",))]
+  images = [
+      downstream.RetrievalImage("1", str(d / "1.jpg"), ("a",)),
+      downstream.RetrievalImage("2", str(d / "2.jpg"), ("b",)),
+  ]
   _write(d / "1.jpg", "x")
-  return lambda: downstream.check_images(images), str(d / "2.jpg"), \
-      "no such image (needed by image_id 2; 1 of 2 images missing)"
+  return (
+      lambda: downstream.check_images(images),
+      str(d / "2.jpg"),
+      "no such image (needed by image_id 2; 1 of 2 images missing)",
+  )
 
 
 def _not_json(d):
   p = _write(d / "dataset_flickr30k.json", '{"images": [\n')
-  return lambda: downstream.load_karpathy(p, str(d), "val"), \
-      "dataset_flickr30k.json", "not valid JSON"
+  return (
+      lambda: downstream.load_karpathy(p, str(d), "val"),
+      "dataset_flickr30k.json",
+      "not valid JSON",
+  )
 
 
-@pytest.mark.parametrize("case", [
-    _no_question_id, _other_image_id, _no_annotation, _bad_json_line_3,
-    _label_maybe, _train_without_directory, _karpathy_no_sentences,
-    _missing_file, _missing_questions_file, _missing_image, _not_json,
-], ids=lambda f: f.__name__.strip("_"))
+@pytest.mark.parametrize(
+    "case",
+    [
+        _no_question_id,
+        _other_image_id,
+        _no_annotation,
+        _bad_json_line_3,
+        _label_maybe,
+        _train_without_directory,
+        _karpathy_no_sentences,
+        _missing_file,
+        _missing_questions_file,
+        _missing_image,
+        _not_json,
+    ],
+    ids=lambda f: f.__name__.strip("_"),
+)
 def test_malformed_inputs_raise_one_line_errors(tmp_path, case):
   load, file_name, what = case(tmp_path)
   with pytest.raises(DataError) as info:
@@ -518,20 +785,25 @@ def test_evaluation_images_are_decoded_at_full_size():
   skimage_data = pytest.importorskip("skimage.data")
   from eve_jax.data import finetune_data, transforms
   from eve_jax.data.transforms import normalize_image
-  path = os.path.join(os.path.dirname(skimage_data.__file__),
-                      "hubble_deep_field.jpg")
+
+  path = os.path.join(
+      os.path.dirname(skimage_data.__file__), "hubble_deep_field.jpg"
+  )
   for size in (64, 224):
     got = finetune_data.read_image(path, size)
     with Image.open(path) as img:
-      plain = np.asarray(img.convert("RGB").resize(
-          (size, size), Image.Resampling.BICUBIC), np.uint8)
+      plain = np.asarray(
+          img.convert("RGB").resize((size, size), Image.Resampling.BICUBIC),
+          np.uint8,
+      )
     np.testing.assert_array_equal(got, normalize_image(plain))
   # The draft the training path takes is a different picture.
   with open(path, "rb") as f:
     data = f.read()
   with Image.open(path) as img:
     img.draft("RGB", (64, 64))
-    drafted = np.asarray(img.convert("RGB").resize(
-        (64, 64), Image.Resampling.BICUBIC), np.uint8)
+    drafted = np.asarray(
+        img.convert("RGB").resize((64, 64), Image.Resampling.BICUBIC), np.uint8
+    )
   full = transforms.decode(data, 64, None)
   assert np.abs(drafted.astype(int) - full.astype(int)).max() > 8

@@ -70,6 +70,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def _free_port() -> int:
   import socket  # pylint: disable=g-import-not-at-top
+
   with socket.socket() as s:
     s.bind(("127.0.0.1", 0))
     return s.getsockname()[1]
@@ -83,25 +84,48 @@ def _start(workdir, out_prefix, *, steps=40, env_extra=None, drivers=None):
   flags)."""
   import subprocess  # pylint: disable=g-import-not-at-top
   import sys  # pylint: disable=g-import-not-at-top
-  env = dict(os.environ, JAX_PLATFORMS="cpu",
-             XLA_FLAGS="--xla_force_host_platform_device_count=2",
-             **(env_extra or {}))
+
+  env = dict(
+      os.environ,
+      JAX_PLATFORMS="cpu",
+      XLA_FLAGS="--xla_force_host_platform_device_count=2",
+      **(env_extra or {}),
+  )
   port = _free_port()
-  args = ["--config=configs/base.py:tiny", f"--workdir={workdir}",
-          "--config.mesh.data=2", "--config.mesh.expert=2",
-          "--config.data.num_tokenizer_captions=500",
-          f"--config.train.steps={steps}", "--config.train.batch_size=8",
-          "--config.train.log_every=1", "--config.train.eval_every=0",
-          "--config.train.checkpoint_every=10",
-          "--config.train.eval_examples=8", "--config.train.eval_batch_size=8",
-          "--config.train.step_timeout_s=20", "--heartbeat_timeout_s=5",
-          f"--coordinator=127.0.0.1:{port}", "--num_processes=2"]
+  args = [
+      "--config=configs/base.py:tiny",
+      f"--workdir={workdir}",
+      "--config.mesh.data=2",
+      "--config.mesh.expert=2",
+      "--config.data.num_tokenizer_captions=500",
+      f"--config.train.steps={steps}",
+      "--config.train.batch_size=8",
+      "--config.train.log_every=1",
+      "--config.train.eval_every=0",
+      "--config.train.checkpoint_every=10",
+      "--config.train.eval_examples=8",
+      "--config.train.eval_batch_size=8",
+      "--config.train.step_timeout_s=20",
+      "--heartbeat_timeout_s=5",
+      f"--coordinator=127.0.0.1:{port}",
+      "--num_processes=2",
+  ]
   drivers = drivers or {}
-  return [subprocess.Popen(
-      [sys.executable, *drivers.get(i, ["-m", "eve_jax.main"]), *args,
-       f"--process_id={i}"], cwd=REPO, env=env,
-      stdout=open(f"{out_prefix}{i}.log", "w"), stderr=subprocess.STDOUT)
-          for i in range(2)]
+  return [
+      subprocess.Popen(
+          [
+              sys.executable,
+              *drivers.get(i, ["-m", "eve_jax.main"]),
+              *args,
+              f"--process_id={i}",
+          ],
+          cwd=REPO,
+          env=env,
+          stdout=open(f"{out_prefix}{i}.log", "w"),
+          stderr=subprocess.STDOUT,
+      )
+      for i in range(2)
+  ]
 
 
 def _wait_all(procs, timeout):
@@ -121,8 +145,11 @@ def _wait_all(procs, timeout):
 def _wait_for_rows(workdir, rows, timeout=300):
   """Until DIR/metrics.jsonl has `rows` lines (steps logged) or timeout."""
   metrics = workdir / "metrics.jsonl"
-  _wait(lambda: metrics.exists()
-        and len(metrics.read_text().splitlines()) >= rows, timeout)
+  _wait(
+      lambda: metrics.exists()
+      and len(metrics.read_text().splitlines()) >= rows,
+      timeout,
+  )
 
 
 @pytest.mark.slow  # ~1.5 min: two processes start, train, one hangs
@@ -132,9 +159,11 @@ def test_a_hung_process_trips_the_watchdog_on_both(tmp_path):
   stacks files, one line each naming step 11 and the checkpoint (10) a
   restart resumes from, exit status 75; nothing hangs."""
   from eve_jax import loop  # pylint: disable=g-import-not-at-top
+
   workdir = tmp_path / "w"
-  procs = _start(workdir, str(tmp_path / "out"),
-                 env_extra={loop.HANG_ENV: "1:12"})
+  procs = _start(
+      workdir, str(tmp_path / "out"), env_extra={loop.HANG_ENV: "1:12"}
+  )
   codes = _wait_all(procs, 400)
   assert codes == [wd.EXIT_HUNG, wd.EXIT_HUNG], codes
   for i in range(2):
@@ -154,6 +183,7 @@ def test_a_killed_process_ends_the_other_within_the_heartbeat(tmp_path):
   notices first; no hang. The checkpoints left are committed ones."""
   import random  # pylint: disable=g-import-not-at-top
   import signal  # pylint: disable=g-import-not-at-top
+
   workdir = tmp_path / "w"
   procs = _start(workdir, str(tmp_path / "out"))
   kill_at = random.Random().randint(12, 25)
@@ -165,23 +195,28 @@ def test_a_killed_process_ends_the_other_within_the_heartbeat(tmp_path):
   assert codes is not None and codes[0] != 0, codes
   assert took < 5 + 10, took
   log = (tmp_path / "out0.log").read_text()
-  assert ("a peer process is most likely lost" in log
-          or "another task died" in log), log[-2000:]
+  assert (
+      "a peer process is most likely lost" in log or "another task died" in log
+  ), log[-2000:]
   assert wd.committed_steps(str(workdir))[-1] >= 10
-  print(f"\nkilled at step ~{kill_at}: process 0 exited {codes[0]} "
-        f"{took:.1f} s later")
+  print(
+      f"\nkilled at step ~{kill_at}: process 0 exited {codes[0]} "
+      f"{took:.1f} s later"
+  )
 
 
 def _losses(workdir):
   """[(step, loss)] of every row of metrics.jsonl, repeated steps included."""
   import json  # pylint: disable=g-import-not-at-top
+
   with open(os.path.join(workdir, "metrics.jsonl")) as f:
     return [(r["step"], r["loss"]) for r in map(json.loads, f)]
 
 
 @pytest.mark.slow  # ~4 min: three two-process runs
 def test_killed_in_a_checkpoint_write_then_restarted_is_the_run_that_never_died(
-    tmp_path):
+    tmp_path,
+):
   """Process 1 SIGKILLs itself right after its step-20 checkpoint write has
   started (tests/crash_driver.py): process 0 ends non-zero within the
   heartbeat bound, step 20 is never committed (orbax commits a step only
@@ -192,18 +227,26 @@ def test_killed_in_a_checkpoint_write_then_restarted_is_the_run_that_never_died(
   import numpy as np  # pylint: disable=g-import-not-at-top
   from eve_jax import pretrained  # pylint: disable=g-import-not-at-top
   # One compilation per program for all six processes.
-  cache = dict(JAX_COMPILATION_CACHE_DIR=str(tmp_path / "jax_cache"),
-               JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
-               JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
+  cache = dict(
+      JAX_COMPILATION_CACHE_DIR=str(tmp_path / "jax_cache"),
+      JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+      JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0",
+  )
   ref, work = tmp_path / "ref", tmp_path / "w"
-  codes = _wait_all(_start(ref, str(tmp_path / "ref"), steps=30,
-                           env_extra=cache), 400)
+  codes = _wait_all(
+      _start(ref, str(tmp_path / "ref"), steps=30, env_extra=cache), 400
+  )
   assert codes == [0, 0], (tmp_path / "ref0.log").read_text()[-2000:]
   reference = dict(_losses(ref))
   assert sorted(reference) == list(range(1, 31))
 
-  procs = _start(work, str(tmp_path / "kill"), steps=30, env_extra=cache,
-                 drivers={1: ["tests/crash_driver.py", "20"]})
+  procs = _start(
+      work,
+      str(tmp_path / "kill"),
+      steps=30,
+      env_extra=cache,
+      drivers={1: ["tests/crash_driver.py", "20"]},
+  )
   t0 = time.monotonic()
   while procs[1].poll() is None and time.monotonic() - t0 < 400:
     time.sleep(0.05)
@@ -212,13 +255,15 @@ def test_killed_in_a_checkpoint_write_then_restarted_is_the_run_that_never_died(
   took = time.monotonic() - killed
   assert codes is not None and codes[1] == -9 and codes[0] != 0, codes
   assert took < 5 + 10, took
-  assert wd.committed_steps(str(work)) == [10], os.listdir(
-      work / "checkpoints")
-  print(f"\nprocess 1 killed in its step-20 write: process 0 exited "
-        f"{codes[0]} {took:.1f} s later")
+  assert wd.committed_steps(str(work)) == [10], os.listdir(work / "checkpoints")
+  print(
+      f"\nprocess 1 killed in its step-20 write: process 0 exited "
+      f"{codes[0]} {took:.1f} s later"
+  )
 
-  codes = _wait_all(_start(work, str(tmp_path / "restart"), steps=30,
-                           env_extra=cache), 400)
+  codes = _wait_all(
+      _start(work, str(tmp_path / "restart"), steps=30, env_extra=cache), 400
+  )
   assert codes == [0, 0], (tmp_path / "restart0.log").read_text()[-2000:]
   rows = _losses(work)
   assert {s for s, _ in rows} == set(range(1, 31))
@@ -241,6 +286,7 @@ def test_sigterm_to_one_process_stops_both_at_one_checkpoint(tmp_path):
   same step and exit 0."""
   import random  # pylint: disable=g-import-not-at-top
   import signal  # pylint: disable=g-import-not-at-top
+
   workdir = tmp_path / "w"
   procs = _start(workdir, str(tmp_path / "out"), steps=200)
   signal_at = random.Random().randint(12, 25)
@@ -253,5 +299,7 @@ def test_sigterm_to_one_process_stops_both_at_one_checkpoint(tmp_path):
   assert wd.committed_steps(str(workdir))[-1] == last
   assert "received SIGTERM" in (tmp_path / "out1.log").read_text()
   assert f"stopped at step {last}" in (tmp_path / "out0.log").read_text()
-  print(f"\nSIGTERM to process 1 after step ~{signal_at}: both saved step "
-        f"{last} and exited 0")
+  print(
+      f"\nSIGTERM to process 1 after step ~{signal_at}: both saved step "
+      f"{last} and exited 0"
+  )

@@ -44,8 +44,9 @@ def test_position_interpolation_keeps_cls_and_smooth_grids():
   np.testing.assert_allclose(new[..., 0], 2.0, atol=1e-6)
   ramp = new[0, :, 1]
   assert np.all(np.diff(ramp) > 0)
-  np.testing.assert_allclose(new[..., 1], np.broadcast_to(ramp, (8, 8)),
-                             atol=1e-6)  # the same along every row
+  np.testing.assert_allclose(
+      new[..., 1], np.broadcast_to(ramp, (8, 8)), atol=1e-6
+  )  # the same along every row
   with pytest.raises(pretrained.InitError, match="square grid"):
     pretrained.interpolate_positions(pos[:9], 64)  # 8 rows: no square
 
@@ -60,12 +61,16 @@ def test_match_loads_the_backbone_and_reports_the_rest():
   image positions interpolated for another resolution), the VQA head new,
   the MLM head and MIM decoder dropped; scanned <-> unrolled converted."""
   src_cfg = _cfg(scan_layers=True, num_soft_layers=1, depth=3)
-  source = nnx.to_pure_dict(nnx.state(
-      EVEPretrainModel(src_cfg, rngs=nnx.Rngs(0)), nnx.Param))
+  source = nnx.to_pure_dict(
+      nnx.state(EVEPretrainModel(src_cfg, rngs=nnx.Rngs(0)), nnx.Param)
+  )
   tgt_cfg = _cfg(image_size=96, depth=3)
-  target = nnx.to_pure_dict(nnx.state(
-      nnx.eval_shape(lambda: VQAModel(tgt_cfg, 7, rngs=nnx.Rngs(1))),
-      nnx.Param))
+  target = nnx.to_pure_dict(
+      nnx.state(
+          nnx.eval_shape(lambda: VQAModel(tgt_cfg, 7, rngs=nnx.Rngs(1))),
+          nnx.Param,
+      )
+  )
   src_model = dataclasses.asdict(src_cfg)
   loaded, report = pretrained.match(target, source, src_model, tgt_cfg)
   unscanned = eve.unscan_layout(source["backbone"], src_cfg)
@@ -80,19 +85,29 @@ def test_match_loads_the_backbone_and_reports_the_rest():
     else:
       np.testing.assert_array_equal(value, want)
   assert [p for p, _ in report["interpolated"]] == [
-      "backbone/image_embed/pos_embed"]
+      "backbone/image_embed/pos_embed"
+  ]
   assert {p.split("/")[0] for p, _ in report["new"]} == {"vqa_head"}
-  assert {p.split("/")[0] for p, _ in report["dropped"]} == {"mlm_head",
-                                                            "mim_decoder"}
+  assert {p.split("/")[0] for p, _ in report["dropped"]} == {
+      "mlm_head",
+      "mim_decoder",
+  }
   n_backbone = len(jax.tree.leaves(target["backbone"]))
   assert len(report["loaded"]) + len(report["interpolated"]) == n_backbone
   # Another width: one line naming the parameter and both shapes.
-  wide = nnx.to_pure_dict(nnx.state(nnx.eval_shape(
-      lambda: VQAModel(_cfg(width=64, heads=2), 7, rngs=nnx.Rngs(1))),
-      nnx.Param))
-  with pytest.raises(pretrained.InitError,
-                     match=r"parameter backbone/\S+ is \[.*\] in the "
-                           r"checkpoint but \[.*\] in this model"):
+  wide = nnx.to_pure_dict(
+      nnx.state(
+          nnx.eval_shape(
+              lambda: VQAModel(_cfg(width=64, heads=2), 7, rngs=nnx.Rngs(1))
+          ),
+          nnx.Param,
+      )
+  )
+  with pytest.raises(
+      pretrained.InitError,
+      match=r"parameter backbone/\S+ is \[.*\] in the "
+      r"checkpoint but \[.*\] in this model",
+  ):
     pretrained.match(wide, source, src_model, _cfg(width=64, heads=2))
 
 
@@ -102,8 +117,10 @@ def test_heads_learn_at_head_lr_mult_times_the_backbone_rate():
   c = config_lib.from_file("vqa", "tiny").optim
   c.update(dict(warmup_frac=0.0, weight_decay=0.0, head_lr_mult=10.0))
   tx, _ = optim.finetune_optimizer(c, total_steps=100)
-  params = {"backbone": {"kernel": jnp.ones((3,))},
-            "vqa_head": {"kernel": jnp.ones((3,))}}
+  params = {
+      "backbone": {"kernel": jnp.ones((3,))},
+      "vqa_head": {"kernel": jnp.ones((3,))},
+  }
   grads = jax.tree.map(lambda x: 0.5 * x, params)
   updates, _ = tx.update(grads, tx.init(params), params)
   b = np.asarray(updates["backbone"]["kernel"])
@@ -119,9 +136,17 @@ def _pretrain(workdir):
   c = config_lib.get_pretrain_config("tiny", default_variant="base")
   c.model.update(MICRO)
   c.data.num_tokenizer_captions = 500
-  c.train.update(dict(steps=3, batch_size=8, log_every=1, eval_every=0,
-                      checkpoint_every=3, eval_examples=8,
-                      eval_batch_size=8))
+  c.train.update(
+      dict(
+          steps=3,
+          batch_size=8,
+          log_every=1,
+          eval_every=0,
+          checkpoint_every=3,
+          eval_examples=8,
+          eval_batch_size=8,
+      )
+  )
   trainer.run(c, workdir)
 
 
@@ -136,6 +161,7 @@ def pretrained_dir(tmp_path_factory):
 def shapes_data(tmp_path_factory):
   """Small EVE-Shapes task files shared by the runs below."""
   from eve_jax.data import shapes_tasks  # pylint: disable=g-import-not-at-top
+
   root = str(tmp_path_factory.mktemp("shapes_tasks"))
   shapes_tasks.write_all(root, image_size=64, sizes=(96, 24, 24))
   return root
@@ -146,8 +172,18 @@ def _finetune_config(task, pretrained_dir, shapes_data, **train_kw):
   c.model.update(MICRO)
   c.init_from = pretrained_dir
   c.data.dir = os.path.join(shapes_data, task)
-  c.train.update(dict(dict(steps=4, batch_size=8, eval_batch_size=8,
-                           log_every=1, checkpoint_every=2), **train_kw))
+  c.train.update(
+      dict(
+          dict(
+              steps=4,
+              batch_size=8,
+              eval_batch_size=8,
+              log_every=1,
+              checkpoint_every=2,
+          ),
+          **train_kw,
+      )
+  )
   if task == "vqa":
     c.vqa.min_answer_count = 1
   if task == "retrieval":
@@ -160,15 +196,29 @@ def _rows(workdir):
     return [json.loads(line) for line in f]
 
 
-@pytest.mark.parametrize("task,keys", [
-    ("vqa", ["vqa_acc"]),
-    ("nlvr2", ["nlvr2_acc", "nlvr2_acc_test"]),
-    ("retrieval", ["tr_r1", "tr_r5", "tr_r10", "ir_r1", "ir_r5", "ir_r10",
-                   "r_mean", "itc_r_mean"]),
-])
-def test_each_task_fine_tunes_from_a_pretraining_run(task, keys,
-                                                     pretrained_dir,
-                                                     shapes_data, tmp_path):
+@pytest.mark.parametrize(
+    "task,keys",
+    [
+        ("vqa", ["vqa_acc"]),
+        ("nlvr2", ["nlvr2_acc", "nlvr2_acc_test"]),
+        (
+            "retrieval",
+            [
+                "tr_r1",
+                "tr_r5",
+                "tr_r10",
+                "ir_r1",
+                "ir_r5",
+                "ir_r10",
+                "r_mean",
+                "itc_r_mean",
+            ],
+        ),
+    ],
+)
+def test_each_task_fine_tunes_from_a_pretraining_run(
+    task, keys, pretrained_dir, shapes_data, tmp_path
+):
   """One step at learning rate 0 from the micro pretraining run: the
   backbone is bitwise the checkpoint's (loaded, not initialized), the
   report says what was loaded, and eval.json has the task's metrics."""
@@ -178,10 +228,13 @@ def test_each_task_fine_tunes_from_a_pretraining_run(task, keys,
   out = trainer.run(cfg, wd)
   with open(os.path.join(wd, "init_report.json")) as f:
     report = json.load(f)
-  assert report["loaded"] and not any(p.startswith("backbone")
-                                      for p, _ in report["new"])
-  assert {p.split("/")[0] for p, _ in report["dropped"]} == {"mlm_head",
-                                                            "mim_decoder"}
+  assert report["loaded"] and not any(
+      p.startswith("backbone") for p, _ in report["new"]
+  )
+  assert {p.split("/")[0] for p, _ in report["dropped"]} == {
+      "mlm_head",
+      "mim_decoder",
+  }
   source, _ = pretrained.load_params(pretrained_dir)
   got = nnx.to_pure_dict(out.state.params)["backbone"]
   for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(source["backbone"])):
@@ -215,14 +268,18 @@ def test_fine_tuning_resumes_bitwise(pretrained_dir, shapes_data, tmp_path):
 
 
 def test_loading_a_checkpoint_logs_no_orbax_metadata_warning(
-    pretrained_dir, caplog):
+    pretrained_dir, caplog
+):
   """orbax warned "Metadata file does not exist" on every init_from,
   predict and viz load (it looks in checkpoints/N/state for a file kept in
   checkpoints/N); the loader drops that one warning and nothing else."""
   with caplog.at_level("WARNING"):
     pretrained.load_params(pretrained_dir)
-  assert not [r for r in caplog.records
-              if "Metadata file does not exist" in r.getMessage()]
+  assert not [
+      r
+      for r in caplog.records
+      if "Metadata file does not exist" in r.getMessage()
+  ]
   with caplog.at_level("WARNING"), pretrained._quiet_step_metadata():
     logging.getLogger("absl").warning("another warning")
   assert "another warning" in caplog.text
@@ -232,15 +289,17 @@ def test_init_from_with_shell_quotes_says_how_to_start_from_scratch():
   """`--config.init_from="''"` keeps the quotes: the error says what to
   type instead of only that '' is not a workdir."""
   for value in ("''", '""'):
-    with pytest.raises(pretrained.InitError,
-                       match="--config.init_from= to train from scratch"):
+    with pytest.raises(
+        pretrained.InitError, match="--config.init_from= to train from scratch"
+    ):
       pretrained.read_config(value)
   with pytest.raises(pretrained.InitError, match="has no config.json"):
     pretrained.read_config("/nonexistent/run")
 
 
-def test_a_checkpoint_of_another_width_is_one_line(pretrained_dir,
-                                                   shapes_data, tmp_path):
+def test_a_checkpoint_of_another_width_is_one_line(
+    pretrained_dir, shapes_data, tmp_path
+):
   cfg = _finetune_config("vqa", pretrained_dir, shapes_data)
   cfg.model.update(dict(width=64, heads=2))
   with pytest.raises(pretrained.InitError, match="in the checkpoint but"):
@@ -258,13 +317,16 @@ def test_tiny_pretraining_transfers_to_every_task(tiny_workdir, tmp_path):
   clearly (measured: VQA 0.705 vs 0.428, retrieval r_mean 0.971 vs 0.315,
   NLVR2 dev 1.0 vs 0.51)."""
   pre = tiny_workdir
-  for task, key, margin in (("vqa", "vqa_acc", 0.15),
-                            ("nlvr2", "nlvr2_acc", 0.2),
-                            ("retrieval", "r_mean", 0.3)):
+  for task, key, margin in (
+      ("vqa", "vqa_acc", 0.15),
+      ("nlvr2", "nlvr2_acc", 0.2),
+      ("retrieval", "r_mean", 0.3),
+  ):
     got = {}
     for init in (pre, ""):
       c = config_lib.from_file(task, "tiny")
       c.init_from = init
-      got[init] = trainer.run(c, str(tmp_path / f"{task}_{bool(init)}")
-                               ).eval[key]
+      got[init] = trainer.run(c, str(tmp_path / f"{task}_{bool(init)}")).eval[
+          key
+      ]
     assert got[pre] >= got[""] + margin, (task, got)

@@ -18,37 +18,59 @@ SLURM = LAUNCH / "slurm_gpu.sbatch"
 NODE = LAUNCH / "gpu_node.sh"
 
 # Spaces, both quotes, a $, a glob, a backslash: all must reach main intact.
-NASTY = "--config.data.tokenizer=/tmp/a b/c'd \"e\" $HOME *\\x"
-MAIN_ARGS = ["--config=configs/base.py", "--workdir=/shared/eve base",
-             NASTY, "--config.mesh.expert=8"]
+NASTY = '--config.data.tokenizer=/tmp/a b/c\'d "e" $HOME *\\x'
+MAIN_ARGS = [
+    "--config=configs/base.py",
+    "--workdir=/shared/eve base",
+    NASTY,
+    "--config.mesh.expert=8",
+]
 
 
 def sh(script, *args, env=None):
   full_env = dict(os.environ)
   full_env.update(env or {})
-  return subprocess.run(["bash", str(script), *args], check=False,
-                        capture_output=True, text=True, env=full_env,
-                        timeout=30)
+  return subprocess.run(
+      ["bash", str(script), *args],
+      check=False,
+      capture_output=True,
+      text=True,
+      env=full_env,
+      timeout=30,
+  )
 
 
 def bash_words(line):
   """The words bash makes of `line` (no command is run)."""
   out = subprocess.run(
       ["bash", "-c", 'eval "w=($1)"; printf "%s\\0" "${w[@]}"', "_", line],
-      capture_output=True, text=True, check=True, timeout=10).stdout
+      capture_output=True,
+      text=True,
+      check=True,
+      timeout=10,
+  ).stdout
   return out.split("\0")[:-1]
 
 
 def tpu_dry_run(*opts):
-  r = sh(TPU, "--name", "eve-pod", "--zone", "us-central2-b", *opts,
-         "--dry-run", "--", *MAIN_ARGS)
+  r = sh(
+      TPU,
+      "--name",
+      "eve-pod",
+      "--zone",
+      "us-central2-b",
+      *opts,
+      "--dry-run",
+      "--",
+      *MAIN_ARGS,
+  )
   assert r.returncode == 0, r.stderr
   return [bash_words(line) for line in r.stdout.splitlines()]
 
 
 def ssh_command(argv):
   (cmd,) = [a for a in argv if a.startswith("--command=")]
-  return cmd[len("--command="):]
+  return cmd[len("--command=") :]
 
 
 def step(argv):
@@ -74,27 +96,50 @@ def step(argv):
 
 
 @pytest.mark.parametrize(
-    "script", sorted(p.name for p in LAUNCH.iterdir()
-                     if p.suffix in (".sh", ".sbatch")))
+    "script",
+    sorted(p.name for p in LAUNCH.iterdir() if p.suffix in (".sh", ".sbatch")),
+)
 def test_bash_syntax(script):
-  r = subprocess.run(["bash", "-n", str(LAUNCH / script)], check=False,
-                     capture_output=True, text=True, timeout=10)
+  r = subprocess.run(
+      ["bash", "-n", str(LAUNCH / script)],
+      check=False,
+      capture_output=True,
+      text=True,
+      timeout=10,
+  )
   assert r.returncode == 0, r.stderr
 
 
 def test_tpu_dry_run_creates_then_copies_installs_runs_fetches():
   cmds = tpu_dry_run("--accelerator", "v4-32", "--spot", "--project", "p1")
   assert [step(c) for c in cmds] == [
-      "preflight", "create", "archive", "scp", "install", "run", "mkdir",
-      "fetch"]
+      "preflight",
+      "create",
+      "archive",
+      "scp",
+      "install",
+      "run",
+      "mkdir",
+      "fetch",
+  ]
   # The run's own arguments, compiled for the slice before it is created.
-  assert cmds[0] == ["python3", "-m", "eve_jax.compile", "--topology=v4-32",
-                     *MAIN_ARGS]
+  assert cmds[0] == [
+      "python3",
+      "-m",
+      "eve_jax.compile",
+      "--topology=v4-32",
+      *MAIN_ARGS,
+  ]
   cmds = cmds[1:]
   create = cmds[0]
   assert create[5] == "eve-pod"
-  for flag in ("--zone=us-central2-b", "--accelerator-type=v4-32",
-               "--version=tpu-ubuntu2204-base", "--spot", "--project=p1"):
+  for flag in (
+      "--zone=us-central2-b",
+      "--accelerator-type=v4-32",
+      "--version=tpu-ubuntu2204-base",
+      "--spot",
+      "--project=p1",
+  ):
     assert flag in create
   for c in cmds:
     if c[0] == "gcloud":
@@ -110,8 +155,9 @@ def test_tpu_dry_run_creates_then_copies_installs_runs_fetches():
 
 
 def test_tpu_dry_run_v5p_runtime_and_logs_dir(tmp_path):
-  cmds = tpu_dry_run("--accelerator", "v5p-64", "--logs", str(tmp_path),
-                     "--no-preflight")
+  cmds = tpu_dry_run(
+      "--accelerator", "v5p-64", "--logs", str(tmp_path), "--no-preflight"
+  )
   assert "--version=v2-alpha-tpuv5" in cmds[0]
   assert "--spot" not in cmds[0]
   assert cmds[-1][-1] == f"--output-directory={tmp_path}"
@@ -120,7 +166,13 @@ def test_tpu_dry_run_v5p_runtime_and_logs_dir(tmp_path):
 def test_tpu_dry_run_without_accelerator_does_not_create():
   cmds = tpu_dry_run()
   assert [step(c) for c in cmds] == [
-      "archive", "scp", "install", "run", "mkdir", "fetch"]
+      "archive",
+      "scp",
+      "install",
+      "run",
+      "mkdir",
+      "fetch",
+  ]
 
 
 def test_tpu_run_command_passes_arguments_intact(tmp_path):
@@ -129,7 +181,7 @@ def test_tpu_run_command_passes_arguments_intact(tmp_path):
   # shlex, as a POSIX shell would split it: the args follow eve_jax.main.
   words = shlex.split(remote)
   i = words.index("eve_jax.main") + 1
-  assert words[i:i + len(MAIN_ARGS)] == MAIN_ARGS
+  assert words[i : i + len(MAIN_ARGS)] == MAIN_ARGS
   # And bash itself runs the exact remote command, with a fake venv python
   # in a fake home that records its argv and fails: the args arrive intact,
   # the log is written, and the failure is the command's exit status.
@@ -137,12 +189,19 @@ def test_tpu_run_command_passes_arguments_intact(tmp_path):
   (home / "eve_jax").mkdir(parents=True)
   py = home / "eve_jax_venv" / "bin" / "python"
   py.parent.mkdir(parents=True)
-  py.write_text('#!/usr/bin/env bash\nprintf "%s\\0" "$@" > "$HOME/argv"\n'
-                'echo training\nexit 7\n')
+  py.write_text(
+      '#!/usr/bin/env bash\nprintf "%s\\0" "$@" > "$HOME/argv"\n'
+      "echo training\nexit 7\n"
+  )
   py.chmod(0o755)
-  r = subprocess.run(["bash", "-c", remote], check=False,
-                     capture_output=True, text=True,
-                     env=dict(os.environ, HOME=str(home)), timeout=10)
+  r = subprocess.run(
+      ["bash", "-c", remote],
+      check=False,
+      capture_output=True,
+      text=True,
+      env=dict(os.environ, HOME=str(home)),
+      timeout=10,
+  )
   assert r.returncode == 7
   argv = (home / "argv").read_text().split("\0")[:-1]
   assert argv == ["-m", "eve_jax.main", *MAIN_ARGS]
@@ -151,8 +210,13 @@ def test_tpu_run_command_passes_arguments_intact(tmp_path):
 
 def test_tpu_install_command_is_valid_bash():
   (install,) = [c for c in tpu_dry_run() if step(c) == "install"]
-  r = subprocess.run(["bash", "-n", "-c", ssh_command(install)],
-                     check=False, capture_output=True, text=True, timeout=10)
+  r = subprocess.run(
+      ["bash", "-n", "-c", ssh_command(install)],
+      check=False,
+      capture_output=True,
+      text=True,
+      timeout=10,
+  )
   assert r.returncode == 0, r.stderr
 
 
@@ -165,9 +229,11 @@ def test_tpu_preflight_topology_option():
 def fake_python(tmp_path, status):
   """A `python3` that records its argv and exits with `status`."""
   py = tmp_path / "fake_python"
-  py.write_text('#!/usr/bin/env bash\n'
-                f'printf "%s\\0" "$@" > {shlex.quote(str(tmp_path / "py_argv"))}\n'
-                f"exit {status}\n")
+  py.write_text(
+      "#!/usr/bin/env bash\n"
+      f'printf "%s\\0" "$@" > {shlex.quote(str(tmp_path / "py_argv"))}\n'
+      f"exit {status}\n"
+  )
   py.chmod(0o755)
   return str(py)
 
@@ -180,10 +246,22 @@ def test_tpu_preflight_that_fails_stops_before_any_gcloud(tmp_path):
   gcloud = bin_dir / "gcloud"
   gcloud.write_text(f"#!/usr/bin/env bash\ntouch {tmp_path / 'called'}\n")
   gcloud.chmod(0o755)
-  r = sh(TPU, "--name", "eve-pod", "--zone", "z", "--accelerator", "v5p-64",
-         "--", *MAIN_ARGS,
-         env={"PATH": f"{bin_dir}:{os.environ['PATH']}",
-              "PYTHON": fake_python(tmp_path, 3), "TMPDIR": str(tmp_path)})
+  r = sh(
+      TPU,
+      "--name",
+      "eve-pod",
+      "--zone",
+      "z",
+      "--accelerator",
+      "v5p-64",
+      "--",
+      *MAIN_ARGS,
+      env={
+          "PATH": f"{bin_dir}:{os.environ['PATH']}",
+          "PYTHON": fake_python(tmp_path, 3),
+          "TMPDIR": str(tmp_path),
+      },
+  )
   assert r.returncode != 0
   assert "preflight" in r.stderr.strip().splitlines()[-1]
   assert not (tmp_path / "called").exists()
@@ -205,30 +283,70 @@ def test_tpu_fetches_logs_after_a_failed_run(tmp_path):
       'case "$*" in\n'
       "  *' describe '*) exit 1 ;;\n"
       "  *eve_jax.main*) exit 5 ;;\n"
-      "esac\n")
+      "esac\n"
+  )
   gcloud.chmod(0o755)
-  r = sh(TPU, "--name", "eve-pod", "--zone", "z", "--accelerator", "v4-32",
-         "--logs", str(tmp_path / "logs"), "--", *MAIN_ARGS,
-         env={"PATH": f"{bin_dir}:{os.environ['PATH']}",
-              "PYTHON": fake_python(tmp_path, 0), "TMPDIR": str(tmp_path)})
+  r = sh(
+      TPU,
+      "--name",
+      "eve-pod",
+      "--zone",
+      "z",
+      "--accelerator",
+      "v4-32",
+      "--logs",
+      str(tmp_path / "logs"),
+      "--",
+      *MAIN_ARGS,
+      env={
+          "PATH": f"{bin_dir}:{os.environ['PATH']}",
+          "PYTHON": fake_python(tmp_path, 0),
+          "TMPDIR": str(tmp_path),
+      },
+  )
   assert r.returncode == 5, r.stderr
   records = calls.read_text().split("\n\0")[:-1]
   argvs = [rec.split("\0")[:-1] for rec in records]
   assert [a[3] for a in argvs] == [
-      "describe", "create", "scp", "ssh", "ssh", "ssh"]
+      "describe",
+      "create",
+      "scp",
+      "ssh",
+      "ssh",
+      "ssh",
+  ]
   assert [step(["gcloud", *a]) for a in argvs[1:]] == [
-      "create", "scp", "install", "run", "fetch"]
+      "create",
+      "scp",
+      "install",
+      "run",
+      "fetch",
+  ]
   assert (tmp_path / "logs").is_dir()
   assert not (tmp_path / "eve_jax_eve-pod.tar.gz").exists()
 
 
-@pytest.mark.parametrize("args,message", [
-    (["--zone", "z", "--", "--workdir=x"], "--name is required"),
-    (["--name", "n", "--", "--workdir=x"], "--zone is required"),
-    (["--name", "n", "--zone", "z", "--bogus"], "unknown option '--bogus'"),
-    (["--name", "n", "--zone", "z", "--accelerator", "tpu9-8", "--", "a"],
-     "pass --version"),
-])
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["--zone", "z", "--", "--workdir=x"], "--name is required"),
+        (["--name", "n", "--", "--workdir=x"], "--zone is required"),
+        (["--name", "n", "--zone", "z", "--bogus"], "unknown option '--bogus'"),
+        (
+            [
+                "--name",
+                "n",
+                "--zone",
+                "z",
+                "--accelerator",
+                "tpu9-8",
+                "--",
+                "a",
+            ],
+            "pass --version",
+        ),
+    ],
+)
 def test_tpu_bad_options_exit_2_with_one_line(args, message):
   r = sh(TPU, "--dry-run", *args)
   assert r.returncode == 2
@@ -252,9 +370,16 @@ def test_slurm_dry_run(how):
 
 
 def test_slurm_dry_run_follows_the_allocation():
-  r = sh(SLURM, "--dry-run", "--workdir=w",
-         env={"SLURM_GPUS_PER_NODE": "h100:4", "SLURM_CPUS_PER_TASK": "16",
-              "PYTHON": "/venv/bin/python"})
+  r = sh(
+      SLURM,
+      "--dry-run",
+      "--workdir=w",
+      env={
+          "SLURM_GPUS_PER_NODE": "h100:4",
+          "SLURM_CPUS_PER_TASK": "16",
+          "PYTHON": "/venv/bin/python",
+      },
+  )
   argv = bash_words(r.stdout)
   assert argv[0] == "JAX_LOCAL_DEVICE_IDS=0,1,2,3"
   assert "--cpus-per-task=16" in argv
@@ -278,22 +403,29 @@ def test_gpu_node_dry_run_and_help():
 
 @pytest.mark.parametrize("script", [NODE, SLURM])
 def test_gpu_preflight_line_comes_first(script):
-  r = sh(script, "--dry-run", *MAIN_ARGS,
-         env={"EVE_JAX_PREFLIGHT": "h100x8x4"})
+  r = sh(script, "--dry-run", *MAIN_ARGS, env={"EVE_JAX_PREFLIGHT": "h100x8x4"})
   assert r.returncode == 0, r.stderr
   first, last = r.stdout.strip().splitlines()
-  assert bash_words(first) == ["python", "-m", "eve_jax.compile",
-                               "--topology=h100x8x4", *MAIN_ARGS]
+  assert bash_words(first) == [
+      "python",
+      "-m",
+      "eve_jax.compile",
+      "--topology=h100x8x4",
+      *MAIN_ARGS,
+  ]
   assert "eve_jax.main" in last
 
 
 def test_gpu_preflight_that_fails_stops_the_launch(tmp_path):
   py = tmp_path / "py"
-  py.write_text('#!/usr/bin/env bash\n'
-                '[[ "$2" == eve_jax.compile ]] && exit 3\n'
-                f"touch {tmp_path / 'trained'}\n")
+  py.write_text(
+      "#!/usr/bin/env bash\n"
+      '[[ "$2" == eve_jax.compile ]] && exit 3\n'
+      f"touch {tmp_path / 'trained'}\n"
+  )
   py.chmod(0o755)
-  r = sh(NODE, *MAIN_ARGS, env={"EVE_JAX_PREFLIGHT": "h100x8",
-                                "PYTHON": str(py)})
+  r = sh(
+      NODE, *MAIN_ARGS, env={"EVE_JAX_PREFLIGHT": "h100x8", "PYTHON": str(py)}
+  )
   assert r.returncode == 3 and "preflight" in r.stderr
   assert not (tmp_path / "trained").exists()

@@ -16,34 +16,37 @@ from eve_jax.tasks import vqa as vqa_task
 # ---------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("raw, expected", [
-    ("Two", "2"),                 # lowercase, then manualMap
-    ("two", "2"),
-    ("  ten  ", "10"),            # strip, manualMap
-    ("none", "0"),                # manualMap: none -> 0
-    ("eleven", "eleven"),         # manualMap stops at ten
-    ("a dog", "dog"),             # article dropped
-    ("An apple", "apple"),
-    ("isnt", "isn't"),            # contractions table
-    ("WHATS", "what's"),          # lowercased before the table lookup
-    ("don't", "don't"),           # "'" is not in the punctuation list
-    ("Yes.", "yes"),              # period not followed by a digit: deleted
-    ("yes!", "yes"),              # "!" with no space around -> " ", split
-    ("the red ball!", "red ball"),
-    ("1,000", "1000"),            # digit,digit -> every mark deleted
-    ("3.5", "3.5"),               # period followed by a digit: kept
-    ("5.", "5"),
-    (".5", ".5"),                 # the broken lookbehind: only lookahead
-    ("hot-dog", "hot dog"),       # "-" without spaces -> " "
-    ("left - right", "left right"),  # " -" present -> "-" deleted
-    ("1,000 hot-dog", "1000 hotdog"),  # digit comma anywhere: all deleted
-    ("x/y", "x y"),
-    ("red\tball\n", "red ball"),  # tabs / newlines -> spaces
-    ("Im", "im"),                 # table key "Im" never matches (lowered)
-    ("shes", "shes"),             # the official table has no "shes" key
-    ("she's", "she's"),
-    ("somebody'd", "somebodyd"),  # the official table's reversed entry
-])
+@pytest.mark.parametrize(
+    "raw, expected",
+    [
+        ("Two", "2"),  # lowercase, then manualMap
+        ("two", "2"),
+        ("  ten  ", "10"),  # strip, manualMap
+        ("none", "0"),  # manualMap: none -> 0
+        ("eleven", "eleven"),  # manualMap stops at ten
+        ("a dog", "dog"),  # article dropped
+        ("An apple", "apple"),
+        ("isnt", "isn't"),  # contractions table
+        ("WHATS", "what's"),  # lowercased before the table lookup
+        ("don't", "don't"),  # "'" is not in the punctuation list
+        ("Yes.", "yes"),  # period not followed by a digit: deleted
+        ("yes!", "yes"),  # "!" with no space around -> " ", split
+        ("the red ball!", "red ball"),
+        ("1,000", "1000"),  # digit,digit -> every mark deleted
+        ("3.5", "3.5"),  # period followed by a digit: kept
+        ("5.", "5"),
+        (".5", ".5"),  # the broken lookbehind: only lookahead
+        ("hot-dog", "hot dog"),  # "-" without spaces -> " "
+        ("left - right", "left right"),  # " -" present -> "-" deleted
+        ("1,000 hot-dog", "1000 hotdog"),  # digit comma anywhere: all deleted
+        ("x/y", "x y"),
+        ("red\tball\n", "red ball"),  # tabs / newlines -> spaces
+        ("Im", "im"),  # table key "Im" never matches (lowered)
+        ("shes", "shes"),  # the official table has no "shes" key
+        ("she's", "she's"),
+        ("somebody'd", "somebodyd"),  # the official table's reversed entry
+    ],
+)
 def test_normalize_answer(raw, expected):
   assert M.normalize_answer(raw) == expected
 
@@ -55,32 +58,80 @@ def test_punctuation_keeps_case_and_digit_article_lowercases():
 
 def test_common_contractions():
   expected = {
-      "aint": "ain't", "arent": "aren't", "cant": "can't",
-      "couldve": "could've", "couldnt": "couldn't", "didnt": "didn't",
-      "doesnt": "doesn't", "dont": "don't", "hadnt": "hadn't",
-      "hasnt": "hasn't", "havent": "haven't", "hed": "he'd", "hes": "he's",
-      "howd": "how'd", "howll": "how'll", "hows": "how's", "isnt": "isn't",
-      "itd": "it'd", "itll": "it'll", "let's": "let's", "maam": "ma'am",
-      "mightnt": "mightn't", "mightve": "might've", "mustnt": "mustn't",
-      "mustve": "must've", "neednt": "needn't", "notve": "not've",
-      "oclock": "o'clock", "oughtnt": "oughtn't", "shant": "shan't",
-      "shouldve": "should've", "shouldnt": "shouldn't",
-      "someoned": "someone'd", "somethingd": "something'd",
-      "thats": "that's", "thered": "there'd", "therere": "there're",
-      "theres": "there's", "theyd": "they'd", "theyll": "they'll",
-      "theyre": "they're", "theyve": "they've", "twas": "'twas",
-      "wasnt": "wasn't", "weve": "we've", "werent": "weren't",
-      "whatll": "what'll", "whatre": "what're", "whats": "what's",
-      "whatve": "what've", "whens": "when's", "whered": "where'd",
-      "wheres": "where's", "whereve": "where've", "whod": "who'd",
-      "wholl": "who'll", "whos": "who's", "whove": "who've",
-      "whyll": "why'll", "whyre": "why're", "whys": "why's",
-      "wont": "won't", "wouldve": "would've", "wouldnt": "wouldn't",
-      "yall": "y'all", "youd": "you'd", "youll": "you'll",
-      "youre": "you're", "youve": "you've",
+      "aint": "ain't",
+      "arent": "aren't",
+      "cant": "can't",
+      "couldve": "could've",
+      "couldnt": "couldn't",
+      "didnt": "didn't",
+      "doesnt": "doesn't",
+      "dont": "don't",
+      "hadnt": "hadn't",
+      "hasnt": "hasn't",
+      "havent": "haven't",
+      "hed": "he'd",
+      "hes": "he's",
+      "howd": "how'd",
+      "howll": "how'll",
+      "hows": "how's",
+      "isnt": "isn't",
+      "itd": "it'd",
+      "itll": "it'll",
+      "let's": "let's",
+      "maam": "ma'am",
+      "mightnt": "mightn't",
+      "mightve": "might've",
+      "mustnt": "mustn't",
+      "mustve": "must've",
+      "neednt": "needn't",
+      "notve": "not've",
+      "oclock": "o'clock",
+      "oughtnt": "oughtn't",
+      "shant": "shan't",
+      "shouldve": "should've",
+      "shouldnt": "shouldn't",
+      "someoned": "someone'd",
+      "somethingd": "something'd",
+      "thats": "that's",
+      "thered": "there'd",
+      "therere": "there're",
+      "theres": "there's",
+      "theyd": "they'd",
+      "theyll": "they'll",
+      "theyre": "they're",
+      "theyve": "they've",
+      "twas": "'twas",
+      "wasnt": "wasn't",
+      "weve": "we've",
+      "werent": "weren't",
+      "whatll": "what'll",
+      "whatre": "what're",
+      "whats": "what's",
+      "whatve": "what've",
+      "whens": "when's",
+      "whered": "where'd",
+      "wheres": "where's",
+      "whereve": "where've",
+      "whod": "who'd",
+      "wholl": "who'll",
+      "whos": "who's",
+      "whove": "who've",
+      "whyll": "why'll",
+      "whyre": "why're",
+      "whys": "why's",
+      "wont": "won't",
+      "wouldve": "would've",
+      "wouldnt": "wouldn't",
+      "yall": "y'all",
+      "youd": "you'd",
+      "youll": "you'll",
+      "youre": "you're",
+      "youve": "you've",
       # apostrophe-variant keys
-      "couldn'tve": "couldn't've", "couldnt've": "couldn't've",
-      "y'allll": "y'all'll", "'ows'at": "'ow's'at",
+      "couldn'tve": "couldn't've",
+      "couldnt've": "couldn't've",
+      "y'allll": "y'all'll",
+      "'ows'at": "'ow's'at",
   }
   for raw, want in expected.items():
     assert M.normalize_answer(raw) == want, raw
@@ -106,7 +157,8 @@ def test_vqa_accuracy_leave_one_out_table():
   assert M.vqa_accuracy("cat", _ten("cat", 0)) == 0.0
   # m = 1: 9 subsets keep it (1/3), 1 drops it (0): (9 * 1/3) / 10 = 0.3.
   assert M.vqa_accuracy("cat", _ten("cat", 1)) == pytest.approx(
-      (9 * (1 / 3) + 1 * 0) / 10, abs=1e-12)
+      (9 * (1 / 3) + 1 * 0) / 10, abs=1e-12
+  )
   assert M.vqa_accuracy("cat", _ten("cat", 1)) == pytest.approx(0.3)
   # m = 2: 8 subsets with 2 (2/3), 2 with 1 (1/3): (16/3 + 2/3)/10 = 0.6.
   assert M.vqa_accuracy("cat", _ten("cat", 2)) == pytest.approx(0.6)
@@ -132,9 +184,11 @@ def test_vqa_accuracy_2021_rule_hand_worked():
   # Only newlines, tabs and surrounding spaces go, on both sides.
   assert M.vqa_accuracy(" yes\n", ["yes\t"] * 10) == 1.0
   assert M.vqa_accuracy("Dog.", ["the dog"] * 2 + ["cat"] * 8) == (
-      pytest.approx(0.6))
+      pytest.approx(0.6)
+  )
   assert M.vqa_accuracy("hot dog", ["hot-dog"] * 3 + ["x"] * 7) == (
-      pytest.approx(0.9))
+      pytest.approx(0.9)
+  )
   assert M.vqa_accuracy("two", ["2"] * 10, rule="vqa2021") == 0.0
 
 
@@ -158,38 +212,49 @@ def test_vqa_accuracy_per_answer_type_hand_worked():
   and five "2" (they disagree, so both normalized) -> 1.0; other: 2 of 10
   annotators said "red" -> leave-one-out (2 x 1/3 + 8 x 2/3) / 10 = 0.6;
   an example without a type counts in none."""
-  examples = [_vqa_ex(["yes"] * 10, "yes/no"),
-              _vqa_ex(["yes"] * 10, "yes/no"),
-              _vqa_ex(["two"] * 5 + ["2"] * 5, "number"),
-              _vqa_ex(["red"] * 2 + ["blue"] * 8, "other"),
-              _vqa_ex(["blue"] * 10, None)]
+  examples = [
+      _vqa_ex(["yes"] * 10, "yes/no"),
+      _vqa_ex(["yes"] * 10, "yes/no"),
+      _vqa_ex(["two"] * 5 + ["2"] * 5, "number"),
+      _vqa_ex(["red"] * 2 + ["blue"] * 8, "other"),
+      _vqa_ex(["blue"] * 10, None),
+  ]
   got = vqa_task.accuracy_per_answer_type(
-      ["yes", "no", "2", "red", "blue"], examples)
+      ["yes", "no", "2", "red", "blue"], examples
+  )
   assert got.keys() == {"vqa_acc_yes_no", "vqa_acc_number", "vqa_acc_other"}
   np.testing.assert_allclose(
       [got["vqa_acc_yes_no"], got["vqa_acc_number"], got["vqa_acc_other"]],
-      [0.5, 1.0, 0.6])
+      [0.5, 1.0, 0.6],
+  )
   # The rule reaches the per-type numbers: "two" vs ten "2".
   examples = [_vqa_ex(["2"] * 10, "number")]
   assert vqa_task.accuracy_per_answer_type(["two"], examples) == {
-      "vqa_acc_number": 0.0}
+      "vqa_acc_number": 0.0
+  }
   assert vqa_task.accuracy_per_answer_type(
-      ["two"], examples, rule="vqa2016") == {"vqa_acc_number": 1.0}
+      ["two"], examples, rule="vqa2016"
+  ) == {"vqa_acc_number": 1.0}
 
 
 def test_vqa_answer_types_that_read_alike_keep_separate_keys():
-  """"yes/no" and "yes no" would both be "yes_no": each gets its own key
+  """ "yes/no" and "yes no" would both be "yes_no": each gets its own key
   (the characters escaped) instead of one merged accuracy."""
-  examples = [_vqa_ex(["yes"] * 10, "yes/no"), _vqa_ex(["no"] * 10, "yes no"),
-              _vqa_ex(["red"] * 10, "other")]
+  examples = [
+      _vqa_ex(["yes"] * 10, "yes/no"),
+      _vqa_ex(["no"] * 10, "yes no"),
+      _vqa_ex(["red"] * 10, "other"),
+  ]
   got = vqa_task.accuracy_per_answer_type(["yes", "yes", "red"], examples)
-  assert got == {"vqa_acc_yes_x2f_no": 1.0, "vqa_acc_yes_x20_no": 0.0,
-                 "vqa_acc_other": 1.0}
+  assert got == {
+      "vqa_acc_yes_x2f_no": 1.0,
+      "vqa_acc_yes_x20_no": 0.0,
+      "vqa_acc_other": 1.0,
+  }
 
 
 def _vqa_ex(answers, answer_type):
-  return downstream.VQAExample(0, 0, "x.jpg", "q", tuple(answers),
-                               answer_type)
+  return downstream.VQAExample(0, 0, "x.jpg", "q", tuple(answers), answer_type)
 
 
 def test_vqa_accuracy_other_n():
@@ -208,7 +273,8 @@ def test_mean_vqa_accuracy():
   gts = [["2"] * 10, _ten("cat", 1)]
   assert M.mean_vqa_accuracy(["two", "cat"], gts) == pytest.approx(0.15)
   assert M.mean_vqa_accuracy(["two", "cat"], gts, rule="vqa2016") == (
-      pytest.approx(0.65))
+      pytest.approx(0.65)
+  )
 
 
 # ---------------------------------------------------------------------------
@@ -218,7 +284,14 @@ def test_mean_vqa_accuracy():
 
 def test_soft_score_table():
   assert [M.soft_score(c) for c in (0, 1, 2, 3, 4, 7, 10)] == [
-      0.0, 0.3, 0.6, 0.9, 1.0, 1.0, 1.0]
+      0.0,
+      0.3,
+      0.6,
+      0.9,
+      1.0,
+      1.0,
+      1.0,
+  ]
   assert M.soft_score(3) == 0.9  # not 0.8999999999999999
 
 
@@ -226,43 +299,64 @@ def test_soft_scores_and_dense_vector():
   vocab_index = {"2": 0, "yes": 1, "no": 2, "red ball": 3, "blue": 4}
   # "2" x4 (after normalization) -> 1.0; "yes" x2 -> 0.6;
   # "red ball" x3 -> 0.9; "purple" x1 is not in the vocab -> dropped.
-  gts = ["Two", "2", "two", "2", "yes", "yes",
-         "the red ball!", "red ball", "Red ball", "purple"]
+  gts = [
+      "Two",
+      "2",
+      "two",
+      "2",
+      "yes",
+      "yes",
+      "the red ball!",
+      "red ball",
+      "Red ball",
+      "purple",
+  ]
   idx, scores = M.soft_scores(gts, vocab_index)
   assert idx.dtype == np.int32 and scores.dtype == np.float32
   np.testing.assert_array_equal(idx, [0, 1, 3])
-  np.testing.assert_array_equal(
-      scores, np.array([1.0, 0.6, 0.9], np.float32))
+  np.testing.assert_array_equal(scores, np.array([1.0, 0.6, 0.9], np.float32))
   dense = M.soft_target_vector(gts, vocab_index, 5)
   assert dense.dtype == np.float32 and dense.shape == (5,)
   np.testing.assert_array_equal(
-      dense, np.array([1.0, 0.6, 0.0, 0.9, 0.0], np.float32))
+      dense, np.array([1.0, 0.6, 0.0, 0.9, 0.0], np.float32)
+  )
   # "no" x7 -> 1.0, "blue" x1 -> 0.3, "green" x2 not in vocab.
-  idx, scores = M.soft_scores(["no"] * 7 + ["blue"] + ["green"] * 2,
-                              vocab_index)
+  idx, scores = M.soft_scores(
+      ["no"] * 7 + ["blue"] + ["green"] * 2, vocab_index
+  )
   np.testing.assert_array_equal(idx, [2, 4])
   np.testing.assert_array_equal(scores, np.array([1.0, 0.3], np.float32))
   # Nothing in the vocab: empty targets.
   idx, scores = M.soft_scores(["green"] * 10, vocab_index)
   assert idx.shape == (0,) and scores.shape == (0,)
   np.testing.assert_array_equal(
-      M.soft_target_vector(["green"], vocab_index, 5), np.zeros(5))
+      M.soft_target_vector(["green"], vocab_index, 5), np.zeros(5)
+  )
 
 
 def test_build_answer_vocab():
   questions = [
-      ["yes"] * 5 + ["two"] * 5,            # yes 5, 2 5
-      ["Yes"] * 5 + ["2"] * 4 + ["red"],    # yes 10, 2 9, red 1
-      ["no"] * 9 + ["red"],                 # no 9, red 2
-      ["red"] * 5 + ["the red", "blue"],    # red 8, blue 1
+      ["yes"] * 5 + ["two"] * 5,  # yes 5, 2 5
+      ["Yes"] * 5 + ["2"] * 4 + ["red"],  # yes 10, 2 9, red 1
+      ["no"] * 9 + ["red"],  # no 9, red 2
+      ["red"] * 5 + ["the red", "blue"],  # red 8, blue 1
   ]
   # yes 10, then the 9s alphabetically ("2" < "no"); red (8) is dropped.
   assert M.build_answer_vocab(questions) == ["yes", "2", "no"]
   assert M.build_answer_vocab(questions[::-1]) == ["yes", "2", "no"]
   assert M.build_answer_vocab(questions, min_count=8) == [
-      "yes", "2", "no", "red"]
+      "yes",
+      "2",
+      "no",
+      "red",
+  ]
   assert M.build_answer_vocab(questions, min_count=1) == [
-      "yes", "2", "no", "red", "blue"]
+      "yes",
+      "2",
+      "no",
+      "red",
+      "blue",
+  ]
   assert M.answer_index(["yes", "2"]) == {"yes": 0, "2": 1}
 
 
@@ -271,14 +365,17 @@ def test_build_answer_vocab():
 # ---------------------------------------------------------------------------
 
 # 3 images x 15 texts; texts 5i..5i+4 are image i's captions.
-_SIMS = np.array([
-    # own: t0-t4                 wrong
-    [5, 9, 4, 3, 2, 8, 0, 0, 0, 0, 0, 0, 0, 0, 0],
-    # wrong          own: t5-t9        wrong
-    [7, 0, 0, 0, 3, 7, 1, 1, 1, 1, 2, 0, 0, 0, 0],
-    # wrong                          own: t10-t14
-    [4, 4, 4, 4, 4, 4, 0, 0, 0, 0, 3, 3, 3, 3, 3],
-], np.float32)
+_SIMS = np.array(
+    [
+        # own: t0-t4                 wrong
+        [5, 9, 4, 3, 2, 8, 0, 0, 0, 0, 0, 0, 0, 0, 0],
+        # wrong          own: t5-t9        wrong
+        [7, 0, 0, 0, 3, 7, 1, 1, 1, 1, 2, 0, 0, 0, 0],
+        # wrong                          own: t10-t14
+        [4, 4, 4, 4, 4, 4, 0, 0, 0, 0, 3, 3, 3, 3, 3],
+    ],
+    np.float32,
+)
 _T2I = [0] * 5 + [1] * 5 + [2] * 5
 
 # Hand ranks (0-based = number of wrong items with score >= the correct):
@@ -295,11 +392,11 @@ _T2I = [0] * 5 + [1] * 5 + [2] * 5
 def test_retrieval_recall_hand_matrix():
   got = M.retrieval_recall(_SIMS, _T2I)
   want = {
-      "tr_r1": 1 / 3,      # image 0 only
-      "tr_r5": 2 / 3,      # images 0, 1
-      "tr_r10": 1.0,       # all (rank 6 < 10)
-      "ir_r1": 10 / 15,    # the ten rank-0 texts
-      "ir_r5": 1.0,        # only 3 images: every rank <= 2
+      "tr_r1": 1 / 3,  # image 0 only
+      "tr_r5": 2 / 3,  # images 0, 1
+      "tr_r10": 1.0,  # all (rank 6 < 10)
+      "ir_r1": 10 / 15,  # the ten rank-0 texts
+      "ir_r5": 1.0,  # only 3 images: every rank <= 2
       "ir_r10": 1.0,
       # (1/3 + 2/3 + 1 + 2/3 + 1 + 1) / 6 = (14/3) / 6
       "r_mean": 7 / 9,
@@ -311,8 +408,8 @@ def test_retrieval_recall_hand_matrix():
 
 def test_retrieval_recall_other_ks():
   got = M.retrieval_recall(_SIMS, _T2I, ks=(1, 2, 3))
-  assert got["tr_r2"] == pytest.approx(2 / 3)   # ranks 0, 1 < 2
-  assert got["tr_r3"] == pytest.approx(2 / 3)   # rank 6 still out
+  assert got["tr_r2"] == pytest.approx(2 / 3)  # ranks 0, 1 < 2
+  assert got["tr_r3"] == pytest.approx(2 / 3)  # rank 6 still out
   assert got["ir_r2"] == pytest.approx(14 / 15)  # t4 (rank 2) misses
   assert got["ir_r3"] == 1.0
 
@@ -331,8 +428,7 @@ def test_retrieval_ties_do_not_depend_on_order():
 
 def test_retrieval_tie_between_own_captions_is_a_hit():
   # Image 0's two captions tie at the top: either is right -> hit.
-  sims = np.array([[5, 5, 1],
-                   [0, 0, 9]], np.float32)
+  sims = np.array([[5, 5, 1], [0, 0, 9]], np.float32)
   got = M.retrieval_recall(sims, [0, 0, 1], ks=(1,))
   assert got == {"tr_r1": 1.0, "ir_r1": 1.0, "r_mean": 1.0}
 
@@ -347,8 +443,7 @@ def test_retrieval_validation():
 
 
 def test_rerank_topk():
-  itc = np.array([[0.1, 0.9, 0.5, 0.3],
-                  [0.8, 0.2, 0.7, 0.4]], np.float32)
+  itc = np.array([[0.1, 0.9, 0.5, 0.3], [0.8, 0.2, 0.7, 0.4]], np.float32)
   calls = []
 
   def score_fn(row, candidates):
@@ -358,8 +453,10 @@ def test_rerank_topk():
   got = M.rerank_topk(itc, 2, score_fn)
   # Row 0's top 2 by ITC: t1 (0.9), t2 (0.5); row 1's: t0 (0.8), t2 (0.7).
   assert calls == [(0, [1, 2]), (1, [0, 2])]
-  want = np.array([[-np.inf, 1.0, 2.0, -np.inf],
-                   [100.0, -np.inf, 102.0, -np.inf]], np.float32)
+  want = np.array(
+      [[-np.inf, 1.0, 2.0, -np.inf], [100.0, -np.inf, 102.0, -np.inf]],
+      np.float32,
+  )
   np.testing.assert_array_equal(got, want)
   assert got.dtype == np.float32
   # Transposed use (the other direction): columns become the queries.

@@ -28,15 +28,35 @@ def expected_counts(v: str, vocab: int) -> tuple[int, int, int]:
   common = 2 * d + attn + 2 * d  # norm1, attention, two layer scales
   hard_block = common + m * (2 * d + ffn)
   soft_block = common + 2 * d + d * e + m * d + e * ffn
-  backbone = (image + text + 2 * d + 2 * d + 2 * d  # type, pre/post LN
-              + hard * hard_block + soft * soft_block)
+  backbone = (
+      image
+      + text
+      + 2 * d
+      + 2 * d
+      + 2 * d  # type, pre/post LN
+      + hard * hard_block
+      + soft * soft_block
+  )
   per_token = backbone - hard * (m - 1) * (2 * d + ffn) - soft * (e - k) * ffn
   mlm = d * d + d + 2 * d + d * vocab + vocab
   dd, ld = t["decoder_width"], t["decoder_depth"]
-  dec_block = 2 * dd + 4 * dd * dd + 3 * dd + 2 * dd + (
-      dd * 4 * dd + 4 * dd + 4 * dd * dd + dd)
-  decoder = (d * dd + dd + dd + (1 + n) * dd + ld * dec_block + 2 * dd
-             + dd * p * p * 3 + p * p * 3)
+  dec_block = (
+      2 * dd
+      + 4 * dd * dd
+      + 3 * dd
+      + 2 * dd
+      + (dd * 4 * dd + 4 * dd + 4 * dd * dd + dd)
+  )
+  decoder = (
+      d * dd
+      + dd
+      + dd
+      + (1 + n) * dd
+      + ld * dec_block
+      + 2 * dd
+      + dd * p * p * 3
+      + p * p * 3
+  )
   return backbone + mlm + decoder, backbone, per_token
 
 
@@ -45,11 +65,13 @@ def test_parameter_counts_match_formula(variant):
   vocab = 30522
   cfg = ModelConfig.from_config({"variant": variant}, vocab_size=vocab)
   abstract = nnx.eval_shape(
-      lambda: EVEPretrainModel(cfg, rngs=nnx.Rngs(params=0)))
+      lambda: EVEPretrainModel(cfg, rngs=nnx.Rngs(params=0))
+  )
   counts = count_params(nnx.state(abstract, nnx.Param), cfg)
   total, backbone, per_token = expected_counts(variant, vocab)
-  assert counts == dict(total=total, backbone=backbone,
-                        backbone_per_token=per_token)
+  assert counts == dict(
+      total=total, backbone=backbone, backbone_per_token=per_token
+  )
   if variant == "base":
     # Scale check: ViT-B (86M) + a second FFN in 10 hard layers (47M)
     # + 31 extra experts in 2 soft layers (292M) + text embeddings (24M);
@@ -66,7 +88,11 @@ def test_variants_match_paper():
   assert [i for i in range(24) if large.soft_layer(i)] == [21, 22, 23]
   for c in (base, large):
     assert (c.num_experts, c.top_k, c.patch_size, c.image_size) == (
-        32, 2, 16, 224)
+        32,
+        2,
+        16,
+        224,
+    )
     assert (c.decoder_width, c.decoder_depth, c.decoder_heads) == (512, 8, 16)
 
 
@@ -80,8 +106,17 @@ def test_config_errors_name_the_key():
 
 
 def _tiny(**kw) -> ModelConfig:
-  kw = dict(dict(VARIANTS["tiny"], vocab_size=50, max_text_len=16,
-                 drop_path=0.0, image_size=32, patch_size=4), **kw)
+  kw = dict(
+      dict(
+          VARIANTS["tiny"],
+          vocab_size=50,
+          max_text_len=16,
+          drop_path=0.0,
+          image_size=32,
+          patch_size=4,
+      ),
+      **kw
+  )
   return ModelConfig(**kw)
 
 
@@ -106,8 +141,9 @@ def test_padding_content_does_not_change_other_tokens(capacity_factor):
   s1, st1 = _encode(model, images, jnp.asarray(text), jnp.asarray(valid))
   s2, st2 = _encode(model, images, jnp.asarray(other), jnp.asarray(valid))
   keep = np.concatenate([np.ones((b, 65), bool), valid], axis=1)
-  np.testing.assert_allclose(np.asarray(s1)[keep], np.asarray(s2)[keep],
-                             rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(
+      np.asarray(s1)[keep], np.asarray(s2)[keep], rtol=1e-5, atol=1e-5
+  )
   # Padding is never routed: routed = K * (image + valid text tokens).
   assert float(st1[0].routed) == 2 * (b * 65 + valid.sum())
   # And the check is not vacuous: a real token's change does change others.
@@ -128,8 +164,9 @@ def test_more_padding_does_not_change_outputs():
   text2 = np.concatenate([text, np.zeros((2, 8), int)], axis=1)
   valid2 = np.concatenate([valid, np.zeros((2, 8), bool)], axis=1)
   s2, _ = _encode(model, images, jnp.asarray(text2), jnp.asarray(valid2))
-  np.testing.assert_allclose(np.asarray(s1), np.asarray(s2)[:, :65 + 8],
-                             rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(
+      np.asarray(s1), np.asarray(s2)[:, : 65 + 8], rtol=1e-5, atol=1e-5
+  )
 
 
 def test_visible_subset_uses_modality_ids_not_positions():
@@ -148,17 +185,21 @@ def test_visible_subset_uses_modality_ids_not_positions():
   x = model.pre_norm(jnp.concatenate([img, model.embed_text(text)], 1))
   x = x + block.gamma_1[...] * block.attn(block.norm1(x), None)
   ffn = block.ffn
+
   def ffn_m(h, m):
     mu = h.mean(-1, keepdims=True)
     var = ((h - mu) ** 2).mean(-1, keepdims=True)
-    h = (h - mu) / jnp.sqrt(var + 1e-6) * ffn.norm_scale[...][m] + \
-        ffn.norm_bias[...][m]
+    h = (h - mu) / jnp.sqrt(var + 1e-6) * ffn.norm_scale[...][
+        m
+    ] + ffn.norm_bias[...][m]
     h = jax.nn.gelu(h @ ffn.wi[...][m] + ffn.bi[...][m], approximate=False)
     return h @ ffn.wo[...][m] + ffn.bo[...][m]
+
   want = jnp.concatenate([ffn_m(x[:, :17], 0), ffn_m(x[:, 17:], 1)], 1)
   want = model.norm(x + block.gamma_2[...] * want)
-  np.testing.assert_allclose(np.asarray(states), np.asarray(want),
-                             rtol=2e-4, atol=2e-4)
+  np.testing.assert_allclose(
+      np.asarray(states), np.asarray(want), rtol=2e-4, atol=2e-4
+  )
 
 
 def test_drop_path_only_with_rng():

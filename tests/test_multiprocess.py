@@ -16,8 +16,15 @@ from eve_jax.data.tokenizer import Tokenizer
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DRIVER = os.path.join(REPO, "tests", "multiprocess_driver.py")
 STEPS = 3
-OVERRIDES = dict(steps=STEPS, batch_size=8, log_every=1, eval_every=0,
-                 checkpoint_every=STEPS, eval_examples=8, eval_batch_size=8)
+OVERRIDES = dict(
+    steps=STEPS,
+    batch_size=8,
+    log_every=1,
+    eval_every=0,
+    checkpoint_every=STEPS,
+    eval_examples=8,
+    eval_batch_size=8,
+)
 
 
 def _free_port() -> int:
@@ -34,18 +41,33 @@ def test_two_processes_train_and_checkpoint_together(tmp_path):
   workdir, out = tmp_path / "w", tmp_path / "out"
   out.mkdir()
   port = _free_port()
-  env = dict(os.environ, JAX_PLATFORMS="cpu",
-             XLA_FLAGS="--xla_force_host_platform_device_count=2")
-  args = ["--config=configs/base.py:tiny", f"--workdir={workdir}",
-          "--config.mesh.data=2", "--config.mesh.expert=2",
-          "--config.data.num_tokenizer_captions=500",
-          *[f"--config.train.{k}={v}" for k, v in OVERRIDES.items()],
-          f"--coordinator=127.0.0.1:{port}", "--num_processes=2",
-          f"--out={out}"]
-  procs = [subprocess.Popen([sys.executable, DRIVER, *args,
-                             f"--process_id={i}"], cwd=REPO, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True) for i in range(2)]
+  env = dict(
+      os.environ,
+      JAX_PLATFORMS="cpu",
+      XLA_FLAGS="--xla_force_host_platform_device_count=2",
+  )
+  args = [
+      "--config=configs/base.py:tiny",
+      f"--workdir={workdir}",
+      "--config.mesh.data=2",
+      "--config.mesh.expert=2",
+      "--config.data.num_tokenizer_captions=500",
+      *[f"--config.train.{k}={v}" for k, v in OVERRIDES.items()],
+      f"--coordinator=127.0.0.1:{port}",
+      "--num_processes=2",
+      f"--out={out}",
+  ]
+  procs = [
+      subprocess.Popen(
+          [sys.executable, DRIVER, *args, f"--process_id={i}"],
+          cwd=REPO,
+          env=env,
+          stdout=subprocess.PIPE,
+          stderr=subprocess.STDOUT,
+          text=True,
+      )
+      for i in range(2)
+  ]
   logs = []
   for p in procs:
     try:
@@ -57,8 +79,10 @@ def test_two_processes_train_and_checkpoint_together(tmp_path):
 
   data = [json.loads((out / f"data_{i}.json").read_text()) for i in range(2)]
   assert [d["shard"] for d in data] == [[0, 2], [1, 2]]
-  assert all(d["rows"] == 4 and d["local_devices"] == 2 and d["devices"] == 4
-             for d in data)
+  assert all(
+      d["rows"] == 4 and d["local_devices"] == 2 and d["devices"] == 4
+      for d in data
+  )
   # Process i reads records i::2: the two halves of a batch never overlap.
   assert all(i % 2 == 0 for i in data[0]["indices"])
   assert all(i % 2 == 1 for i in data[1]["indices"])
@@ -74,15 +98,18 @@ def test_two_processes_train_and_checkpoint_together(tmp_path):
   mesh = sharding.make_mesh(c.mesh, devices=jax.devices()[:1])
   rules = sharding.parse_rules(c.axis_rules)
   with sharding.use(mesh, rules):
-    prog = train.build_program(c, Tokenizer(str(workdir / "tokenizer.model")),
-                               mesh, rules)
+    prog = train.build_program(
+        c, Tokenizer(str(workdir / "tokenizer.model")), mesh, rules
+    )
     ckpt = Checkpointer(str(workdir), every=STEPS, keep=1)
     assert ckpt.latest_step() == STEPS
     state, _ = ckpt.restore(STEPS, prog.abstract)
     ckpt.close()
   want = np.load(out / "params.npz")
-  got = {jax.tree_util.keystr(k): np.asarray(v) for k, v in
-         jax.tree_util.tree_leaves_with_path(state.params)}
+  got = {
+      jax.tree_util.keystr(k): np.asarray(v)
+      for k, v in jax.tree_util.tree_leaves_with_path(state.params)
+  }
   assert sorted(got) == sorted(want.files)
   for k in want.files:
     np.testing.assert_array_equal(got[k], want[k], err_msg=k)
@@ -93,6 +120,7 @@ def test_cluster_detection(monkeypatch):
   """SLURM is joined only inside an srun step of several tasks; a plain
   machine (this one, CI's) is not a cluster."""
   from eve_jax import main as eve_main
+
   for var in ("SLURM_NTASKS", "SLURM_STEP_ID", "TPU_WORKER_HOSTNAMES"):
     monkeypatch.delenv(var, raising=False)
   monkeypatch.setattr(eve_main.glob, "glob", lambda pattern: [])

@@ -18,8 +18,13 @@ import pytest
 
 from eve_jax import loop, run_config, trainer
 from eve_jax.data import sources
-from test_train import (REPO, _flatten, micro_config, read_jsonl,
-                        restore_params)
+from test_train import (
+    REPO,
+    _flatten,
+    micro_config,
+    read_jsonl,
+    restore_params,
+)
 
 
 def snapshot(workdir, skip=()):
@@ -48,9 +53,12 @@ class _Poisoned:
   def __next__(self):
     batch = next(self._inner)
     if self._bad(self._i):
-      batch = {k: np.full_like(v, np.nan) if np.issubdtype(v.dtype,
-                                                           np.floating)
-               else v for k, v in batch.items()}
+      batch = {
+          k: np.full_like(v, np.nan)
+          if np.issubdtype(v.dtype, np.floating)
+          else v
+          for k, v in batch.items()
+      }
     self._i += 1
     return batch
 
@@ -62,16 +70,23 @@ class _Poisoned:
 
 
 def test_nonfinite_steps_are_skipped_counted_and_stop_the_run(
-    tmp_path, monkeypatch):
+    tmp_path, monkeypatch
+):
   """Step 3 gets a NaN batch: skipped (parameters unchanged), counted,
   training goes on. From step 6 every batch is NaN: after
   max_bad_steps=2 the run stops with one line; every checkpoint is finite."""
   real = sources.make_train_data
-  monkeypatch.setattr(sources, "make_train_data", lambda *a, **k: _Poisoned(
-      iter(real(*a, **k)), lambda i: i == 2 or i >= 5))
+  monkeypatch.setattr(
+      sources,
+      "make_train_data",
+      lambda *a, **k: _Poisoned(
+          iter(real(*a, **k)), lambda i: i == 2 or i >= 5
+      ),
+  )
   wd = str(tmp_path / "w")
-  c = micro_config(steps=10, checkpoint_every=1, keep_checkpoints=20,
-                   max_bad_steps=2)
+  c = micro_config(
+      steps=10, checkpoint_every=1, keep_checkpoints=20, max_bad_steps=2
+  )
   with pytest.raises(loop.NonFiniteError) as err:
     trainer.run(c, wd)
   msg = str(err.value)
@@ -84,8 +99,9 @@ def test_nonfinite_steps_are_skipped_counted_and_stop_the_run(
   assert [r["skipped_steps"] for r in rows] == [0, 0, 1, 0, 0, 1, 1]
   assert rows[2]["loss"] == "nan"
   assert all(np.isfinite(r["loss"]) for r in rows[3:5])
-  steps = sorted(int(d) for d in os.listdir(os.path.join(wd, "checkpoints"))
-                 if d.isdigit())
+  steps = sorted(
+      int(d) for d in os.listdir(os.path.join(wd, "checkpoints")) if d.isdigit()
+  )
   assert steps == [1, 2, 3, 4, 5, 6]
   params = {s: dict(_flatten(restore_params(wd, s))) for s in steps}
   for s in steps:
@@ -93,6 +109,7 @@ def test_nonfinite_steps_are_skipped_counted_and_stop_the_run(
 
   def same(a, b):
     return all(np.array_equal(params[a][k], params[b][k]) for k in params[a])
+
   assert same(2, 3) and same(5, 6)  # the NaN steps changed nothing
   assert not same(3, 4) and not same(1, 2)  # the others did
 
@@ -115,9 +132,11 @@ def test_another_config_is_refused_and_nothing_is_touched(finished, tmp_path):
   wd, before = _copy(finished, tmp_path)
   c = micro_config(steps=3, checkpoint_every=1)
   c.optim.lr = 2e-3
-  with pytest.raises(run_config.ConfigChangeError,
-                     match=r"another config \(optim.lr: 0.001 -> 0.002\); "
-                     ".*allow_config_change=True") as err:
+  with pytest.raises(
+      run_config.ConfigChangeError,
+      match=r"another config \(optim.lr: 0.001 -> 0.002\); "
+      ".*allow_config_change=True",
+  ) as err:
     trainer.run(c, wd)
   assert "\n" not in str(err.value)
   assert snapshot(wd) == before
@@ -126,9 +145,12 @@ def test_another_config_is_refused_and_nothing_is_touched(finished, tmp_path):
   # mismatched parameter and both shapes, in one line; nothing touched.
   c = micro_config(steps=3, checkpoint_every=1, allow_config_change=True)
   c.model.update(dict(width=64, mlp_dim=256))
-  with pytest.raises(ValueError, match=r"does not match this model config: "
-                     r"params\.backbone\.\S+ is \[128, \d+(, \d+)*\] in the "
-                     r"checkpoint but \[64") as err:
+  with pytest.raises(
+      ValueError,
+      match=r"does not match this model config: "
+      r"params\.backbone\.\S+ is \[128, \d+(, \d+)*\] in the "
+      r"checkpoint but \[64",
+  ) as err:
     trainer.run(c, wd)
   assert "\n" not in str(err.value)
   assert snapshot(wd) == before
@@ -136,12 +158,14 @@ def test_another_config_is_refused_and_nothing_is_touched(finished, tmp_path):
   # An unreadable tokenizer: named; nothing else touched.
   with open(os.path.join(wd, "tokenizer.model"), "wb") as f:
     f.write(b"not a sentencepiece model")
-  with pytest.raises(ValueError, match="corrupt tokenizer model .*"
-                     "tokenizer.model") as err:
+  with pytest.raises(
+      ValueError, match="corrupt tokenizer model .*" "tokenizer.model"
+  ) as err:
     trainer.run(micro_config(steps=3, checkpoint_every=1), wd)
   assert "\n" not in str(err.value)
   assert snapshot(wd, skip=("tokenizer.model",)) == {
-      k: v for k, v in before.items() if k != "tokenizer.model"}
+      k: v for k, v in before.items() if k != "tokenizer.model"
+  }
 
 
 def test_an_allowed_config_change_keeps_the_old_config(finished, tmp_path):
@@ -162,68 +186,90 @@ def test_what_does_not_change_the_run_may_change(finished):
   new.data.num_threads = 1
   new.model.remat = True
   assert run_config.changes(old, run_config.as_dict(new)) == [
-      ("train.steps", 2, 5)]
+      ("train.steps", 2, 5)
+  ]
   new.seed = 3
   new.masking.image_mask_ratio = 0.5
-  assert [k for k, _, _ in run_config.changes(
-      old, run_config.as_dict(new))] == ["masking.image_mask_ratio", "seed",
-                                         "train.steps"]
+  assert [
+      k for k, _, _ in run_config.changes(old, run_config.as_dict(new))
+  ] == ["masking.image_mask_ratio", "seed", "train.steps"]
 
 
 # --- kill -9 ----------------------------------------------------------------
 
 _STEPS = 12
-_ARGS = ["--config=configs/base.py:tiny", "--config.model.depth=2",
-         "--config.model.decoder_depth=1", "--config.train.batch_size=8",
-         "--config.train.log_every=1", "--config.train.checkpoint_every=4",
-         "--config.train.keep_checkpoints=10", "--config.train.eval_every=0",
-         "--config.train.eval_examples=8", "--config.train.eval_batch_size=8",
-         "--config.train.viz=False",
-         "--config.data.num_tokenizer_captions=500",
-         f"--config.train.steps={_STEPS}"]
+_ARGS = [
+    "--config=configs/base.py:tiny",
+    "--config.model.depth=2",
+    "--config.model.decoder_depth=1",
+    "--config.train.batch_size=8",
+    "--config.train.log_every=1",
+    "--config.train.checkpoint_every=4",
+    "--config.train.keep_checkpoints=10",
+    "--config.train.eval_every=0",
+    "--config.train.eval_examples=8",
+    "--config.train.eval_batch_size=8",
+    "--config.train.viz=False",
+    "--config.data.num_tokenizer_captions=500",
+    f"--config.train.steps={_STEPS}",
+]
 
 
 def _checkpoints(wd):
   """The finished checkpoint steps (orbax writes into a temporary folder
   and renames it when done)."""
   d = os.path.join(wd, "checkpoints")
-  return sorted(int(n) for n in os.listdir(d) if n.isdigit()) if (
-      os.path.isdir(d)) else []
+  return (
+      sorted(int(n) for n in os.listdir(d) if n.isdigit())
+      if (os.path.isdir(d))
+      else []
+  )
 
 
 def test_kill_9_anywhere_then_resume_is_bitwise_the_run_that_never_died(
-    tmp_path):
+    tmp_path,
+):
   """The same command run straight to step 12, and killed with SIGKILL at a
   random step, then again in the middle of writing its step-8 checkpoint,
   then resumed to 12: the same losses at every logged step (repeated steps
   included) and bitwise the same final parameters."""
   env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
   # One compiled program for all four processes (and less compile time).
-  env.update(JAX_COMPILATION_CACHE_DIR=str(tmp_path / "jax_cache"),
-             JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
-             JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
+  env.update(
+      JAX_COMPILATION_CACHE_DIR=str(tmp_path / "jax_cache"),
+      JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+      JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0",
+  )
 
   def run(wd, *, driver=(), check=True):
-    cmd = [sys.executable, *(driver or ["-m", "eve_jax.main"]), *_ARGS,
-           f"--workdir={wd}"]
-    out = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True,
-                         text=True, timeout=600)
+    cmd = [
+        sys.executable,
+        *(driver or ["-m", "eve_jax.main"]),
+        *_ARGS,
+        f"--workdir={wd}",
+    ]
+    out = subprocess.run(
+        cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600
+    )
     if check:
       assert out.returncode == 0, out.stderr[-3000:]
     return out
 
   ref, wd = str(tmp_path / "ref"), str(tmp_path / "w")
   run(ref)
-  ref_loss = {r["step"]: r["loss"]
-              for r in read_jsonl(f"{ref}/metrics.jsonl")}
+  ref_loss = {r["step"]: r["loss"] for r in read_jsonl(f"{ref}/metrics.jsonl")}
   assert sorted(ref_loss) == list(range(1, _STEPS + 1))
 
   # 1. SIGKILL at a random step after the step-4 checkpoint.
   kill_at = random.Random().randint(5, 7)
   proc = subprocess.Popen(
       [sys.executable, "-m", "eve_jax.main", *_ARGS, f"--workdir={wd}"],
-      cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-      text=True)
+      cwd=REPO,
+      env=env,
+      stdout=subprocess.DEVNULL,
+      stderr=subprocess.PIPE,
+      text=True,
+  )
   metrics = os.path.join(wd, "metrics.jsonl")
   deadline = time.time() + 300
   while time.time() < deadline and proc.poll() is None:
@@ -259,10 +305,13 @@ def test_kill_9_anywhere_then_resume_is_bitwise_the_run_that_never_died(
 
 def test_a_half_written_metrics_row_is_dropped_on_resume(tmp_path):
   from eve_jax.writers import MetricWriter  # pylint: disable=g-import-not-at-top
+
   path = tmp_path / "metrics.jsonl"
   path.write_text('{"step": 1, "loss": 2.0}\n{"step": 2, "lo')
   writer = MetricWriter(str(tmp_path))
   writer.write(2, {"loss": 1.5})
   writer.close()
-  assert read_jsonl(str(path)) == [{"step": 1, "loss": 2.0},
-                                   {"step": 2, "loss": 1.5}]
+  assert read_jsonl(str(path)) == [
+      {"step": 1, "loss": 2.0},
+      {"step": 2, "loss": 1.5},
+  ]

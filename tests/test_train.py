@@ -20,9 +20,17 @@ def micro_config(**train_kw):
   c = config_lib.get_pretrain_config("tiny", default_variant="base")
   c.model.depth = 2
   c.model.decoder_depth = 1
-  c.train.update(dict(steps=6, batch_size=8, log_every=1, eval_every=0,
-                      checkpoint_every=3, eval_examples=12,
-                      eval_batch_size=8))
+  c.train.update(
+      dict(
+          steps=6,
+          batch_size=8,
+          log_every=1,
+          eval_every=0,
+          checkpoint_every=3,
+          eval_examples=12,
+          eval_batch_size=8,
+      )
+  )
   c.train.update(train_kw)
   c.data.num_tokenizer_captions = 500
   return c
@@ -42,18 +50,38 @@ def restore_params(workdir, step):
 def test_outputs_and_bitwise_resume(tmp_path):
   a, b = str(tmp_path / "a"), str(tmp_path / "b")
   ev = trainer.run(micro_config(), a).eval
-  for name in ("config.json", "metrics.jsonl", "eval.json", "tokenizer.model",
-               "checkpoints", "tensorboard"):
+  for name in (
+      "config.json",
+      "metrics.jsonl",
+      "eval.json",
+      "tokenizer.model",
+      "checkpoints",
+      "tensorboard",
+  ):
     assert os.path.exists(os.path.join(a, name)), name
   rows = read_jsonl(os.path.join(a, "metrics.jsonl"))
   assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6]
-  for key in ("loss", "mlm_loss", "mim_loss", "aux_loss", "mlm_acc", "lr",
-              "samples_per_s", "dropped_token_frac"):
+  for key in (
+      "loss",
+      "mlm_loss",
+      "mim_loss",
+      "aux_loss",
+      "mlm_acc",
+      "lr",
+      "samples_per_s",
+      "dropped_token_frac",
+  ):
     assert all(np.isfinite(r[key]) for r in rows), key
   with open(os.path.join(a, "eval.json")) as f:
     assert json.load(f) == dict(ev, step=6)
-  for key in ("mlm_acc", "mlm_acc_visual", "mlm_acc_visual_blank",
-              "mim_loss", "mim_loss_baseline", "dropped_token_frac"):
+  for key in (
+      "mlm_acc",
+      "mlm_acc_visual",
+      "mlm_acc_visual_blank",
+      "mim_loss",
+      "mim_loss_baseline",
+      "dropped_token_frac",
+  ):
     assert key in ev
 
   # Pretend run b was stopped right after its step-3 checkpoint.
@@ -89,9 +117,14 @@ def _flatten(tree, prefix=""):
 def _main(*args, cwd=REPO, timeout=600):
   """Runs the CLI as a user would: one CPU device, not the tests' 8 fake ones."""
   env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-  return subprocess.run([sys.executable, "-m", "eve_jax.main", *args],
-                        cwd=cwd, capture_output=True, text=True,
-                        timeout=timeout, env=env)
+  return subprocess.run(
+      [sys.executable, "-m", "eve_jax.main", *args],
+      cwd=cwd,
+      capture_output=True,
+      text=True,
+      timeout=timeout,
+      env=env,
+  )
 
 
 @pytest.mark.parametrize("config", ["configs/base.py", "configs/large.py"])
@@ -105,31 +138,45 @@ def test_real_corpora_configs_stop_with_one_line(tmp_path, config):
   assert "configs/base.py:tiny" in last
   assert "Traceback" not in out.stderr
   os.makedirs(tmp_path / "data")
-  out = _main(f"--config={config}", f"--workdir={tmp_path}/w",
-              f"--config.data.dir={tmp_path}/data")
+  out = _main(
+      f"--config={config}",
+      f"--workdir={tmp_path}/w",
+      f"--config.data.dir={tmp_path}/data",
+  )
   last = out.stderr.strip().splitlines()[-1]
   assert out.returncode == 1 and "Traceback" not in out.stderr
-  assert (f"no prepared corpus 'coco' at {tmp_path}/data/coco" in last
-          and "python -m eve_jax.data.prepare coco" in last), last
+  assert (
+      f"no prepared corpus 'coco' at {tmp_path}/data/coco" in last
+      and "python -m eve_jax.data.prepare coco" in last
+  ), last
   assert not os.path.exists(tmp_path / "w")
 
 
 def test_config_typo_is_one_line(tmp_path):
-  out = _main("--config=configs/base.py:tiny", f"--workdir={tmp_path}/w",
-              "--config.train.stpes=3")
+  out = _main(
+      "--config=configs/base.py:tiny",
+      f"--workdir={tmp_path}/w",
+      "--config.train.stpes=3",
+  )
   assert out.returncode != 0
   assert "stpes" in out.stderr.strip().splitlines()[-1]
   assert "Traceback" not in out.stderr
-  out = _main("--config=configs/base.py:tiny", f"--workdir={tmp_path}/w",
-              "--config.model.variant=huge")
+  out = _main(
+      "--config=configs/base.py:tiny",
+      f"--workdir={tmp_path}/w",
+      "--config.model.variant=huge",
+  )
   assert out.returncode == 1 and "huge" in out.stderr.strip().splitlines()[-1]
   # A value of the wrong type, a config file that is not there, a bad arg:
   # exactly one line each, naming what is wrong.
   for args, words in (
-      (["--config=configs/base.py:tiny", "--config.train.steps=abc"],
-       ("--config.train.steps=abc", "int")),
+      (
+          ["--config=configs/base.py:tiny", "--config.train.steps=abc"],
+          ("--config.train.steps=abc", "int"),
+      ),
       (["--config=configs/nope.py"], ("configs/nope.py", "No such file")),
-      (["--config=configs/base.py:tinyy"], ("unknown variant 'tinyy'",))):
+      (["--config=configs/base.py:tinyy"], ("unknown variant 'tinyy'",)),
+  ):
     out = _main(*args, f"--workdir={tmp_path}/w")
     assert out.returncode == 1, args
     assert out.stderr.startswith("eve_jax: error: "), out.stderr
@@ -140,12 +187,18 @@ def test_config_typo_is_one_line(tmp_path):
 
 @pytest.mark.slow  # ~30 s of training
 def test_config_runs_from_another_directory(tmp_path):
-  out = _main(f"--config={REPO}/configs/base.py:tiny",
-              f"--workdir={tmp_path}/w", "--config.train.steps=1",
-              "--config.train.batch_size=4", "--config.train.eval_examples=4",
-              "--config.train.eval_batch_size=4", "--config.model.depth=1",
-              "--config.model.num_soft_layers=1",
-              "--config.model.decoder_depth=1", cwd=str(tmp_path))
+  out = _main(
+      f"--config={REPO}/configs/base.py:tiny",
+      f"--workdir={tmp_path}/w",
+      "--config.train.steps=1",
+      "--config.train.batch_size=4",
+      "--config.train.eval_examples=4",
+      "--config.train.eval_batch_size=4",
+      "--config.model.depth=1",
+      "--config.model.num_soft_layers=1",
+      "--config.model.decoder_depth=1",
+      cwd=str(tmp_path),
+  )
   assert out.returncode == 0, out.stderr[-2000:]
   assert read_jsonl(f"{tmp_path}/w/metrics.jsonl")[-1]["step"] == 1
 
@@ -157,15 +210,20 @@ def test_base_variant_one_step(tmp_path):
   c = micro_config(steps=1, batch_size=2, eval_examples=2, eval_batch_size=2)
   c.model = config_lib.model_config("base", vocab_size=64, max_text_len=18)
   c.mesh.data = 1  # one device: batch 2 does not split 8 ways
-  trainer.run(c, str(tmp_path),
-            sharding.make_mesh(c.mesh, devices=jax.devices()[:1]))
+  trainer.run(
+      c, str(tmp_path), sharding.make_mesh(c.mesh, devices=jax.devices()[:1])
+  )
   run = read_jsonl(os.path.join(tmp_path, "run.jsonl"))[0]
   from test_model import expected_counts  # pylint: disable=g-import-not-at-top
   from eve_jax.data.tokenizer import Tokenizer  # pylint: disable=g-import-not-at-top
+
   vocab = Tokenizer(os.path.join(tmp_path, "tokenizer.model")).vocab_size
   total, backbone, per_token = expected_counts("base", vocab=vocab)
-  assert (run["params_total"], run["params_backbone"],
-          run["params_backbone_per_token"]) == (total, backbone, per_token)
+  assert (
+      run["params_total"],
+      run["params_backbone"],
+      run["params_backbone_per_token"],
+  ) == (total, backbone, per_token)
   row = read_jsonl(os.path.join(tmp_path, "metrics.jsonl"))[0]
   assert row["step"] == 1 and np.isfinite(row["loss"])
 
@@ -192,11 +250,15 @@ def test_tiny_text_length_fits_the_longest_caption(tmp_path):
   of an EVE-Shapes caption is ever truncated."""
   from eve_jax.data import shapes
   from eve_jax.data.tokenizer import shapes_tokenizer
+
   c = config_lib.get_pretrain_config("tiny", default_variant="base")
-  tok = shapes_tokenizer(str(tmp_path / "t.model"), vocab_size=64,
-                         num_captions=500)
-  longest = max((shapes.generate_caption(0, i) for i in range(500)),
-                key=lambda s: len(s.split()))
+  tok = shapes_tokenizer(
+      str(tmp_path / "t.model"), vocab_size=64, num_captions=500
+  )
+  longest = max(
+      (shapes.generate_caption(0, i) for i in range(500)),
+      key=lambda s: len(s.split()),
+  )
   assert len(longest.split()) == 16
   assert 1 + len(tok.encode(longest)) == c.model.max_text_len
 
@@ -206,18 +268,36 @@ def test_sigterm_saves_a_checkpoint_and_exits_0_then_resumes(tmp_path):
   checkpoint at that step, exit code 0; the same command resumes there."""
   import signal  # pylint: disable=g-import-not-at-top
   import time  # pylint: disable=g-import-not-at-top
+
   wd = str(tmp_path / "w")
-  args = ["--config=configs/base.py:tiny", f"--workdir={wd}",
-          "--config.model.depth=2", "--config.model.decoder_depth=1",
-          "--config.train.batch_size=8", "--config.train.log_every=1",
-          "--config.train.checkpoint_every=0", "--config.train.eval_every=0",
-          "--config.train.eval_examples=8", "--config.train.eval_batch_size=8",
-          "--config.data.num_tokenizer_captions=500"]
+  args = [
+      "--config=configs/base.py:tiny",
+      f"--workdir={wd}",
+      "--config.model.depth=2",
+      "--config.model.decoder_depth=1",
+      "--config.train.batch_size=8",
+      "--config.train.log_every=1",
+      "--config.train.checkpoint_every=0",
+      "--config.train.eval_every=0",
+      "--config.train.eval_examples=8",
+      "--config.train.eval_batch_size=8",
+      "--config.data.num_tokenizer_captions=500",
+  ]
   env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
   proc = subprocess.Popen(
-      [sys.executable, "-m", "eve_jax.main", *args,
-       "--config.train.steps=100000"], cwd=REPO, env=env,
-      stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+      [
+          sys.executable,
+          "-m",
+          "eve_jax.main",
+          *args,
+          "--config.train.steps=100000",
+      ],
+      cwd=REPO,
+      env=env,
+      stdout=subprocess.DEVNULL,
+      stderr=subprocess.PIPE,
+      text=True,
+  )
   metrics = os.path.join(wd, "metrics.jsonl")
   deadline = time.time() + 300
   while time.time() < deadline and proc.poll() is None:
@@ -232,10 +312,13 @@ def test_sigterm_saves_a_checkpoint_and_exits_0_then_resumes(tmp_path):
   stopped = rows[-1]["step"]
   assert 3 <= stopped < 100000
   assert "stopped at step" in err
-  assert sorted(int(d) for d in os.listdir(os.path.join(wd, "checkpoints"))
-                if d.isdigit()) == [stopped]
+  assert sorted(
+      int(d) for d in os.listdir(os.path.join(wd, "checkpoints")) if d.isdigit()
+  ) == [stopped]
   out = _main(*args, f"--config.train.steps={stopped + 2}")
   assert out.returncode == 0, out.stderr[-2000:]
   assert f"at step {stopped}" in out.stderr  # "resumed from ... at step N"
-  assert [r["step"] for r in read_jsonl(metrics)][-2:] == [stopped + 1,
-                                                           stopped + 2]
+  assert [r["step"] for r in read_jsonl(metrics)][-2:] == [
+      stopped + 1,
+      stopped + 2,
+  ]

@@ -41,9 +41,11 @@ def test_images_go_to_tensorboard(tmp_path):
   w.image(3, "recon", np.zeros((8, 8, 3), np.uint8))
   w.close()
   tb = os.path.join(tmp_path, "tensorboard")
-  data = b"".join(open(os.path.join(tb, f), "rb").read()
-                  for f in os.listdir(tb))
+  data = b"".join(
+      open(os.path.join(tb, f), "rb").read() for f in os.listdir(tb)
+  )
   assert b"recon" in data and b"\x89PNG" in data
   MetricWriter(str(tmp_path / "off"), enabled=False).image(
-      1, "x", np.zeros((2, 2, 3), np.uint8))
+      1, "x", np.zeros((2, 2, 3), np.uint8)
+  )
   assert not os.path.exists(tmp_path / "off")

@@ -57,6 +57,7 @@ class Built:
     flops_per_sample: analytic training FLOPs (eve_jax/flops.py).
     lower_s: seconds to trace and lower.
   """
+
   lowered: Any
   mesh: jax.sharding.Mesh
   model_cfg: ModelConfig
@@ -65,25 +66,35 @@ class Built:
   lower_s: float
 
 
-def lower_step(config: ml_collections.ConfigDict, devices,
-               *, vocab_size: int | None = None, num_answers: int = 3129
-               ) -> Built:
+def lower_step(
+    config: ml_collections.ConfigDict,
+    devices,
+    *,
+    vocab_size: int | None = None,
+    num_answers: int = 3129,
+) -> Built:
   """Lowers `config`'s training step for `devices` (a mesh from
   config.mesh over them). Raises ValueError (one line) for a mesh, batch
   or expert count that does not divide."""
   from eve_jax import trainer  # pylint: disable=g-import-not-at-top
+
   mesh = sharding.make_mesh(config.mesh, devices)
   rules = sharding.parse_rules(config.axis_rules)
-  sharding.check_batch("train.batch_size", config.train.batch_size, mesh,
-                       rules)
+  sharding.check_batch("train.batch_size", config.train.batch_size, mesh, rules)
   tokenizer = VocabOnly(vocab_size or vocab_size_of(config))
   t0 = time.perf_counter()
-  task = registry.get(config.task).for_compile(config, tokenizer,
-                                               num_answers=num_answers)
+  task = registry.get(config.task).for_compile(
+      config, tokenizer, num_answers=num_answers
+  )
   step = trainer.build_program(task, config, mesh, rules)
   model_cfg = task.model_cfg
   flops = task.analytic_flops_per_sample(config.train.batch_size)
   lowered = step.lower(mesh, rules)
-  return Built(lowered=lowered, mesh=mesh, model_cfg=model_cfg,
-               batch_size=config.train.batch_size, flops_per_sample=flops,
-               lower_s=time.perf_counter() - t0)
+  return Built(
+      lowered=lowered,
+      mesh=mesh,
+      model_cfg=model_cfg,
+      batch_size=config.train.batch_size,
+      flops_per_sample=flops,
+      lower_s=time.perf_counter() - t0,
+  )

@@ -23,22 +23,32 @@ from typing import Any
 # Compile and lowering seconds are not among them: they are what the two
 # compiles took here (summed), a cost, not a property of the full depth
 # (and too noisy on a shared machine for a line through two points).
-LINEAR = ("flops_per_step_analytic",
-          "flops_per_step_xla", "compute_s", "memory_s", "collectives_s",
-          "roofline_step_s", "cost_model_step_s", "est_step_s")
+LINEAR = (
+    "flops_per_step_analytic",
+    "flops_per_step_xla",
+    "compute_s",
+    "memory_s",
+    "collectives_s",
+    "roofline_step_s",
+    "cost_model_step_s",
+    "est_step_s",
+)
 
 
-def parse_depths(text: str, depth: int, num_soft_layers: int
-                 ) -> tuple[int, int]:
-  """"A,B" -> (A, B), each more than the soft-router layers, A < B."""
+def parse_depths(
+    text: str, depth: int, num_soft_layers: int
+) -> tuple[int, int]:
+  """ "A,B" -> (A, B), each more than the soft-router layers, A < B."""
   try:
     a, b = (int(x) for x in text.split(","))
   except ValueError:
     raise ValueError(f"--depth={text!r}: expected two depths A,B") from None
   if not num_soft_layers < a < b:
-    raise ValueError(f"--depth={text!r}: need {num_soft_layers} < A < B "
-                     f"(the model has {num_soft_layers} soft-router layers "
-                     f"on top of its hard-router ones; depth {depth})")
+    raise ValueError(
+        f"--depth={text!r}: need {num_soft_layers} < A < B "
+        f"(the model has {num_soft_layers} soft-router layers "
+        f"on top of its hard-router ones; depth {depth})"
+    )
   return a, b
 
 
@@ -48,8 +58,9 @@ def line(va: float, vb: float, a: int, b: int, d: int) -> float:
 
 def combine(ra: dict, rb: dict, a: int, b: int, d: int) -> dict[str, Any]:
   """The depth-d report through the depth-a and depth-b ones."""
-  if not (ra["fits"] and rb["fits"]) and ("memory" not in ra
-                                          or "memory" not in rb):
+  if not (ra["fits"] and rb["fits"]) and (
+      "memory" not in ra or "memory" not in rb
+  ):
     out = dict(rb if not rb["fits"] else ra)
     out["extrapolated_from"] = [a, b]
     return out
@@ -57,8 +68,10 @@ def combine(ra: dict, rb: dict, a: int, b: int, d: int) -> dict[str, Any]:
   for k in LINEAR:
     if ra.get(k) is not None and rb.get(k) is not None:
       out[k] = line(ra[k], rb[k], a, b, d)
-  out["memory"] = {k: int(line(ra["memory"][k], rb["memory"][k], a, b, d))
-                   for k in rb["memory"]}
+  out["memory"] = {
+      k: int(line(ra["memory"][k], rb["memory"][k], a, b, d))
+      for k in rb["memory"]
+  }
   for kind, c in out["collectives"].items():
     ca = ra["collectives"].get(kind, {"count": 0, "bytes": 0.0})
     c["count"] = int(round(line(ca["count"], c["count"], a, b, d)))
@@ -68,10 +81,12 @@ def combine(ra: dict, rb: dict, a: int, b: int, d: int) -> dict[str, Any]:
   out["margin_bytes"] = int(out["hbm_bytes"] - out["memory"]["total"])
   out["fits"] = out["margin_bytes"] >= 0
   if out.get("flops_per_step_xla"):
-    out["xla_over_analytic"] = (out["flops_per_step_xla"]
-                                / out["flops_per_step_analytic"])
+    out["xla_over_analytic"] = (
+        out["flops_per_step_xla"] / out["flops_per_step_analytic"]
+    )
   out["est_mfu"] = out["flops_per_step_analytic"] / (
-      out["est_step_s"] * out["devices"] * out["peak_flops_per_device"])
+      out["est_step_s"] * out["devices"] * out["peak_flops_per_device"]
+  )
   out["extrapolated_from"] = [a, b]
   return out
 
@@ -79,6 +94,7 @@ def combine(ra: dict, rb: dict, a: int, b: int, d: int) -> dict[str, Any]:
 def compile_extrapolated(config, target, depths: str, **kw) -> dict:
   """compile.compile_one at the two depths of `depths`, then `combine`."""
   from eve_jax.aot import step  # pylint: disable=g-import-not-at-top
+
   d, soft = int(config.model.depth), int(config.model.num_soft_layers)
   a, b = parse_depths(depths, d, soft)
   reports = []

@@ -30,11 +30,32 @@ from typing import Any
 
 from eve_jax.aot.targets import Target
 
-COLLECTIVES = ("all-reduce", "all-gather", "reduce-scatter", "all-to-all",
-               "collective-permute")
-_DTYPE_BYTES = {"pred": 1, "s8": 1, "u8": 1, "s16": 2, "u16": 2, "f16": 2,
-                "bf16": 2, "s32": 4, "u32": 4, "f32": 4, "s64": 8, "u64": 8,
-                "f64": 8, "c64": 8, "c128": 16, "f8e4m3fn": 1, "f8e5m2": 1}
+COLLECTIVES = (
+    "all-reduce",
+    "all-gather",
+    "reduce-scatter",
+    "all-to-all",
+    "collective-permute",
+)
+_DTYPE_BYTES = {
+    "pred": 1,
+    "s8": 1,
+    "u8": 1,
+    "s16": 2,
+    "u16": 2,
+    "f16": 2,
+    "bf16": 2,
+    "s32": 4,
+    "u32": 4,
+    "f32": 4,
+    "s64": 8,
+    "u64": 8,
+    "f64": 8,
+    "c64": 8,
+    "c128": 16,
+    "f8e4m3fn": 1,
+    "f8e5m2": 1,
+}
 _ARRAY = re.compile(r"\b(" + "|".join(_DTYPE_BYTES) + r")\[([\d,]*)\]")
 _OP = re.compile(r" (" + "|".join(COLLECTIVES) + r")(-start)?\(")
 _GROUPS_IOTA = re.compile(r"replica_groups=\[(\d+),(\d+)\]")
@@ -48,9 +69,11 @@ def _group_size(line: str) -> int:
   """Devices in one replica group of a collective (0 if not stated)."""
   if g := _GROUPS_MESH.search(line):
     sizes = dict(re.findall(r"'([^']+)'=(\d+)", g.group(1)))
-    return math.prod(int(sizes[a]) for a in re.findall(r"'([^']+)'",
-                                                        g.group(2))
-                     if a in sizes)
+    return math.prod(
+        int(sizes[a])
+        for a in re.findall(r"'([^']+)'", g.group(2))
+        if a in sizes
+    )
   if g := _GROUPS_IOTA.search(line):
     return int(g.group(2))
   if g := _GROUPS_LIST.search(line):
@@ -59,8 +82,10 @@ def _group_size(line: str) -> int:
 
 
 def _array_bytes(type_text: str) -> list[int]:
-  return [_DTYPE_BYTES[dt] * math.prod(int(d) for d in dims.split(",") if d)
-          for dt, dims in _ARRAY.findall(type_text)]
+  return [
+      _DTYPE_BYTES[dt] * math.prod(int(d) for d in dims.split(",") if d)
+      for dt, dims in _ARRAY.findall(type_text)
+  ]
 
 
 def collectives(hlo: str) -> dict[str, dict[str, float]]:
@@ -69,14 +94,15 @@ def collectives(hlo: str) -> dict[str, dict[str, float]]:
   largest buffer); "group" is the largest replica group seen. A loop's
   body is counted once, however often it runs."""
   out: dict[str, dict[str, float]] = collections.defaultdict(
-      lambda: {"count": 0, "bytes": 0.0, "group": 0})
+      lambda: {"count": 0, "bytes": 0.0, "group": 0}
+  )
   for line in hlo.splitlines():
     if " = " not in line:
       continue
     m = _OP.search(line)
     if not m or m.start() < line.index(" = "):
       continue
-    sizes = _array_bytes(line[line.index(" = ") + 3:m.start()])
+    sizes = _array_bytes(line[line.index(" = ") + 3 : m.start()])
     if not sizes:
       continue
     kind = out[m.group(1)]
@@ -89,9 +115,12 @@ def collectives(hlo: str) -> dict[str, dict[str, float]]:
 def sparsecore_offloads(hlo: str) -> int:
   """Async calls XLA:TPU runs on the SparseCore (scatters and gathers it
   offloads); the TPU cost model counts each as -1 s."""
-  return sum(1 for line in hlo.splitlines()
-             if " call-start(" in line
-             and 'async_execution_thread="sparsecore"' in line)
+  return sum(
+      1
+      for line in hlo.splitlines()
+      if " call-start(" in line
+      and 'async_execution_thread="sparsecore"' in line
+  )
 
 
 def has_loop(hlo: str) -> bool:
@@ -104,12 +133,16 @@ def memory(compiled) -> dict[str, int]:
   - what the outputs alias (the donated state) + temporaries + code: what
   the device must hold at the step's peak."""
   m = compiled.memory_analysis()
-  out = dict(argument=m.argument_size_in_bytes,
-             output=m.output_size_in_bytes, alias=m.alias_size_in_bytes,
-             temp=m.temp_size_in_bytes,
-             code=m.generated_code_size_in_bytes)
-  out["total"] = (out["argument"] + out["output"] - out["alias"]
-                  + out["temp"] + out["code"])
+  out = dict(
+      argument=m.argument_size_in_bytes,
+      output=m.output_size_in_bytes,
+      alias=m.alias_size_in_bytes,
+      temp=m.temp_size_in_bytes,
+      code=m.generated_code_size_in_bytes,
+  )
+  out["total"] = (
+      out["argument"] + out["output"] - out["alias"] + out["temp"] + out["code"]
+  )
   return out
 
 
@@ -130,9 +163,13 @@ def _transfer_factor(kind: str, group: int) -> float:
   return (n - 1) / n
 
 
-def estimate(target: Target, compiled_cost: dict[str, float], hlo: str,
-             mem: dict[str, int], step_flops_analytic: float
-             ) -> dict[str, Any]:
+def estimate(
+    target: Target,
+    compiled_cost: dict[str, float],
+    hlo: str,
+    mem: dict[str, int],
+    step_flops_analytic: float,
+) -> dict[str, Any]:
   """The ESTIMATED step time and MFU (module docstring), with the parts of
   the roofline and which method was used."""
   n, chip = target.num_devices, target.chip
@@ -142,14 +179,18 @@ def estimate(target: Target, compiled_cost: dict[str, float], hlo: str,
   # Without XLA's count (GPU): every argument, output and temporary buffer
   # moved once (temporaries written and read back): a lower bound.
   bytes_dev = float(compiled_cost.get("bytes accessed", 0.0)) or float(
-      mem["argument"] + mem["output"] + 2 * mem["temp"])
+      mem["argument"] + mem["output"] + 2 * mem["temp"]
+  )
   comm_s = 0.0
   for kind, c in collectives(hlo).items():
     # A group wider than one host's devices crosses the (slower) network.
     bw = chip.node_bw if c["group"] > per_host else chip.link_bw
     comm_s += c["bytes"] * _transfer_factor(kind, c["group"] or n) / bw
-  parts = dict(compute_s=flops_dev / chip.peak_flops,
-               memory_s=bytes_dev / chip.hbm_bw, collectives_s=comm_s)
+  parts = dict(
+      compute_s=flops_dev / chip.peak_flops,
+      memory_s=bytes_dev / chip.hbm_bw,
+      collectives_s=comm_s,
+  )
   roofline = max(parts["compute_s"], parts["memory_s"]) + comm_s
   out: dict[str, Any] = dict(roofline_step_s=roofline, **parts)
   method, step_s = "roofline", roofline
@@ -158,17 +199,24 @@ def estimate(target: Target, compiled_cost: dict[str, float], hlo: str,
     model_s = float(compiled_cost["optimal_seconds"]) + offloads
     out.update(cost_model_step_s=model_s, sparsecore_offloads=offloads)
     if has_loop(hlo):
-      out["cost_model_note"] = ("a scanned body is counted once: the cost "
-                                "model undercounts; roofline used (its "
-                                "bytes too are a lower bound); --depth "
-                                "compiles unscanned")
+      out["cost_model_note"] = (
+          "a scanned body is counted once: the cost "
+          "model undercounts; roofline used (its "
+          "bytes too are a lower bound); --depth "
+          "compiles unscanned"
+      )
     elif model_s > 0:
       method, step_s = "xla_tpu_cost_model", model_s
     else:  # seen on v6e with no SparseCore offload: -655 s for EVE-Base
-      out["cost_model_note"] = (f"the cost model gave {model_s:.3g} s even "
-                                "with offloads added back: roofline used")
-  out.update(estimate_method=method, est_step_s=step_s,
-             est_mfu=step_flops_analytic / (step_s * n * chip.peak_flops))
+      out["cost_model_note"] = (
+          f"the cost model gave {model_s:.3g} s even "
+          "with offloads added back: roofline used"
+      )
+  out.update(
+      estimate_method=method,
+      est_step_s=step_s,
+      est_mfu=step_flops_analytic / (step_s * n * chip.peak_flops),
+  )
   return out
 
 
@@ -182,18 +230,24 @@ def report(target: Target, built, compiled, compile_s: float) -> dict:
   step_flops = built.flops_per_sample * built.batch_size
   xla_flops = float(cost.get("flops", 0.0)) * n
   out = dict(
-      target=target.describe(), platform=target.platform, devices=n,
+      target=target.describe(),
+      platform=target.platform,
+      devices=n,
       mesh={k: int(v) for k, v in built.mesh.shape.items()},
       batch_size=built.batch_size,
-      per_device_batch=built.batch_size / n, fits=True,
+      per_device_batch=built.batch_size / n,
+      fits=True,
       hbm_bytes=int(target.chip.hbm_bytes),
-      memory=mem, margin_bytes=int(target.chip.hbm_bytes - mem["total"]),
-      lower_s=built.lower_s, compile_s=compile_s,
+      memory=mem,
+      margin_bytes=int(target.chip.hbm_bytes - mem["total"]),
+      lower_s=built.lower_s,
+      compile_s=compile_s,
       flops_per_step_analytic=step_flops,
       flops_per_step_xla=xla_flops or None,
       xla_over_analytic=(xla_flops / step_flops) if xla_flops else None,
       collectives=collectives(hlo),
-      peak_flops_per_device=target.chip.peak_flops)
+      peak_flops_per_device=target.chip.peak_flops,
+  )
   out.update(estimate(target, cost, hlo, mem, step_flops))
   # The compiler accepted it; a total past the chip's HBM would still not
   # run (the compiler's own limit can differ from the published figure).
@@ -201,22 +255,31 @@ def report(target: Target, built, compiled, compile_s: float) -> dict:
   return out
 
 
-def does_not_fit(target: Target, built, message: str, compile_s: float
-                 ) -> dict:
+def does_not_fit(target: Target, built, message: str, compile_s: float) -> dict:
   """The report of a step the compiler refused for memory."""
-  return dict(target=target.describe(), platform=target.platform,
-              devices=target.num_devices,
-              mesh={k: int(v) for k, v in built.mesh.shape.items()},
-              batch_size=built.batch_size,
-              per_device_batch=built.batch_size / target.num_devices,
-              fits=False, hbm_bytes=int(target.chip.hbm_bytes),
-              error=message, lower_s=built.lower_s, compile_s=compile_s)
+  return dict(
+      target=target.describe(),
+      platform=target.platform,
+      devices=target.num_devices,
+      mesh={k: int(v) for k, v in built.mesh.shape.items()},
+      batch_size=built.batch_size,
+      per_device_batch=built.batch_size / target.num_devices,
+      fits=False,
+      hbm_bytes=int(target.chip.hbm_bytes),
+      error=message,
+      lower_s=built.lower_s,
+      compile_s=compile_s,
+  )
 
 
 def is_out_of_memory(e: Exception) -> bool:
   text = str(e)
-  return ("RESOURCE_EXHAUSTED" in text or "Ran out of memory" in text
-          or "exceeds available" in text or "out of memory" in text.lower())
+  return (
+      "RESOURCE_EXHAUSTED" in text
+      or "Ran out of memory" in text
+      or "exceeds available" in text
+      or "out of memory" in text.lower()
+  )
 
 
 def oom_line(e: Exception) -> str:

@@ -22,8 +22,9 @@ def _divisors(n: int) -> list[int]:
   return [d for d in range(1, n + 1) if n % d == 0]
 
 
-def meshes(n: int, num_experts: int, heads: int, has_moe: bool
-           ) -> list[dict[str, int]]:
+def meshes(
+    n: int, num_experts: int, heads: int, has_moe: bool
+) -> list[dict[str, int]]:
   """Every (data, fsdp, expert, tensor) with product n, expert dividing
   the experts (1 when there is no MoE), tensor dividing the heads (at most
   8: beyond it the per-device matmuls get thin). Plain data-parallel and
@@ -42,37 +43,52 @@ def meshes(n: int, num_experts: int, heads: int, has_moe: bool
   return sorted(out, key=lambda m: (m["tensor"], m["fsdp"], -m["expert"]))
 
 
-def candidates(config, target: Target, batches: list[int]
-               ) -> Iterator[dict]:
+def candidates(config, target: Target, batches: list[int]) -> Iterator[dict]:
   m = config.model
   for per_device, mesh, remat, scan in itertools.product(
-      batches, meshes(target.num_devices, m.num_experts, m.heads,
-                      m.num_soft_layers > 0),
-      (False, True), (bool(m.scan_layers), not m.scan_layers)):
-    yield dict(per_device_batch=per_device, mesh=mesh, remat=remat,
-               scan=scan)
+      batches,
+      meshes(target.num_devices, m.num_experts, m.heads, m.num_soft_layers > 0),
+      (False, True),
+      (bool(m.scan_layers), not m.scan_layers),
+  ):
+    yield dict(per_device_batch=per_device, mesh=mesh, remat=remat, scan=scan)
 
 
 def overrides(cand: dict, n: int) -> str:
   mesh = " ".join(f"--config.mesh.{k}={v}" for k, v in cand["mesh"].items())
-  return (f"{mesh} --config.train.batch_size={cand['per_device_batch'] * n}"
-          f" --config.model.remat={cand['remat']}"
-          f" --config.model.scan_layers={cand['scan']}")
+  return (
+      f"{mesh} --config.train.batch_size={cand['per_device_batch'] * n}"
+      f" --config.model.remat={cand['remat']}"
+      f" --config.model.scan_layers={cand['scan']}"
+  )
 
 
-def run(config, target: Target, *, batches: str | None, depth: str | None,
-        vocab_size: int | None, num_answers: int, max_candidates: int,
-        log: Callable[[str], None]) -> list[dict]:
+def run(
+    config,
+    target: Target,
+    *,
+    batches: str | None,
+    depth: str | None,
+    vocab_size: int | None,
+    num_answers: int,
+    max_candidates: int,
+    log: Callable[[str], None],
+) -> list[dict]:
   """Compiles up to `max_candidates` candidates; rows sorted with those
   that fit first, by estimated samples/s."""
   import jax  # pylint: disable=g-import-not-at-top
   from eve_jax.aot import step  # pylint: disable=g-import-not-at-top
+
   n = target.num_devices
-  per_device = ([int(b) for b in batches.split(",")] if batches else
-                [max(1, config.train.batch_size // n)])
+  per_device = (
+      [int(b) for b in batches.split(",")]
+      if batches
+      else [max(1, config.train.batch_size // n)]
+  )
   rows = []
-  for i, cand in enumerate(itertools.islice(
-      candidates(config, target, per_device), max_candidates)):
+  for i, cand in enumerate(
+      itertools.islice(candidates(config, target, per_device), max_candidates)
+  ):
     c = config.copy_and_resolve_references()
     with c.unlocked():
       c.mesh.update(cand["mesh"])
@@ -80,50 +96,72 @@ def run(config, target: Target, *, batches: str | None, depth: str | None,
       c.model.remat, c.model.scan_layers = cand["remat"], cand["scan"]
     t0 = time.perf_counter()
     try:
-      r = step.compile_one(c, target, depth, vocab_size=vocab_size,
-                                  num_answers=num_answers)
+      r = step.compile_one(
+          c, target, depth, vocab_size=vocab_size, num_answers=num_answers
+      )
     except ValueError as e:  # a batch the data shards do not divide
       log(f"[{i + 1}] {overrides(cand, n)}: skipped ({e})")
       continue
-    row = dict(cand, overrides=overrides(cand, n), fits=r["fits"],
-               candidate_s=time.perf_counter() - t0,
-               memory_total=r.get("memory", {}).get("total"),
-               hbm_bytes=r["hbm_bytes"], est_step_s=r.get("est_step_s"),
-               est_mfu=r.get("est_mfu"),
-               estimate_method=r.get("estimate_method"),
-               error=r.get("error"))
+    row = dict(
+        cand,
+        overrides=overrides(cand, n),
+        fits=r["fits"],
+        candidate_s=time.perf_counter() - t0,
+        memory_total=r.get("memory", {}).get("total"),
+        hbm_bytes=r["hbm_bytes"],
+        est_step_s=r.get("est_step_s"),
+        est_mfu=r.get("est_mfu"),
+        estimate_method=r.get("estimate_method"),
+        error=r.get("error"),
+    )
     if r["fits"]:
       row["est_samples_per_s"] = c.train.batch_size / r["est_step_s"]
     rows.append(row)
-    log(f"[{i + 1}] {row['overrides']}: "
-        + (f"fits, ESTIMATED {row['est_samples_per_s']:.0f} samples/s"
-           if r["fits"] else "does not fit")
-        + f" ({row['candidate_s']:.0f} s)")
+    log(
+        f"[{i + 1}] {row['overrides']}: "
+        + (
+            f"fits, ESTIMATED {row['est_samples_per_s']:.0f} samples/s"
+            if r["fits"]
+            else "does not fit"
+        )
+        + f" ({row['candidate_s']:.0f} s)"
+    )
     jax.clear_caches()
-  return sorted(rows, key=lambda r: (not r["fits"],
-                                     -r.get("est_samples_per_s", 0.0)))
+  return sorted(
+      rows, key=lambda r: (not r["fits"], -r.get("est_samples_per_s", 0.0))
+  )
 
 
 def format_table(rows: list[dict]) -> str:
-  head = ("| per-device batch | data | fsdp | expert | tensor | remat | scan "
-          "| memory GiB | fits | ESTIMATED samples/s | MFU | estimate | "
-          "compile s |")
+  head = (
+      "| per-device batch | data | fsdp | expert | tensor | remat | scan "
+      "| memory GiB | fits | ESTIMATED samples/s | MFU | estimate | "
+      "compile s |"
+  )
   lines = [head, "|" + "---|" * 13]
   for r in rows:
-    mem = (f"{r['memory_total'] / 2 ** 30:.1f}" if r["memory_total"]
-           else "-")
+    mem = f"{r['memory_total'] / 2 ** 30:.1f}" if r["memory_total"] else "-"
     m = r["mesh"]
     lines.append(
         f"| {r['per_device_batch']} | {m['data']} | {m['fsdp']} | "
         f"{m['expert']} | {m['tensor']} | {r['remat']} | {r['scan']} | "
         f"{mem} | {'yes' if r['fits'] else 'no'} | "
-        + (f"{r['est_samples_per_s']:.0f} | {r['est_mfu']:.3f} | "
-           f"{r['estimate_method']}" if r["fits"] else "- | - | -")
-        + f" | {r['candidate_s']:.0f} |")
+        + (
+            f"{r['est_samples_per_s']:.0f} | {r['est_mfu']:.3f} | "
+            f"{r['estimate_method']}"
+            if r["fits"]
+            else "- | - | -"
+        )
+        + f" | {r['candidate_s']:.0f} |"
+    )
   best = next((r for r in rows if r["fits"]), None)
-  lines.append("best: " + (best["overrides"] if best else
-                           "nothing tried fits; try a smaller per-device "
-                           "batch or --config.model.remat=True"))
+  lines.append(
+      "best: "
+      + (
+          best["overrides"]
+          if best
+          else "nothing tried fits; try a smaller per-device "
+          "batch or --config.model.remat=True"
+      )
+  )
   return "\n".join(lines)
-
-

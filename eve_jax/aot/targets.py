@@ -30,13 +30,15 @@ import re
 import sys
 from typing import Any
 
-GiB = 2 ** 30
+GiB = 2**30
 
 # Where `pip install --target` puts the CUDA compiler plugin when it is kept
 # out of the training environment (README, "Before you launch").
 CUDA_PLUGIN_DIR = os.environ.get(
     "EVE_JAX_CUDA_PLUGINS",
-    os.path.join(os.path.expanduser("~"), ".cache", "eve_jax", "cuda12"))
+    os.path.join(os.path.expanduser("~"), ".cache", "eve_jax", "cuda12"),
+)
+
 
 def _jax_version() -> str:
   try:
@@ -46,9 +48,11 @@ def _jax_version() -> str:
 
 
 # The plugin must be the installed jax's own version.
-CUDA_PLUGIN_INSTALL = (f"pip install --no-deps --target {CUDA_PLUGIN_DIR} "
-                       f"jax-cuda12-pjrt=={_jax_version()} "
-                       f"jax-cuda12-plugin=={_jax_version()}")
+CUDA_PLUGIN_INSTALL = (
+    f"pip install --no-deps --target {CUDA_PLUGIN_DIR} "
+    f"jax-cuda12-pjrt=={_jax_version()} "
+    f"jax-cuda12-plugin=={_jax_version()}"
+)
 TPU_INSTALL = "pip install -e '.[compile]'  (libtpu, ~700 MB)"
 
 
@@ -66,6 +70,7 @@ class Chip:
     node_bw: bytes/s per device across nodes (GPU: the network; TPU: the
       same ICI inside a slice).
   """
+
   name: str
   hbm_bytes: float
   peak_flops: float
@@ -87,6 +92,7 @@ TPU_CHIPS = {
 @dataclasses.dataclass(frozen=True)
 class GPU:
   """What a GPU target description needs, and its published figures."""
+
   chip: Chip
   device_name: str  # the CUDA device name XLA sees
   compute_capability: tuple[int, int]
@@ -101,18 +107,39 @@ class GPU:
 # NVIDIA's data sheets (SXM parts, dense bf16 tensor-core peak, NVLink 4 at
 # 900 GB/s both ways = 450 GB/s each way; 400 Gb/s InfiniBand per GPU).
 GPUS = {
-    "h100": GPU(Chip("NVIDIA H100 80GB", 84942979072, 989e12, 3.35e12,
-                     4.5e11, 5.0e10),
-                "NVIDIA H100 80GB HBM3", (9, 0), 132, 84942979072, 1.98,
-                50 * 2 ** 20, 233472, 232448),
-    "h200": GPU(Chip("NVIDIA H200 141GB", 151397597184, 989e12, 4.8e12,
-                     4.5e11, 5.0e10),
-                "NVIDIA H200 141GB HBM3e", (9, 0), 132, 151397597184, 1.98,
-                50 * 2 ** 20, 233472, 232448),
-    "a100": GPU(Chip("NVIDIA A100 80GB", 85899345920, 312e12, 2.039e12,
-                     3.0e11, 2.5e10),
-                "NVIDIA A100-SXM4-80GB", (8, 0), 108, 85899345920, 1.41,
-                40 * 2 ** 20, 167936, 166912),
+    "h100": GPU(
+        Chip("NVIDIA H100 80GB", 84942979072, 989e12, 3.35e12, 4.5e11, 5.0e10),
+        "NVIDIA H100 80GB HBM3",
+        (9, 0),
+        132,
+        84942979072,
+        1.98,
+        50 * 2**20,
+        233472,
+        232448,
+    ),
+    "h200": GPU(
+        Chip("NVIDIA H200 141GB", 151397597184, 989e12, 4.8e12, 4.5e11, 5.0e10),
+        "NVIDIA H200 141GB HBM3e",
+        (9, 0),
+        132,
+        151397597184,
+        1.98,
+        50 * 2**20,
+        233472,
+        232448,
+    ),
+    "a100": GPU(
+        Chip("NVIDIA A100 80GB", 85899345920, 312e12, 2.039e12, 3.0e11, 2.5e10),
+        "NVIDIA A100-SXM4-80GB",
+        (8, 0),
+        108,
+        85899345920,
+        1.41,
+        40 * 2**20,
+        167936,
+        166912,
+    ),
 }
 
 
@@ -158,6 +185,7 @@ class Target:
     chip: the device's published figures.
     hosts: processes that would drive them (TPU VM workers, GPU nodes).
   """
+
   name: str
   platform: str
   devices: list[Any]
@@ -169,8 +197,10 @@ class Target:
     return len(self.devices)
 
   def describe(self) -> str:
-    return (f"{self.name}: {self.num_devices} x {self.chip.name} "
-            f"({self.hosts} host{'s' * (self.hosts > 1)})")
+    return (
+        f"{self.name}: {self.num_devices} x {self.chip.name} "
+        f"({self.hosts} host{'s' * (self.hosts > 1)})"
+    )
 
 
 class TargetError(ValueError):
@@ -187,8 +217,10 @@ def accelerator_topology(name: str) -> str:
   TensorCores, 32 chips) -> v5p:2x4x4; v6e-64 (64 chips) -> v6e:8x8."""
   m = _ACCELERATOR.match(name)
   if not m:
-    raise TargetError(f"{name!r} is not a Cloud TPU accelerator type like "
-                      "v5p-64, v6e-64, v5litepod-256, v4-32")
+    raise TargetError(
+        f"{name!r} is not a Cloud TPU accelerator type like "
+        "v5p-64, v6e-64, v5litepod-256, v4-32"
+    )
   kind, n = m.group(1).replace("v5litepod", "v5e"), int(m.group(2))
   if kind in ("v4", "v5p"):  # 3-D torus; the type counts 2 cores a chip
     chips, dims = n // 2, [2, 2, 1]
@@ -200,6 +232,8 @@ def accelerator_topology(name: str) -> str:
   if math.prod(dims) != chips:
     raise TargetError(f"{name!r}: {chips} chips is not a slice size")
   return f"{kind}:" + "x".join(str(d) for d in dims)
+
+
 _TPU_NAME = re.compile(r"^(v\d+[a-z]*):(\d+(?:x\d+)+)$")
 
 
@@ -213,13 +247,17 @@ def get_target(name: str, num_slices: int = 1) -> Target:
     return _tpu(name, m.group(1), num_slices)
   if m := _GPU_NAME.match(name):
     if num_slices != 1:
-      raise TargetError("--num_slices is for TPU; GPU nodes are the third "
-                        "number: h100x8x4 is 4 nodes of 8")
+      raise TargetError(
+          "--num_slices is for TPU; GPU nodes are the third "
+          "number: h100x8x4 is 4 nodes of 8"
+      )
     return _gpu(name, m.group(1), int(m.group(2)), int(m.group(3) or 1))
-  raise TargetError(f"--topology={name!r}: expected a TPU slice like "
-                    f"v5p:4x4x4 ({', '.join(sorted(TPU_CHIPS))}) or GPU "
-                    f"nodes like h100x8 / h100x8x4 "
-                    f"({', '.join(sorted(GPUS))})")
+  raise TargetError(
+      f"--topology={name!r}: expected a TPU slice like "
+      f"v5p:4x4x4 ({', '.join(sorted(TPU_CHIPS))}) or GPU "
+      f"nodes like h100x8 / h100x8x4 "
+      f"({', '.join(sorted(GPUS))})"
+  )
 
 
 def _tpu(name: str, kind: str, num_slices: int) -> Target:
@@ -228,23 +266,29 @@ def _tpu(name: str, kind: str, num_slices: int) -> Target:
   if importlib.util.find_spec("libtpu") is None:
     raise TargetError(f"compile-only TPU targets need libtpu: {TPU_INSTALL}")
   from jax.experimental import topologies  # pylint: disable=g-import-not-at-top
+
   try:
     topo = topologies.get_topology_desc(
-        platform="tpu", topology_name=name, num_slices=num_slices)
+        platform="tpu", topology_name=name, num_slices=num_slices
+    )
   except Exception as e:  # pylint: disable=broad-except
-    raise TargetError(f"libtpu cannot make topology {name!r}: "
-                      f"{_first_line(e)}") from None
+    raise TargetError(
+        f"libtpu cannot make topology {name!r}: " f"{_first_line(e)}"
+    ) from None
   devices = list(topo.devices)
-  return Target(name if num_slices == 1 else f"{name} x {num_slices} slices",
-                "tpu", devices, TPU_CHIPS[kind],
-                len({d.process_index for d in devices}))
+  return Target(
+      name if num_slices == 1 else f"{name} x {num_slices} slices",
+      "tpu",
+      devices,
+      TPU_CHIPS[kind],
+      len({d.process_index for d in devices}),
+  )
 
 
 def cuda_plugin_available() -> bool:
   """Whether jax can load the CUDA compiler (installed, or in
   CUDA_PLUGIN_DIR, which `ensure_cuda_plugin_path` puts on sys.path)."""
-  if os.path.isdir(os.path.join(CUDA_PLUGIN_DIR, "jax_plugins",
-                                "xla_cuda12")):
+  if os.path.isdir(os.path.join(CUDA_PLUGIN_DIR, "jax_plugins", "xla_cuda12")):
     return True
   try:  # find_spec imports the parent, absent without any jax plugin
     return importlib.util.find_spec("jax_plugins.xla_cuda12") is not None
@@ -260,7 +304,7 @@ def is_gpu_name(name: str) -> bool:
 def ensure_cuda_plugin_path() -> None:
   """Puts CUDA_PLUGIN_DIR on sys.path. Must run before jax is imported:
   jax discovers its plugins once."""
-  if (os.path.isdir(CUDA_PLUGIN_DIR) and CUDA_PLUGIN_DIR not in sys.path):
+  if os.path.isdir(CUDA_PLUGIN_DIR) and CUDA_PLUGIN_DIR not in sys.path:
     sys.path.append(CUDA_PLUGIN_DIR)
 
 
@@ -268,18 +312,24 @@ def _gpu(name: str, kind: str, gpus: int, nodes: int) -> Target:
   if kind not in GPUS:
     raise TargetError(f"GPU {kind!r} is not one of {sorted(GPUS)}")
   if not cuda_plugin_available():
-    raise TargetError("compile-only GPU targets need the CUDA compiler "
-                      f"plugin: {CUDA_PLUGIN_INSTALL}")
+    raise TargetError(
+        "compile-only GPU targets need the CUDA compiler "
+        f"plugin: {CUDA_PLUGIN_INSTALL}"
+    )
   from jax.experimental import topologies  # pylint: disable=g-import-not-at-top
+
   try:
     topo = topologies.get_topology_desc(
-        platform="cuda", topology_name="",
+        platform="cuda",
+        topology_name="",
         target_config=gpu_target_config(GPUS[kind]),
-        topology=f"1x{nodes}x{gpus}")
+        topology=f"1x{nodes}x{gpus}",
+    )
   except Exception as e:  # pylint: disable=broad-except
-    raise TargetError(f"the CUDA plugin cannot make {name!r}: "
-                      f"{_first_line(e)} (is JAX_PLATFORMS=cpu set?)"
-                      ) from None
+    raise TargetError(
+        f"the CUDA plugin cannot make {name!r}: "
+        f"{_first_line(e)} (is JAX_PLATFORMS=cpu set?)"
+    ) from None
   return Target(name, "gpu", list(topo.devices), GPUS[kind].chip, nodes)
 
 

@@ -38,8 +38,9 @@ def load_images(paths: Sequence[str], size: int) -> np.ndarray:
     raise ConversionError(str(e)) from None
 
 
-def image_text_outputs(model, images: jax.Array, text: jax.Array,
-                       text_valid: jax.Array) -> dict[str, jax.Array]:
+def image_text_outputs(
+    model, images: jax.Array, text: jax.Array, text_valid: jax.Array
+) -> dict[str, jax.Array]:
   """Every output the backbone gives for B (image, text) pairs.
 
   Returns:
@@ -55,13 +56,19 @@ def image_text_outputs(model, images: jax.Array, text: jax.Array,
   img, txt = bb.embed_image(images), bb.embed_text(text)
   raw, _ = bb.encode(img, txt[:, :0], text_valid[:, :0], final_norm=False)
   image_only = bb.norm(raw)
-  out = {"states": image_only, "image_states": image_only,
-         "image_features": (image_only if normed else raw)[:, 0]}
+  out = {
+      "states": image_only,
+      "image_states": image_only,
+      "image_features": (image_only if normed else raw)[:, 0],
+  }
   if text.shape[1]:  # without text (a converted BEiT) the passes coincide
     states, _ = bb.encode(img, txt, text_valid)
     raw, _ = bb.encode(txt[:, :0], txt, text_valid, final_norm=False)
-    out.update(states=states, text_cls=states[:, img.shape[1]],
-               text_features=(bb.norm(raw) if normed else raw)[:, 0])
+    out.update(
+        states=states,
+        text_cls=states[:, img.shape[1]],
+        text_features=(bb.norm(raw) if normed else raw)[:, 0],
+    )
   return out
 
 
@@ -69,9 +76,13 @@ _outputs = nnx.jit(image_text_outputs)
 _call = nnx.jit(lambda model, *args: model(*args))
 
 
-def run(directory: str, image_paths: Sequence[str], texts: Sequence[str],
-        top: int = 5, overrides: dict[str, Any] | None = None
-        ) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+def run(
+    directory: str,
+    image_paths: Sequence[str],
+    texts: Sequence[str],
+    top: int = 5,
+    overrides: dict[str, Any] | None = None,
+) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
   """Loads DIR and runs it on the pairs (image_paths[i], texts[i]) (an
   NLVR2 model: on (image_paths[2i], image_paths[2i + 1], texts[i])), with
   `overrides` of its config.model (`inference.model_overrides`).
@@ -88,13 +99,17 @@ def run(directory: str, image_paths: Sequence[str], texts: Sequence[str],
   nlvr2 = bool(texts) and "nlvr2" in config.get("heads", [])
   if nlvr2:  # a statement about two images: one text per image pair
     if len(image_paths) != 2 * len(texts):
-      raise ConversionError(f"NLVR2 model: {len(image_paths)} images but "
-                            f"{len(texts)} texts: give two --image per "
-                            "--text")
+      raise ConversionError(
+          f"NLVR2 model: {len(image_paths)} images but "
+          f"{len(texts)} texts: give two --image per "
+          "--text"
+      )
     texts = [t for t in texts for _ in range(2)]
   elif texts and len(image_paths) != len(texts):
-    raise ConversionError(f"{len(image_paths)} images but {len(texts)} "
-                          "texts: give one --text per --image (or none)")
+    raise ConversionError(
+        f"{len(image_paths)} images but {len(texts)} "
+        "texts: give one --text per --image (or none)"
+    )
   cfg = model.backbone.cfg
   images = jnp.asarray(load_images(image_paths, cfg.image_size))
   if texts:
@@ -104,13 +119,16 @@ def run(directory: str, image_paths: Sequence[str], texts: Sequence[str],
     tok = None
     ids = np.zeros((len(image_paths), 0), np.int32)
     valid = ids.astype(bool)
-  arrays = {k: np.asarray(v) for k, v in _outputs(
-      model, images, jnp.asarray(ids), jnp.asarray(valid)).items()}
+  arrays = {
+      k: np.asarray(v)
+      for k, v in _outputs(
+          model, images, jnp.asarray(ids), jnp.asarray(valid)
+      ).items()
+  }
   rows = [{"image": p} for p in image_paths]
   if tok is not None:
     for row, t, r, m in zip(rows, texts, ids, valid):
-      row.update(text=t, tokens=[tok.id_to_piece(i)
-                                 for i, v in zip(r, m) if v])
+      row.update(text=t, tokens=[tok.id_to_piece(i) for i, v in zip(r, m) if v])
   else:
     config = dict(config, heads=[])  # the heads need text
   heads = config.get("heads", [])
@@ -123,27 +141,37 @@ def run(directory: str, image_paths: Sequence[str], texts: Sequence[str],
       best = np.argsort(-p)[:top]
       row["vqa"] = [[answers[i], round(float(p[i]), 4)] for i in best]
   if nlvr2:
-    logits, _ = _call(model, images[0::2], images[1::2],
-                      jnp.asarray(ids[0::2]), jnp.asarray(valid[0::2]))
+    logits, _ = _call(
+        model,
+        images[0::2],
+        images[1::2],
+        jnp.asarray(ids[0::2]),
+        jnp.asarray(valid[0::2]),
+    )
     arrays["nlvr2_logits"] = np.asarray(logits)
     p_true = np.asarray(jax.nn.softmax(logits, -1))[:, 1]
     for i, p in enumerate(p_true):
       rows[2 * i]["nlvr2_true_prob"] = round(float(p), 4)
   if "retrieval" in heads:
     m = model.matching
-    sims = m.similarities(jnp.asarray(arrays["image_features"]),
-                          jnp.asarray(arrays["text_features"]))
+    sims = m.similarities(
+        jnp.asarray(arrays["image_features"]),
+        jnp.asarray(arrays["text_features"]),
+    )
     match = nnx.jit(type(model).match_scores)(
-        model, images, jnp.asarray(ids), jnp.asarray(valid))
+        model, images, jnp.asarray(ids), jnp.asarray(valid)
+    )
     arrays["itc_similarity"] = np.asarray(sims)
     arrays["itm_log_prob"] = np.asarray(match)
     for i, row in enumerate(rows):
       row["itc"] = round(float(sims[i, i]), 4)
       row["itm_prob"] = round(float(np.exp(match[i])), 4)
   for i, row in enumerate(rows):
-    row["feature_norms"] = {k: round(float(np.linalg.norm(arrays[k][i])), 4)
-                            for k in ("image_features", "text_features",
-                                      "text_cls") if k in arrays}
+    row["feature_norms"] = {
+        k: round(float(np.linalg.norm(arrays[k][i])), 4)
+        for k in ("image_features", "text_features", "text_cls")
+        if k in arrays
+    }
   summary = {"model": os.path.abspath(directory), "pairs": rows}
   if overrides:
     summary["overrides"] = dict(overrides)

@@ -53,12 +53,19 @@ def attention_torch(p: dict) -> tuple[np.ndarray, ...]:
   """eve_jax Attention params -> (q_w, k_w, v_w, q_b, v_b, out_w, out_b)
   in torch's [out, in] form."""
   d, h, k = p["q_kernel"].shape
+
   def w(x):
     return np.ascontiguousarray(x.reshape(d, h * k).T)
-  return (w(p["q_kernel"]), w(p["k_kernel"]), w(p["v_kernel"]),
-          p["q_bias"].reshape(h * k), p["v_bias"].reshape(h * k),
-          np.ascontiguousarray(p["out_kernel"].reshape(h * k, d).T),
-          p["out_bias"])
+
+  return (
+      w(p["q_kernel"]),
+      w(p["k_kernel"]),
+      w(p["v_kernel"]),
+      p["q_bias"].reshape(h * k),
+      p["v_bias"].reshape(h * k),
+      np.ascontiguousarray(p["out_kernel"].reshape(h * k, d).T),
+      p["out_bias"],
+  )
 
 
 def hard_ffn(norms, fc1s, fc2s) -> dict:
@@ -93,15 +100,22 @@ def experts(fc1s, fc2s) -> dict:
 def soft_ffn(router_w, modality_embed, fc1s, fc2s) -> dict:
   """Router [E, D] (torch Linear), modality embeddings [M, D] and E
   (fc1, fc2) pairs -> ModalityMoE params."""
-  return {"kernel": linear_in(router_w), "modality_embed": modality_embed,
-          **experts(fc1s, fc2s)}
+  return {
+      "kernel": linear_in(router_w),
+      "modality_embed": modality_embed,
+      **experts(fc1s, fc2s),
+  }
 
 
 def ffn_torch(p: dict, i: int) -> tuple[np.ndarray, ...]:
   """FFN i (modality or expert) of a stacked FFN -> (fc1_w, fc1_b, fc2_w,
   fc2_b) in torch's form."""
-  return (np.ascontiguousarray(p["wi"][i].T), p["bi"][i],
-          np.ascontiguousarray(p["wo"][i].T), p["bo"][i])
+  return (
+      np.ascontiguousarray(p["wi"][i].T),
+      p["bi"][i],
+      np.ascontiguousarray(p["wo"][i].T),
+      p["bo"][i],
+  )
 
 
 def flatten(tree: dict, prefix: tuple = ()) -> dict[tuple, np.ndarray]:

@@ -33,11 +33,18 @@ class _Backbone(nnx.Module):
     self.backbone = EVE(cfg, rngs=rngs)
 
 
-def build(model_cfg: ModelConfig, heads: tuple[str, ...] = (),
-          num_answers: int = 0, *, abstract: bool = False, seed: int = 0):
+def build(
+    model_cfg: ModelConfig,
+    heads: tuple[str, ...] = (),
+    num_answers: int = 0,
+    *,
+    abstract: bool = False,
+    seed: int = 0,
+):
   """The eve_jax model that holds a converted checkpoint: VQAModel with a
   "vqa" head, NLVR2Model with "nlvr2", RetrievalModel with "retrieval"
-  heads, else the backbone alone. `abstract`: shapes only (nnx.eval_shape), nothing allocated."""
+  heads, else the backbone alone. `abstract`: shapes only (nnx.eval_shape), nothing allocated.
+  """
   if "vqa" in heads:
     make = lambda: VQAModel(model_cfg, num_answers, rngs=nnx.Rngs(seed))
   elif "nlvr2" in heads:
@@ -49,22 +56,30 @@ def build(model_cfg: ModelConfig, heads: tuple[str, ...] = (),
   return nnx.eval_shape(make) if abstract else make()
 
 
-def report(params: dict, model_cfg: dict[str, Any], pieces: dict[str, Any],
-           source: str, heads: tuple[str, ...] = (), num_answers: int = 0
-           ) -> dict[str, Any]:
+def report(
+    params: dict,
+    model_cfg: dict[str, Any],
+    pieces: dict[str, Any],
+    source: str,
+    heads: tuple[str, ...] = (),
+    num_answers: int = 0,
+) -> dict[str, Any]:
   """Loaded / new / dropped as init_from into `build(...)` will see them,
   plus the converter's own dropped and initialized lists."""
   cfg = ModelConfig.from_config(model_cfg)
-  target = nnx.to_pure_dict(nnx.state(
-      build(cfg, heads, num_answers, abstract=True), nnx.Param))
+  target = nnx.to_pure_dict(
+      nnx.state(build(cfg, heads, num_answers, abstract=True), nnx.Param)
+  )
   try:
     _, matched = pretrained.match(target, params, model_cfg, cfg)
   except pretrained.InitError as e:
     raise ConversionError(f"{source}: {e}") from None
   if matched["dropped"]:
     path, shape = matched["dropped"][0]
-    raise ConversionError(f"{source}: converted parameter {path} {shape} "
-                          "has no place in the eve_jax model")
+    raise ConversionError(
+        f"{source}: converted parameter {path} {shape} "
+        "has no place in the eve_jax model"
+    )
   return {
       "source": os.path.abspath(source),
       "model": model_cfg,
@@ -72,8 +87,11 @@ def report(params: dict, model_cfg: dict[str, Any], pieces: dict[str, Any],
       "new": matched["new"],
       "initialized_by_converter": pieces.get("initialized", []),
       "dropped_from_source": pieces.get("dropped", []),
-      "summary": pretrained.summary(dict(matched, dropped=[
-          [k, s] for k, s, _ in pieces.get("dropped", [])])),
+      "summary": pretrained.summary(
+          dict(
+              matched, dropped=[[k, s] for k, s, _ in pieces.get("dropped", [])]
+          )
+      ),
   }
 
 
@@ -83,22 +101,36 @@ def _str_keys(tree):
   return np.asarray(tree, np.float32)
 
 
-def write(out_dir: str, params: dict, config: dict[str, Any],
-          rep: dict[str, Any], tokenizer_json: str | None = None) -> None:
+def write(
+    out_dir: str,
+    params: dict,
+    config: dict[str, Any],
+    rep: dict[str, Any],
+    tokenizer_json: str | None = None,
+) -> None:
   """Writes DIR: config.json, checkpoints/0, conversion_report.json and,
   given, tokenizer.json. Refuses a DIR that already has checkpoints."""
   import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+
   out_dir = os.path.abspath(out_dir)
   ckpt_dir = os.path.join(out_dir, "checkpoints")
   if os.path.exists(ckpt_dir) and os.listdir(ckpt_dir):
-    raise ConversionError(f"--out {out_dir} already holds checkpoints/; "
-                          "choose an empty directory")
+    raise ConversionError(
+        f"--out {out_dir} already holds checkpoints/; "
+        "choose an empty directory"
+    )
   os.makedirs(out_dir, exist_ok=True)
   mngr = ocp.CheckpointManager(
-      ckpt_dir, options=ocp.CheckpointManagerOptions(create=True),
-      item_names=("state",))
-  mngr.save(0, args=ocp.args.Composite(
-      state=ocp.args.StandardSave({"params": _str_keys(params)})))
+      ckpt_dir,
+      options=ocp.CheckpointManagerOptions(create=True),
+      item_names=("state",),
+  )
+  mngr.save(
+      0,
+      args=ocp.args.Composite(
+          state=ocp.args.StandardSave({"params": _str_keys(params)})
+      ),
+  )
   mngr.wait_until_finished()
   mngr.close()
   with open(os.path.join(out_dir, "config.json"), "w") as f:
@@ -106,8 +138,9 @@ def write(out_dir: str, params: dict, config: dict[str, Any],
   with open(os.path.join(out_dir, "conversion_report.json"), "w") as f:
     json.dump(rep, f, indent=1)
   if tokenizer_json is not None:
-    with open(os.path.join(out_dir, "tokenizer.json"), "w",
-              encoding="utf-8") as f:
+    with open(
+        os.path.join(out_dir, "tokenizer.json"), "w", encoding="utf-8"
+    ) as f:
       f.write(tokenizer_json)
 
 
@@ -115,15 +148,17 @@ def copy_file(src: str, out_dir: str, name: str) -> None:
   shutil.copyfile(src, os.path.join(out_dir, name))
 
 
-def load(directory: str, seed: int = 0,
-         overrides: dict[str, Any] | None = None):
+def load(
+    directory: str, seed: int = 0, overrides: dict[str, Any] | None = None
+):
   """A converted (or trained) DIR -> (model with its parameters, config
   dict). The model class follows the heads config.json names; `overrides`
   change config.model keys (e.g. {"pre_norm": False} for BEiT parity).
   Parameters the checkpoint lacks keep their initialization (`seed`)."""
   config = pretrained.read_config(directory)
-  model_cfg = ModelConfig.from_config(dict(config["model"],
-                                           **(overrides or {})))
+  model_cfg = ModelConfig.from_config(
+      dict(config["model"], **(overrides or {}))
+  )
   heads = tuple(config.get("heads", ()))
   args = (model_cfg, heads, config.get("vqa_answers", 0))
   model = build(*args, abstract=True, seed=seed)
@@ -137,10 +172,10 @@ def load(directory: str, seed: int = 0,
 
   def put(path, leaf):
     key = tuple(getattr(k, "key", getattr(k, "idx", None)) for k in path)
-    return (jax.numpy.asarray(loaded[key], leaf.dtype) if key in loaded
-            else leaf)  # every leaf is real when some are new
+    return (
+        jax.numpy.asarray(loaded[key], leaf.dtype) if key in loaded else leaf
+    )  # every leaf is real when some are new
 
-  nnx.replace_by_pure_dict(state, jax.tree_util.tree_map_with_path(
-      put, target))
+  nnx.replace_by_pure_dict(state, jax.tree_util.tree_map_with_path(put, target))
   nnx.update(model, state)
   return model, config

@@ -62,17 +62,24 @@ DIFFERENCES = [
 _DROP = [
     (r"backbone\.position_ids_(vision|text)", "buffer: position ids"),
     (r"backbone\.mask_embed_vision", "pretraining mask token"),
-    (r"itc_vl_(vision|text)_proj_head\.weight",
-     "unused by the released forward (its 'vl' ITC heads)"),
+    (
+        r"itc_vl_(vision|text)_proj_head\.weight",
+        "unused by the released forward (its 'vl' ITC heads)",
+    ),
 ]
 
 
 def _layers(sd: dict) -> int:
-  idx = [int(m.group(1)) for k in sd
-         if (m := re.match(r"backbone\.encoder\.layers\.(\d+)\.", k))]
+  idx = [
+      int(m.group(1))
+      for k in sd
+      if (m := re.match(r"backbone\.encoder\.layers\.(\d+)\.", k))
+  ]
   if not idx:
-    raise ConversionError("no backbone.encoder.layers.{i}.* tensors: not a "
-                          "released EVE checkpoint")
+    raise ConversionError(
+        "no backbone.encoder.layers.{i}.* tensors: not a "
+        "released EVE checkpoint"
+    )
   return 1 + max(idx)
 
 
@@ -84,9 +91,12 @@ def _layers(sd: dict) -> int:
 RELEASED_HEADS = {768: 12, 1024: 16}
 
 
-def released_heads(width: int, heads: int | None = None,
-                   checkpoint_config: Any = None, path: str = ""
-                   ) -> tuple[int, str]:
+def released_heads(
+    width: int,
+    heads: int | None = None,
+    checkpoint_config: Any = None,
+    path: str = "",
+) -> tuple[int, str]:
   """(attention heads, where the number came from) for a released model.
 
   In order: `heads` (--heads); `num_attention_heads` in the checkpoint's
@@ -96,20 +106,25 @@ def released_heads(width: int, heads: int | None = None,
   """
   if heads is not None:
     if heads < 1 or width % heads:
-      raise ConversionError(f"--heads={heads} does not divide the width "
-                            f"{width}")
+      raise ConversionError(
+          f"--heads={heads} does not divide the width " f"{width}"
+      )
     return heads, "--heads"
   found = _config_heads(checkpoint_config)
   if found is not None:
     if width % found:
-      raise ConversionError(f"{path}: its config's num_attention_heads="
-                            f"{found} does not divide the width {width}")
+      raise ConversionError(
+          f"{path}: its config's num_attention_heads="
+          f"{found} does not divide the width {width}"
+      )
     return found, "the checkpoint's config"
   if width in RELEASED_HEADS:
     return RELEASED_HEADS[width], f"the released config of width {width}"
-  raise ConversionError(f"{path}: width {width} is not a released EVE size "
-                        f"({sorted(RELEASED_HEADS)}) and the checkpoint does "
-                        "not say its attention heads: pass --heads")
+  raise ConversionError(
+      f"{path}: width {width} is not a released EVE size "
+      f"({sorted(RELEASED_HEADS)}) and the checkpoint does "
+      "not say its attention heads: pass --heads"
+  )
 
 
 def _config_heads(config: Any) -> int | None:
@@ -123,64 +138,96 @@ def _config_heads(config: Any) -> int | None:
   return None
 
 
-def model_config(sd: dict, path: str, heads: int | None = None,
-                 checkpoint_config: Any = None) -> dict[str, Any]:
+def model_config(
+    sd: dict, path: str, heads: int | None = None, checkpoint_config: Any = None
+) -> dict[str, Any]:
   """The eve_jax `config.model` a released state dict implies (`heads`,
   `checkpoint_config`: see `released_heads`)."""
-  need = [_B + "class_embedding_vision", _B + "patch_embed.weight",
-          _B + "word_embedding.weight", _B + "pos_embed_text",
-          _B + "pos_embed_vision", _L.format(i=0) + "norm1.weight"]
+  need = [
+      _B + "class_embedding_vision",
+      _B + "patch_embed.weight",
+      _B + "word_embedding.weight",
+      _B + "pos_embed_text",
+      _B + "pos_embed_vision",
+      _L.format(i=0) + "norm1.weight",
+  ]
   for k in need:
     if k not in sd:
-      raise ConversionError(f"{path}: missing {k}: not a released EVE "
-                            "checkpoint")
+      raise ConversionError(
+          f"{path}: missing {k}: not a released EVE " "checkpoint"
+      )
   depth = _layers(sd)
   width = int(sd[_B + "class_embedding_vision"].shape[-1])
   patch = int(sd[_B + "patch_embed.weight"].shape[-1])
   grid = int(round((sd[_B + "pos_embed_vision"].shape[0] - 1) ** 0.5))
-  soft = [i for i in range(depth)
-          if _L.format(i=i) + _MOE + "gate.wg.weight" in sd]
+  soft = [
+      i for i in range(depth) if _L.format(i=i) + _MOE + "gate.wg.weight" in sd
+  ]
   if soft != list(range(depth - len(soft), depth)):
-    raise ConversionError(f"{path}: soft-router layers {soft} are not the "
-                          "top ones: eve_jax puts them in the top "
-                          "num_soft_layers blocks")
+    raise ConversionError(
+        f"{path}: soft-router layers {soft} are not the "
+        "top ones: eve_jax puts them in the top "
+        "num_soft_layers blocks"
+    )
   hard0 = _L.format(i=0) + "mlp_imag.fc1.weight"
-  first = (_L.format(i=soft[0]) + _MOE + "experts.experts.0.fc1.weight"
-           if soft else hard0)
+  first = (
+      _L.format(i=soft[0]) + _MOE + "experts.experts.0.fc1.weight"
+      if soft
+      else hard0
+  )
   if first not in sd:
     raise ConversionError(f"{path}: missing {first}")
-  variant = next((v for v, t in VARIANTS.items()
-                  if t["depth"] == depth and t["width"] == width), "base")
+  variant = next(
+      (
+          v
+          for v, t in VARIANTS.items()
+          if t["depth"] == depth and t["width"] == width
+      ),
+      "base",
+  )
   return dict(
-      variant=variant, depth=depth, width=width,
+      variant=variant,
+      depth=depth,
+      width=width,
       heads=released_heads(width, heads, checkpoint_config, path)[0],
       mlp_dim=int(sd[first].shape[0]),
       num_soft_layers=len(soft),
-      num_experts=(int(sd[_L.format(i=soft[0]) + _MOE + "gate.wg.weight"]
-                       .shape[0]) if soft else VARIANTS[variant]
-                   ["num_experts"]),
-      top_k=2, capacity_factor=1.0, add_modality_to_experts=True,
-      moe_normalize_gates=True, activation="quick_gelu",
+      num_experts=(
+          int(sd[_L.format(i=soft[0]) + _MOE + "gate.wg.weight"].shape[0])
+          if soft
+          else VARIANTS[variant]["num_experts"]
+      ),
+      top_k=2,
+      capacity_factor=1.0,
+      add_modality_to_experts=True,
+      moe_normalize_gates=True,
+      activation="quick_gelu",
       # The released DeepSpeed layer (DIFFERENCES).
-      moe_group="batch", moe_route_padding=True, moe_min_capacity=4,
+      moe_group="batch",
+      moe_route_padding=True,
+      moe_min_capacity=4,
       vqa_head_eps=1e-5,
-      image_size=grid * patch, patch_size=patch,
+      image_size=grid * patch,
+      patch_size=patch,
       vocab_size=int(sd[_B + "word_embedding.weight"].shape[0]),
       max_text_len=40,
-      max_text_positions=int(sd[_B + "pos_embed_text"].shape[0]))
+      max_text_positions=int(sd[_B + "pos_embed_text"].shape[0]),
+  )
 
 
-def from_released(sd: dict[str, np.ndarray], path: str,
-                  heads: int | None = None, drop: Sequence[str] = (),
-                  checkpoint_config: Any = None
-                  ) -> tuple[dict, dict[str, Any], dict[str, Any]]:
+def from_released(
+    sd: dict[str, np.ndarray],
+    path: str,
+    heads: int | None = None,
+    drop: Sequence[str] = (),
+    checkpoint_config: Any = None,
+) -> tuple[dict, dict[str, Any], dict[str, Any]]:
   """A released state dict -> (eve_jax params, config.model dict, report
   pieces {"dropped", "heads", "attention_heads_from"}). `drop`: key
   prefixes to leave out; `heads`, `checkpoint_config` (the checkpoint's
   "config" entry): see `released_heads`."""
   cfg = model_config(sd, path, heads, checkpoint_config)
-  heads_from = released_heads(cfg["width"], heads, checkpoint_config,
-                              path)[1]
+  heads_from = released_heads(cfg["width"], heads, checkpoint_config, path)[1]
   src = Source(sd, path)
   for pattern, why in _DROP:
     src.drop_matching(pattern, why)
@@ -190,8 +237,9 @@ def from_released(sd: dict[str, np.ndarray], path: str,
   e = cfg["num_experts"]
 
   def ln(key, dim=d):
-    return layout.norm(src.take(key + ".weight", (dim,)),
-                       src.take(key + ".bias", (dim,)))
+    return layout.norm(
+        src.take(key + ".weight", (dim,)), src.take(key + ".bias", (dim,))
+    )
 
   def linear(key, out_dim, in_dim, bias=True):
     w = src.take(key + ".weight", (out_dim, in_dim))
@@ -200,20 +248,27 @@ def from_released(sd: dict[str, np.ndarray], path: str,
   backbone = {
       "image_embed": {
           "patch_kernel": layout.patch_kernel(
-              src.take(_B + "patch_embed.weight", (d, 3, p, p))),
+              src.take(_B + "patch_embed.weight", (d, 3, p, p))
+          ),
           "patch_bias": src.take(_B + "patch_embed.bias", (d,)),
           "cls_token": src.take(_B + "class_embedding_vision", (d,)),
           "pos_embed": src.take(_B + "pos_embed_vision", (1 + n, d)),
       },
       "text_embed": {
-          "word_embed": src.take(_B + "word_embedding.weight",
-                                 (cfg["vocab_size"], d)),
+          "word_embed": src.take(
+              _B + "word_embedding.weight", (cfg["vocab_size"], d)
+          ),
           "norm": ln(_B + "layer_norm_text"),
-          "pos_embed": src.take(_B + "pos_embed_text",
-                                (cfg["max_text_positions"], d)),
+          "pos_embed": src.take(
+              _B + "pos_embed_text", (cfg["max_text_positions"], d)
+          ),
       },
-      "type_embed": np.stack([src.take(_B + "type_embed_vision", (d,)),
-                              src.take(_B + "type_embed_text", (d,))]),
+      "type_embed": np.stack(
+          [
+              src.take(_B + "type_embed_vision", (d,)),
+              src.take(_B + "type_embed_text", (d,)),
+          ]
+      ),
       "pre_norm": ln(_B + "pre_layrnorm"),
       "norm": ln(_B + "norm"),
   }
@@ -224,10 +279,14 @@ def from_released(sd: dict[str, np.ndarray], path: str,
     block = {
         "norm1": ln(b + "norm1"),
         "attn": layout.attention(
-            qkv[:d], qkv[d:2 * d], qkv[2 * d:],
+            qkv[:d],
+            qkv[d : 2 * d],
+            qkv[2 * d :],
             src.take(b + "attn.q_bias", (d,)),
             src.take(b + "attn.v_bias", (d,)),
-            *linear(b + "attn.proj", d, d), h),
+            *linear(b + "attn.proj", d, d),
+            h,
+        ),
         "gamma_1": src.take(b + "gamma_1", (d,)),
         "gamma_2": src.take(b + "gamma_2", (d,)),
     }
@@ -236,23 +295,36 @@ def from_released(sd: dict[str, np.ndarray], path: str,
       block["norm2"] = ln(b + "norm2_vl")
       block["ffn"] = layout.soft_ffn(
           src.take(m + "gate.wg.weight", (e, d)),
-          np.stack([src.take(m + "vision_embed", (d,)),
-                    src.take(m + "text_embed", (d,))]),
+          np.stack(
+              [
+                  src.take(m + "vision_embed", (d,)),
+                  src.take(m + "text_embed", (d,)),
+              ]
+          ),
           [linear(f"{m}experts.experts.{j}.fc1", f, d) for j in range(e)],
-          [linear(f"{m}experts.experts.{j}.fc2", d, f) for j in range(e)])
+          [linear(f"{m}experts.experts.{j}.fc2", d, f) for j in range(e)],
+      )
     else:
-      norms = [(src.take(b + f"norm2_{s}.weight", (d,)),
-                src.take(b + f"norm2_{s}.bias", (d,)))
-               for s in ("imag", "text")]
+      norms = [
+          (
+              src.take(b + f"norm2_{s}.weight", (d,)),
+              src.take(b + f"norm2_{s}.bias", (d,)),
+          )
+          for s in ("imag", "text")
+      ]
       block["ffn"] = layout.hard_ffn(
-          norms, [linear(b + f"mlp_{s}.fc1", f, d) for s in ("imag", "text")],
-          [linear(b + f"mlp_{s}.fc2", d, f) for s in ("imag", "text")])
+          norms,
+          [linear(b + f"mlp_{s}.fc1", f, d) for s in ("imag", "text")],
+          [linear(b + f"mlp_{s}.fc2", d, f) for s in ("imag", "text")],
+      )
     blocks[i] = block
   backbone["blocks"] = blocks
   params = {"backbone": backbone}
   heads_found = []
   if src.has("output.0.weight") and src.sd["output.0.weight"].shape == (
-      2 * d, d):
+      2 * d,
+      d,
+  ):
     answers = src.shape("output.3.bias", "the VQA head's answer biases")[0]
     w1, b1 = linear("output.0", 2 * d, d)
     w2, b2 = linear("output.3", answers, 2 * d)
@@ -265,38 +337,64 @@ def from_released(sd: dict[str, np.ndarray], path: str,
     heads_found.append("vqa")
   else:
     cfg_heads = {}
-    src.drop_matching(r"output\..*", "NLVR2 classifier without bi-attention "
-                      "(two text CLS concatenated): no eve_jax counterpart")
+    src.drop_matching(
+        r"output\..*",
+        "NLVR2 classifier without bi-attention "
+        "(two text CLS concatenated): no eve_jax counterpart",
+    )
   if src.has("attn1.in_proj_weight"):  # the NLVR2 --biattn head
     params["biattn"] = _biattn_from(src, linear, d, h)
     cfg["nlvr2_head"] = "biattn"
     heads_found.append("nlvr2")
   # Retrieval fine-tuned files name the heads itc_*/itm_head; pretrained
   # ones mitc_*/mitm_head (the released retrieval code renames them so).
-  pre = next((q for q in ("", "m") if src.has(q + "itc_vision_proj_head."
-                                               "weight")), None)
+  pre = next(
+      (q for q in ("", "m") if src.has(q + "itc_vision_proj_head." "weight")),
+      None,
+  )
   if pre is not None:
     proj = src.shape(pre + "itc_vision_proj_head.weight", "")[0]
     params["matching"] = {
-        "image_proj": {"kernel": layout.linear_in(
-            linear(pre + "itc_vision_proj_head", proj, d, bias=False))},
-        "text_proj": {"kernel": layout.linear_in(
-            linear(pre + "itc_text_proj_head", proj, d, bias=False))},
+        "image_proj": {
+            "kernel": layout.linear_in(
+                linear(pre + "itc_vision_proj_head", proj, d, bias=False)
+            )
+        },
+        "text_proj": {
+            "kernel": layout.linear_in(
+                linear(pre + "itc_text_proj_head", proj, d, bias=False)
+            )
+        },
         "temp": src.take(pre + "itc_temp", ()),
     }
     itm_w, itm_b = linear(pre + "itm_head", 2, d)
-    params["matching"]["itm"] = {"kernel": layout.linear_in(itm_w),
-                                 "bias": itm_b}
+    params["matching"]["itm"] = {
+        "kernel": layout.linear_in(itm_w),
+        "bias": itm_b,
+    }
     heads_found.append("retrieval")
     cfg["retrieval_eval_features"] = "pre_norm"  # released forward_eval
   src.check_all_used()
   dropped = src.dropped_report()
   if "biattn" in params:
-    dropped += [[f"{a}.in_proj_bias[{d}:{2 * d}]", [d],
-                 "k bias: shifts each query's logits equally, cancels in "
-                 "softmax"] for a in ("attn1", "attn2")]
-  return params, cfg, {"dropped": dropped, "heads": heads_found,
-                       "attention_heads_from": heads_from, **cfg_heads}
+    dropped += [
+        [
+            f"{a}.in_proj_bias[{d}:{2 * d}]",
+            [d],
+            "k bias: shifts each query's logits equally, cancels in " "softmax",
+        ]
+        for a in ("attn1", "attn2")
+    ]
+  return (
+      params,
+      cfg,
+      {
+          "dropped": dropped,
+          "heads": heads_found,
+          "attention_heads_from": heads_from,
+          **cfg_heads,
+      },
+  )
 
 
 def _biattn_from(src: Source, linear, d: int, heads: int) -> dict:
@@ -306,12 +404,20 @@ def _biattn_from(src: Source, linear, d: int, heads: int) -> dict:
   for name in ("attn1", "attn2"):
     w = src.take(name + ".in_proj_weight", (3 * d, d))
     b = src.take(name + ".in_proj_bias", (3 * d,))
-    out[name] = layout.attention(w[:d], w[d:2 * d], w[2 * d:], b[:d],
-                                 b[2 * d:], *linear(name + ".out_proj", d, d),
-                                 heads)
-  for name, key, shape in (("fc", "fc.0", (d, 2 * d)),
-                           ("pool", "attn_pool.fc.0", (1, d)),
-                           ("output", "nlvr2_output", (2, 2 * d))):
+    out[name] = layout.attention(
+        w[:d],
+        w[d : 2 * d],
+        w[2 * d :],
+        b[:d],
+        b[2 * d :],
+        *linear(name + ".out_proj", d, d),
+        heads,
+    )
+  for name, key, shape in (
+      ("fc", "fc.0", (d, 2 * d)),
+      ("pool", "attn_pool.fc.0", (1, d)),
+      ("output", "nlvr2_output", (2, 2 * d)),
+  ):
     w, b = linear(key, *shape)
     out[name] = {"kernel": layout.linear_in(w), "bias": b}
   return out
@@ -380,10 +486,14 @@ def to_released(params: dict, cfg: dict[str, Any]) -> dict[str, np.ndarray]:
       q_w, k_w, v_w, q_b, v_b, o_w, o_b = layout.attention_torch(ba[name])
       sd[name + ".in_proj_weight"] = np.concatenate([q_w, k_w, v_w])
       sd[name + ".in_proj_bias"] = np.concatenate(
-          [q_b, np.zeros_like(q_b), v_b])  # the k bias it dropped
+          [q_b, np.zeros_like(q_b), v_b]
+      )  # the k bias it dropped
       lin(name + ".out_proj", o_w, o_b)
-    for name, key in (("fc", "fc.0"), ("pool", "attn_pool.fc.0"),
-                      ("output", "nlvr2_output")):
+    for name, key in (
+        ("fc", "fc.0"),
+        ("pool", "attn_pool.fc.0"),
+        ("output", "nlvr2_output"),
+    ):
       lin(key, layout.linear_in(ba[name]["kernel"]), ba[name]["bias"])
   if "matching" in params:
     mt = params["matching"]

@@ -25,22 +25,25 @@ def load_torch(path: str) -> dict[str, Any]:
   try:
     import torch  # pylint: disable=g-import-not-at-top
   except ImportError:
-    raise ConversionError("reading PyTorch checkpoints needs torch: pip "
-                          "install torch (CPU build) and -e '.[convert]'"
-                          ) from None
+    raise ConversionError(
+        "reading PyTorch checkpoints needs torch: pip "
+        "install torch (CPU build) and -e '.[convert]'"
+    ) from None
   if not os.path.isfile(path):
     raise ConversionError(f"{path}: no such file")
   try:
     return torch.load(path, map_location="cpu", weights_only=True)
   except Exception as e:  # pickle, zip and torch errors alike
     first = str(e).strip().splitlines()[0][:200] if str(e).strip() else ""
-    raise ConversionError(f"{path}: not a readable PyTorch checkpoint "
-                          f"({type(e).__name__}: {first})") from None
+    raise ConversionError(
+        f"{path}: not a readable PyTorch checkpoint "
+        f"({type(e).__name__}: {first})"
+    ) from None
 
 
-def state_dict(obj: Any, path: str,
-               keys: Sequence[str] = ("model", "module", "state_dict")
-               ) -> dict[str, np.ndarray]:
+def state_dict(
+    obj: Any, path: str, keys: Sequence[str] = ("model", "module", "state_dict")
+) -> dict[str, np.ndarray]:
   """The flat state dict in a loaded checkpoint (under one of `keys`, or
   the object itself) as float32 NumPy arrays (integer buffers as they are).
   """
@@ -50,8 +53,10 @@ def state_dict(obj: Any, path: str,
         obj = obj[k]
         break
   if not isinstance(obj, dict) or not obj:
-    raise ConversionError(f"{path}: no state dict (a dict of tensors, or one "
-                          f"under {list(keys)})")
+    raise ConversionError(
+        f"{path}: no state dict (a dict of tensors, or one "
+        f"under {list(keys)})"
+    )
   out = {}
   for name, value in obj.items():
     if not hasattr(value, "detach"):
@@ -66,13 +71,14 @@ def state_dict(obj: Any, path: str,
   return out
 
 
-def strip_prefix(sd: dict[str, np.ndarray], prefixes: Iterable[str]
-                 ) -> dict[str, np.ndarray]:
+def strip_prefix(
+    sd: dict[str, np.ndarray], prefixes: Iterable[str]
+) -> dict[str, np.ndarray]:
   """Drops the first of `prefixes` that every key starting with it shares
   (e.g. DDP's `module.`), when all keys have it."""
   for p in prefixes:
     if sd and all(k.startswith(p) for k in sd):
-      return {k[len(p):]: v for k, v in sd.items()}
+      return {k[len(p) :]: v for k, v in sd.items()}
   return sd
 
 
@@ -97,12 +103,15 @@ class Source:
   def take(self, key: str, shape: Sequence[int]) -> np.ndarray:
     """The tensor `key`, which must exist with exactly `shape`."""
     if key not in self.sd:
-      raise ConversionError(f"{self.path}: missing {key} (expected shape "
-                            f"{list(shape)})")
+      raise ConversionError(
+          f"{self.path}: missing {key} (expected shape " f"{list(shape)})"
+      )
     value = self.sd[key]
     if tuple(value.shape) != tuple(shape):
-      raise ConversionError(f"{self.path}: {key} has shape "
-                            f"{list(value.shape)}, expected {list(shape)}")
+      raise ConversionError(
+          f"{self.path}: {key} has shape "
+          f"{list(value.shape)}, expected {list(shape)}"
+      )
     self.used.add(key)
     return value
 
@@ -130,8 +139,11 @@ class Source:
       raise ConversionError(
           f"{self.path}: unexpected key {left[0]} with shape "
           f"{list(self.sd[left[0]].shape)}{more}: not in the expected layout "
-          "(--drop PREFIX leaves such tensors out)")
+          "(--drop PREFIX leaves such tensors out)"
+      )
 
   def dropped_report(self) -> list[list]:
-    return [[k, list(self.sd[k].shape), why]
-            for k, why in sorted(self.dropped.items())]
+    return [
+        [k, list(self.sd[k].shape), why]
+        for k, why in sorted(self.dropped.items())
+    ]

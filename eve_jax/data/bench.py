@@ -29,7 +29,8 @@ _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file.")
 _BATCHES = flags.DEFINE_integer("batches", 30, "Timed batches.")
 _WARMUP = flags.DEFINE_integer("warmup", 3, "Untimed batches first.")
 _BATCH_SIZE = flags.DEFINE_integer(
-    "batch_size", 0, "Rows per batch; 0 = the config's train.batch_size.")
+    "batch_size", 0, "Rows per batch; 0 = the config's train.batch_size."
+)
 _JSON = flags.DEFINE_bool("json", False, "Print one JSON object.")
 
 
@@ -37,11 +38,13 @@ def measure(config, batches: int, warmup: int) -> dict:
   """Samples/s of `sources.make_train_data(config)` in this process."""
   from eve_jax.data import run_tokenizer, sources  # pylint: disable=g-import-not-at-top
   from eve_jax.model.variants import ModelConfig  # pylint: disable=g-import-not-at-top
+
   sources.check_data(config)
   with tempfile.TemporaryDirectory() as tmp:
     tokenizer = run_tokenizer.build_tokenizer(config, tmp)
-  model_cfg = ModelConfig.from_config(config.model,
-                                      vocab_size=tokenizer.vocab_size)
+  model_cfg = ModelConfig.from_config(
+      config.model, vocab_size=tokenizer.vocab_size
+  )
   it = iter(sources.make_train_data(config, tokenizer, model_cfg))
   for _ in range(warmup):
     next(it)
@@ -55,12 +58,17 @@ def measure(config, batches: int, warmup: int) -> dict:
   sps = rows / wall
   return dict(
       data="corpora" if sources.uses_corpora(config) else "shapes",
-      mixture=config.data.get("mixture", ""), image_size=model_cfg.image_size,
-      batch=config.train.batch_size, batches=batches,
-      num_threads=config.data.get("num_threads", 0), cores=cores,
-      samples_per_s=sps, samples_per_s_per_core=sps / cores,
+      mixture=config.data.get("mixture", ""),
+      image_size=model_cfg.image_size,
+      batch=config.train.batch_size,
+      batches=batches,
+      num_threads=config.data.get("num_threads", 0),
+      cores=cores,
+      samples_per_s=sps,
+      samples_per_s_per_core=sps / cores,
       cpu_utilization=cpu / wall / cores,
-      skipped_images=getattr(it, "skipped", 0))
+      skipped_images=getattr(it, "skipped", 0),
+  )
 
 
 def main(argv) -> None:

@@ -34,7 +34,7 @@ PREPARE = "python -m eve_jax.data.prepare"
 # What `prepare` needs per corpus, for the error that says how to make one.
 _PREPARE_HINT = {
     "coco": "coco --captions captions_train2017.json --images train2017 "
-            "--exclude_karpathy_test dataset_coco.json",
+    "--exclude_karpathy_test dataset_coco.json",
     "vg": "vg --regions region_descriptions.json --images VG_100K VG_100K_2",
     "sbu": "webdataset --name sbu --shards 'sbu/*.tar'",
     "cc3m": "webdataset --name cc3m --shards 'cc3m/*.tar'",
@@ -62,23 +62,30 @@ def parse_mixture(root: str, mixture: str) -> list[Corpus]:
     DataError naming the missing directory and the command that makes it.
   """
   if not root:
-    raise DataError("config.data.dir is empty: set --config.data.dir to a "
-                    f"directory of corpora prepared with `{PREPARE}` (or "
-                    "train on EVE-Shapes: --config=configs/base.py:tiny)")
+    raise DataError(
+        "config.data.dir is empty: set --config.data.dir to a "
+        f"directory of corpora prepared with `{PREPARE}` (or "
+        "train on EVE-Shapes: --config=configs/base.py:tiny)"
+    )
   root = os.path.abspath(os.path.expanduser(root))
   if not os.path.isdir(root):
-    raise DataError(f"config.data.dir={root} does not exist; prepare the "
-                    f"corpora into it with `{PREPARE} SOURCE --out "
-                    f"{root}/NAME ...`")
+    raise DataError(
+        f"config.data.dir={root} does not exist; prepare the "
+        f"corpora into it with `{PREPARE} SOURCE --out "
+        f"{root}/NAME ...`"
+    )
   if not mixture:
     if records.is_corpus(root):
       return [Corpus(os.path.basename(root), root, None)]
-    names = sorted(n for n in os.listdir(root)
-                   if records.is_corpus(os.path.join(root, n)))
+    names = sorted(
+        n for n in os.listdir(root) if records.is_corpus(os.path.join(root, n))
+    )
     if not names:
-      raise DataError(f"{root} holds no prepared corpus (no */dataset_info."
-                      f"json); make one with `{PREPARE} SOURCE --out "
-                      f"{root}/NAME ...`")
+      raise DataError(
+          f"{root} holds no prepared corpus (no */dataset_info."
+          f"json); make one with `{PREPARE} SOURCE --out "
+          f"{root}/NAME ...`"
+      )
     return [Corpus(n, os.path.join(root, n), None) for n in names]
   out = []
   for part in filter(None, (p.strip() for p in mixture.split(","))):
@@ -86,26 +93,32 @@ def parse_mixture(root: str, mixture: str) -> list[Corpus]:
     try:
       w = float(weight) if weight else None
     except ValueError:
-      raise DataError(f"config.data.mixture: weight {weight!r} of {name!r} "
-                      "is not a number") from None
+      raise DataError(
+          f"config.data.mixture: weight {weight!r} of {name!r} "
+          "is not a number"
+      ) from None
     if w is not None and w <= 0:
       raise DataError(f"config.data.mixture: weight of {name!r} must be > 0")
     directory = os.path.join(root, name)
     if not records.is_corpus(directory):
       hint = _PREPARE_HINT.get(name, "SOURCE ...")
-      raise DataError(f"no prepared corpus {name!r} at {directory}; make it "
-                      f"with `{PREPARE} {hint} --out {directory}`")
+      raise DataError(
+          f"no prepared corpus {name!r} at {directory}; make it "
+          f"with `{PREPARE} {hint} --out {directory}`"
+      )
     out.append(Corpus(name, directory, w))
   if not out:
     raise DataError(f"config.data.mixture={mixture!r} names no corpus")
   if len({c.weight is None for c in out}) > 1:
-    raise DataError("config.data.mixture: give a weight to every corpus or "
-                    "to none")
+    raise DataError(
+        "config.data.mixture: give a weight to every corpus or " "to none"
+    )
   return out
 
 
-def open_splits(corpora: Sequence[Corpus], split: str) -> list[
-    records.CorpusSplit]:
+def open_splits(
+    corpora: Sequence[Corpus], split: str
+) -> list[records.CorpusSplit]:
   """The corpora's `split`, with one-line errors for unreadable shards."""
   out = []
   for c in corpora:
@@ -134,8 +147,14 @@ class SkipCounter:
 class _Example(grain.transforms.RandomMap):
   """(corpus, pair) -> image [S, S, 3] float32, text [L], text_valid [L]."""
 
-  def __init__(self, splits, tokenizer: Tokenizer, image_size: int,
-               max_text_len: int, augment: bool):
+  def __init__(
+      self,
+      splits,
+      tokenizer: Tokenizer,
+      image_size: int,
+      max_text_len: int,
+      augment: bool,
+  ):
     self._splits = splits
     self._tokenizer = tokenizer
     self._size = image_size
@@ -148,22 +167,34 @@ class _Example(grain.transforms.RandomMap):
     r, k = split.pair(p)
     ex = split[r]
     try:
-      image = transforms.decode(ex["image"], self._size,
-                                rng if self._augment else None)
+      image = transforms.decode(
+          ex["image"], self._size, rng if self._augment else None
+      )
     except Exception:  # pylint: disable=broad-except
       # Any undecodable image (truncated, wrong format, bomb) is dropped and
       # counted downstream; training never stops for one bad file.
       return {"bad": True}
-    ids, valid = self._tokenizer.encode_batch([ex["captions"][k]],
-                                              self._max_text_len)
-    return {"image": transforms.normalize_image(image), "text": ids[0],
-            "text_valid": valid[0], "corpus": np.int32(c),
-            "index": np.int64(p)}
+    ids, valid = self._tokenizer.encode_batch(
+        [ex["captions"][k]], self._max_text_len
+    )
+    return {
+        "image": transforms.normalize_image(image),
+        "text": ids[0],
+        "text_valid": valid[0],
+        "corpus": np.int32(c),
+        "index": np.int64(p),
+    }
 
 
-def _pairs(split: records.CorpusSplit, c: int, process_index: int,
-           process_count: int, seed: int, shuffle: bool, repeat: bool
-           ) -> grain.MapDataset:
+def _pairs(
+    split: records.CorpusSplit,
+    c: int,
+    process_index: int,
+    process_count: int,
+    seed: int,
+    shuffle: bool,
+    repeat: bool,
+) -> grain.MapDataset:
   ds = grain.MapDataset.range(split.num_pairs)
   ds = ds.slice(slice(process_index, None, process_count))
   if shuffle:
@@ -191,23 +222,37 @@ class CorpusIterator:
     return self.counter.count
 
   def get_state(self) -> dict[str, Any]:
-    return {"iterator": self._it.get_state(),
-            "skipped_images": self.counter.count}
+    return {
+        "iterator": self._it.get_state(),
+        "skipped_images": self.counter.count,
+    }
 
   def set_state(self, state: dict[str, Any]) -> None:
     if "iterator" not in state:
-      raise DataError("the checkpoint's data state is not a corpora "
-                      "iterator's (was this workdir trained on EVE-Shapes?)")
+      raise DataError(
+          "the checkpoint's data state is not a corpora "
+          "iterator's (was this workdir trained on EVE-Shapes?)"
+      )
     self._it.set_state(state["iterator"])
     self.counter.count = int(state["skipped_images"])
 
 
 def make_dataset(
-    corpora: Sequence[Corpus], *, split: str, seed: int, batch_size: int,
-    image_size: int, tokenizer: Tokenizer, max_text_len: int,
-    process_index: int = 0, process_count: int = 1, train: bool = True,
-    num_examples: int | None = None, num_threads: int = 8,
-    prefetch_batches: int = 2) -> CorpusIterator:
+    corpora: Sequence[Corpus],
+    *,
+    split: str,
+    seed: int,
+    batch_size: int,
+    image_size: int,
+    tokenizer: Tokenizer,
+    max_text_len: int,
+    process_index: int = 0,
+    process_count: int = 1,
+    train: bool = True,
+    num_examples: int | None = None,
+    num_threads: int = 8,
+    prefetch_batches: int = 2,
+) -> CorpusIterator:
   """This process's batches of the corpora mixture.
 
   Args:
@@ -227,15 +272,27 @@ def make_dataset(
     be smaller.
   """
   if not 0 <= process_index < process_count:
-    raise ValueError(f"process_index {process_index} not in "
-                     f"[0, {process_count})")
+    raise ValueError(
+        f"process_index {process_index} not in " f"[0, {process_count})"
+    )
   splits = open_splits(corpora, split)
-  parts = [_pairs(s, c, process_index, process_count, seed + 7919 * c,
-                  shuffle=train, repeat=train)
-           for c, s in enumerate(splits)]
+  parts = [
+      _pairs(
+          s,
+          c,
+          process_index,
+          process_count,
+          seed + 7919 * c,
+          shuffle=train,
+          repeat=train,
+      )
+      for c, s in enumerate(splits)
+  ]
   if train:
-    weights = [c.weight if c.weight is not None else s.num_pairs
-               for c, s in zip(corpora, splits)]
+    weights = [
+        c.weight if c.weight is not None else s.num_pairs
+        for c, s in zip(corpora, splits)
+    ]
     ds = parts[0] if len(parts) == 1 else grain.MapDataset.mix(parts, weights)
   else:  # evaluation: corpus after corpus, in order
     ds = parts[0] if len(parts) == 1 else grain.MapDataset.concatenate(parts)
@@ -243,12 +300,17 @@ def make_dataset(
       # Pairs num_examples.. of the whole (unsliced) set are left out:
       # the slice above already took every process_count-th one.
       per_process = -(-(num_examples - process_index) // process_count)
-      ds = ds[:max(per_process, 0)]
+      ds = ds[: max(per_process, 0)]
   counter = SkipCounter()
-  ds = ds.random_map(_Example(splits, tokenizer, image_size, max_text_len,
-                              augment=train), seed=seed)
-  it = ds.to_iter_dataset(grain.ReadOptions(
-      num_threads=num_threads,
-      prefetch_buffer_size=max(prefetch_batches, 1) * batch_size))
+  ds = ds.random_map(
+      _Example(splits, tokenizer, image_size, max_text_len, augment=train),
+      seed=seed,
+  )
+  it = ds.to_iter_dataset(
+      grain.ReadOptions(
+          num_threads=num_threads,
+          prefetch_buffer_size=max(prefetch_batches, 1) * batch_size,
+      )
+  )
   it = it.filter(counter.keep).batch(batch_size, drop_remainder=train)
   return CorpusIterator(it, counter)

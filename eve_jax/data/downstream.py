@@ -47,8 +47,15 @@ from typing import Any
 
 from eve_jax.data.errors import DataError
 
-from eve_jax.data.json_fields import (check_file, field, is_kind, list_field,
-                                      load_json, one_line, show)
+from eve_jax.data.json_fields import (
+    check_file,
+    field,
+    is_kind,
+    list_field,
+    load_json,
+    one_line,
+    show,
+)
 
 # NLVR2 labels are the strings "True" / "False"; JSON booleans (found in
 # some re-distributions) mean the same.
@@ -158,25 +165,38 @@ def load_nlvr2(jsonl_path: str, image_dir: str) -> list[NLVR2Example]:
         except json.JSONDecodeError as e:
           # The decoder's own "line 1 column 29" would contradict `where`.
           raise DataError.at(
-              path, f"{where}: not valid JSON ({e.msg} at column "
-              f"{e.pos + 1})") from None
+              path,
+              f"{where}: not valid JSON ({e.msg} at column " f"{e.pos + 1})",
+          ) from None
         except ValueError as e:  # UnicodeDecodeError
           raise DataError.at(
-              path, f"{where}: not valid JSON ({one_line(e)})") from None
+              path, f"{where}: not valid JSON ({one_line(e)})"
+          ) from None
         identifier = field(obj, "identifier", path, where, str)
         sentence = field(obj, "sentence", path, where, str)
         raw_label = field(obj, "label", path, where)
-        if not isinstance(raw_label, (str, bool)) or raw_label not in _NLVR2_LABELS:
-          raise DataError.at(path, f"{where}: label is {show(raw_label)}, "
-                                    "expected \"True\" or \"False\"")
+        if (
+            not isinstance(raw_label, (str, bool))
+            or raw_label not in _NLVR2_LABELS
+        ):
+          raise DataError.at(
+              path,
+              f"{where}: label is {show(raw_label)}, "
+              'expected "True" or "False"',
+          )
         match = _NLVR2_IDENTIFIER.match(identifier)
         if not match:
           raise DataError.at(
-              path, f"{where}: identifier {show(identifier)} is not "
-              "split-set-pair-sentence (e.g. \"dev-850-0-0\")")
+              path,
+              f"{where}: identifier {show(identifier)} is not "
+              'split-set-pair-sentence (e.g. "dev-850-0-0")',
+          )
         if identifier in first_line:
-          raise DataError.at(path, f"{where}: identifier {identifier} "
-                                    f"is also on line {first_line[identifier]}")
+          raise DataError.at(
+              path,
+              f"{where}: identifier {identifier} "
+              f"is also on line {first_line[identifier]}",
+          )
         first_line[identifier] = line_no
         folder = image_dir
         if match.group(1) == "train":
@@ -184,19 +204,32 @@ def load_nlvr2(jsonl_path: str, image_dir: str) -> list[NLVR2Example]:
           # `directory` on other splits is ignored.
           directory = obj.get("directory")
           if directory is None:
-            raise DataError.at(path, f"{where} has no 'directory' "
-                                      "(train images live in "
-                                      "image_dir/DIRECTORY/)")
+            raise DataError.at(
+                path,
+                f"{where} has no 'directory' "
+                "(train images live in "
+                "image_dir/DIRECTORY/)",
+            )
           if not (is_kind(directory, int) or is_kind(directory, str)):
-            raise DataError.at(path, f"{where}: directory is "
-                                      f"{show(directory)}, expected an "
-                                      "integer or a string")
+            raise DataError.at(
+                path,
+                f"{where}: directory is "
+                f"{show(directory)}, expected an "
+                "integer or a string",
+            )
           folder = os.path.join(image_dir, str(directory))
         left, right = nlvr2_image_names(identifier)
-        out.append(NLVR2Example(
-            identifier=identifier, sentence=sentence,
-            label=_NLVR2_LABELS[raw_label],
-            image_paths=(os.path.join(folder, left), os.path.join(folder, right))))
+        out.append(
+            NLVR2Example(
+                identifier=identifier,
+                sentence=sentence,
+                label=_NLVR2_LABELS[raw_label],
+                image_paths=(
+                    os.path.join(folder, left),
+                    os.path.join(folder, right),
+                ),
+            )
+        )
   except OSError as e:
     raise DataError.at(path, f"cannot read ({e.strerror})") from None
   return out
@@ -206,8 +239,9 @@ def load_nlvr2(jsonl_path: str, image_dir: str) -> list[NLVR2Example]:
 # Karpathy retrieval splits.
 
 
-def load_karpathy(json_path: str, image_root: str,
-                  split: str) -> list[RetrievalImage]:
+def load_karpathy(
+    json_path: str, image_root: str, split: str
+) -> list[RetrievalImage]:
   """Reads one split of a Karpathy file (dataset_coco.json, dataset_flickr30k.json).
 
   "train" returns the images marked "train" and "restval": the ~30k COCO
@@ -234,8 +268,9 @@ def load_karpathy(json_path: str, image_root: str,
       image_id twice in the split.
   """
   if split not in KARPATHY_SPLITS:
-    raise ValueError(f"split must be one of {', '.join(KARPATHY_SPLITS)}, "
-                     f"got {split!r}")
+    raise ValueError(
+        f"split must be one of {', '.join(KARPATHY_SPLITS)}, " f"got {split!r}"
+    )
   wanted = {"train", "restval"} if split == "train" else {split}
   path = json_path
   data = load_json(path)
@@ -246,13 +281,17 @@ def load_karpathy(json_path: str, image_root: str,
     where = f"images[{i}]"
     image_split = field(image, "split", path, where, str)
     if image_split not in KARPATHY_SPLITS:
-      raise DataError.at(path, f"{where}.split is {image_split!r}, "
-                                f"expected one of {', '.join(KARPATHY_SPLITS)}")
+      raise DataError.at(
+          path,
+          f"{where}.split is {image_split!r}, "
+          f"expected one of {', '.join(KARPATHY_SPLITS)}",
+      )
     filename = field(image, "filename", path, where, str)
     folder = image_root
     if "filepath" in image:
-      folder = os.path.join(image_root,
-                            field(image, "filepath", path, where, str))
+      folder = os.path.join(
+          image_root, field(image, "filepath", path, where, str)
+      )
     sentences = list_field(image, "sentences", path, where)
     if not sentences:
       raise DataError.at(path, f"{where}.sentences is empty")
@@ -269,12 +308,18 @@ def load_karpathy(json_path: str, image_root: str,
     if image_split not in wanted:
       continue
     if image_id in first:
-      raise DataError.at(path, f"{where}: image {image_id} is also "
-                                f"images[{first[image_id]}]")
+      raise DataError.at(
+          path,
+          f"{where}: image {image_id} is also " f"images[{first[image_id]}]",
+      )
     first[image_id] = i
-    out.append(RetrievalImage(image_id=image_id,
-                              image_path=os.path.join(folder, filename),
-                              captions=tuple(captions)))
+    out.append(
+        RetrievalImage(
+            image_id=image_id,
+            image_path=os.path.join(folder, filename),
+            captions=tuple(captions),
+        )
+    )
   return out
 
 
@@ -290,12 +335,15 @@ def _paths_of(example: Any) -> tuple[tuple[str, ...], str]:
     return (example.image_path,), f"question_id {example.question_id}"
   if isinstance(example, RetrievalImage):
     return (example.image_path,), f"image_id {example.image_id}"
-  raise TypeError(f"expected VQAExample, NLVR2Example or RetrievalImage, "
-                  f"got {type(example).__name__}")
+  raise TypeError(
+      f"expected VQAExample, NLVR2Example or RetrievalImage, "
+      f"got {type(example).__name__}"
+  )
 
 
-def check_images(examples: Iterable[VQAExample | NLVR2Example | RetrievalImage]
-                 ) -> int:
+def check_images(
+    examples: Iterable[VQAExample | NLVR2Example | RetrievalImage],
+) -> int:
   """Checks that every image file the examples name exists (stat, no decode).
 
   Args:
@@ -324,7 +372,9 @@ def check_images(examples: Iterable[VQAExample | NLVR2Example | RetrievalImage]
           first_missing = (image_path, who)
   if first_missing is not None:
     image_path, who = first_missing
-    raise DataError.at(image_path, f"no such image (needed by {who}; "
-                              f"{missing} of {len(checked)} images missing)")
+    raise DataError.at(
+        image_path,
+        f"no such image (needed by {who}; "
+        f"{missing} of {len(checked)} images missing)",
+    )
   return len(checked)
-

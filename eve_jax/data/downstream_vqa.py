@@ -28,8 +28,11 @@ def vqa_image_name(data_subtype: str, image_id: int) -> str:
   return f"COCO_{subtype}_{image_id:012d}.jpg"
 
 
-def load_vqa(questions_json: str, annotations_json: str | None = None,
-             image_dir: str = ".") -> list[VQAExample]:
+def load_vqa(
+    questions_json: str,
+    annotations_json: str | None = None,
+    image_dir: str = ".",
+) -> list[VQAExample]:
   """Reads a VQAv2 questions file and, optionally, its annotations.
 
   Args:
@@ -59,8 +62,10 @@ def load_vqa(questions_json: str, annotations_json: str | None = None,
     text = field(q, "question", qpath, where, str)
     if question_id in first_index:
       raise DataError.at(
-          qpath, f"{where}: question_id {question_id} is also "
-          f"questions[{first_index[question_id]}]")
+          qpath,
+          f"{where}: question_id {question_id} is also "
+          f"questions[{first_index[question_id]}]",
+      )
     first_index[question_id] = i
     rows.append((question_id, image_id, text))
 
@@ -71,16 +76,24 @@ def load_vqa(questions_json: str, annotations_json: str | None = None,
   examples = []
   for question_id, image_id, text in rows:
     answers, answer_type = answers_of.get(question_id, (None, None))
-    examples.append(VQAExample(
-        question_id=question_id, image_id=image_id,
-        image_path=os.path.join(image_dir, vqa_image_name(subtype, image_id)),
-        question=text, answers=answers, answer_type=answer_type))
+    examples.append(
+        VQAExample(
+            question_id=question_id,
+            image_id=image_id,
+            image_path=os.path.join(
+                image_dir, vqa_image_name(subtype, image_id)
+            ),
+            question=text,
+            answers=answers,
+            answer_type=answer_type,
+        )
+    )
   return examples
 
 
-def _vqa_answers(apath: str, subtype: str, qpath: str,
-                 rows: list[tuple[int, int, str]]
-                 ) -> dict[int, tuple[tuple[str, ...], str | None]]:
+def _vqa_answers(
+    apath: str, subtype: str, qpath: str, rows: list[tuple[int, int, str]]
+) -> dict[int, tuple[tuple[str, ...], str | None]]:
   """question_id -> (raw answers, answer_type or None), checked against the
   questions' image ids."""
   data = load_json(apath)
@@ -90,8 +103,10 @@ def _vqa_answers(apath: str, subtype: str, qpath: str,
   # confusing "no annotation" error; say what is wrong instead.
   if isinstance(ann_subtype, str) and ann_subtype != subtype:
     raise DataError.at(
-        apath, f"data_subtype is {ann_subtype!r} but "
-        f"{os.path.basename(qpath)} has {subtype!r}")
+        apath,
+        f"data_subtype is {ann_subtype!r} but "
+        f"{os.path.basename(qpath)} has {subtype!r}",
+    )
   found: dict[int, tuple[int, int, tuple[str, ...], str | None]] = {}
   for j, ann in enumerate(annotations):
     where = f"annotations[{j}]"
@@ -100,27 +115,39 @@ def _vqa_answers(apath: str, subtype: str, qpath: str,
     answers = list_field(ann, "answers", apath, where)
     if not answers:
       raise DataError.at(apath, f"{where}.answers is empty")
-    texts = tuple(field(a, "answer", apath, f"{where}.answers[{k}]", str)
-                  for k, a in enumerate(answers))
+    texts = tuple(
+        field(a, "answer", apath, f"{where}.answers[{k}]", str)
+        for k, a in enumerate(answers)
+    )
     if question_id in found:
       raise DataError.at(
-          apath, f"{where}: question_id {question_id} is also "
-          f"annotations[{found[question_id][0]}]")
+          apath,
+          f"{where}: question_id {question_id} is also "
+          f"annotations[{found[question_id][0]}]",
+      )
     answer_type = ann.get("answer_type")
-    found[question_id] = (j, image_id, texts,
-                          answer_type if isinstance(answer_type, str) else None)
+    found[question_id] = (
+        j,
+        image_id,
+        texts,
+        answer_type if isinstance(answer_type, str) else None,
+    )
   answers_of = {}
   for i, (question_id, image_id, _) in enumerate(rows):
     if question_id not in found:
       raise DataError.at(
-          apath, f"no annotation for question_id {question_id} "
-          f"(questions[{i}] of {os.path.basename(qpath)})")
+          apath,
+          f"no annotation for question_id {question_id} "
+          f"(questions[{i}] of {os.path.basename(qpath)})",
+      )
     j, ann_image_id, texts, answer_type = found[question_id]
     if ann_image_id != image_id:
       raise DataError.at(
-          apath, f"annotations[{j}] (question_id {question_id}) has image_id "
+          apath,
+          f"annotations[{j}] (question_id {question_id}) has image_id "
           f"{ann_image_id}, but questions[{i}] of {os.path.basename(qpath)} "
-          f"has image_id {image_id}")
+          f"has image_id {image_id}",
+      )
     answers_of[question_id] = (texts, answer_type)
   return answers_of
 
@@ -146,8 +173,10 @@ def load_vg_qa(qa_json: str, image_dir: str) -> list[VQAExample]:
   path = qa_json
   data = load_json(path)
   if not isinstance(data, list):
-    raise DataError.at(path, f"is {show(data)}, expected a JSON list "
-                              "of {\"id\", \"qas\"} objects")
+    raise DataError.at(
+        path,
+        f"is {show(data)}, expected a JSON list " 'of {"id", "qas"} objects',
+    )
   out = []
   first: dict[int, str] = {}
   for i, entry in enumerate(data):
@@ -160,20 +189,30 @@ def load_vg_qa(qa_json: str, image_dir: str) -> list[VQAExample]:
       question = field(qa, "question", path, where, str)
       answer = field(qa, "answer", path, where, str)
       if qa_image != image_id:
-        raise DataError.at(path, f"{where}.image_id is {qa_image}, but "
-                                  f"[{i}].id is {image_id}")
+        raise DataError.at(
+            path,
+            f"{where}.image_id is {qa_image}, but " f"[{i}].id is {image_id}",
+        )
       if qa_id in first:
-        raise DataError.at(path, f"{where}: qa_id {qa_id} is also "
-                                  f"{first[qa_id]}")
+        raise DataError.at(
+            path, f"{where}: qa_id {qa_id} is also " f"{first[qa_id]}"
+        )
       first[qa_id] = where
-      out.append(VQAExample(question_id=qa_id, image_id=image_id,
-                            image_path=image_path, question=question,
-                            answers=(answer,) * 10))
+      out.append(
+          VQAExample(
+              question_id=qa_id,
+              image_id=image_id,
+              image_path=image_path,
+              question=question,
+              answers=(answer,) * 10,
+          )
+      )
   return out
 
 
-def write_vqa_predictions(path: str,
-                          predictions: Iterable[tuple[int, str]]) -> str:
+def write_vqa_predictions(
+    path: str, predictions: Iterable[tuple[int, str]]
+) -> str:
   """Writes answers in the VQA evaluation server's result format.
 
   Args:
@@ -191,15 +230,19 @@ def write_vqa_predictions(path: str,
   seen = set()
   for k, (question_id, answer) in enumerate(predictions):
     if isinstance(question_id, bool) or not hasattr(question_id, "__index__"):
-      raise DataError.at(path, f"prediction {k}: question_id "
-                                f"{question_id!r} is not an integer")
+      raise DataError.at(
+          path,
+          f"prediction {k}: question_id " f"{question_id!r} is not an integer",
+      )
     question_id = int(question_id)  # numpy integers are not JSON numbers
     if not isinstance(answer, str):
-      raise DataError.at(path, f"prediction {k}: answer {answer!r} "
-                                "is not a string")
+      raise DataError.at(
+          path, f"prediction {k}: answer {answer!r} " "is not a string"
+      )
     if question_id in seen:
-      raise DataError.at(path, f"prediction {k}: question_id "
-                                f"{question_id} given twice")
+      raise DataError.at(
+          path, f"prediction {k}: question_id " f"{question_id} given twice"
+      )
     seen.add(question_id)
     rows.append({"question_id": question_id, "answer": answer})
   tmp = f"{path}.tmp{os.getpid()}"
@@ -213,16 +256,18 @@ def load_vqa_predictions(path: str) -> dict[int, str]:
   """Reads a result file of `write_vqa_predictions`: question_id -> answer."""
   data = load_json(path)
   if not isinstance(data, list):
-    raise DataError.at(path, f"is {show(data)}, expected a JSON list "
-                              "of {\"question_id\", \"answer\"} objects")
+    raise DataError.at(
+        path,
+        f"is {show(data)}, expected a JSON list "
+        'of {"question_id", "answer"} objects',
+    )
   out: dict[int, str] = {}
   for k, row in enumerate(data):
     question_id = field(row, "question_id", path, f"[{k}]", int)
     answer = field(row, "answer", path, f"[{k}]", str)
     if question_id in out:
-      raise DataError.at(path, f"[{k}]: question_id {question_id} "
-                                "given twice")
+      raise DataError.at(
+          path, f"[{k}]: question_id {question_id} " "given twice"
+      )
     out[question_id] = answer
   return out
-
-

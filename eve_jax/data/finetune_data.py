@@ -37,37 +37,62 @@ def read_image(path: str, size: int) -> np.ndarray:
       data = f.read()
     return transforms.normalize_image(transforms.decode(data, size, None))
   except Exception as e:  # pylint: disable=broad-except
-    raise DataError(f"{path}: cannot read the image "
-                    f"({type(e).__name__}: {str(e)[:100]})") from None
+    raise DataError(
+        f"{path}: cannot read the image "
+        f"({type(e).__name__}: {str(e)[:100]})"
+    ) from None
 
 
-def train_batches(examples: Sequence[Any], encode: Encoder, *,
-                  batch_size: int, seed: int, process_index: int = 0,
-                  process_count: int = 1, num_threads: int = 4):
+def train_batches(
+    examples: Sequence[Any],
+    encode: Encoder,
+    *,
+    batch_size: int,
+    seed: int,
+    process_index: int = 0,
+    process_count: int = 1,
+    num_threads: int = 4,
+):
   """An endless iterator (get_state / set_state) of this process's batches:
   dicts of [batch_size, ...] arrays from `encode`."""
   if len(examples) < process_count * batch_size:
-    raise DataError(f"{len(examples)} training examples are fewer than one "
-                    f"batch ({process_count} x {batch_size})")
+    raise DataError(
+        f"{len(examples)} training examples are fewer than one "
+        f"batch ({process_count} x {batch_size})"
+    )
   ds = grain.MapDataset.source(list(examples))
   ds = ds.slice(slice(process_index, None, process_count))
   ds = ds.shuffle(seed=seed).repeat().map(encode)
   ds = ds.batch(batch_size, drop_remainder=True)
-  return iter(ds.to_iter_dataset(grain.ReadOptions(
-      num_threads=num_threads, prefetch_buffer_size=2 * batch_size)))
+  return iter(
+      ds.to_iter_dataset(
+          grain.ReadOptions(
+              num_threads=num_threads, prefetch_buffer_size=2 * batch_size
+          )
+      )
+  )
 
 
-def eval_batches(examples: Sequence[Any], encode: Encoder, *,
-                 global_batch: int, process_index: int = 0,
-                 process_count: int = 1, num_threads: int = 4):
+def eval_batches(
+    examples: Sequence[Any],
+    encode: Encoder,
+    *,
+    global_batch: int,
+    process_index: int = 0,
+    process_count: int = 1,
+    num_threads: int = 4,
+):
   """This process's rows of every global batch, in order (see the module
   docstring); each batch also holds `example_valid` bool [b] and `row`
   int64 [b] (the example's index, -1 for padding)."""
   b = global_batch // process_count
   n = len(examples)
   num_batches = max(-(-n // global_batch), 1)
-  rows = [g * global_batch + process_index * b + j
-          for g in range(num_batches) for j in range(b)]
+  rows = [
+      g * global_batch + process_index * b + j
+      for g in range(num_batches)
+      for j in range(b)
+  ]
   pad = encode(examples[0])
 
   def one(row: int) -> dict[str, np.ndarray]:
@@ -80,8 +105,11 @@ def eval_batches(examples: Sequence[Any], encode: Encoder, *,
     return out
 
   ds = grain.MapDataset.source(rows).map(one).batch(b)
-  return iter(ds.to_iter_dataset(grain.ReadOptions(
-      num_threads=num_threads, prefetch_buffer_size=2 * b)))
+  return iter(
+      ds.to_iter_dataset(
+          grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=2 * b)
+      )
+  )
 
 
 def resolve(directory: str, name: str) -> str:

@@ -28,9 +28,10 @@ def _tokenizers():
   try:
     import tokenizers  # pylint: disable=g-import-not-at-top
   except ImportError:
-    raise ValueError("a Hugging Face tokenizer (tokenizer.json) needs the "
-                     "`tokenizers` package: pip install -e '.[convert]'"
-                     ) from None
+    raise ValueError(
+        "a Hugging Face tokenizer (tokenizer.json) needs the "
+        "`tokenizers` package: pip install -e '.[convert]'"
+    ) from None
   return tokenizers
 
 
@@ -68,13 +69,16 @@ class HFTokenizer:
       ids["cls"] = specials[0]
     missing = [k for k in ("pad", "cls", "mask") if ids[k] is None]
     if missing:
-      raise ValueError(f"tokenizer {path!r} has no {', '.join(missing)} "
-                       f"token (looked for {[_NAMES[k] for k in missing]})")
+      raise ValueError(
+          f"tokenizer {path!r} has no {', '.join(missing)} "
+          f"token (looked for {[_NAMES[k] for k in missing]})"
+      )
     self._pad, self._cls, self._mask = ids["pad"], ids["cls"], ids["mask"]
     self._unk = ids["unk"] if ids["unk"] is not None else self._pad
     special = {self._pad, self._unk, self._cls, self._mask}
-    special.update(i for i, t in tok.get_added_tokens_decoder().items()
-                   if t.special)
+    special.update(
+        i for i, t in tok.get_added_tokens_decoder().items() if t.special
+    )
     self._special = frozenset(special)
     self._adds_specials = bool(specials)
 
@@ -117,8 +121,9 @@ class HFTokenizer:
     """Token ids of `text`, without special tokens or padding."""
     return self._tok.encode(text, add_special_tokens=False).ids
 
-  def encode_batch(self, texts: Sequence[str], max_len: int
-                   ) -> tuple[np.ndarray, np.ndarray]:
+  def encode_batch(
+      self, texts: Sequence[str], max_len: int
+  ) -> tuple[np.ndarray, np.ndarray]:
     """The post-processor's special tokens around the pieces (CLS first),
     truncated to max_len and right-padded.
 
@@ -134,22 +139,27 @@ class HFTokenizer:
       # keeps them, as the released code's `tokenizer(...)` call did.
       self._tok.enable_truncation(max_length=max_len)
       try:
-        rows = [e.ids for e in self._tok.encode_batch(
-            list(texts), add_special_tokens=True)]
+        rows = [
+            e.ids
+            for e in self._tok.encode_batch(
+                list(texts), add_special_tokens=True
+            )
+        ]
       finally:
         self._tok.no_truncation()
     ids = np.full((len(rows), max_len), self._pad, dtype=np.int32)
     valid = np.zeros((len(rows), max_len), dtype=bool)
     for row, r in enumerate(rows):
       r = r[:max_len]
-      ids[row, :len(r)] = r
-      valid[row, :len(r)] = True
+      ids[row, : len(r)] = r
+      valid[row, : len(r)] = True
     return ids, valid
 
   def decode(self, ids: Iterable[int]) -> str:
     """Text of `ids`, skipping the special tokens."""
-    return self._tok.decode([int(i) for i in ids
-                             if int(i) not in self._special])
+    return self._tok.decode(
+        [int(i) for i in ids if int(i) not in self._special]
+    )
 
   def id_to_piece(self, i: int) -> str:
     return self._tok.id_to_token(int(i))
@@ -160,8 +170,9 @@ class HFTokenizer:
     for word in words:
       ids = self.encode(word)
       if len(ids) != 1 or ids[0] == self._unk:
-        raise ValueError(f"word {word!r} is not a single token: "
-                         f"{[self.id_to_piece(i) for i in ids]}")
+        raise ValueError(
+            f"word {word!r} is not a single token: "
+            f"{[self.id_to_piece(i) for i in ids]}"
+        )
       out.append(ids[0])
     return np.asarray(out, dtype=np.int32)
-

@@ -10,7 +10,6 @@ from typing import Any
 
 from eve_jax.data.errors import DataError
 
-
 # --------------------------------------------------------------------------
 # Validation helpers: every check names the file and the entry.
 
@@ -47,8 +46,12 @@ def load_json(path: str) -> Any:
     raise DataError.at(path, f"cannot read ({e.strerror})") from None
 
 
-KIND_NAMES = {int: "an integer", str: "a string", list: "a list",
-               dict: "an object"}
+KIND_NAMES = {
+    int: "an integer",
+    str: "a string",
+    list: "a list",
+    dict: "an object",
+}
 
 
 def is_kind(value: Any, kind: type) -> bool:
@@ -58,8 +61,9 @@ def is_kind(value: Any, kind: type) -> bool:
   return isinstance(value, kind)
 
 
-def field(obj: Any, key: str, path: str, where: str,
-           kind: type | None = None) -> Any:
+def field(
+    obj: Any, key: str, path: str, where: str, kind: type | None = None
+) -> Any:
   """obj[key], or a DataError naming the file, entry and field.
 
   Args:
@@ -73,18 +77,18 @@ def field(obj: Any, key: str, path: str, where: str,
     The field's value.
   """
   if not isinstance(obj, dict):
-    raise DataError.at(path, f"{where} is {show(obj)}, expected an "
-                              f"object with {key!r}")
+    raise DataError.at(
+        path, f"{where} is {show(obj)}, expected an " f"object with {key!r}"
+    )
   if key not in obj:
     raise DataError.at(path, f"{where} has no {key!r}")
   value = obj[key]
   if kind is not None and not is_kind(value, kind):
-    raise DataError.at(path, f"{where}.{key} is {show(value)}, "
-                              f"expected {KIND_NAMES[kind]}")
+    raise DataError.at(
+        path, f"{where}.{key} is {show(value)}, " f"expected {KIND_NAMES[kind]}"
+    )
   return value
 
 
 def list_field(obj: Any, key: str, path: str, where: str) -> list[Any]:
   return field(obj, key, path, where, list)
-
-

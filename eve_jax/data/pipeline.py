@@ -28,62 +28,68 @@ TRAIN_LENGTH = 2**30
 
 
 def split_seed(seed: int, split: str) -> int:
-    """Generator stream of `split`: train and eval never share a stream.
+  """Generator stream of `split`: train and eval never share a stream.
 
-    Even / odd stream seeds keep the splits apart for every user seed, so
-    (train, seed=s) can never equal (eval, seed=t).
-    """
-    if split not in SPLITS:
-        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
-    if seed < 0:
-        raise ValueError(f"seed must be >= 0, got {seed}")
-    return 2 * seed + SPLITS.index(split)
+  Even / odd stream seeds keep the splits apart for every user seed, so
+  (train, seed=s) can never equal (eval, seed=t).
+  """
+  if split not in SPLITS:
+    raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+  if seed < 0:
+    raise ValueError(f"seed must be >= 0, got {seed}")
+  return 2 * seed + SPLITS.index(split)
 
 
 class ShapesSource:
-    """Random-access EVE-Shapes records of one split.
+  """Random-access EVE-Shapes records of one split.
 
-    `source[i]` is a dict: image uint8 [H, W, 3], caption str, index int
-    (i itself, the record's id within the split).
-    """
+  `source[i]` is a dict: image uint8 [H, W, 3], caption str, index int
+  (i itself, the record's id within the split).
+  """
 
-    def __init__(self, *, split: str, seed: int, image_size: int, length: int):
-        self.split = split
-        self.stream_seed = split_seed(seed, split)
-        self.image_size = image_size
-        self._length = length
+  def __init__(self, *, split: str, seed: int, image_size: int, length: int):
+    self.split = split
+    self.stream_seed = split_seed(seed, split)
+    self.image_size = image_size
+    self._length = length
 
-    def __len__(self) -> int:
-        return self._length
+  def __len__(self) -> int:
+    return self._length
 
-    def __getitem__(self, index: int) -> dict[str, Any]:
-        if not 0 <= index < self._length:
-            raise IndexError(f"record {index} out of range [0, {self._length})")
-        example = shapes.generate(self.stream_seed, int(index), self.image_size)
-        return {"image": example.image, "caption": example.caption, "index": int(index)}
+  def __getitem__(self, index: int) -> dict[str, Any]:
+    if not 0 <= index < self._length:
+      raise IndexError(f"record {index} out of range [0, {self._length})")
+    example = shapes.generate(self.stream_seed, int(index), self.image_size)
+    return {
+        "image": example.image,
+        "caption": example.caption,
+        "index": int(index),
+    }
 
-    def __repr__(self) -> str:
-        return (
-            f"ShapesSource(split={self.split!r}, stream_seed={self.stream_seed}, "
-            f"image_size={self.image_size}, length={self._length})"
-        )
+  def __repr__(self) -> str:
+    return (
+        f"ShapesSource(split={self.split!r}, stream_seed={self.stream_seed}, "
+        f"image_size={self.image_size}, length={self._length})"
+    )
 
 
 class _Preprocess(grain.transforms.Map):
-    """Record -> model inputs: normalized image, [CLS]-first token ids."""
+  """Record -> model inputs: normalized image, [CLS]-first token ids."""
 
-    def __init__(self, tokenizer: Tokenizer, max_text_len: int):
-        self._tokenizer = tokenizer
-        self._max_text_len = max_text_len
+  def __init__(self, tokenizer: Tokenizer, max_text_len: int):
+    self._tokenizer = tokenizer
+    self._max_text_len = max_text_len
 
-    def map(self, record: dict[str, Any]) -> dict[str, np.ndarray]:
-        ids, valid = self._tokenizer.encode_batch([record["caption"]], self._max_text_len)
-        return {
-            "image": normalize_image(record["image"]),
-            "text": ids[0],
-            "text_valid": valid[0],
-            "index": np.int64(record["index"]),
-        }
+  def map(self, record: dict[str, Any]) -> dict[str, np.ndarray]:
+    ids, valid = self._tokenizer.encode_batch(
+        [record["caption"]], self._max_text_len
+    )
+    return {
+        "image": normalize_image(record["image"]),
+        "text": ids[0],
+        "text_valid": valid[0],
+        "index": np.int64(record["index"]),
+    }
 
 
 def make_shapes_dataset(
@@ -103,51 +109,57 @@ def make_shapes_dataset(
     num_threads: int = 2,
     prefetch_batches: int = 4,
 ) -> grain.IterDataset:
-    """EVE-Shapes batches for this process.
+  """EVE-Shapes batches for this process.
 
-    Use `it = iter(ds)`; `it.get_state()` is a small JSON-serializable dict,
-    and `fresh_it.set_state(state)` on a new iterator of an identically
-    built dataset continues with exactly the same batches.
+  Use `it = iter(ds)`; `it.get_state()` is a small JSON-serializable dict,
+  and `fresh_it.set_state(state)` on a new iterator of an identically
+  built dataset continues with exactly the same batches.
 
-    Args:
-      split: "train" or "eval" (disjoint generator streams).
-      seed: data seed; also seeds the shuffle (reshuffled every epoch).
-      batch_size: per-process batch size.
-      image_size: H = W.
-      tokenizer: text tokenizer; `max_text_len` includes the [CLS] token.
-      max_text_len: token sequence length L (longer captions are truncated).
-      process_index, process_count: this process takes records
-        process_index::process_count, a disjoint cover of the split.
-      num_examples: records in the split; required for "eval", defaults to
-        TRAIN_LENGTH for "train".
-      shuffle, repeat, drop_remainder: for eval use False, False, False to
-        see each of the num_examples records exactly once (summed over
-        processes; the last batch may be smaller and shards may differ by one
-        record when process_count does not divide num_examples).
-      num_threads, prefetch_batches: grain read threads and prefetched
-        batches (bounded, since a 224 px batch of 256 is ~150 MB).
+  Args:
+    split: "train" or "eval" (disjoint generator streams).
+    seed: data seed; also seeds the shuffle (reshuffled every epoch).
+    batch_size: per-process batch size.
+    image_size: H = W.
+    tokenizer: text tokenizer; `max_text_len` includes the [CLS] token.
+    max_text_len: token sequence length L (longer captions are truncated).
+    process_index, process_count: this process takes records
+      process_index::process_count, a disjoint cover of the split.
+    num_examples: records in the split; required for "eval", defaults to
+      TRAIN_LENGTH for "train".
+    shuffle, repeat, drop_remainder: for eval use False, False, False to
+      see each of the num_examples records exactly once (summed over
+      processes; the last batch may be smaller and shards may differ by one
+      record when process_count does not divide num_examples).
+    num_threads, prefetch_batches: grain read threads and prefetched
+      batches (bounded, since a 224 px batch of 256 is ~150 MB).
 
-    Returns:
-      A grain.IterDataset of dicts: image float32 [b, H, W, 3] in [-1, 1],
-      text int32 [b, L], text_valid bool [b, L], index int64 [b].
-    """
-    if num_examples is None:
-        if split == "eval":
-            raise ValueError("split='eval' needs num_examples")
-        num_examples = TRAIN_LENGTH
-    if not 0 <= process_index < process_count:
-        raise ValueError(f"process_index {process_index} not in [0, {process_count})")
-    source = ShapesSource(split=split, seed=seed, image_size=image_size, length=num_examples)
-    ds = grain.MapDataset.source(source)
-    # Shard before shuffling: each process permutes only its own records, so
-    # shards stay disjoint whatever the shuffle seed.
-    ds = ds.slice(slice(process_index, None, process_count))
-    if shuffle:
-        ds = ds.shuffle(seed=seed)
-    if repeat:
-        ds = ds.repeat()
-    ds = ds.map(_Preprocess(tokenizer, max_text_len))
-    ds = ds.batch(batch_size, drop_remainder=drop_remainder)
-    return ds.to_iter_dataset(
-        grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=prefetch_batches)
+  Returns:
+    A grain.IterDataset of dicts: image float32 [b, H, W, 3] in [-1, 1],
+    text int32 [b, L], text_valid bool [b, L], index int64 [b].
+  """
+  if num_examples is None:
+    if split == "eval":
+      raise ValueError("split='eval' needs num_examples")
+    num_examples = TRAIN_LENGTH
+  if not 0 <= process_index < process_count:
+    raise ValueError(
+        f"process_index {process_index} not in [0, {process_count})"
     )
+  source = ShapesSource(
+      split=split, seed=seed, image_size=image_size, length=num_examples
+  )
+  ds = grain.MapDataset.source(source)
+  # Shard before shuffling: each process permutes only its own records, so
+  # shards stay disjoint whatever the shuffle seed.
+  ds = ds.slice(slice(process_index, None, process_count))
+  if shuffle:
+    ds = ds.shuffle(seed=seed)
+  if repeat:
+    ds = ds.repeat()
+  ds = ds.map(_Preprocess(tokenizer, max_text_len))
+  ds = ds.batch(batch_size, drop_remainder=drop_remainder)
+  return ds.to_iter_dataset(
+      grain.ReadOptions(
+          num_threads=num_threads, prefetch_buffer_size=prefetch_batches
+      )
+  )

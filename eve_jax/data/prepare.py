@@ -55,10 +55,19 @@ import numpy as np
 
 from eve_jax.data import records
 from eve_jax.data.errors import DataError
-from eve_jax.data.prepare_readers import (coco_items, one_line, tsv_items,
-                                         vg_items, webdataset_items)
-from eve_jax.data.prepare_sink import (Item, convert, default_workers,
-                                      summary_line)
+from eve_jax.data.prepare_readers import (
+    coco_items,
+    one_line,
+    tsv_items,
+    vg_items,
+    webdataset_items,
+)
+from eve_jax.data.prepare_sink import (
+    Item,
+    convert,
+    default_workers,
+    summary_line,
+)
 
 PROG = "python -m eve_jax.data.prepare"
 _NAME = re.compile(r"^[a-z][a-z0-9_]*$")
@@ -75,19 +84,23 @@ def corpus_dirs(paths: Sequence[str]) -> list[str]:
     if records.is_corpus(path):
       out.append(path)
     elif os.path.isdir(path):
-      found = sorted(os.path.join(path, n) for n in os.listdir(path)
-                     if records.is_corpus(os.path.join(path, n)))
+      found = sorted(
+          os.path.join(path, n)
+          for n in os.listdir(path)
+          if records.is_corpus(os.path.join(path, n))
+      )
       if not found:
-        raise DataError.at(path, "not a prepared corpus (no dataset_info."
-                           "json) and holds none")
+        raise DataError.at(
+            path,
+            "not a prepared corpus (no dataset_info." "json) and holds none",
+        )
       out.extend(found)
     else:
       raise DataError.at(path, "no such directory")
   return out
 
 
-def sample_captions(directories: Sequence[str], max_captions: int
-                    ) -> list[str]:
+def sample_captions(directories: Sequence[str], max_captions: int) -> list[str]:
   """Up to `max_captions` train captions, spread evenly over all corpora.
 
   Each corpus gives a share proportional to its pairs, taken at evenly spaced
@@ -99,15 +112,16 @@ def sample_captions(directories: Sequence[str], max_captions: int
     try:
       splits.append(records.CorpusSplit(d, "train"))
     except OSError as e:
-      raise DataError.at(d, f"cannot read its train split "
-                         f"({one_line(e)})") from None
+      raise DataError.at(
+          d, f"cannot read its train split " f"({one_line(e)})"
+      ) from None
   sizes = np.asarray([s.num_pairs for s in splits], np.int64)
   total = int(sizes.sum())
   take = min(max_captions, total)
   # Largest-remainder shares: they sum to `take` exactly.
   exact = sizes * take / max(total, 1)
   shares = np.floor(exact).astype(np.int64)
-  for i in np.argsort(-(exact - shares), kind="stable")[:take - shares.sum()]:
+  for i in np.argsort(-(exact - shares), kind="stable")[: take - shares.sum()]:
     shares[i] += 1
   texts = []
   for split, size, share in zip(splits, sizes, shares):
@@ -127,6 +141,7 @@ def sample_captions(directories: Sequence[str], max_captions: int
 
 def _tokenizer(args: argparse.Namespace) -> None:
   from eve_jax.data import tokenizer  # pylint: disable=g-import-not-at-top
+
   directories = corpus_dirs(args.corpora)
   texts = sample_captions(directories, args.max_captions)
   if not texts:
@@ -136,9 +151,11 @@ def _tokenizer(args: argparse.Namespace) -> None:
     vocab = tokenizer.Tokenizer(path).vocab_size
   except (RuntimeError, ValueError) as e:  # sentencepiece's errors
     raise DataError.at(args.out, f"training failed ({one_line(e)})") from None
-  print(f"tokenizer: {vocab:,} pieces -> {path} (trained on {len(texts):,} "
-        f"captions of {len(directories)} "
-        f"{'corpus' if len(directories) == 1 else 'corpora'})")
+  print(
+      f"tokenizer: {vocab:,} pieces -> {path} (trained on {len(texts):,} "
+      f"captions of {len(directories)} "
+      f"{'corpus' if len(directories) == 1 else 'corpora'})"
+  )
 
 
 # ----------------------------------------------------------------------------
@@ -162,76 +179,149 @@ def _non_negative(text: str) -> int:
 def _name(text: str) -> str:
   if not _NAME.match(text):
     raise argparse.ArgumentTypeError(
-        f"{text!r}: use lowercase letters, digits and _ (e.g. cc3m)")
+        f"{text!r}: use lowercase letters, digits and _ (e.g. cc3m)"
+    )
   return text
 
 
 def parser() -> argparse.ArgumentParser:
   p = argparse.ArgumentParser(
-      prog=PROG, description="Convert an image-text corpus into a prepared "
+      prog=PROG,
+      description="Convert an image-text corpus into a prepared "
       "corpus (tfds ArrayRecord) for eve_jax training, or train the "
-      "tokenizer on prepared corpora.")
+      "tokenizer on prepared corpora.",
+  )
   sub = p.add_subparsers(dest="source", required=True, metavar="SOURCE")
 
   def source(name: str, help_: str) -> argparse.ArgumentParser:
     s = sub.add_parser(name, help=help_, description=help_)
-    s.add_argument("--out", required=True, metavar="DIR",
-                   help="the corpus directory to write (must not hold one)")
-    s.add_argument("--name", type=_name, default=name,
-                   help=f"corpus name (default {name})")
-    s.add_argument("--records_per_shard", type=_positive, default=2048,
-                   metavar="N", help="images per shard file (default 2048)")
-    s.add_argument("--eval_images", type=_non_negative, default=0,
-                   metavar="N", help="hold out N images, picked by a hash "
-                   "of their id, in split 'eval' (default 0)")
-    s.add_argument("--workers", type=_positive, default=default_workers(),
-                   metavar="N", help="threads reading and decoding images "
-                   "(default min(8, cpus))")
-    s.add_argument("--limit", type=_positive, default=None, metavar="N",
-                   help="stop after N images (smoke runs)")
+    s.add_argument(
+        "--out",
+        required=True,
+        metavar="DIR",
+        help="the corpus directory to write (must not hold one)",
+    )
+    s.add_argument(
+        "--name", type=_name, default=name, help=f"corpus name (default {name})"
+    )
+    s.add_argument(
+        "--records_per_shard",
+        type=_positive,
+        default=2048,
+        metavar="N",
+        help="images per shard file (default 2048)",
+    )
+    s.add_argument(
+        "--eval_images",
+        type=_non_negative,
+        default=0,
+        metavar="N",
+        help="hold out N images, picked by a hash "
+        "of their id, in split 'eval' (default 0)",
+    )
+    s.add_argument(
+        "--workers",
+        type=_positive,
+        default=default_workers(),
+        metavar="N",
+        help="threads reading and decoding images " "(default min(8, cpus))",
+    )
+    s.add_argument(
+        "--limit",
+        type=_positive,
+        default=None,
+        metavar="N",
+        help="stop after N images (smoke runs)",
+    )
     return s
 
   coco = source("coco", "COCO captions (captions_*.json + image folders)")
-  coco.add_argument("--captions", nargs="+", required=True, metavar="FILE",
-                    help="captions_train2017.json, captions_val2014.json, ...")
-  coco.add_argument("--images", nargs="+", required=True, metavar="DIR",
-                    help="folders searched for each image's file_name")
-  coco.add_argument("--exclude_karpathy_test", metavar="KARPATHY.json",
-                    help="Karpathy's dataset_coco.json: drop its val and "
-                    "test images (by cocoid)")
+  coco.add_argument(
+      "--captions",
+      nargs="+",
+      required=True,
+      metavar="FILE",
+      help="captions_train2017.json, captions_val2014.json, ...",
+  )
+  coco.add_argument(
+      "--images",
+      nargs="+",
+      required=True,
+      metavar="DIR",
+      help="folders searched for each image's file_name",
+  )
+  coco.add_argument(
+      "--exclude_karpathy_test",
+      metavar="KARPATHY.json",
+      help="Karpathy's dataset_coco.json: drop its val and "
+      "test images (by cocoid)",
+  )
   vg = source("vg", "Visual Genome region descriptions")
-  vg.add_argument("--regions", required=True, metavar="FILE",
-                  help="region_descriptions.json")
-  vg.add_argument("--images", nargs="+", required=True, metavar="DIR",
-                  help="VG_100K, VG_100K_2: folders of {image_id}.jpg")
+  vg.add_argument(
+      "--regions",
+      required=True,
+      metavar="FILE",
+      help="region_descriptions.json",
+  )
+  vg.add_argument(
+      "--images",
+      nargs="+",
+      required=True,
+      metavar="DIR",
+      help="VG_100K, VG_100K_2: folders of {image_id}.jpg",
+  )
   wds = source("webdataset", "img2dataset tar shards (CC3M, CC12M, SBU)")
-  wds.add_argument("--shards", nargs="+", required=True, metavar="TAR",
-                   help="tar files or glob patterns ('cc3m/*.tar')")
-  tsv = source("tsv", "a TSV (image<TAB>caption) or parquet table of local "
-               "image paths")
-  tsv.add_argument("--file", required=True, metavar="FILE",
-                   help="the .tsv, or a .parquet with columns image, caption")
-  tsv.add_argument("--images", metavar="DIR",
-                   help="folder of relative image paths (default: the "
-                   "file's folder)")
+  wds.add_argument(
+      "--shards",
+      nargs="+",
+      required=True,
+      metavar="TAR",
+      help="tar files or glob patterns ('cc3m/*.tar')",
+  )
+  tsv = source(
+      "tsv",
+      "a TSV (image<TAB>caption) or parquet table of local " "image paths",
+  )
+  tsv.add_argument(
+      "--file",
+      required=True,
+      metavar="FILE",
+      help="the .tsv, or a .parquet with columns image, caption",
+  )
+  tsv.add_argument(
+      "--images",
+      metavar="DIR",
+      help="folder of relative image paths (default: the " "file's folder)",
+  )
   tok = sub.add_parser(
-      "tokenizer", help="train the SentencePiece model on prepared corpora",
+      "tokenizer",
+      help="train the SentencePiece model on prepared corpora",
       description="Train the SentencePiece tokenizer on the train captions "
-      "of prepared corpora.")
-  tok.add_argument("corpora", nargs="+", metavar="DIR",
-                   help="prepared corpora, or folders of them")
-  tok.add_argument("--out", required=True, metavar="MODEL",
-                   help="the .model file to write")
+      "of prepared corpora.",
+  )
+  tok.add_argument(
+      "corpora",
+      nargs="+",
+      metavar="DIR",
+      help="prepared corpora, or folders of them",
+  )
+  tok.add_argument(
+      "--out", required=True, metavar="MODEL", help="the .model file to write"
+  )
   tok.add_argument("--vocab_size", type=_positive, default=30522)
-  tok.add_argument("--max_captions", type=_positive, default=1_000_000,
-                   help="captions to learn from, spread over all corpora")
+  tok.add_argument(
+      "--max_captions",
+      type=_positive,
+      default=1_000_000,
+      help="captions to learn from, spread over all corpora",
+  )
   return p
 
 
-_SOURCES: dict[str, Callable[[argparse.Namespace],
-                             tuple[Iterator[Item], list[str]]]] = {
-    "coco": lambda a: coco_items(a.captions, a.images,
-                                 a.exclude_karpathy_test),
+_SOURCES: dict[
+    str, Callable[[argparse.Namespace], tuple[Iterator[Item], list[str]]]
+] = {
+    "coco": lambda a: coco_items(a.captions, a.images, a.exclude_karpathy_test),
     "vg": lambda a: vg_items(a.regions, a.images),
     "webdataset": lambda a: webdataset_items(a.shards),
     "tsv": lambda a: tsv_items(a.file, a.images),
@@ -240,15 +330,24 @@ _SOURCES: dict[str, Callable[[argparse.Namespace],
 
 def _prepare(args: argparse.Namespace) -> None:
   if records.is_corpus(args.out):  # before reading gigabytes of JSON
-    raise DataError.at(args.out, "already holds a prepared corpus; choose "
-                       "another --out or delete it first")
+    raise DataError.at(
+        args.out,
+        "already holds a prepared corpus; choose "
+        "another --out or delete it first",
+    )
   if os.path.exists(args.out) and not os.path.isdir(args.out):
     raise DataError.at(args.out, "exists and is not a directory")
   items, inputs = _SOURCES[args.source](args)
-  summary = convert(items, args.out, args.name, inputs=inputs,
-                    records_per_shard=args.records_per_shard,
-                    eval_images=args.eval_images, workers=args.workers,
-                    limit=args.limit)
+  summary = convert(
+      items,
+      args.out,
+      args.name,
+      inputs=inputs,
+      records_per_shard=args.records_per_shard,
+      eval_images=args.eval_images,
+      workers=args.workers,
+      limit=args.limit,
+  )
   print(summary_line(summary, args.out), flush=True)
 
 

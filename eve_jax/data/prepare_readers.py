@@ -18,8 +18,12 @@ from typing import Any, Iterator, Sequence
 
 from eve_jax.data.errors import DataError
 
-from eve_jax.data.prepare_sink import (NO_IMAGE, UNDECODABLE_CAPTION, Item,
-                                      WEBDATASET_IMAGE_EXTS)
+from eve_jax.data.prepare_sink import (
+    NO_IMAGE,
+    UNDECODABLE_CAPTION,
+    Item,
+    WEBDATASET_IMAGE_EXTS,
+)
 
 # ----------------------------------------------------------------------------
 # Reading inputs. Each source checks what it can up front (files, folders,
@@ -54,20 +58,30 @@ def _load_json(path: str) -> Any:
     raise DataError.at(path, f"cannot read ({e.strerror})") from None
 
 
-def _field(obj: Any, key: str, path: str, where: str,
-           kind: type | tuple[type, ...] | None = None) -> Any:
+def _field(
+    obj: Any,
+    key: str,
+    path: str,
+    where: str,
+    kind: type | tuple[type, ...] | None = None,
+) -> Any:
   """obj[key], or a DataError naming the file, the entry and the field."""
   if not isinstance(obj, dict):
-    raise DataError.at(path, f"{where} is a {type(obj).__name__}, expected "
-                       f"an object with field {key!r}")
+    raise DataError.at(
+        path,
+        f"{where} is a {type(obj).__name__}, expected "
+        f"an object with field {key!r}",
+    )
   if key not in obj:
     raise DataError.at(path, f"{where} has no field {key!r}")
   value = obj[key]
   if kind is not None and not isinstance(value, kind):
-    names = " or ".join(k.__name__ for k in
-                        (kind if isinstance(kind, tuple) else (kind,)))
-    raise DataError.at(path, f"{where}.{key} is {json.dumps(value)[:60]}, "
-                       f"expected {names}")
+    names = " or ".join(
+        k.__name__ for k in (kind if isinstance(kind, tuple) else (kind,))
+    )
+    raise DataError.at(
+        path, f"{where}.{key} is {json.dumps(value)[:60]}, " f"expected {names}"
+    )
   return value
 
 
@@ -102,9 +116,11 @@ class _ImageFolders:
     return None
 
 
-def coco_items(captions_files: Sequence[str], image_folders: Sequence[str],
-               karpathy: str | None = None
-               ) -> tuple[Iterator[Item], list[str]]:
+def coco_items(
+    captions_files: Sequence[str],
+    image_folders: Sequence[str],
+    karpathy: str | None = None,
+) -> tuple[Iterator[Item], list[str]]:
   """COCO captions files + image folders -> items in image-id order."""
   files: dict[int | str, tuple[str, str]] = {}  # id -> (file_name, json)
   captions: dict[int | str, list[str]] = collections.defaultdict(list)
@@ -116,17 +132,21 @@ def coco_items(captions_files: Sequence[str], image_folders: Sequence[str],
       image_id = _field(image, "id", path, f"images[{i}]", (int, str))
       file_name = _field(image, "file_name", path, f"images[{i}]", str)
       if image_id in files:
-        raise DataError.at(path, f"images[{i}]: id {image_id} is also in "
-                           f"{files[image_id][1]}; give captions files that "
-                           "do not overlap")
+        raise DataError.at(
+            path,
+            f"images[{i}]: id {image_id} is also in "
+            f"{files[image_id][1]}; give captions files that "
+            "do not overlap",
+        )
       files[image_id] = (file_name, path)
     for i, ann in enumerate(annotations):
-      image_id = _field(ann, "image_id", path, f"annotations[{i}]",
-                        (int, str))
+      image_id = _field(ann, "image_id", path, f"annotations[{i}]", (int, str))
       caption = _field(ann, "caption", path, f"annotations[{i}]", str)
       if image_id not in files:
-        raise DataError.at(path, f"annotations[{i}]: image_id {image_id} is "
-                           "in no 'images' entry")
+        raise DataError.at(
+            path,
+            f"annotations[{i}]: image_id {image_id} is " "in no 'images' entry",
+        )
       captions[image_id].append(caption)
   held_out = _karpathy_held_out(karpathy) if karpathy else {}
   folders = _ImageFolders(image_folders)
@@ -140,8 +160,12 @@ def coco_items(captions_files: Sequence[str], image_folders: Sequence[str],
       if split is not None:
         yield Item(str(image_id), skip=f"karpathy {split}")
       else:
-        yield Item(str(image_id), captions.get(image_id, ()),
-                   path=folders.find(files[image_id][0]))
+        yield Item(
+            str(image_id),
+            captions.get(image_id, ()),
+            path=folders.find(files[image_id][0]),
+        )
+
   return items(), inputs
 
 
@@ -162,20 +186,25 @@ def _karpathy_held_out(path: str) -> dict[int, str]:
     cocoid = _field(image, "cocoid", path, f"images[{i}]", (int, str))
     if split in ("val", "test"):
       if _as_int(cocoid) is None:
-        raise DataError.at(path, f"images[{i}].cocoid is {cocoid!r}, "
-                           "expected an integer")
+        raise DataError.at(
+            path, f"images[{i}].cocoid is {cocoid!r}, " "expected an integer"
+        )
       out[int(cocoid)] = split
   return out
 
 
-def vg_items(regions_file: str, image_folders: Sequence[str]
-             ) -> tuple[Iterator[Item], list[str]]:
+def vg_items(
+    regions_file: str, image_folders: Sequence[str]
+) -> tuple[Iterator[Item], list[str]]:
   """Visual Genome region descriptions + image folders -> items by id."""
   data = _load_json(regions_file)
   if not isinstance(data, list):
-    raise DataError.at(regions_file, "expected a JSON list of images "
-                       "[{id, regions: [{phrase}]}], found a "
-                       f"{type(data).__name__}")
+    raise DataError.at(
+        regions_file,
+        "expected a JSON list of images "
+        "[{id, regions: [{phrase}]}], found a "
+        f"{type(data).__name__}",
+    )
   phrases: dict[int | str, list[str]] = {}
   for i, image in enumerate(data):
     image_id = _field(image, "id", regions_file, f"[{i}]", (int, str))
@@ -184,22 +213,26 @@ def vg_items(regions_file: str, image_folders: Sequence[str]
       raise DataError.at(regions_file, f"[{i}]: id {image_id} appears twice")
     phrases[image_id] = [
         _field(r, "phrase", regions_file, f"[{i}].regions[{k}]", str)
-        for k, r in enumerate(regions)]
+        for k, r in enumerate(regions)
+    ]
   del data  # the region boxes are not needed: free them before the run
   folders = _ImageFolders(image_folders)
 
   def items() -> Iterator[Item]:
     for image_id in sorted(phrases, key=_id_key):
-      yield Item(str(image_id), phrases[image_id],
-                 path=folders.find(f"{image_id}.jpg"))
+      yield Item(
+          str(image_id), phrases[image_id], path=folders.find(f"{image_id}.jpg")
+      )
+
   return items(), [os.path.abspath(regions_file)] + folders.folders
 
 
 _TAR_ERRORS = (tarfile.TarError, EOFError, OSError, zlib.error)
 
 
-def webdataset_items(patterns: Sequence[str]
-                     ) -> tuple[Iterator[Item], list[str]]:
+def webdataset_items(
+    patterns: Sequence[str],
+) -> tuple[Iterator[Item], list[str]]:
   """img2dataset tar shards (files or glob patterns) -> items in tar order."""
   shards = []
   for pattern in patterns:
@@ -230,6 +263,7 @@ def webdataset_items(patterns: Sequence[str]
           yield Item(key, skip=UNDECODABLE_CAPTION)
           continue
         yield Item(key, [caption] if caption else [], data=parts[ext])
+
   return items(), [os.path.abspath(s) for s in shards]
 
 
@@ -279,18 +313,23 @@ def _sample_caption(parts: dict[str, bytes]) -> str | None:
   return ""
 
 
-def tsv_items(path: str, images: str | None = None
-              ) -> tuple[Iterator[Item], list[str]]:
+def tsv_items(
+    path: str, images: str | None = None
+) -> tuple[Iterator[Item], list[str]]:
   """A TSV or parquet table of (image path, caption) -> items, one per image.
 
   Rows of the same image path become one item with all of their captions;
   images keep the order of their first row.
   """
   _check_file(path)
-  base = _check_dir(images) if images else os.path.dirname(
-      os.path.abspath(path))
-  rows = (_parquet_rows(path) if path.lower().endswith(".parquet")
-          else _tsv_rows(path))
+  base = (
+      _check_dir(images) if images else os.path.dirname(os.path.abspath(path))
+  )
+  rows = (
+      _parquet_rows(path)
+      if path.lower().endswith(".parquet")
+      else _tsv_rows(path)
+  )
   groups: dict[str, list[str]] = {}
   for image, caption in rows:
     groups.setdefault(image, []).append(caption)
@@ -298,6 +337,7 @@ def tsv_items(path: str, images: str | None = None
   def items() -> Iterator[Item]:
     for image, captions in groups.items():
       yield Item(image, captions, path=os.path.join(base, image))
+
   inputs = [os.path.abspath(path)] + ([base] if images else [])
   return items(), inputs
 
@@ -314,12 +354,15 @@ def _tsv_rows(path: str) -> Iterator[tuple[str, str]]:
       if not line.strip():
         continue
       columns = line.split("\t", 1)  # a tab inside a caption stays in it
-      if n == 1 and [c.strip().lower() for c in columns] == ["image",
-                                                             "caption"]:
+      if n == 1 and [c.strip().lower() for c in columns] == [
+          "image",
+          "caption",
+      ]:
         continue
       if len(columns) < 2:
-        raise DataError.at(path, f"line {n}: one column, expected "
-                           "image<TAB>caption")
+        raise DataError.at(
+            path, f"line {n}: one column, expected " "image<TAB>caption"
+        )
       if not columns[0].strip():
         raise DataError.at(path, f"line {n}: empty image path")
       yield columns[0].strip(), columns[1]
@@ -329,8 +372,11 @@ def _parquet_rows(path: str) -> Iterator[tuple[str, str]]:
   try:
     import pyarrow.parquet as pq  # pylint: disable=g-import-not-at-top
   except ImportError:
-    raise DataError.at(path, "reading .parquet needs pyarrow (pip install "
-                       "pyarrow), or convert it to TSV") from None
+    raise DataError.at(
+        path,
+        "reading .parquet needs pyarrow (pip install "
+        "pyarrow), or convert it to TSV",
+    ) from None
   try:
     table = pq.ParquetFile(path)
     names = table.schema_arrow.names
@@ -339,24 +385,33 @@ def _parquet_rows(path: str) -> Iterator[tuple[str, str]]:
     raise DataError.at(path, f"not a parquet file ({one_line(e)})") from None
   for column in ("image", "caption"):
     if column not in names:
-      raise DataError.at(path, f"no column {column!r} (columns: "
-                         f"{', '.join(names)})")
+      raise DataError.at(
+          path, f"no column {column!r} (columns: " f"{', '.join(names)})"
+      )
   row = 0
   try:
     batches = table.iter_batches(columns=["image", "caption"])
     for batch in batches:
-      for image, caption in zip(batch.column(0).to_pylist(),
-                                batch.column(1).to_pylist()):
+      for image, caption in zip(
+          batch.column(0).to_pylist(), batch.column(1).to_pylist()
+      ):
         row += 1
         if not isinstance(image, str) or not image.strip():
-          raise DataError.at(path, f"row {row}: image is "
-                             f"{str(image)[:40]!r}, expected a file path")
+          raise DataError.at(
+              path,
+              f"row {row}: image is "
+              f"{str(image)[:40]!r}, expected a file path",
+          )
         if caption is not None and not isinstance(caption, str):
-          raise DataError.at(path, f"row {row}: caption is "
-                             f"{type(caption).__name__}, expected text")
+          raise DataError.at(
+              path,
+              f"row {row}: caption is "
+              f"{type(caption).__name__}, expected text",
+          )
         yield image.strip(), caption or ""
   except DataError:
     raise
   except Exception as e:  # pylint: disable=broad-except
-    raise DataError.at(path, f"row {row + 1}: unreadable "
-                       f"({one_line(e)})") from None
+    raise DataError.at(
+        path, f"row {row + 1}: unreadable " f"({one_line(e)})"
+    ) from None

@@ -28,7 +28,6 @@ from PIL import Image
 from eve_jax.data import records
 from eve_jax.data.errors import DataError
 
-
 # Skip reasons: the keys of summary["skipped"].
 MISSING_IMAGE = "missing image"
 UNREADABLE_IMAGE = "unreadable image"
@@ -58,6 +57,7 @@ class Item:
     skip: a reason to drop the image decided by the source (Karpathy split),
       or None.
   """
+
   image_id: str
   captions: Sequence[str] = ()
   path: str | None = None
@@ -67,6 +67,7 @@ class Item:
 
 class Loaded(NamedTuple):
   """What `load_image` made of one image: bytes to store, or a skip reason."""
+
   data: bytes | None
   reason: str | None
   reencoded: bool
@@ -119,7 +120,8 @@ def load_image(path: str | None, data: bytes | None) -> Loaded:
 def eval_key(image_id: str) -> int:
   """The hash that picks the --eval_images held-out set (smallest first)."""
   return int.from_bytes(
-      hashlib.blake2b(image_id.encode("utf-8"), digest_size=8).digest(), "big")
+      hashlib.blake2b(image_id.encode("utf-8"), digest_size=8).digest(), "big"
+  )
 
 
 def default_workers() -> int:
@@ -134,8 +136,9 @@ def default_workers() -> int:
 # Conversion: items -> validated images -> records.
 
 
-def _validated(items: Iterable[Item], workers: int
-               ) -> Iterator[tuple[Item, list[str], int, Loaded | None]]:
+def _validated(
+    items: Iterable[Item], workers: int
+) -> Iterator[tuple[Item, list[str], int, Loaded | None]]:
   """Validates `items` in `workers` threads, yielding results in input order.
 
   Yields:
@@ -146,15 +149,19 @@ def _validated(items: Iterable[Item], workers: int
   # corpus size (tar members hold their bytes until their turn).
   depth = 4 * workers
   pending: collections.deque = collections.deque()
-  pool = concurrent.futures.ThreadPoolExecutor(workers,
-                                               thread_name_prefix="prepare")
+  pool = concurrent.futures.ThreadPoolExecutor(
+      workers, thread_name_prefix="prepare"
+  )
   try:
     for item in items:
       captions = [clean_caption(c) for c in item.captions]
       kept = [c for c in captions if c]
       future = None
-      if (item.skip is None and kept and
-          (item.path is not None or item.data is not None)):
+      if (
+          item.skip is None
+          and kept
+          and (item.path is not None or item.data is not None)
+      ):
         future = pool.submit(load_image, item.path, item.data)
         item.data = None  # the future holds it now
       pending.append((item, kept, len(captions) - len(kept), future))
@@ -181,8 +188,13 @@ class _Sink:
   by a smaller key goes to "train" at that moment.
   """
 
-  def __init__(self, writer: records.CorpusWriter, source: str,
-               eval_images: int, spill_dir: str):
+  def __init__(
+      self,
+      writer: records.CorpusWriter,
+      source: str,
+      eval_images: int,
+      spill_dir: str,
+  ):
     self.writer, self.source = writer, source
     self.eval_images, self.spill_dir = eval_images, spill_dir
     self._heap: list[tuple[int, int, int, list[str], str]] = []
@@ -203,8 +215,9 @@ class _Sink:
         self.writer.add(data, captions, image_id, self.source, "train")
         return
       _, _, old_seq, old_captions, old_id = heapq.heappop(self._heap)
-      self.writer.add(self._unspill(old_seq), old_captions, old_id,
-                      self.source, "train")
+      self.writer.add(
+          self._unspill(old_seq), old_captions, old_id, self.source, "train"
+      )
     with open(os.path.join(self.spill_dir, str(seq)), "wb") as f:
       f.write(data)
     heapq.heappush(self._heap, (-key, -seq, seq, captions, image_id))
@@ -222,18 +235,25 @@ class _Sink:
 
   def finish(self) -> None:
     """Writes the held-out images to "eval", in input order."""
-    for _, _, seq, captions, image_id in sorted(self._heap,
-                                                key=lambda e: e[2]):
-      self.writer.add(self._unspill(seq), captions, image_id, self.source,
-                      "eval")
+    for _, _, seq, captions, image_id in sorted(self._heap, key=lambda e: e[2]):
+      self.writer.add(
+          self._unspill(seq), captions, image_id, self.source, "eval"
+      )
     self._heap = []
 
 
-def convert(items: Iterable[Item], out_dir: str, name: str, *,
-            inputs: Sequence[str], records_per_shard: int = 2048,
-            eval_images: int = 0, workers: int | None = None,
-            limit: int | None = None, log: Any = sys.stderr
-            ) -> dict[str, Any]:
+def convert(
+    items: Iterable[Item],
+    out_dir: str,
+    name: str,
+    *,
+    inputs: Sequence[str],
+    records_per_shard: int = 2048,
+    eval_images: int = 0,
+    workers: int | None = None,
+    limit: int | None = None,
+    log: Any = sys.stderr,
+) -> dict[str, Any]:
   """Validates `items` and writes them as the prepared corpus `out_dir`.
 
   Args:
@@ -257,11 +277,13 @@ def convert(items: Iterable[Item], out_dir: str, name: str, *,
   """
   workers = workers or default_workers()
   created = not os.path.exists(out_dir)
-  writer = records.CorpusWriter(out_dir, name,
-                                records_per_shard=records_per_shard)
+  writer = records.CorpusWriter(
+      out_dir, name, records_per_shard=records_per_shard
+  )
   try:
-    with tempfile.TemporaryDirectory(dir=writer.out_dir,
-                                     prefix=".eval-spill-") as spill:
+    with tempfile.TemporaryDirectory(
+        dir=writer.out_dir, prefix=".eval-spill-"
+    ) as spill:
       sink = _Sink(writer, name, eval_images, spill)
       skipped: collections.Counter = collections.Counter()
       reencoded = seen = 0
@@ -285,21 +307,34 @@ def convert(items: Iterable[Item], out_dir: str, name: str, *,
             reencoded += loaded.reencoded
           if seen % LOG_EVERY == 0:
             rate = seen / max(time.monotonic() - start, 1e-9)
-            print(f"prepare {name}: {seen:,} images read, {sink.images:,} "
-                  f"kept ({rate:,.0f} images/s)", file=log, flush=True)
+            print(
+                f"prepare {name}: {seen:,} images read, {sink.images:,} "
+                f"kept ({rate:,.0f} images/s)",
+                file=log,
+                flush=True,
+            )
           if limit is not None and sink.images >= limit:
             break
       if sink.images <= eval_images:
-        what = (f"no usable image ({_skip_text(skipped)})" if not sink.images
-                else f"only {sink.images:,} usable images, --eval_images "
-                f"{eval_images:,} would leave none for training")
+        what = (
+            f"no usable image ({_skip_text(skipped)})"
+            if not sink.images
+            else f"only {sink.images:,} usable images, --eval_images "
+            f"{eval_images:,} would leave none for training"
+        )
         raise DataError.at(inputs[0] if inputs else out_dir, what)
       held_out = sink.held_out
       sink.finish()
     summary = dict(
-        source=name, inputs=list(inputs), images=sink.images,
-        pairs=sink.pairs, eval_images=held_out, reencoded_as_jpeg=reencoded,
-        skipped=dict(sorted(skipped.items())), limit=limit)
+        source=name,
+        inputs=list(inputs),
+        images=sink.images,
+        pairs=sink.pairs,
+        eval_images=held_out,
+        reencoded_as_jpeg=reencoded,
+        skipped=dict(sorted(skipped.items())),
+        limit=limit,
+    )
     summary["splits"] = writer.close(summary)
     return summary
   except BaseException:
@@ -311,8 +346,9 @@ def convert(items: Iterable[Item], out_dir: str, name: str, *,
 
 
 def _remove_parts(out_dir: str, name: str, created: bool) -> None:
-  for part in glob.glob(os.path.join(glob.escape(out_dir),
-                                     f".{name}-*.part[0-9]*")):
+  for part in glob.glob(
+      os.path.join(glob.escape(out_dir), f".{name}-*.part[0-9]*")
+  ):
     os.remove(part)
   if created:
     try:
@@ -324,16 +360,17 @@ def _remove_parts(out_dir: str, name: str, created: bool) -> None:
 def _skip_text(skipped: dict[str, int]) -> str:
   if not skipped:
     return "skipped: nothing"
-  return "skipped: " + ", ".join(f"{n:,} {reason}"
-                                 for reason, n in sorted(skipped.items()))
+  return "skipped: " + ", ".join(
+      f"{n:,} {reason}" for reason, n in sorted(skipped.items())
+  )
 
 
 def summary_line(summary: dict[str, Any], out_dir: str) -> str:
   """`prepared coco: 118,287 images, 591,753 pairs -> DIR (skipped: ...)`."""
   held = summary.get("eval_images", 0)
   held = f" ({held:,} of them in eval)" if held else ""
-  return (f"prepared {summary['source']}: {summary['images']:,} images{held}, "
-          f"{summary['pairs']:,} pairs -> {out_dir} "
-          f"({_skip_text(summary['skipped'])})")
-
-
+  return (
+      f"prepared {summary['source']}: {summary['images']:,} images{held}, "
+      f"{summary['pairs']:,} pairs -> {out_dir} "
+      f"({_skip_text(summary['skipped'])})"
+  )

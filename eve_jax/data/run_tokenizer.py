@@ -18,8 +18,9 @@ from eve_jax.data.errors import DataError
 from eve_jax.data.tokenizer import Tokenizer, load_tokenizer, shapes_tokenizer
 
 
-def build_tokenizer(config: ml_collections.ConfigDict, workdir: str,
-                    make=None) -> Tokenizer:
+def build_tokenizer(
+    config: ml_collections.ConfigDict, workdir: str, make=None
+) -> Tokenizer:
   """The run's tokenizer, saved in DIR/tokenizer.model (made once by
   `make(config, path)`, default `pretrain_tokenizer`).
 
@@ -33,9 +34,11 @@ def build_tokenizer(config: ml_collections.ConfigDict, workdir: str,
       make(config, path)
     multihost_utils.sync_global_devices("eve_jax tokenizer written")
     if not os.path.exists(path):
-      raise DataError(f"process {jax.process_index()} cannot see {path} that "
-                      "process 0 wrote: the workdir must be on a filesystem "
-                      "shared by all processes")
+      raise DataError(
+          f"process {jax.process_index()} cannot see {path} that "
+          "process 0 wrote: the workdir must be on a filesystem "
+          "shared by all processes"
+      )
     return load_tokenizer(path)
   return make(config, path)
 
@@ -46,8 +49,10 @@ def copy_tokenizer(source: str, path: str) -> Tokenizer:
   try:
     tok = load_tokenizer(source)
   except (OSError, RuntimeError) as e:
-    raise DataError(f"cannot read the tokenizer {source}: "
-                    f"{str(e).strip().splitlines()[0][:200]}") from None
+    raise DataError(
+        f"cannot read the tokenizer {source}: "
+        f"{str(e).strip().splitlines()[0][:200]}"
+    ) from None
   with open(source, "rb") as src, open(path, "wb") as dst:
     dst.write(src.read())
   return tok
@@ -64,9 +69,13 @@ def pretrain_tokenizer(config, path: str) -> Tokenizer:
   if source:
     return copy_tokenizer(source, path)
   if config.data.name == "shapes":
-    return shapes_tokenizer(path, vocab_size=config.data.vocab_size,
-                            num_captions=config.data.num_tokenizer_captions,
-                            seed=config.seed)
-  raise DataError(f"config.data.tokenizer is empty and data {config.data.name!r} "
-                  "has no built-in tokenizer")
-
+    return shapes_tokenizer(
+        path,
+        vocab_size=config.data.vocab_size,
+        num_captions=config.data.num_tokenizer_captions,
+        seed=config.seed,
+    )
+  raise DataError(
+      f"config.data.tokenizer is empty and data {config.data.name!r} "
+      "has no built-in tokenizer"
+  )

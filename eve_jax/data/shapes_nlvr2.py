@@ -12,9 +12,16 @@ import numpy as np
 
 from eve_jax.data import shapes
 from eve_jax.data.downstream import nlvr2_image_names
-from eve_jax.data.shapes_tasks_common import (COLOR_NAMES, NLVR2_DIRECTORIES,
-                                              NUMBER_WORDS, SPLITS, has,
-                                              save_image, scene, stream_seed)
+from eve_jax.data.shapes_tasks_common import (
+    COLOR_NAMES,
+    NLVR2_DIRECTORIES,
+    NUMBER_WORDS,
+    SPLITS,
+    has,
+    save_image,
+    scene,
+    stream_seed,
+)
 
 # Third entropy word of the per-image / per-split RNGs (shapes_tasks_common).
 _NLVR2_SALT = 2
@@ -43,14 +50,16 @@ def check_families(families: Sequence[str]) -> tuple[str, ...]:
   families = tuple(families)
   unknown = [f for f in families if f not in NLVR2_FAMILIES]
   if unknown or not families:
-    raise ValueError(f"NLVR2 statement families must be some of "
-                     f"{NLVR2_FAMILIES}, got {families}")
+    raise ValueError(
+        f"NLVR2 statement families must be some of "
+        f"{NLVR2_FAMILIES}, got {families}"
+    )
   return families
 
 
-def nlvr2_statement(rng: np.random.Generator,
-                    families: Sequence[str] = COUNT_FAMILIES
-                    ) -> tuple[str, Callable[[Pair, Pair], bool]]:
+def nlvr2_statement(
+    rng: np.random.Generator, families: Sequence[str] = COUNT_FAMILIES
+) -> tuple[str, Callable[[Pair, Pair], bool]]:
   """A statement about two images ("left" = img0, "right" = img1).
 
   Every statement needs both images. Families:
@@ -75,32 +84,49 @@ def nlvr2_statement(rng: np.random.Generator,
     return "the right image has more objects", lambda a, b: len(b) > len(a)
   if family == "total":
     n = int(rng.integers(2, 7))
-    return (f"there are {NUMBER_WORDS[n]} objects in total",
-            lambda a, b: len(a) + len(b) == n)
+    return (
+        f"there are {NUMBER_WORDS[n]} objects in total",
+        lambda a, b: len(a) + len(b) == n,
+    )
   if family == "both_count":
     n = int(rng.integers(1, 4))
     noun = "object" if n == 1 else "objects"
-    return (f"both images have {NUMBER_WORDS[n]} {noun}",
-            lambda a, b: len(a) == n and len(b) == n)
+    return (
+        f"both images have {NUMBER_WORDS[n]} {noun}",
+        lambda a, b: len(a) == n and len(b) == n,
+    )
   shape = shapes.SHAPES[rng.integers(len(shapes.SHAPES))]
   if family == "both_have":
-    return (f"both images have a {shape}",
-            lambda a, b: has(a, None, shape) and has(b, None, shape))
-  color = (COLOR_NAMES[rng.integers(len(COLOR_NAMES))] if rng.random() < 0.5
-           else None)
+    return (
+        f"both images have a {shape}",
+        lambda a, b: has(a, None, shape) and has(b, None, shape),
+    )
+  color = (
+      COLOR_NAMES[rng.integers(len(COLOR_NAMES))]
+      if rng.random() < 0.5
+      else None
+  )
   thing = f"{color} {shape}" if color else shape
   if family == "one_has":
-    return (f"one image has a {thing}",
-            lambda a, b: has(a, color, shape) != has(b, color, shape))
+    return (
+        f"one image has a {thing}",
+        lambda a, b: has(a, color, shape) != has(b, color, shape),
+    )
   if family == "none_has":
-    return (f"no image has a {thing}",
-            lambda a, b: not (has(a, color, shape) or has(b, color, shape)))
+    return (
+        f"no image has a {thing}",
+        lambda a, b: not (has(a, color, shape) or has(b, color, shape)),
+    )
   raise ValueError(f"unknown NLVR2 statement family {family!r}")
 
 
-def write_nlvr2(out_dir: str, image_size: int, sizes: Sequence[int],
-                 seed: int, families: Sequence[str]
-                 ) -> tuple[dict[str, str], dict[str, str], int]:
+def write_nlvr2(
+    out_dir: str,
+    image_size: int,
+    sizes: Sequence[int],
+    seed: int,
+    families: Sequence[str],
+) -> tuple[dict[str, str], dict[str, str], int]:
   """Statements first, then a pair that gives the drawn label.
 
   The label of each statement is drawn (exactly half True per split) before
@@ -124,8 +150,9 @@ def write_nlvr2(out_dir: str, image_size: int, sizes: Sequence[int],
     for i in range(n):
       sentence, holds = nlvr2_statement(rng, families)
       want = bool(labels[i])
-      found = next((p for p, (_, a, b) in enumerate(pool)
-                    if holds(a, b) == want), None)
+      found = next(
+          (p for p, (_, a, b) in enumerate(pool) if holds(a, b) == want), None
+      )
       if found is not None:
         j = pool.pop(found)[0]
       else:
@@ -139,8 +166,11 @@ def write_nlvr2(out_dir: str, image_size: int, sizes: Sequence[int],
           if len(pool) > _NLVR2_POOL:
             pool.pop(0)
       identifier = f"{split}-{j}-0-0"
-      line = {"identifier": identifier, "sentence": sentence,
-              "label": "True" if want else "False"}
+      line = {
+          "identifier": identifier,
+          "sentence": sentence,
+          "label": "True" if want else "False",
+      }
       folder = split_dir
       if split == "train":
         line["directory"] = j % NLVR2_DIRECTORIES
@@ -149,13 +179,21 @@ def write_nlvr2(out_dir: str, image_size: int, sizes: Sequence[int],
           os.makedirs(folder, exist_ok=True)
           made_dirs.add(folder)
       for k, name in enumerate(nlvr2_image_names(identifier)):
-        save_image(shapes.generate(stream, 2 * j + k, image_size).image,
-                    os.path.join(folder, name))
+        save_image(
+            shapes.generate(stream, 2 * j + k, image_size).image,
+            os.path.join(folder, name),
+        )
       # The official files hold crawl URLs; these say which generator
       # record each image is.
-      line.update({"left_url": f"eve-shapes:{stream}/{2 * j}",
-                   "right_url": f"eve-shapes:{stream}/{2 * j + 1}",
-                   "writer": "eve_shapes", "synset": "shapes", "query": ""})
+      line.update(
+          {
+              "left_url": f"eve-shapes:{stream}/{2 * j}",
+              "right_url": f"eve-shapes:{stream}/{2 * j + 1}",
+              "writer": "eve_shapes",
+              "synset": "shapes",
+              "query": "",
+          }
+      )
       lines.append(json.dumps(line))
     path = os.path.join(root, f"{split}.json")
     with open(path, "w", encoding="utf-8") as f:
@@ -163,5 +201,3 @@ def write_nlvr2(out_dir: str, image_size: int, sizes: Sequence[int],
     files[split] = path
     n_examples += n
   return files, image_dirs, n_examples
-
-

@@ -44,11 +44,18 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
-from eve_jax.data.shapes_nlvr2 import (COUNT_FAMILIES, NLVR2_FAMILIES,
-                                       check_families)
-from eve_jax.data.shapes_tasks_common import (DEFAULT_SIZES, TASKS,
-                                              VQA_ID_STRIDE, TaskFiles,
-                                              stream_seed)
+from eve_jax.data.shapes_nlvr2 import (
+    COUNT_FAMILIES,
+    NLVR2_FAMILIES,
+    check_families,
+)
+from eve_jax.data.shapes_tasks_common import (
+    DEFAULT_SIZES,
+    TASKS,
+    VQA_ID_STRIDE,
+    TaskFiles,
+    stream_seed,
+)
 from eve_jax.data.shapes_vqa import write_vqa
 from eve_jax.data.shapes_nlvr2 import write_nlvr2
 from eve_jax.data.shapes_retrieval import write_retrieval
@@ -57,8 +64,9 @@ from eve_jax.data.shapes_retrieval import write_retrieval
 # Everything.
 
 
-def resolve_sizes(sizes: Mapping[str, Sequence[int]] | Sequence[int] | None
-                  ) -> dict[str, tuple[int, int, int]]:
+def resolve_sizes(
+    sizes: Mapping[str, Sequence[int]] | Sequence[int] | None,
+) -> dict[str, tuple[int, int, int]]:
   """(train, val, test) per task.
 
   Args:
@@ -74,24 +82,33 @@ def resolve_sizes(sizes: Mapping[str, Sequence[int]] | Sequence[int] | None
   if isinstance(sizes, Mapping):
     unknown = set(sizes) - set(TASKS)
     if unknown:
-      raise ValueError(f"unknown task(s) {sorted(unknown)} in sizes, "
-                       f"expected some of {TASKS}")
+      raise ValueError(
+          f"unknown task(s) {sorted(unknown)} in sizes, "
+          f"expected some of {TASKS}"
+      )
     out.update({task: tuple(v) for task, v in sizes.items()})
   else:
     out = {task: tuple(sizes) for task in TASKS}
   for task, v in out.items():
-    if len(v) != 3 or not all(isinstance(x, (int, np.integer)) and
-                              0 <= x < VQA_ID_STRIDE for x in v):
-      raise ValueError(f"sizes of {task} must be 3 integers in "
-                       f"[0, {VQA_ID_STRIDE}), got {v}")
+    if len(v) != 3 or not all(
+        isinstance(x, (int, np.integer)) and 0 <= x < VQA_ID_STRIDE for x in v
+    ):
+      raise ValueError(
+          f"sizes of {task} must be 3 integers in "
+          f"[0, {VQA_ID_STRIDE}), got {v}"
+      )
     out[task] = tuple(int(x) for x in v)
   return out
 
 
-def write_all(out_dir: str, *, image_size: int = 64,
-              sizes: Mapping[str, Sequence[int]] | Sequence[int] | None = None,
-              seed: int = 0,
-              nlvr2_families: Sequence[str] = COUNT_FAMILIES) -> TaskFiles:
+def write_all(
+    out_dir: str,
+    *,
+    image_size: int = 64,
+    sizes: Mapping[str, Sequence[int]] | Sequence[int] | None = None,
+    seed: int = 0,
+    nlvr2_families: Sequence[str] = COUNT_FAMILIES,
+) -> TaskFiles:
   """Writes the three EVE-Shapes tasks under out_dir in the official formats.
 
   The files are a pure function of the arguments: the same
@@ -115,61 +132,95 @@ def write_all(out_dir: str, *, image_size: int = 64,
   nlvr2_families = check_families(nlvr2_families)
   stream_seed(seed, "vqa", "train2014")  # validates the seed first
   vqa_q, vqa_a, vqa_images, n_vqa_images, n_vqa_questions = write_vqa(
-      out_dir, image_size, resolved["vqa"], seed)
+      out_dir, image_size, resolved["vqa"], seed
+  )
   nlvr2, nlvr2_images, n_nlvr2 = write_nlvr2(
-      out_dir, image_size, resolved["nlvr2"], seed, nlvr2_families)
+      out_dir, image_size, resolved["nlvr2"], seed, nlvr2_families
+  )
   retrieval, retrieval_images, n_retrieval = write_retrieval(
-      out_dir, image_size, resolved["retrieval"], seed)
+      out_dir, image_size, resolved["retrieval"], seed
+  )
   return TaskFiles(
-      root=out_dir, vqa_questions=vqa_q, vqa_annotations=vqa_a,
-      vqa_images=vqa_images, nlvr2=nlvr2, nlvr2_images=nlvr2_images,
-      retrieval=retrieval, retrieval_images=retrieval_images,
-      counts={"vqa_images": n_vqa_images, "vqa_questions": n_vqa_questions,
-              "nlvr2_examples": n_nlvr2, "nlvr2_images": 2 * n_nlvr2,
-              "retrieval_images": n_retrieval,
-              "retrieval_captions": 5 * n_retrieval})
+      root=out_dir,
+      vqa_questions=vqa_q,
+      vqa_annotations=vqa_a,
+      vqa_images=vqa_images,
+      nlvr2=nlvr2,
+      nlvr2_images=nlvr2_images,
+      retrieval=retrieval,
+      retrieval_images=retrieval_images,
+      counts={
+          "vqa_images": n_vqa_images,
+          "vqa_questions": n_vqa_questions,
+          "nlvr2_examples": n_nlvr2,
+          "nlvr2_images": 2 * n_nlvr2,
+          "retrieval_images": n_retrieval,
+          "retrieval_captions": 5 * n_retrieval,
+      },
+  )
 
 
 def main(argv: Sequence[str] | None = None) -> int:
   parser = argparse.ArgumentParser(
       prog="python -m eve_jax.data.shapes_tasks",
       description="Writes EVE-Shapes VQA, NLVR2 and retrieval data in the "
-      "official VQAv2 / NLVR2 / Karpathy formats.")
+      "official VQAv2 / NLVR2 / Karpathy formats.",
+  )
   parser.add_argument("--out", required=True, help="output folder")
   parser.add_argument("--image_size", type=int, default=64)
-  parser.add_argument("--train", type=int, default=None,
-                      help="train size of every task (default: per task)")
-  parser.add_argument("--val", type=int, default=None,
-                      help="val / dev size of every task")
-  parser.add_argument("--test", type=int, default=None,
-                      help="test / test1 size of every task")
+  parser.add_argument(
+      "--train",
+      type=int,
+      default=None,
+      help="train size of every task (default: per task)",
+  )
+  parser.add_argument(
+      "--val", type=int, default=None, help="val / dev size of every task"
+  )
+  parser.add_argument(
+      "--test", type=int, default=None, help="test / test1 size of every task"
+  )
   parser.add_argument("--seed", type=int, default=0)
   parser.add_argument(
-      "--nlvr2_families", default=",".join(COUNT_FAMILIES),
+      "--nlvr2_families",
+      default=",".join(COUNT_FAMILIES),
       help=f"comma-separated NLVR2 statement families, some of "
-      f"{','.join(NLVR2_FAMILIES)}")
+      f"{','.join(NLVR2_FAMILIES)}",
+  )
   args = parser.parse_args(argv)
   sizes = {}
   for task in TASKS:
     default = DEFAULT_SIZES[task]
-    sizes[task] = tuple(d if v is None else v for v, d in
-                        zip((args.train, args.val, args.test), default))
+    sizes[task] = tuple(
+        d if v is None else v
+        for v, d in zip((args.train, args.val, args.test), default)
+    )
   start = time.perf_counter()
   try:
-    files = write_all(args.out, image_size=args.image_size, sizes=sizes,
-                      seed=args.seed,
-                      nlvr2_families=args.nlvr2_families.split(","))
+    files = write_all(
+        args.out,
+        image_size=args.image_size,
+        sizes=sizes,
+        seed=args.seed,
+        nlvr2_families=args.nlvr2_families.split(","),
+    )
   except ValueError as e:
     print(f"eve_jax: error: {e}", file=sys.stderr)
     return 2
   seconds = time.perf_counter() - start
   c = files.counts
-  print(f"vqa: {c['vqa_images']} images, {c['vqa_questions']} questions "
-        f"-> {os.path.join(args.out, 'vqa')}")
-  print(f"nlvr2: {c['nlvr2_examples']} statements, {c['nlvr2_images']} "
-        f"images -> {os.path.join(args.out, 'nlvr2')}")
-  print(f"retrieval: {c['retrieval_images']} images, "
-        f"{c['retrieval_captions']} captions -> {files.retrieval}")
+  print(
+      f"vqa: {c['vqa_images']} images, {c['vqa_questions']} questions "
+      f"-> {os.path.join(args.out, 'vqa')}"
+  )
+  print(
+      f"nlvr2: {c['nlvr2_examples']} statements, {c['nlvr2_images']} "
+      f"images -> {os.path.join(args.out, 'nlvr2')}"
+  )
+  print(
+      f"retrieval: {c['retrieval_images']} images, "
+      f"{c['retrieval_captions']} captions -> {files.retrieval}"
+  )
   print(f"wrote in {seconds:.1f} s")
   return 0
 

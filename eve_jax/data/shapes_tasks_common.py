@@ -54,8 +54,12 @@ def stream_seed(seed: int, task: str, split: str) -> int:
   """
   if seed < 0:
     raise ValueError(f"seed must be >= 0, got {seed}")
-  return (STREAM_BASE + _SEED_STRIDE * seed + 3 * TASKS.index(task)
-          + SPLITS[task].index(split))
+  return (
+      STREAM_BASE
+      + _SEED_STRIDE * seed
+      + 3 * TASKS.index(task)
+      + SPLITS[task].index(split)
+  )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -110,10 +114,12 @@ def write_json(path: str, obj) -> None:
     f.write(text)
 
 
-def has(objects: Sequence[shapes.ShapeObject], color: str | None,
-         shape: str) -> bool:
-  return any(o.shape == shape and (color is None or o.color == color)
-             for o in objects)
+def has(
+    objects: Sequence[shapes.ShapeObject], color: str | None, shape: str
+) -> bool:
+  return any(
+      o.shape == shape and (color is None or o.color == color) for o in objects
+  )
 
 
 def scene(stream: int, index: int) -> tuple[shapes.ShapeObject, ...]:
@@ -125,8 +131,7 @@ def scene(stream: int, index: int) -> tuple[shapes.ShapeObject, ...]:
   objects = []
   for phrase in shapes.generate_caption(stream, index).split(" left of "):
     _, size, color, shape = phrase.split(" ")
-    objects.append(shapes.ShapeObject(color, shape, size, float("nan"),
-                                      float("nan")))
+    objects.append(
+        shapes.ShapeObject(color, shape, size, float("nan"), float("nan"))
+    )
   return tuple(objects)
-
-

@@ -13,10 +13,16 @@ import numpy as np
 
 from eve_jax.data import shapes
 from eve_jax.data.downstream_vqa import vqa_image_name
-from eve_jax.data.shapes_tasks_common import (COLOR_NAMES, NUMBER_WORDS,
-                                              SPLITS, VQA_ID_STRIDE, has,
-                                              save_image, stream_seed,
-                                              write_json)
+from eve_jax.data.shapes_tasks_common import (
+    COLOR_NAMES,
+    NUMBER_WORDS,
+    SPLITS,
+    VQA_ID_STRIDE,
+    has,
+    save_image,
+    stream_seed,
+    write_json,
+)
 
 # Third entropy word of the per-image / per-split RNGs (shapes_tasks_common).
 _VQA_SALT = 1
@@ -44,8 +50,9 @@ class VQAQuestion(NamedTuple):
   wrong: tuple[str, ...]
 
 
-def vqa_questions(objects: Sequence[shapes.ShapeObject],
-                  rng: np.random.Generator) -> list[VQAQuestion]:
+def vqa_questions(
+    objects: Sequence[shapes.ShapeObject], rng: np.random.Generator
+) -> list[VQAQuestion]:
   """2-3 questions with distinct templates whose answer the image determines.
 
   Templates: the color / size of a shape present exactly once, the shape of
@@ -66,29 +73,46 @@ def vqa_questions(objects: Sequence[shapes.ShapeObject],
 
   def color_of_shape() -> VQAQuestion:
     o = lone_shape[rng.integers(len(lone_shape))]
-    return VQAQuestion(f"what color is the {o.shape}", o.color, "other",
-                       "what color is the",
-                       tuple(c for c in COLOR_NAMES if c != o.color))
+    return VQAQuestion(
+        f"what color is the {o.shape}",
+        o.color,
+        "other",
+        "what color is the",
+        tuple(c for c in COLOR_NAMES if c != o.color),
+    )
 
   def size_of_shape() -> VQAQuestion:
     o = lone_shape[rng.integers(len(lone_shape))]
-    return VQAQuestion(f"what size is the {o.shape}", o.size, "other",
-                       "what size is the",
-                       tuple(s for s in shapes.SIZES if s != o.size))
+    return VQAQuestion(
+        f"what size is the {o.shape}",
+        o.size,
+        "other",
+        "what size is the",
+        tuple(s for s in shapes.SIZES if s != o.size),
+    )
 
   def shape_of_color() -> VQAQuestion:
     o = lone_color[rng.integers(len(lone_color))]
-    return VQAQuestion(f"what shape is {o.color}", o.shape, "other",
-                       "what shape is",
-                       tuple(s for s in shapes.SHAPES if s != o.shape))
+    return VQAQuestion(
+        f"what shape is {o.color}",
+        o.shape,
+        "other",
+        "what shape is",
+        tuple(s for s in shapes.SHAPES if s != o.shape),
+    )
 
   def count() -> VQAQuestion:
     n = len(objects)
     # Digits, as VQAv2's annotations hold them: the official metric
     # compares unanimous answers unnormalized ("two" x10 never matches the
     # normalized prediction "2").
-    return VQAQuestion("how many objects", str(n), "number", "how many",
-                       tuple(str(k) for k in range(1, 4) if k != n))
+    return VQAQuestion(
+        "how many objects",
+        str(n),
+        "number",
+        "how many",
+        tuple(str(k) for k in range(1, 4) if k != n),
+    )
 
   def presence() -> VQAQuestion:
     if rng.random() < 0.5:
@@ -97,12 +121,21 @@ def vqa_questions(objects: Sequence[shapes.ShapeObject],
     else:
       # Uniform over the absent pairs, so a pair's text says nothing of
       # the answer (present pairs are drawn ~uniformly too).
-      absent = [(c, s) for c in COLOR_NAMES for s in shapes.SHAPES
-                if not has(objects, c, s)]
+      absent = [
+          (c, s)
+          for c in COLOR_NAMES
+          for s in shapes.SHAPES
+          if not has(objects, c, s)
+      ]
       color, shape = absent[rng.integers(len(absent))]
       answer = "no"
-    return VQAQuestion(f"is there a {color} {shape}", answer, "yes/no",
-                       "is there a", ("no",) if answer == "yes" else ("yes",))
+    return VQAQuestion(
+        f"is there a {color} {shape}",
+        answer,
+        "yes/no",
+        "is there a",
+        ("no",) if answer == "yes" else ("yes",),
+    )
 
   makers: list[Callable[[], VQAQuestion]] = []
   if lone_shape:
@@ -130,8 +163,9 @@ def _answer_forms(q: VQAQuestion) -> list[str]:
   return forms
 
 
-def annotator_answers(q: VQAQuestion, rng: np.random.Generator
-                      ) -> list[dict[str, object]]:
+def annotator_answers(
+    q: VQAQuestion, rng: np.random.Generator
+) -> list[dict[str, object]]:
   """The 10 annotator answers of one question, in VQAv2's `answers` format.
 
   0-2 annotators write another form of the right answer; on 10% of the
@@ -155,15 +189,22 @@ def annotator_answers(q: VQAQuestion, rng: np.random.Generator
   forms = _answer_forms(q)
   for slot in slots[:n_forms]:
     answers[slot] = forms[rng.integers(len(forms))]
-  for slot in slots[n_forms:n_forms + n_wrong]:
+  for slot in slots[n_forms : n_forms + n_wrong]:
     answers[slot] = q.wrong[rng.integers(len(q.wrong))]
     confidence[slot] = "maybe"
-  return [{"answer": answers[k], "answer_confidence": confidence[k],
-           "answer_id": k + 1} for k in range(10)]
+  return [
+      {
+          "answer": answers[k],
+          "answer_confidence": confidence[k],
+          "answer_id": k + 1,
+      }
+      for k in range(10)
+  ]
 
 
-def write_vqa(out_dir: str, image_size: int, sizes: Sequence[int], seed: int
-               ) -> tuple[dict[str, str], dict[str, str], str, int, int]:
+def write_vqa(
+    out_dir: str, image_size: int, sizes: Sequence[int], seed: int
+) -> tuple[dict[str, str], dict[str, str], str, int, int]:
   root = os.path.join(out_dir, "vqa")
   image_dir = os.path.join(root, "images")
   os.makedirs(image_dir, exist_ok=True)
@@ -175,42 +216,68 @@ def write_vqa(out_dir: str, image_size: int, sizes: Sequence[int], seed: int
     for index in range(n):
       example = shapes.generate(stream, index, image_size)
       image_id = VQA_ID_STRIDE * (position + 1) + index
-      save_image(example.image,
-                  os.path.join(image_dir, vqa_image_name(subtype, image_id)))
+      save_image(
+          example.image,
+          os.path.join(image_dir, vqa_image_name(subtype, image_id)),
+      )
       # Per-image RNG: an image's questions do not depend on the others.
       rng = np.random.default_rng([stream, index, _VQA_SALT])
       for k, q in enumerate(vqa_questions(example.objects, rng)):
         question_id = image_id * 1000 + k
-        questions.append({"image_id": image_id, "question": q.question,
-                          "question_id": question_id})
+        questions.append(
+            {
+                "image_id": image_id,
+                "question": q.question,
+                "question_id": question_id,
+            }
+        )
         answers = annotator_answers(q, rng)
         majority = collections.Counter(
-            a["answer"] for a in answers).most_common(1)[0][0]
+            a["answer"] for a in answers
+        ).most_common(1)[0][0]
         assert majority == q.answer, (q, answers)
-        annotations.append({
-            "question_type": q.question_type,
-            "multiple_choice_answer": majority,
-            "answers": answers,
-            "image_id": image_id,
-            "answer_type": q.answer_type,
-            "question_id": question_id,
-        })
+        annotations.append(
+            {
+                "question_type": q.question_type,
+                "multiple_choice_answer": majority,
+                "answers": answers,
+                "image_id": image_id,
+                "answer_type": q.answer_type,
+                "question_id": question_id,
+            }
+        )
     n_images += n
     n_questions += len(questions)
-    info = {"description": "EVE-Shapes VQA in the VQAv2 format",
-            "version": "1.0", "contributor": "eve_jax.data.shapes_tasks"}
+    info = {
+        "description": "EVE-Shapes VQA in the VQAv2 format",
+        "version": "1.0",
+        "contributor": "eve_jax.data.shapes_tasks",
+    }
     license_ = {"name": "generated", "url": ""}
     path = os.path.join(root, f"v2_OpenEnded_mscoco_{subtype}_questions.json")
-    write_json(path, {"info": info, "task_type": "Open-Ended",
-                       "data_type": "mscoco", "license": license_,
-                       "data_subtype": subtype, "questions": questions})
+    write_json(
+        path,
+        {
+            "info": info,
+            "task_type": "Open-Ended",
+            "data_type": "mscoco",
+            "license": license_,
+            "data_subtype": subtype,
+            "questions": questions,
+        },
+    )
     questions_files[subtype] = path
     if not subtype.startswith("test"):  # test answers are not released
       path = os.path.join(root, f"v2_mscoco_{subtype}_annotations.json")
-      write_json(path, {"info": info, "license": license_,
-                         "data_subtype": subtype, "annotations": annotations,
-                         "data_type": "mscoco"})
+      write_json(
+          path,
+          {
+              "info": info,
+              "license": license_,
+              "data_subtype": subtype,
+              "annotations": annotations,
+              "data_type": "mscoco",
+          },
+      )
       annotations_files[subtype] = path
   return questions_files, annotations_files, image_dir, n_images, n_questions
-
-

@@ -23,15 +23,18 @@ CROP_SCALE = (0.5, 1.0)
 CROP_RATIO = (3 / 4, 4 / 3)
 
 
-
 def normalize_image(image: np.ndarray) -> np.ndarray:
   """uint8 [..., 3] -> float32 in [-1, 1]: mean = std = 0.5 in [0, 1] units."""
   return image.astype(np.float32) / 127.5 - 1.0
 
-def crop_box(width: int, height: int, rng: np.random.Generator,
-             scale: tuple[float, float] = CROP_SCALE,
-             ratio: tuple[float, float] = CROP_RATIO
-             ) -> tuple[int, int, int, int]:
+
+def crop_box(
+    width: int,
+    height: int,
+    rng: np.random.Generator,
+    scale: tuple[float, float] = CROP_SCALE,
+    ratio: tuple[float, float] = CROP_RATIO,
+) -> tuple[int, int, int, int]:
   """A random (left, top, right, bottom) box covering `scale` of the area
   with aspect ratio in `ratio` (log-uniform); after 10 misses the largest
   central box within `ratio` (the usual RandomResizedCrop rule)."""
@@ -57,8 +60,9 @@ def crop_box(width: int, height: int, rng: np.random.Generator,
   return left, top, left + w, top + h
 
 
-def decode(data: bytes, size: int, rng: np.random.Generator | None
-           ) -> np.ndarray:
+def decode(
+    data: bytes, size: int, rng: np.random.Generator | None
+) -> np.ndarray:
   """Encoded image -> uint8 [size, size, 3].
 
   Args:
@@ -84,12 +88,14 @@ def decode(data: bytes, size: int, rng: np.random.Generator | None
     # size on each side (several times faster on large photos; pixels
     # differ from a full decode by up to ~0.03 after normalization).
     cw, ch = box[2] - box[0], box[3] - box[1]
-    img.draft("RGB", (math.ceil(width * size / cw),
-                      math.ceil(height * size / ch)))
+    img.draft(
+        "RGB", (math.ceil(width * size / cw), math.ceil(height * size / ch))
+    )
     sx, sy = img.size[0] / width, img.size[1] / height
     box = (box[0] * sx, box[1] * sy, box[2] * sx, box[3] * sy)
-  img = img.convert("RGB").resize((size, size), Image.Resampling.BICUBIC,
-                                  box=box)
+  img = img.convert("RGB").resize(
+      (size, size), Image.Resampling.BICUBIC, box=box
+  )
   if flip:
     img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
   return np.asarray(img, dtype=np.uint8)

@@ -29,29 +29,46 @@ _zeros = jax.nn.initializers.zeros
 class Attention(nnx.Module):
   """[B, L, D] -> [B, L, D] self-attention with an optional key mask."""
 
-  def __init__(self, dim: int, heads: int, *, impl: str = "einsum",
-               dtype=jnp.float32, rngs: nnx.Rngs):
+  def __init__(
+      self,
+      dim: int,
+      heads: int,
+      *,
+      impl: str = "einsum",
+      dtype=jnp.float32,
+      rngs: nnx.Rngs,
+  ):
     if impl not in ("einsum", "xla", "cudnn"):
-      raise ValueError(f"attention impl: expected 'einsum', 'xla' or 'cudnn', "
-                       f"got {impl!r}")
+      raise ValueError(
+          f"attention impl: expected 'einsum', 'xla' or 'cudnn', "
+          f"got {impl!r}"
+      )
     self.impl = impl
     k = dim // heads
-    self.q_kernel = param(rngs, trunc_normal, (dim, heads, k),
-                          ("embed", "heads", "kv"))
-    self.k_kernel = param(rngs, trunc_normal, (dim, heads, k),
-                          ("embed", "heads", "kv"))
-    self.v_kernel = param(rngs, trunc_normal, (dim, heads, k),
-                          ("embed", "heads", "kv"))
+    self.q_kernel = param(
+        rngs, trunc_normal, (dim, heads, k), ("embed", "heads", "kv")
+    )
+    self.k_kernel = param(
+        rngs, trunc_normal, (dim, heads, k), ("embed", "heads", "kv")
+    )
+    self.v_kernel = param(
+        rngs, trunc_normal, (dim, heads, k), ("embed", "heads", "kv")
+    )
     self.q_bias = param(rngs, _zeros, (heads, k), ("heads", "kv"))
     self.v_bias = param(rngs, _zeros, (heads, k), ("heads", "kv"))
-    self.out_kernel = param(rngs, trunc_normal, (heads, k, dim),
-                            ("heads", "kv", "embed"))
+    self.out_kernel = param(
+        rngs, trunc_normal, (heads, k, dim), ("heads", "kv", "embed")
+    )
     self.out_bias = param(rngs, _zeros, (dim,), ("embed",))
     self.dtype = dtype
-    self.scale = k ** -0.5
+    self.scale = k**-0.5
 
-  def __call__(self, x: jax.Array, kv_valid: jax.Array | None = None,
-               kv: jax.Array | None = None) -> jax.Array:
+  def __call__(
+      self,
+      x: jax.Array,
+      kv_valid: jax.Array | None = None,
+      kv: jax.Array | None = None,
+  ) -> jax.Array:
     """Args: x [B, L, D] queries (and keys/values unless `kv`); kv_valid
     [B, T] bool (False = padding key); kv [B, T, D] keys/values for
     cross-attention (the NLVR2 fusion head)."""
@@ -76,11 +93,13 @@ class Attention(nnx.Module):
 
 def _einsum_attention(q, k, v, kv_valid):
   """softmax(q k^T) v for q [B, L, H, K], k/v [B, T, H, K]; float32 logits."""
-  logits = jnp.einsum("blhk,bthk->bhlt", q, k,
-                      preferred_element_type=jnp.float32)
+  logits = jnp.einsum(
+      "blhk,bthk->bhlt", q, k, preferred_element_type=jnp.float32
+  )
   if kv_valid is not None:
-    logits = jnp.where(kv_valid[:, None, None, :], logits,
-                       jnp.finfo(jnp.float32).min)
+    logits = jnp.where(
+        kv_valid[:, None, None, :], logits, jnp.finfo(jnp.float32).min
+    )
   probs = jax.nn.softmax(logits, axis=-1).astype(q.dtype)
   return jnp.einsum("bhlt,bthk->blhk", probs, v)
 
@@ -97,6 +116,7 @@ def _fused_attention(q, k, v, kv_valid, impl: str, multiple: int = 8):
     q, k, v = (jnp.pad(t, widths) for t in (q, k, v))
     kv_valid = jnp.pad(kv_valid, ((0, 0), (0, pad)))
   mask = kv_valid[:, None, None, :]  # [B, 1, 1, T]: broadcast over H, L
-  out = jax.nn.dot_product_attention(q, k, v, mask=mask, scale=1.0,
-                                     implementation=impl)
+  out = jax.nn.dot_product_attention(
+      q, k, v, mask=mask, scale=1.0, implementation=impl
+  )
   return out[:, :length]

@@ -30,22 +30,34 @@ _TOKENS = ("act_batch", "act_seq", "act_embed")  # the residual stream
 class Block(nnx.Module):
   """x + gamma_1 * attn(LN(x)), then x + gamma_2 * ffn(x)."""
 
-  def __init__(self, dim: int, heads: int, mlp_dim: int, *, ffn: str,
-               layer_scale_init: float | None, drop_path_rate: float,
-               activation: str = "gelu", moe: MoEConfig | None = None,
-               attention: str = "einsum",
-               dtype=jnp.float32, rngs: nnx.Rngs):
+  def __init__(
+      self,
+      dim: int,
+      heads: int,
+      mlp_dim: int,
+      *,
+      ffn: str,
+      layer_scale_init: float | None,
+      drop_path_rate: float,
+      activation: str = "gelu",
+      moe: MoEConfig | None = None,
+      attention: str = "einsum",
+      dtype=jnp.float32,
+      rngs: nnx.Rngs,
+  ):
     self.ffn_kind = ffn
     self.norm1 = LayerNorm(dim, dtype=dtype, rngs=rngs)
     self.attn = Attention(dim, heads, impl=attention, dtype=dtype, rngs=rngs)
     if ffn == "dense":
       self.norm2 = LayerNorm(dim, dtype=dtype, rngs=rngs)
-      self.ffn = MLP(dim, mlp_dim, activation=activation, dtype=dtype,
-                     rngs=rngs)
+      self.ffn = MLP(
+          dim, mlp_dim, activation=activation, dtype=dtype, rngs=rngs
+      )
     elif ffn == "hard":
       self.norm2 = None  # ModalityFFN owns one LayerNorm per modality.
-      self.ffn = ModalityFFN(dim, mlp_dim, activation=activation, dtype=dtype,
-                             rngs=rngs)
+      self.ffn = ModalityFFN(
+          dim, mlp_dim, activation=activation, dtype=dtype, rngs=rngs
+      )
     elif ffn == "soft":
       self.norm2 = LayerNorm(dim, dtype=dtype, rngs=rngs)
       if moe is None:
@@ -62,12 +74,16 @@ class Block(nnx.Module):
     self.drop_path_rate = drop_path_rate
     self.dtype = dtype
 
-  def __call__(self, x: jax.Array, *, valid: jax.Array,
-               modality: jax.Array | None = None,
-               counts: Sequence[int] | None = None,
-               rng: jax.Array | None = None,
-               drop_path_rate: float | jax.Array | None = None
-               ) -> tuple[jax.Array, MoEStats | None]:
+  def __call__(
+      self,
+      x: jax.Array,
+      *,
+      valid: jax.Array,
+      modality: jax.Array | None = None,
+      counts: Sequence[int] | None = None,
+      rng: jax.Array | None = None,
+      drop_path_rate: float | jax.Array | None = None,
+  ) -> tuple[jax.Array, MoEStats | None]:
     """Args:
       x: [B, L, D] tokens.
       valid: [B, L] bool, False for padding (masked as keys, not routed).

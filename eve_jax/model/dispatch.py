@@ -32,8 +32,9 @@ import jax.numpy as jnp
 from eve_jax.model.router import Dispatch
 
 
-def slot_maps(d: Dispatch, num_experts: int, capacity: int
-              ) -> tuple[jax.Array, jax.Array]:
+def slot_maps(
+    d: Dispatch, num_experts: int, capacity: int
+) -> tuple[jax.Array, jax.Array]:
   """The index form of a routing, both ways.
 
   Returns:
@@ -46,15 +47,18 @@ def slot_maps(d: Dispatch, num_experts: int, capacity: int
   empty = num_experts * capacity
   slots = jnp.where(d.kept, d.expert_choice * capacity + d.position, empty)
   flat = jnp.arange(s * k, dtype=jnp.int32).reshape(1, s, k)
-  sources = jnp.full((g, empty), s * k, jnp.int32).at[
-      jnp.arange(g)[:, None, None], slots].set(
-          jnp.broadcast_to(flat, (g, s, k)), mode="drop")
+  sources = (
+      jnp.full((g, empty), s * k, jnp.int32)
+      .at[jnp.arange(g)[:, None, None], slots]
+      .set(jnp.broadcast_to(flat, (g, s, k)), mode="drop")
+  )
   return slots, sources
 
 
 @jax.custom_vjp
-def gather_rows(x: jax.Array, index: jax.Array, inverse: jax.Array
-                ) -> jax.Array:
+def gather_rows(
+    x: jax.Array, index: jax.Array, inverse: jax.Array
+) -> jax.Array:
   """y[g, j] = x[g, index[g, j]] (index N = a zero row), for a one-to-many
   map whose transpose is given too, so the backward pass is a gather as
   well (the default, a scatter-add, is several times slower on CPU).
@@ -92,8 +96,13 @@ def _gather_rows_bwd(res, g_y):
 gather_rows.defvjp(_gather_rows_fwd, _gather_rows_bwd)
 
 
-def gather_dispatch(x: jax.Array, slots: jax.Array, sources: jax.Array,
-                    num_experts: int, capacity: int) -> jax.Array:
+def gather_dispatch(
+    x: jax.Array,
+    slots: jax.Array,
+    sources: jax.Array,
+    num_experts: int,
+    capacity: int,
+) -> jax.Array:
   """[G, S, D] tokens -> [G, E, C, D] expert buffer, empty slots zero.
 
   A gather: no FLOPs, unlike the one-hot einsum whose cost grows with S.
@@ -105,16 +114,19 @@ def gather_dispatch(x: jax.Array, slots: jax.Array, sources: jax.Array,
   return buf.reshape(g, num_experts, capacity, dim)
 
 
-def gather_combine(out: jax.Array, slots: jax.Array, sources: jax.Array,
-                   gates: jax.Array) -> jax.Array:
+def gather_combine(
+    out: jax.Array, slots: jax.Array, sources: jax.Array, gates: jax.Array
+) -> jax.Array:
   """[G, E, C, D] expert outputs -> [G, S, D]: sum_k gate_k * out[e_k, c_k]
   over each token's kept choices (`gates` 0 where dropped)."""
   g, e, c, dim = out.shape
   _, s, k = slots.shape
-  picked = gather_rows(out.reshape(g, e * c, dim), slots.reshape(g, s * k),
-                       sources[:, :, None])
-  return jnp.einsum("GSKD,GSK->GSD", picked.reshape(g, s, k, dim),
-                    gates.astype(out.dtype))
+  picked = gather_rows(
+      out.reshape(g, e * c, dim), slots.reshape(g, s * k), sources[:, :, None]
+  )
+  return jnp.einsum(
+      "GSKD,GSK->GSD", picked.reshape(g, s, k, dim), gates.astype(out.dtype)
+  )
 
 
 class Dispatcher(Protocol):
@@ -140,8 +152,9 @@ class GatherDispatcher:
 
   def dispatch(self, x, plan):
     slots, sources, _, num_experts, capacity = plan
-    return jnp.swapaxes(gather_dispatch(x, slots, sources, num_experts,
-                                        capacity), 0, 1)
+    return jnp.swapaxes(
+        gather_dispatch(x, slots, sources, num_experts, capacity), 0, 1
+    )
 
   def combine(self, out, plan):
     slots, sources, gates, _, _ = plan
@@ -170,6 +183,7 @@ DISPATCHERS = {"gather": GatherDispatcher, "einsum": EinsumDispatcher}
 def make_dispatcher(name: str) -> Dispatcher:
   """The dispatcher `name` names. Raises ValueError (one line)."""
   if name not in DISPATCHERS:
-    raise ValueError(f"dispatch: expected one of {sorted(DISPATCHERS)}, got "
-                     f"{name!r}")
+    raise ValueError(
+        f"dispatch: expected one of {sorted(DISPATCHERS)}, got " f"{name!r}"
+    )
   return DISPATCHERS[name]()

@@ -41,8 +41,9 @@ def _stack(blocks: list[Block]) -> Block:
   leading axis, named `layers` in its sharding metadata. Its own
   `drop_path_rate` is unused: `EVE.encode` passes each layer's."""
   graphdef, _ = nnx.split(blocks[0])
-  state = jax.tree.map(lambda *xs: jnp.stack(xs),
-                       *[nnx.state(b) for b in blocks])
+  state = jax.tree.map(
+      lambda *xs: jnp.stack(xs), *[nnx.state(b) for b in blocks]
+  )
   return nnx.merge(graphdef, spmd.add_axis(state, 0, _LAYERS))
 
 
@@ -52,32 +53,58 @@ class EVE(nnx.Module):
   def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
     dt = jnp.dtype(cfg.dtype)
     self.cfg = cfg
-    self.image_embed = ImageEmbed(cfg.image_size, cfg.patch_size, cfg.width,
-                                  positions=cfg.position_embed, dtype=dt,
-                                  rngs=rngs)
-    self.text_embed = TextEmbed(cfg.vocab_size, cfg.max_text_positions,
-                                cfg.width, positions=cfg.position_embed,
-                                dtype=dt, rngs=rngs)
-    self.type_embed = (param(rngs, trunc_normal, (2, cfg.width),
-                             (None, "embed")) if cfg.type_embed else None)
-    self.pre_norm = (LayerNorm(cfg.width, dtype=dt, rngs=rngs)
-                     if cfg.pre_norm else None)
+    self.image_embed = ImageEmbed(
+        cfg.image_size,
+        cfg.patch_size,
+        cfg.width,
+        positions=cfg.position_embed,
+        dtype=dt,
+        rngs=rngs,
+    )
+    self.text_embed = TextEmbed(
+        cfg.vocab_size,
+        cfg.max_text_positions,
+        cfg.width,
+        positions=cfg.position_embed,
+        dtype=dt,
+        rngs=rngs,
+    )
+    self.type_embed = (
+        param(rngs, trunc_normal, (2, cfg.width), (None, "embed"))
+        if cfg.type_embed
+        else None
+    )
+    self.pre_norm = (
+        LayerNorm(cfg.width, dtype=dt, rngs=rngs) if cfg.pre_norm else None
+    )
     # Stochastic depth grows linearly with depth (BEiT).
-    self.rates = rates = tuple(cfg.drop_path * i / max(cfg.depth - 1, 1)
-                               for i in range(cfg.depth))
+    self.rates = rates = tuple(
+        cfg.drop_path * i / max(cfg.depth - 1, 1) for i in range(cfg.depth)
+    )
 
     def dense_soft(i):  # the benchmark's same-active-FLOPs dense model
       return cfg.soft_layer(i) and cfg.soft_ffn == "dense"
 
     def block(i, rngs, rate):
-      return Block(cfg.width, cfg.heads,
-                   cfg.top_k * cfg.mlp_dim if dense_soft(i) else cfg.mlp_dim,
-                   ffn=("dense" if dense_soft(i) else
-                        "soft" if cfg.soft_layer(i) else "hard"),
-                   layer_scale_init=cfg.layer_scale_init,
-                   drop_path_rate=rate, activation=cfg.activation,
-                   moe=cfg.moe, attention=cfg.attention, dtype=dt,
-                   rngs=rngs)
+      return Block(
+          cfg.width,
+          cfg.heads,
+          cfg.top_k * cfg.mlp_dim if dense_soft(i) else cfg.mlp_dim,
+          ffn=(
+              "dense"
+              if dense_soft(i)
+              else "soft"
+              if cfg.soft_layer(i)
+              else "hard"
+          ),
+          layer_scale_init=cfg.layer_scale_init,
+          drop_path_rate=rate,
+          activation=cfg.activation,
+          moe=cfg.moe,
+          attention=cfg.attention,
+          dtype=dt,
+          rngs=rngs,
+      )
 
     # Built unrolled in any case, so a model's initial values do not depend
     # on scan_layers; with it, the hard-router blocks (all alike) are then
@@ -105,10 +132,15 @@ class EVE(nnx.Module):
         return x
       return x + self.type_embed[...][TEXT].astype(x.dtype)
 
-  def encode(self, image_tokens: jax.Array, text_tokens: jax.Array,
-             text_valid: jax.Array, *, rng: jax.Array | None = None,
-             final_norm: bool = True
-             ) -> tuple[jax.Array, list[MoEStats]]:
+  def encode(
+      self,
+      image_tokens: jax.Array,
+      text_tokens: jax.Array,
+      text_valid: jax.Array,
+      *,
+      rng: jax.Array | None = None,
+      final_norm: bool = True,
+  ) -> tuple[jax.Array, list[MoEStats]]:
     """Runs the shared stack over [image ; text].
 
     Args:
@@ -124,11 +156,16 @@ class EVE(nnx.Module):
     """
     b, li, _ = image_tokens.shape
     lt = text_tokens.shape[1]
-    x = jnp.concatenate([image_tokens, text_tokens.astype(image_tokens.dtype)],
-                        axis=1)
+    x = jnp.concatenate(
+        [image_tokens, text_tokens.astype(image_tokens.dtype)], axis=1
+    )
     modality = jnp.concatenate(
-        [jnp.full((b, li), IMAGE, jnp.int32),
-         jnp.full((b, lt), TEXT, jnp.int32)], axis=1)
+        [
+            jnp.full((b, li), IMAGE, jnp.int32),
+            jnp.full((b, lt), TEXT, jnp.int32),
+        ],
+        axis=1,
+    )
     valid = jnp.concatenate([jnp.ones((b, li), bool), text_valid], axis=1)
     counts = (li, lt)  # tokens per modality id, for the hard-router gather
     if self.pre_norm is not None:
@@ -136,27 +173,45 @@ class EVE(nnx.Module):
     x = constrain(x, ("act_batch", "act_seq", "act_embed"))
     stats = []
     n = self.num_scanned
-    rngs = (jax.random.split(rng, self.cfg.depth) if rng is not None
-            else [None] * self.cfg.depth)
+    rngs = (
+        jax.random.split(rng, self.cfg.depth)
+        if rng is not None
+        else [None] * self.cfg.depth
+    )
 
     def run(block, x, r, rate=None):
-      return block(x, valid=valid, modality=modality, counts=counts, rng=r,
-                   drop_path_rate=rate)
+      return block(
+          x,
+          valid=valid,
+          modality=modality,
+          counts=counts,
+          rng=r,
+          drop_path_rate=rate,
+      )
 
     if self.cfg.remat:  # keep only block inputs; recompute the rest
       run = nnx.remat(run)
     if n:
+
       def layer(block, x, r, rate):
         return run(block, x, r, rate)[0]
+
       rates = jnp.asarray(self.rates[:n], jnp.float32)
       if rng is None:  # evaluation: no drop path, nothing to scan but weights
-        layer_fn = nnx.scan(lambda b, x: layer(b, x, None, None),
-                            in_axes=(0, nnx.Carry), out_axes=nnx.Carry,
-                            transform_metadata=_LAYERS)
+        layer_fn = nnx.scan(
+            lambda b, x: layer(b, x, None, None),
+            in_axes=(0, nnx.Carry),
+            out_axes=nnx.Carry,
+            transform_metadata=_LAYERS,
+        )
         x = layer_fn(self.scanned, x)
       else:
-        layer_fn = nnx.scan(layer, in_axes=(0, nnx.Carry, 0, 0),
-                            out_axes=nnx.Carry, transform_metadata=_LAYERS)
+        layer_fn = nnx.scan(
+            layer,
+            in_axes=(0, nnx.Carry, 0, 0),
+            out_axes=nnx.Carry,
+            transform_metadata=_LAYERS,
+        )
         x = layer_fn(self.scanned, x, rngs[:n], rates)
     for block, r in zip(self.blocks, rngs[n:]):
       x, s = run(block, x, r)
@@ -177,8 +232,9 @@ def scan_layout(tree: dict, cfg: ModelConfig) -> dict:
   n = num_scanned(dataclasses.replace(cfg, scan_layers=True))
   out = {k: v for k, v in tree.items() if k != "blocks"}
   blocks = tree["blocks"]
-  out["scanned"] = jax.tree.map(lambda *xs: jnp.stack(xs),
-                                *[blocks[i] for i in range(n)])
+  out["scanned"] = jax.tree.map(
+      lambda *xs: jnp.stack(xs), *[blocks[i] for i in range(n)]
+  )
   out["blocks"] = {i - n: blocks[i] for i in range(n, cfg.depth)}
   return out
 
@@ -187,8 +243,9 @@ def unscan_layout(tree: dict, cfg: ModelConfig) -> dict:
   """The inverse of `scan_layout`."""
   n = num_scanned(dataclasses.replace(cfg, scan_layers=True))
   out = {k: v for k, v in tree.items() if k not in ("blocks", "scanned")}
-  blocks = {i: jax.tree.map(lambda x, i=i: x[i], tree["scanned"])
-            for i in range(n)}
+  blocks = {
+      i: jax.tree.map(lambda x, i=i: x[i], tree["scanned"]) for i in range(n)
+  }
   blocks.update({i + n: b for i, b in tree["blocks"].items()})
   out["blocks"] = blocks
   return out

@@ -19,13 +19,14 @@ from eve_jax.model.variants import ModelConfig
 class MLMHead(nnx.Module):
   """[B, L, D] -> [B, L, V]: Linear(D, D) -> GELU -> LN -> Linear(D, V)."""
 
-  def __init__(self, dim: int, vocab_size: int, *, dtype=jnp.float32,
-               rngs: nnx.Rngs):
-    self.dense = Dense(dim, dim, axes=("embed", "mlp"), dtype=dtype,
-                       rngs=rngs)
+  def __init__(
+      self, dim: int, vocab_size: int, *, dtype=jnp.float32, rngs: nnx.Rngs
+  ):
+    self.dense = Dense(dim, dim, axes=("embed", "mlp"), dtype=dtype, rngs=rngs)
     self.norm = LayerNorm(dim, dtype=dtype, rngs=rngs)
-    self.decoder = Dense(dim, vocab_size, axes=("embed", "vocab"),
-                         dtype=dtype, rngs=rngs)
+    self.decoder = Dense(
+        dim, vocab_size, axes=("embed", "vocab"), dtype=dtype, rngs=rngs
+    )
 
   def __call__(self, x: jax.Array) -> jax.Array:
     x = self.norm(activation_fn("gelu")(self.dense(x)))
@@ -43,21 +44,39 @@ class MIMDecoder(nnx.Module):
   def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
     dt = jnp.dtype(cfg.dtype)
     dd = cfg.decoder_width
-    self.embed = Dense(cfg.width, dd, axes=("embed", "mlp"), dtype=dt,
-                       rngs=rngs)
-    self.mask_token = param(rngs, jax.nn.initializers.normal(0.02), (dd,),
-                            ("embed",))
-    self.pos_embed = param(rngs, jax.nn.initializers.normal(0.02),
-                           (1 + cfg.num_patches, dd), (None, "embed"))
-    self.blocks = nnx.List([
-        Block(dd, cfg.decoder_heads, 4 * dd, ffn="dense",
-              layer_scale_init=None, drop_path_rate=0.0,
-              activation=cfg.activation, attention=cfg.attention, dtype=dt,
-              rngs=rngs)
-        for _ in range(cfg.decoder_depth)])
+    self.embed = Dense(
+        cfg.width, dd, axes=("embed", "mlp"), dtype=dt, rngs=rngs
+    )
+    self.mask_token = param(
+        rngs, jax.nn.initializers.normal(0.02), (dd,), ("embed",)
+    )
+    self.pos_embed = param(
+        rngs,
+        jax.nn.initializers.normal(0.02),
+        (1 + cfg.num_patches, dd),
+        (None, "embed"),
+    )
+    self.blocks = nnx.List(
+        [
+            Block(
+                dd,
+                cfg.decoder_heads,
+                4 * dd,
+                ffn="dense",
+                layer_scale_init=None,
+                drop_path_rate=0.0,
+                activation=cfg.activation,
+                attention=cfg.attention,
+                dtype=dt,
+                rngs=rngs,
+            )
+            for _ in range(cfg.decoder_depth)
+        ]
+    )
     self.norm = LayerNorm(dd, dtype=dt, rngs=rngs)
-    self.pred = Dense(dd, cfg.patch_size ** 2 * 3, axes=("embed", None),
-                      dtype=dt, rngs=rngs)
+    self.pred = Dense(
+        dd, cfg.patch_size**2 * 3, axes=("embed", None), dtype=dt, rngs=rngs
+    )
     self.num_patches = cfg.num_patches
 
   def __call__(self, visible: jax.Array, keep_idx: jax.Array) -> jax.Array:
@@ -71,8 +90,9 @@ class MIMDecoder(nnx.Module):
     """
     b = visible.shape[0]
     x = self.embed(visible)
-    full = jnp.broadcast_to(self.mask_token[...].astype(x.dtype),
-                            (b, self.num_patches, x.shape[-1]))
+    full = jnp.broadcast_to(
+        self.mask_token[...].astype(x.dtype), (b, self.num_patches, x.shape[-1])
+    )
     full = jax.vmap(lambda f, i, v: f.at[i].set(v))(full, keep_idx, x[:, 1:])
     x = jnp.concatenate([x[:, :1], full], axis=1)
     x = x + self.pos_embed[...].astype(x.dtype)
@@ -91,21 +111,37 @@ class MatchingHeads(nnx.Module):
   text CLS of a fused [image ; text] pass (match / no match).
   """
 
-  def __init__(self, dim: int, proj_dim: int, *, dtype=jnp.float32,
-               rngs: nnx.Rngs):
-    self.image_proj = Dense(dim, proj_dim, axes=("embed", "mlp"),
-                            use_bias=False, dtype=dtype, rngs=rngs)
-    self.text_proj = Dense(dim, proj_dim, axes=("embed", "mlp"),
-                           use_bias=False, dtype=dtype, rngs=rngs)
+  def __init__(
+      self, dim: int, proj_dim: int, *, dtype=jnp.float32, rngs: nnx.Rngs
+  ):
+    self.image_proj = Dense(
+        dim,
+        proj_dim,
+        axes=("embed", "mlp"),
+        use_bias=False,
+        dtype=dtype,
+        rngs=rngs,
+    )
+    self.text_proj = Dense(
+        dim,
+        proj_dim,
+        axes=("embed", "mlp"),
+        use_bias=False,
+        dtype=dtype,
+        rngs=rngs,
+    )
     self.temp = param(rngs, jax.nn.initializers.constant(0.07), (), ())
     self.itm = Dense(dim, 2, axes=("embed", None), dtype=dtype, rngs=rngs)
 
-  def similarities(self, image_cls: jax.Array, text_cls: jax.Array
-                   ) -> jax.Array:
+  def similarities(
+      self, image_cls: jax.Array, text_cls: jax.Array
+  ) -> jax.Array:
     """[B, D] x2 -> [B_image, B_text] float32 cosine similarity / temp."""
+
     def unit(x):
       x = x.astype(jnp.float32)
       return x * jax.lax.rsqrt(jnp.sum(x * x, -1, keepdims=True) + 1e-12)
+
     img = unit(self.image_proj(image_cls))
     txt = unit(self.text_proj(text_cls))
     temp = jnp.clip(self.temp[...], 0.001, 0.5)
@@ -125,5 +161,8 @@ class EVEPretrainModel(nnx.Module):
     self.backbone = EVE(cfg, rngs=rngs)
     self.mlm_head = MLMHead(cfg.width, cfg.vocab_size, dtype=dt, rngs=rngs)
     self.mim_decoder = MIMDecoder(cfg, rngs=rngs)
-    self.matching = (MatchingHeads(cfg.width, cfg.width, dtype=dt, rngs=rngs)
-                     if cfg.matching_heads else None)
+    self.matching = (
+        MatchingHeads(cfg.width, cfg.width, dtype=dt, rngs=rngs)
+        if cfg.matching_heads
+        else None
+    )

@@ -52,18 +52,30 @@ class ModalityMoE(nnx.Module):
   `wo` [E, F, D], `bo` [E, D].
   """
 
-  def __init__(self, dim: int, hidden: int, cfg: MoEConfig, *,
-               num_modalities: int = 2, dtype=jnp.float32,
-               param_dtype=jnp.float32, rngs: nnx.Rngs):
+  def __init__(
+      self,
+      dim: int,
+      hidden: int,
+      cfg: MoEConfig,
+      *,
+      num_modalities: int = 2,
+      dtype=jnp.float32,
+      param_dtype=jnp.float32,
+      rngs: nnx.Rngs,
+  ):
     if not 1 <= cfg.top_k <= cfg.num_experts:
-      raise ValueError(f"top_k: expected 1..{cfg.num_experts}, got "
-                       f"{cfg.top_k}")
+      raise ValueError(
+          f"top_k: expected 1..{cfg.num_experts}, got " f"{cfg.top_k}"
+      )
     if cfg.experts not in ("auto", "batched", "unrolled"):
-      raise ValueError(f"experts: expected 'auto', 'batched' or 'unrolled', "
-                       f"got {cfg.experts!r}")
+      raise ValueError(
+          f"experts: expected 'auto', 'batched' or 'unrolled', "
+          f"got {cfg.experts!r}"
+      )
     if cfg.group not in ("sample", "batch"):
-      raise ValueError(f"group: expected 'sample' or 'batch', got "
-                       f"{cfg.group!r}")
+      raise ValueError(
+          f"group: expected 'sample' or 'batch', got " f"{cfg.group!r}"
+      )
     gelu_fn(cfg.activation)  # fail early on a bad name
     self.cfg = cfg
     self.router = make_router(cfg)
@@ -71,13 +83,18 @@ class ModalityMoE(nnx.Module):
     self.num_modalities = num_modalities
     self.dtype = dtype
     e, d, f = cfg.num_experts, dim, hidden
-    self.router_params = tuple(self._set_params(self.router.params(
-        rngs, dim, e, num_modalities, param_dtype)))
-    self.wi = param(rngs, _KERNEL_INIT, (e, d, f), ("expert", "embed", "mlp"),
-                    param_dtype)
+    self.router_params = tuple(
+        self._set_params(
+            self.router.params(rngs, dim, e, num_modalities, param_dtype)
+        )
+    )
+    self.wi = param(
+        rngs, _KERNEL_INIT, (e, d, f), ("expert", "embed", "mlp"), param_dtype
+    )
     self.bi = param(rngs, _ZEROS, (e, f), ("expert", "mlp"), param_dtype)
-    self.wo = param(rngs, _KERNEL_INIT, (e, f, d), ("expert", "mlp", "embed"),
-                    param_dtype)
+    self.wo = param(
+        rngs, _KERNEL_INIT, (e, f, d), ("expert", "mlp", "embed"), param_dtype
+    )
     self.bo = param(rngs, _ZEROS, (e, d), ("expert", "embed"), param_dtype)
 
   def _set_params(self, params: dict[str, nnx.Param]):
@@ -91,8 +108,9 @@ class ModalityMoE(nnx.Module):
   num_experts = property(lambda self: self.cfg.num_experts)
   top_k = property(lambda self: self.cfg.top_k)
 
-  def __call__(self, x: jax.Array, modality: jax.Array,
-               valid: jax.Array) -> tuple[jax.Array, MoEStats]:
+  def __call__(
+      self, x: jax.Array, modality: jax.Array, valid: jax.Array
+  ) -> tuple[jax.Array, MoEStats]:
     """Applies the MoE.
 
     Args:
@@ -106,24 +124,26 @@ class ModalityMoE(nnx.Module):
     """
     shape = x.shape
     if self.cfg.group == "batch":  # [B, L, ...] -> [1, B * L, ...]
-      x, modality, valid = (a.reshape((1, -1) + a.shape[2:])
-                            for a in (x, modality, valid))
+      x, modality, valid = (
+          a.reshape((1, -1) + a.shape[2:]) for a in (x, modality, valid)
+      )
     valid = valid.astype(bool)
     if self.cfg.route_padding:
       valid = jnp.ones_like(valid)
     y, stats = self._groups(x, modality, valid)
     return y.reshape(shape[:2] + y.shape[2:]), stats
 
-  def _groups(self, x: jax.Array, modality: jax.Array, valid: jax.Array
-              ) -> tuple[jax.Array, MoEStats]:
+  def _groups(
+      self, x: jax.Array, modality: jax.Array, valid: jax.Array
+  ) -> tuple[jax.Array, MoEStats]:
     """`__call__` on [G, S, D] groups: each routed on its own."""
     with jax.named_scope("router"):
       params = {n: getattr(self, n)[...] for n in self.router_params}
-      r = decide(self.router, params, self.cfg, x, modality, valid,
-                 self.num_modalities)
+      r = decide(
+          self.router, params, self.cfg, x, modality, valid, self.num_modalities
+      )
     with jax.named_scope("experts"):
-      plan = self.dispatcher.plan(r.dispatch, self.cfg.num_experts,
-                                  r.capacity)
+      plan = self.dispatcher.plan(r.dispatch, self.cfg.num_experts, r.capacity)
       buf = self.dispatcher.dispatch(r.expert_input.astype(self.dtype), plan)
       # Dispatch where the groups are (split over act_batch = data x fsdp x
       # expert), then move the buffer to experts x act_group: resharding
@@ -151,11 +171,15 @@ class ModalityMoE(nnx.Module):
       # than the batched einsum below (measured on the small model).
       # lax.split, not x[i]: the transpose of a split is one concatenate,
       # that of E slices is E zero-padded full-size adds.
-      parts = [jax.lax.split(a, [1] * e, axis=0)
-               for a in (tokens, wi, bi, wo, bo)]
-      out = jnp.concatenate([
-          act(t[0] @ w1[0] + b1[0]) @ w2[0] + b2[0]
-          for t, w1, b1, w2, b2 in zip(*parts)])
+      parts = [
+          jax.lax.split(a, [1] * e, axis=0) for a in (tokens, wi, bi, wo, bo)
+      ]
+      out = jnp.concatenate(
+          [
+              act(t[0] @ w1[0] + b1[0]) @ w2[0] + b2[0]
+              for t, w1, b1, w2, b2 in zip(*parts)
+          ]
+      )
       out = out.reshape(e, g * c, dim)
     else:
       h = jnp.einsum("END,EDF->ENF", tokens, wi)
@@ -163,8 +187,10 @@ class ModalityMoE(nnx.Module):
       h = constrain(h, ("act_expert", "act_group", "act_mlp"))
       out = jnp.einsum("ENF,EFD->END", h, wo)
       out = out + bo[:, None, :]
-    return constrain(out.reshape(e, g, c, dim),
-                     ("act_expert", "act_group", None, "act_embed"))
+    return constrain(
+        out.reshape(e, g, c, dim),
+        ("act_expert", "act_group", None, "act_embed"),
+    )
 
 
 def experts_unrolled(mode: str) -> bool:
@@ -185,9 +211,17 @@ class ModalityFFN(nnx.Module):
   own modality m. The caller adds the residual.
   """
 
-  def __init__(self, dim: int, hidden: int, *, num_modalities: int = 2,
-               activation: str = "gelu", dtype=jnp.float32,
-               param_dtype=jnp.float32, rngs: nnx.Rngs):
+  def __init__(
+      self,
+      dim: int,
+      hidden: int,
+      *,
+      num_modalities: int = 2,
+      activation: str = "gelu",
+      dtype=jnp.float32,
+      param_dtype=jnp.float32,
+      rngs: nnx.Rngs,
+  ):
     self.num_modalities = num_modalities
     gelu_fn(activation)  # fail early on a bad name
     self.activation = activation
@@ -195,11 +229,13 @@ class ModalityFFN(nnx.Module):
     m, d, f = num_modalities, dim, hidden
     self.norm_scale = param(rngs, _ONES, (m, d), (None, "embed"), param_dtype)
     self.norm_bias = param(rngs, _ZEROS, (m, d), (None, "embed"), param_dtype)
-    self.wi = param(rngs, _KERNEL_INIT, (m, d, f), (None, "embed", "mlp"),
-                    param_dtype)
+    self.wi = param(
+        rngs, _KERNEL_INIT, (m, d, f), (None, "embed", "mlp"), param_dtype
+    )
     self.bi = param(rngs, _ZEROS, (m, f), (None, "mlp"), param_dtype)
-    self.wo = param(rngs, _KERNEL_INIT, (m, f, d), (None, "mlp", "embed"),
-                    param_dtype)
+    self.wo = param(
+        rngs, _KERNEL_INIT, (m, f, d), (None, "mlp", "embed"), param_dtype
+    )
     self.bo = param(rngs, _ZEROS, (m, d), (None, "embed"), param_dtype)
 
   def _ffn(self, x: jax.Array, m: int) -> jax.Array:
@@ -211,8 +247,12 @@ class ModalityFFN(nnx.Module):
     h = jnp.einsum("BLF,FD->BLD", h, self.wo[...][m].astype(dt))
     return h + self.bo[...][m].astype(dt)
 
-  def __call__(self, x: jax.Array, modality: jax.Array,
-               counts: tuple[int, ...] | None = None) -> jax.Array:
+  def __call__(
+      self,
+      x: jax.Array,
+      modality: jax.Array,
+      counts: tuple[int, ...] | None = None,
+  ) -> jax.Array:
     """Applies each token's own modality FFN.
 
     Args:
@@ -237,14 +277,15 @@ class ModalityFFN(nnx.Module):
     if len(counts) != self.num_modalities or sum(counts) != length:
       raise ValueError(
           f"ModalityFFN counts: expected {self.num_modalities} ints summing to "
-          f"the sequence length {length}, got {counts}")
+          f"the sequence length {length}, got {counts}"
+      )
     # A stable sort by id puts modality m's tokens at [sum(counts[:m]), ...).
     perm = jnp.argsort(modality, axis=-1, stable=True)  # [B, L]
     xs = jnp.take_along_axis(x, perm[:, :, None], axis=1)
     pieces, start = [], 0
     for m, n in enumerate(counts):
       if n:
-        pieces.append(self._ffn(xs[:, start:start + n], m))
+        pieces.append(self._ffn(xs[:, start : start + n], m))
       start += n
     ys = jnp.concatenate(pieces, axis=1)
     inverse = jnp.argsort(perm, axis=-1)

@@ -14,27 +14,28 @@ import dataclasses
 @dataclasses.dataclass(frozen=True)
 class MoEConfig:
   """Attributes (the config.model key in brackets where it differs):
-    num_experts: E.
-    top_k: K choices per token.
-    capacity_factor: slots per expert = capacity_factor * K * S / E (0: no
-      token dropped).
-    min_capacity: at least this many slots [moe_min_capacity].
-    aux_loss_weight: alpha of eq. 7.
-    router: a name of eve_jax/model/router.py's ROUTERS: "modality" (the
-      paper's softmax(W (x + b_m))) or "plain" (softmax(W x)) [moe_router].
-    add_modality_to_experts: the experts see x + b_m (the released weights;
-      the modality router only).
-    normalize_gates: kept top-k gates divided by their sum
-      [moe_normalize_gates].
-    dispatch: "gather" or "einsum" (eve_jax/model/dispatch.py)
-      [moe_dispatch].
-    experts: "auto", "batched" or "unrolled" [moe_experts].
-    group: "sample" (one routing group per sequence) or "batch" (all B * L
-      tokens of a call) [moe_group].
-    route_padding: padding tokens take slots like any other
-      [moe_route_padding].
-    activation: the experts' activation.
+  num_experts: E.
+  top_k: K choices per token.
+  capacity_factor: slots per expert = capacity_factor * K * S / E (0: no
+    token dropped).
+  min_capacity: at least this many slots [moe_min_capacity].
+  aux_loss_weight: alpha of eq. 7.
+  router: a name of eve_jax/model/router.py's ROUTERS: "modality" (the
+    paper's softmax(W (x + b_m))) or "plain" (softmax(W x)) [moe_router].
+  add_modality_to_experts: the experts see x + b_m (the released weights;
+    the modality router only).
+  normalize_gates: kept top-k gates divided by their sum
+    [moe_normalize_gates].
+  dispatch: "gather" or "einsum" (eve_jax/model/dispatch.py)
+    [moe_dispatch].
+  experts: "auto", "batched" or "unrolled" [moe_experts].
+  group: "sample" (one routing group per sequence) or "batch" (all B * L
+    tokens of a call) [moe_group].
+  route_padding: padding tokens take slots like any other
+    [moe_route_padding].
+  activation: the experts' activation.
   """
+
   num_experts: int = 4
   top_k: int = 2
   capacity_factor: float = 1.25

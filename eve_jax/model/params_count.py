@@ -34,7 +34,10 @@ def count_params(params: Any, cfg: ModelConfig) -> dict[str, int]:
   d, f = cfg.width, cfg.mlp_dim
   ffn = d * f + f + f * d + d  # wi, bi, wo, bo
   hard_layers = cfg.depth - cfg.num_soft_layers
-  inactive = (hard_layers * (NUM_MODALITIES - 1) * (ffn + 2 * d)  # + its LN
-              + cfg.num_soft_layers * (cfg.num_experts - cfg.top_k) * ffn)
-  return dict(total=total, backbone=backbone,
-              backbone_per_token=backbone - inactive)
+  inactive = (
+      hard_layers * (NUM_MODALITIES - 1) * (ffn + 2 * d)  # + its LN
+      + cfg.num_soft_layers * (cfg.num_experts - cfg.top_k) * ffn
+  )
+  return dict(
+      total=total, backbone=backbone, backbone_per_token=backbone - inactive
+  )

@@ -28,8 +28,11 @@ def sum_moe_stats(stats: list[MoEStats]) -> dict[str, jax.Array]:
   `expert_counts` [S, M, E] per layer (eve_jax/viz/routing.py; unused
   outputs cost nothing under jit)."""
   zero = jnp.zeros((), jnp.float32)
-  counts = (jnp.stack([s.expert_counts for s in stats]) if stats
-            else jnp.zeros((0, 2, 0), jnp.float32))
+  counts = (
+      jnp.stack([s.expert_counts for s in stats])
+      if stats
+      else jnp.zeros((0, 2, 0), jnp.float32)
+  )
   return dict(
       aux_loss=sum((s.aux_loss for s in stats), zero),
       dropped=sum((s.dropped for s in stats), zero),
@@ -38,22 +41,31 @@ def sum_moe_stats(stats: list[MoEStats]) -> dict[str, jax.Array]:
   )
 
 
-def mlm_pass(model: EVEPretrainModel, images: jax.Array, text_in: jax.Array,
-             text_valid: jax.Array, rng: jax.Array | None
-             ) -> tuple[jax.Array, dict[str, jax.Array]]:
+def mlm_pass(
+    model: EVEPretrainModel,
+    images: jax.Array,
+    text_in: jax.Array,
+    text_valid: jax.Array,
+    rng: jax.Array | None,
+) -> tuple[jax.Array, dict[str, jax.Array]]:
   """Full image + masked text -> [B, L, V] float32 logits, MoE stats."""
   bb = model.backbone
   img = bb.embed_image(images)
   txt = bb.embed_text(text_in)
   states, stats = bb.encode(img, txt, text_valid, rng=rng)
   with jax.named_scope("mlm_head"):
-    logits = model.mlm_head(states[:, img.shape[1]:])
+    logits = model.mlm_head(states[:, img.shape[1] :])
   return logits, sum_moe_stats(stats)
 
 
-def mim_pass(model: EVEPretrainModel, images: jax.Array, text: jax.Array,
-             text_valid: jax.Array, keep_idx: jax.Array,
-             rng: jax.Array | None) -> tuple[jax.Array, dict[str, jax.Array]]:
+def mim_pass(
+    model: EVEPretrainModel,
+    images: jax.Array,
+    text: jax.Array,
+    text_valid: jax.Array,
+    keep_idx: jax.Array,
+    rng: jax.Array | None,
+) -> tuple[jax.Array, dict[str, jax.Array]]:
   """Visible patches + full text -> [B, N, Q] float32 pixels, MoE stats."""
   bb = model.backbone
   img = bb.embed_image(images)
@@ -66,26 +78,29 @@ def mim_pass(model: EVEPretrainModel, images: jax.Array, text: jax.Array,
   return pred, sum_moe_stats(stats)
 
 
-def itc_pass(model: EVEPretrainModel, images: jax.Array, text: jax.Array,
-             text_valid: jax.Array, rng: jax.Array | None
-             ) -> tuple[jax.Array, dict[str, jax.Array]]:
+def itc_pass(
+    model: EVEPretrainModel,
+    images: jax.Array,
+    text: jax.Array,
+    text_valid: jax.Array,
+    rng: jax.Array | None,
+) -> tuple[jax.Array, dict[str, jax.Array]]:
   """Image-only and text-only passes -> [B, B] float32 similarities / temp
   (rows images, columns texts), MoE stats of both passes."""
   bb = model.backbone
-  r_img, r_txt = (jax.random.split(rng) if rng is not None else (None, None))
+  r_img, r_txt = jax.random.split(rng) if rng is not None else (None, None)
   img = bb.embed_image(images)
   txt = bb.embed_text(text)
-  img_states, s_img = bb.encode(img, txt[:, :0], text_valid[:, :0],
-                                rng=r_img)
+  img_states, s_img = bb.encode(img, txt[:, :0], text_valid[:, :0], rng=r_img)
   txt_states, s_txt = bb.encode(img[:, :0], txt, text_valid, rng=r_txt)
   with jax.named_scope("itc_head"):
     sims = model.matching.similarities(img_states[:, 0], txt_states[:, 0])
   return sims, sum_moe_stats(s_img + s_txt)
 
 
-def hard_negatives(rng: jax.Array, sims: jax.Array,
-                   positive: jax.Array | None = None
-                   ) -> tuple[jax.Array, jax.Array]:
+def hard_negatives(
+    rng: jax.Array, sims: jax.Array, positive: jax.Array | None = None
+) -> tuple[jax.Array, jax.Array]:
   """For each text an image, and for each image a text, that it is not paired
   with, drawn with probability softmax(similarity) (ALBEF's hard negatives).
 
@@ -105,15 +120,24 @@ def hard_negatives(rng: jax.Array, sims: jax.Array,
   r_img, r_txt = jax.random.split(rng)
   neg_min = jnp.finfo(jnp.float32).min
   neg_image = jax.random.categorical(
-      r_img, jnp.where(off_diag, sims.T, neg_min), axis=-1)
+      r_img, jnp.where(off_diag, sims.T, neg_min), axis=-1
+  )
   neg_text = jax.random.categorical(
-      r_txt, jnp.where(off_diag, sims, neg_min), axis=-1)
+      r_txt, jnp.where(off_diag, sims, neg_min), axis=-1
+  )
   return neg_image.astype(jnp.int32), neg_text.astype(jnp.int32)
 
 
-def itm_pass(model: EVEPretrainModel, images: jax.Array, text: jax.Array,
-             text_valid: jax.Array, sims: jax.Array, neg_rng: jax.Array,
-             rng: jax.Array | None, positive: jax.Array | None = None):
+def itm_pass(
+    model: EVEPretrainModel,
+    images: jax.Array,
+    text: jax.Array,
+    text_valid: jax.Array,
+    sims: jax.Array,
+    neg_rng: jax.Array,
+    rng: jax.Array | None,
+    positive: jax.Array | None = None,
+):
   """The pair, a hard-negative image and a hard-negative text through the
   fused encoder -> ([3B, 2] logits, [3B] labels (1 = match), MoE stats).
   `positive` as in `hard_negatives`."""
@@ -121,15 +145,15 @@ def itm_pass(model: EVEPretrainModel, images: jax.Array, text: jax.Array,
   b = images.shape[0]
   all_images = jnp.concatenate([images, images[neg_image], images])
   all_text = jnp.concatenate([text, text, text[neg_text]])
-  all_valid = jnp.concatenate([text_valid, text_valid,
-                               text_valid[neg_text]])
+  all_valid = jnp.concatenate([text_valid, text_valid, text_valid[neg_text]])
   bb = model.backbone
   img = bb.embed_image(all_images)
   states, stats = bb.encode(img, bb.embed_text(all_text), all_valid, rng=rng)
   with jax.named_scope("itm_head"):
     logits = model.matching.match_logits(states[:, img.shape[1]])
-  labels = jnp.concatenate([jnp.ones((b,), jnp.int32),
-                            jnp.zeros((2 * b,), jnp.int32)])
+  labels = jnp.concatenate(
+      [jnp.ones((b,), jnp.int32), jnp.zeros((2 * b,), jnp.int32)]
+  )
   return logits, labels, sum_moe_stats(stats)
 
 
@@ -141,5 +165,6 @@ def moe_metrics(*passes: dict[str, jax.Array]) -> dict[str, jax.Array]:
   aux = sum(s["aux_loss"] for s in passes)
   routed = sum(s["routed"] for s in passes)
   dropped = sum(s["dropped"] for s in passes)
-  return dict(aux_loss=aux,
-              dropped_token_frac=dropped / jnp.maximum(routed, 1.0))
+  return dict(
+      aux_loss=aux, dropped_token_frac=dropped / jnp.maximum(routed, 1.0)
+  )

@@ -39,8 +39,13 @@ from eve_jax.model.moe_config import MoEConfig
 _KERNEL_INIT = nnx.initializers.truncated_normal(stddev=0.02)
 
 
-def expert_capacity(group_size: int, num_experts: int, top_k: int,
-                    capacity_factor: float, min_capacity: int = 1) -> int:
+def expert_capacity(
+    group_size: int,
+    num_experts: int,
+    top_k: int,
+    capacity_factor: float,
+    min_capacity: int = 1,
+) -> int:
   """Slots per expert per group: ceil(K * S * capacity_factor / E), at
   least `min_capacity` (DeepSpeed's, 4 in the released EVE) and 1.
 
@@ -75,6 +80,7 @@ class Dispatch:
   Inside jit, whichever form a layer does not use costs nothing (XLA drops
   it).
   """
+
   dispatch: jax.Array
   combine: jax.Array
   probs: jax.Array
@@ -84,8 +90,9 @@ class Dispatch:
   gates: jax.Array
 
 
-def route(logits: jax.Array, valid: jax.Array, top_k: int,
-          capacity: int) -> Dispatch:
+def route(
+    logits: jax.Array, valid: jax.Array, top_k: int, capacity: int
+) -> Dispatch:
   """Top-K routing with per-group expert capacity (GShard / vmoe priority).
 
   Assignments take slots in priority order: every token's top-1 choice in
@@ -129,10 +136,15 @@ def route(logits: jax.Array, valid: jax.Array, top_k: int,
   wants_f = wants.astype(jnp.float32)
   dispatch = jnp.einsum("GSKE,GSKC->GSEC", wants_f, slot)
   combine = jnp.einsum("GSKE,GSKC->GSEC", wants_f, slot * gates[..., None])
-  return Dispatch(dispatch=dispatch > 0, combine=combine, probs=probs,
-                  expert_choice=choice.astype(jnp.int32), kept=kept,
-                  position=position.astype(jnp.int32),
-                  gates=jnp.where(kept, gates, 0.0))
+  return Dispatch(
+      dispatch=dispatch > 0,
+      combine=combine,
+      probs=probs,
+      expert_choice=choice.astype(jnp.int32),
+      kept=kept,
+      position=position.astype(jnp.int32),
+      gates=jnp.where(kept, gates, 0.0),
+  )
 
 
 def normalize_gates(d: Dispatch) -> Dispatch:
@@ -143,12 +155,14 @@ def normalize_gates(d: Dispatch) -> Dispatch:
   total = jnp.sum(d.gates, axis=-1)  # [G, S]
   # DeepSpeed clamps the denominator at float32 eps the same way.
   inv = 1.0 / jnp.maximum(total, jnp.finfo(jnp.float32).eps)
-  return d.replace(gates=d.gates * inv[..., None],
-                   combine=d.combine * inv[..., None, None])
+  return d.replace(
+      gates=d.gates * inv[..., None], combine=d.combine * inv[..., None, None]
+  )
 
 
-def load_balancing_loss(probs: jax.Array, expert_choice: jax.Array,
-                        valid: jax.Array, alpha: float) -> jax.Array:
+def load_balancing_loss(
+    probs: jax.Array, expert_choice: jax.Array, valid: jax.Array, alpha: float
+) -> jax.Array:
   """Eq. 7: alpha * E * sum_i f_i p_i over the valid tokens of all groups.
 
   p_i is the mean router probability of expert i, f_i the fraction of the
@@ -186,6 +200,7 @@ class MoEStats:
     expert_counts: [M, E] float32, top-K choices (kept and dropped) of each
       modality's valid tokens per expert.
   """
+
   aux_loss: jax.Array
   dropped: jax.Array
   routed: jax.Array
@@ -195,14 +210,24 @@ class MoEStats:
 class Router(Protocol):
   """How a soft-router layer scores the experts for each token."""
 
-  def params(self, rngs: nnx.Rngs, dim: int, num_experts: int,
-             num_modalities: int, param_dtype) -> dict[str, nnx.Param]:
+  def params(
+      self,
+      rngs: nnx.Rngs,
+      dim: int,
+      num_experts: int,
+      num_modalities: int,
+      param_dtype,
+  ) -> dict[str, nnx.Param]:
     """The router's parameters, by the attribute names the layer stores
     them under (in creation order: it draws from `rngs`)."""
 
-  def logits(self, params: Mapping[str, jax.Array], x: jax.Array,
-             modality: jax.Array, num_modalities: int
-             ) -> tuple[jax.Array, jax.Array]:
+  def logits(
+      self,
+      params: Mapping[str, jax.Array],
+      x: jax.Array,
+      modality: jax.Array,
+      num_modalities: int,
+  ) -> tuple[jax.Array, jax.Array]:
     """([G, S, E] float32 logits, [G, S, D] float32 expert input) for
     tokens x [G, S, D] with modality ids [G, S]. The expert input is what
     the experts see (x, or x + b_m for the modality router with
@@ -212,16 +237,23 @@ class Router(Protocol):
 @dataclasses.dataclass(frozen=True)
 class ModalityRouter:
   """Eq. 4: g(x) = softmax(W (x + b_m)) with b_m learned per modality."""
+
   add_modality_to_experts: bool = True
 
   def params(self, rngs, dim, num_experts, num_modalities, param_dtype):
     return {
-        "kernel": param(rngs, _KERNEL_INIT, (dim, num_experts),
-                        ("embed", None), param_dtype),
+        "kernel": param(
+            rngs, _KERNEL_INIT, (dim, num_experts), ("embed", None), param_dtype
+        ),
         # Small normal rather than zeros: the router sees the modality
         # from step 0.
-        "modality_embed": param(rngs, _KERNEL_INIT, (num_modalities, dim),
-                                (None, "embed"), param_dtype),
+        "modality_embed": param(
+            rngs,
+            _KERNEL_INIT,
+            (num_modalities, dim),
+            (None, "embed"),
+            param_dtype,
+        ),
     }
 
   def logits(self, params, x, modality, num_modalities):
@@ -229,12 +261,14 @@ class ModalityRouter:
     # over every token); as fast as jnp.take on the CPU measured, and kept
     # because the measured runs in README.md used it.
     one_hot = jax.nn.one_hot(modality, num_modalities, dtype=jnp.float32)
-    b_m = jnp.einsum("GSM,MD->GSD", one_hot,
-                     params["modality_embed"].astype(jnp.float32))
+    b_m = jnp.einsum(
+        "GSM,MD->GSD", one_hot, params["modality_embed"].astype(jnp.float32)
+    )
     x_m = x.astype(jnp.float32) + b_m.astype(jnp.float32)
     # Eq. 6 in float32: small logit differences decide the top-k.
-    logits = jnp.einsum("GSD,DE->GSE", x_m,
-                        params["kernel"].astype(jnp.float32))
+    logits = jnp.einsum(
+        "GSD,DE->GSE", x_m, params["kernel"].astype(jnp.float32)
+    )
     # The released checkpoints also feed x + b_m to the experts.
     return logits, (x_m if self.add_modality_to_experts else x)
 
@@ -246,13 +280,19 @@ class PlainRouter:
 
   def params(self, rngs, dim, num_experts, num_modalities, param_dtype):
     del num_modalities
-    return {"kernel": param(rngs, _KERNEL_INIT, (dim, num_experts),
-                            ("embed", None), param_dtype)}
+    return {
+        "kernel": param(
+            rngs, _KERNEL_INIT, (dim, num_experts), ("embed", None), param_dtype
+        )
+    }
 
   def logits(self, params, x, modality, num_modalities):
     del modality, num_modalities
-    logits = jnp.einsum("GSD,DE->GSE", x.astype(jnp.float32),
-                        params["kernel"].astype(jnp.float32))
+    logits = jnp.einsum(
+        "GSD,DE->GSE",
+        x.astype(jnp.float32),
+        params["kernel"].astype(jnp.float32),
+    )
     return logits, x
 
 
@@ -265,8 +305,9 @@ ROUTERS = {
 def make_router(cfg: MoEConfig) -> Router:
   """The router `cfg.router` names. Raises ValueError (one line)."""
   if cfg.router not in ROUTERS:
-    raise ValueError(f"router {cfg.router!r} is not one of "
-                     f"{sorted(ROUTERS)}")
+    raise ValueError(
+        f"router {cfg.router!r} is not one of " f"{sorted(ROUTERS)}"
+    )
   return ROUTERS[cfg.router](cfg)
 
 
@@ -280,41 +321,68 @@ class Routing:
     expert_input: [G, S, D] float32, what the experts get.
     stats: `MoEStats` (aux loss, dropped, routed, per-modality counts).
   """
+
   dispatch: Dispatch
   capacity: int = flax.struct.field(pytree_node=False)
   expert_input: jax.Array
   stats: MoEStats
 
 
-def decide(router: Router, params: Mapping[str, jax.Array], cfg: MoEConfig,
-           x: jax.Array, modality: jax.Array, valid: jax.Array,
-           num_modalities: int) -> Routing:
+def decide(
+    router: Router,
+    params: Mapping[str, jax.Array],
+    cfg: MoEConfig,
+    x: jax.Array,
+    modality: jax.Array,
+    valid: jax.Array,
+    num_modalities: int,
+) -> Routing:
   """Routes tokens x [G, S, D] (modality ids and valid mask [G, S]) by
   `router`: logits -> top-K with capacity -> (renormalized) gates ->
   eq. 7 and the stats."""
   group_size = x.shape[1]
   logits, expert_input = router.logits(params, x, modality, num_modalities)
-  capacity = expert_capacity(group_size, cfg.num_experts, cfg.top_k,
-                             cfg.capacity_factor, cfg.min_capacity)
+  capacity = expert_capacity(
+      group_size,
+      cfg.num_experts,
+      cfg.top_k,
+      cfg.capacity_factor,
+      cfg.min_capacity,
+  )
   d = route(logits, valid, cfg.top_k, capacity)
   if cfg.normalize_gates:
     d = normalize_gates(d)
-  aux = load_balancing_loss(d.probs, d.expert_choice, valid,
-                            cfg.aux_loss_weight)
-  return Routing(dispatch=d, capacity=capacity, expert_input=expert_input,
-                 stats=_stats(d, modality, valid, aux, cfg.top_k,
-                              cfg.num_experts, num_modalities))
+  aux = load_balancing_loss(
+      d.probs, d.expert_choice, valid, cfg.aux_loss_weight
+  )
+  return Routing(
+      dispatch=d,
+      capacity=capacity,
+      expert_input=expert_input,
+      stats=_stats(
+          d, modality, valid, aux, cfg.top_k, cfg.num_experts, num_modalities
+      ),
+  )
 
 
-def _stats(d: Dispatch, modality: jax.Array, valid: jax.Array,
-           aux: jax.Array, top_k: int, num_experts: int,
-           num_modalities: int) -> MoEStats:
+def _stats(
+    d: Dispatch,
+    modality: jax.Array,
+    valid: jax.Array,
+    aux: jax.Array,
+    top_k: int,
+    num_experts: int,
+    num_modalities: int,
+) -> MoEStats:
   w = valid.astype(jnp.float32)
   routed = top_k * jnp.sum(w)
   dropped = routed - jnp.sum(d.kept.astype(jnp.float32))
-  chosen = jax.nn.one_hot(d.expert_choice, num_experts,
-                          dtype=jnp.float32) * w[:, :, None, None]
+  chosen = (
+      jax.nn.one_hot(d.expert_choice, num_experts, dtype=jnp.float32)
+      * w[:, :, None, None]
+  )
   mod = jax.nn.one_hot(modality, num_modalities, dtype=jnp.float32)
   counts = jnp.einsum("GSKE,GSM->ME", chosen, mod)
-  return MoEStats(aux_loss=aux, dropped=dropped, routed=routed,
-                  expert_counts=counts)
+  return MoEStats(
+      aux_loss=aux, dropped=dropped, routed=routed, expert_counts=counts
+  )

@@ -31,9 +31,13 @@ from eve_jax.model.moe import MoEStats
 from eve_jax.model.variants import ModelConfig
 
 
-def fused(backbone: EVE, images: jax.Array, text: jax.Array,
-          text_valid: jax.Array, rng: jax.Array | None
-          ) -> tuple[jax.Array, jax.Array, list[MoEStats]]:
+def fused(
+    backbone: EVE,
+    images: jax.Array,
+    text: jax.Array,
+    text_valid: jax.Array,
+    rng: jax.Array | None,
+) -> tuple[jax.Array, jax.Array, list[MoEStats]]:
   """[image ; text] through the backbone.
 
   Returns:
@@ -50,13 +54,23 @@ def fused(backbone: EVE, images: jax.Array, text: jax.Array,
 class ClassifierHead(nnx.Module):
   """[..., D_in] -> Linear(D_in, H) - LayerNorm - GELU - Linear(H, C)."""
 
-  def __init__(self, d_in: int, hidden: int, classes: int, *,
-               eps: float = 1e-6, dtype=jnp.float32, rngs: nnx.Rngs):
-    self.fc1 = Dense(d_in, hidden, axes=("embed", "mlp"), dtype=dtype,
-                     rngs=rngs)
+  def __init__(
+      self,
+      d_in: int,
+      hidden: int,
+      classes: int,
+      *,
+      eps: float = 1e-6,
+      dtype=jnp.float32,
+      rngs: nnx.Rngs,
+  ):
+    self.fc1 = Dense(
+        d_in, hidden, axes=("embed", "mlp"), dtype=dtype, rngs=rngs
+    )
     self.norm = LayerNorm(hidden, eps=eps, dtype=dtype, rngs=rngs)
-    self.fc2 = Dense(hidden, classes, axes=("mlp", None), dtype=dtype,
-                     rngs=rngs)
+    self.fc2 = Dense(
+        hidden, classes, axes=("mlp", None), dtype=dtype, rngs=rngs
+    )
 
   def __call__(self, x: jax.Array) -> jax.Array:
     h = activation_fn("gelu")(self.norm(self.fc1(x)))
@@ -69,8 +83,14 @@ class VQAModel(nnx.Module):
     dt = jnp.dtype(cfg.dtype)
     self.cfg = cfg
     self.backbone = EVE(cfg, rngs=rngs)
-    self.vqa_head = ClassifierHead(cfg.width, 2 * cfg.width, num_answers,
-                                   eps=cfg.vqa_head_eps, dtype=dt, rngs=rngs)
+    self.vqa_head = ClassifierHead(
+        cfg.width,
+        2 * cfg.width,
+        num_answers,
+        eps=cfg.vqa_head_eps,
+        dtype=dt,
+        rngs=rngs,
+    )
 
   def __call__(self, images, text, text_valid, rng=None):
     """-> ([B, A] float32 answer logits, MoE stats)."""
@@ -86,14 +106,12 @@ class BiAttentionHead(nnx.Module):
   ReLU(Linear(D, 1)), padding -1e4), [pooled_0 ; pooled_1] ->
   Linear(2D, 2). `model.nlvr2_head="biattn"`; loads converted weights."""
 
-  def __init__(self, d: int, heads: int, *, dtype=jnp.float32,
-               rngs: nnx.Rngs):
+  def __init__(self, d: int, heads: int, *, dtype=jnp.float32, rngs: nnx.Rngs):
     self.attn1 = Attention(d, heads, dtype=dtype, rngs=rngs)
     self.attn2 = Attention(d, heads, dtype=dtype, rngs=rngs)
     self.fc = Dense(2 * d, d, axes=("mlp", "embed"), dtype=dtype, rngs=rngs)
     self.pool = Dense(d, 1, axes=("embed", None), dtype=dtype, rngs=rngs)
-    self.output = Dense(2 * d, 2, axes=("mlp", None), dtype=dtype,
-                        rngs=rngs)
+    self.output = Dense(2 * d, 2, axes=("mlp", None), dtype=dtype, rngs=rngs)
 
   def _pool(self, f: jax.Array, valid: jax.Array) -> jax.Array:
     """[B, L, D] -> [B, D], softmax-weighted over the valid tokens."""
@@ -151,10 +169,15 @@ class NLVR2Model(nnx.Module):
       # and back: 9 all-to-alls and 14 collective-permutes per step on 4
       # TPU chips).
       pair = lambda x0, x1: jnp.stack([x0, x1], 1).reshape(  # noqa: E731
-          (2 * b,) + x0.shape[1:])
+          (2 * b,) + x0.shape[1:]
+      )
       states, valid, stats = fused(
-          self.backbone, pair(images0, images1), pair(text, text),
-          pair(text_valid, text_valid), rng)
+          self.backbone,
+          pair(images0, images1),
+          pair(text, text),
+          pair(text_valid, text_valid),
+          rng,
+      )
       states = states.reshape((b, 2) + states.shape[1:])
       valid = valid.reshape((b, 2) + valid.shape[1:])
       h0, h1 = states[:, 0], states[:, 1]
@@ -186,27 +209,31 @@ class RetrievalModel(nnx.Module):
     bb = self.backbone
     img = bb.embed_image(images)
     empty = jnp.zeros((img.shape[0], 0), jnp.int32)
-    states, _ = bb.encode(img, bb.embed_text(empty),
-                          jnp.zeros(empty.shape, bool),
-                          final_norm=self._eval_norm)
+    states, _ = bb.encode(
+        img,
+        bb.embed_text(empty),
+        jnp.zeros(empty.shape, bool),
+        final_norm=self._eval_norm,
+    )
     return states[:, 0]
 
   @property
   def _eval_norm(self) -> bool:
     return self.cfg.retrieval_eval_features == "normed"
 
-  def text_features(self, text: jax.Array, text_valid: jax.Array
-                    ) -> jax.Array:
+  def text_features(self, text: jax.Array, text_valid: jax.Array) -> jax.Array:
     """[B, Lt] -> [B, D] text CLS of the text-only pass."""
     bb = self.backbone
     txt = bb.embed_text(text)
-    states, _ = bb.encode(txt[:, :0], txt, text_valid,
-                          final_norm=self._eval_norm)
+    states, _ = bb.encode(
+        txt[:, :0], txt, text_valid, final_norm=self._eval_norm
+    )
     return states[:, 0]
 
   def match_scores(self, images, text, text_valid) -> jax.Array:
     """Fused pass -> [B] ITM log-probability of "match" (reranking)."""
     states, _, _ = fused(self.backbone, images, text, text_valid, None)
-    logits = self.matching.match_logits(states[:, states.shape[1]
-                                               - text.shape[1]])
+    logits = self.matching.match_logits(
+        states[:, states.shape[1] - text.shape[1]]
+    )
     return jax.nn.log_softmax(logits, -1)[:, 1]

@@ -21,19 +21,58 @@ from typing import Any
 from eve_jax.model.moe_config import MoEConfig
 
 VARIANTS: dict[str, dict[str, Any]] = {
-    "tiny": dict(depth=4, width=128, heads=4, mlp_dim=512, num_soft_layers=2,
-                 num_experts=4, decoder_width=128, decoder_depth=2,
-                 decoder_heads=4, image_size=64, patch_size=16),
-    "small": dict(depth=6, width=384, heads=6, mlp_dim=1536, num_soft_layers=2,
-                  num_experts=8, decoder_width=256, decoder_depth=4,
-                  decoder_heads=8, image_size=224, patch_size=16),
-    "base": dict(depth=12, width=768, heads=12, mlp_dim=3072, num_soft_layers=2,
-                 num_experts=32, decoder_width=512, decoder_depth=8,
-                 decoder_heads=16, image_size=224, patch_size=16),
-    "large": dict(depth=24, width=1024, heads=16, mlp_dim=4096,
-                  num_soft_layers=3, num_experts=32, decoder_width=512,
-                  decoder_depth=8, decoder_heads=16, image_size=224,
-                  patch_size=16),
+    "tiny": dict(
+        depth=4,
+        width=128,
+        heads=4,
+        mlp_dim=512,
+        num_soft_layers=2,
+        num_experts=4,
+        decoder_width=128,
+        decoder_depth=2,
+        decoder_heads=4,
+        image_size=64,
+        patch_size=16,
+    ),
+    "small": dict(
+        depth=6,
+        width=384,
+        heads=6,
+        mlp_dim=1536,
+        num_soft_layers=2,
+        num_experts=8,
+        decoder_width=256,
+        decoder_depth=4,
+        decoder_heads=8,
+        image_size=224,
+        patch_size=16,
+    ),
+    "base": dict(
+        depth=12,
+        width=768,
+        heads=12,
+        mlp_dim=3072,
+        num_soft_layers=2,
+        num_experts=32,
+        decoder_width=512,
+        decoder_depth=8,
+        decoder_heads=16,
+        image_size=224,
+        patch_size=16,
+    ),
+    "large": dict(
+        depth=24,
+        width=1024,
+        heads=16,
+        mlp_dim=4096,
+        num_soft_layers=3,
+        num_experts=32,
+        decoder_width=512,
+        decoder_depth=8,
+        decoder_heads=16,
+        image_size=224,
+        patch_size=16,
+    ),
 }
 
 
@@ -124,23 +163,29 @@ class ModelConfig:
   def moe(self) -> MoEConfig:
     """The soft-router layers' settings as one object."""
     return MoEConfig(
-        num_experts=self.num_experts, top_k=self.top_k,
+        num_experts=self.num_experts,
+        top_k=self.top_k,
         capacity_factor=self.capacity_factor,
         min_capacity=self.moe_min_capacity,
-        aux_loss_weight=self.aux_loss_weight, router=self.moe_router,
+        aux_loss_weight=self.aux_loss_weight,
+        router=self.moe_router,
         add_modality_to_experts=self.add_modality_to_experts,
         normalize_gates=self.moe_normalize_gates,
-        dispatch=self.moe_dispatch, experts=self.moe_experts,
-        group=self.moe_group, route_padding=self.moe_route_padding,
-        activation=self.activation)
+        dispatch=self.moe_dispatch,
+        experts=self.moe_experts,
+        group=self.moe_group,
+        route_padding=self.moe_route_padding,
+        activation=self.activation,
+    )
 
   def soft_layer(self, i: int) -> bool:
     """Whether block i (0-based) has the soft-router MoE."""
     return i >= self.depth - self.num_soft_layers
 
   @classmethod
-  def from_config(cls, model_cfg: Any, vocab_size: int | None = None
-                  ) -> "ModelConfig":
+  def from_config(
+      cls, model_cfg: Any, vocab_size: int | None = None
+  ) -> "ModelConfig":
     """Variant defaults, then every key of `model_cfg` that is set.
 
     Args:
@@ -150,13 +195,17 @@ class ModelConfig:
     d = dict(model_cfg)
     variant = d.get("variant", "tiny")
     if variant not in VARIANTS:
-      raise ValueError(f"config.model.variant={variant!r} is not one of "
-                       f"{sorted(VARIANTS)}")
+      raise ValueError(
+          f"config.model.variant={variant!r} is not one of "
+          f"{sorted(VARIANTS)}"
+      )
     fields = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(d) - fields)
     if unknown:
-      raise ValueError(f"config.model has unknown keys {unknown}; known: "
-                       f"{sorted(fields)}")
+      raise ValueError(
+          f"config.model has unknown keys {unknown}; known: "
+          f"{sorted(fields)}"
+      )
     kw = dict(VARIANTS[variant])
     kw.update({k: v for k, v in d.items() if v is not None})
     if vocab_size is not None:
@@ -167,44 +216,65 @@ class ModelConfig:
 
   def validate(self) -> None:
     if self.width % self.heads:
-      raise ValueError(f"model.width={self.width} is not divisible by "
-                       f"model.heads={self.heads}")
+      raise ValueError(
+          f"model.width={self.width} is not divisible by "
+          f"model.heads={self.heads}"
+      )
     if self.decoder_width % self.decoder_heads:
-      raise ValueError(f"model.decoder_width={self.decoder_width} is not "
-                       f"divisible by model.decoder_heads={self.decoder_heads}")
+      raise ValueError(
+          f"model.decoder_width={self.decoder_width} is not "
+          f"divisible by model.decoder_heads={self.decoder_heads}"
+      )
     if self.image_size % self.patch_size:
-      raise ValueError(f"model.image_size={self.image_size} is not a multiple "
-                       f"of model.patch_size={self.patch_size}")
+      raise ValueError(
+          f"model.image_size={self.image_size} is not a multiple "
+          f"of model.patch_size={self.patch_size}"
+      )
     if not 0 <= self.num_soft_layers <= self.depth:
-      raise ValueError(f"model.num_soft_layers={self.num_soft_layers} not in "
-                       f"[0, depth={self.depth}]")
+      raise ValueError(
+          f"model.num_soft_layers={self.num_soft_layers} not in "
+          f"[0, depth={self.depth}]"
+      )
     if self.top_k > self.num_experts:
-      raise ValueError(f"model.top_k={self.top_k} > model.num_experts="
-                       f"{self.num_experts}")
+      raise ValueError(
+          f"model.top_k={self.top_k} > model.num_experts=" f"{self.num_experts}"
+      )
     if self.max_text_len > self.max_text_positions:
-      raise ValueError(f"max_text_len={self.max_text_len} exceeds "
-                       f"max_text_positions={self.max_text_positions}")
+      raise ValueError(
+          f"max_text_len={self.max_text_len} exceeds "
+          f"max_text_positions={self.max_text_positions}"
+      )
     if self.activation not in ("gelu", "quick_gelu"):
-      raise ValueError(f"model.activation={self.activation!r} is not 'gelu' "
-                       "or 'quick_gelu'")
-    for name, allowed in (("moe_dispatch", ("gather", "einsum")),
-                          ("moe_experts", ("auto", "batched", "unrolled")),
-                          ("attention", ("einsum", "xla", "cudnn")),
-                          ("soft_ffn", ("moe", "dense")),
-                          ("nlvr2_head", ("eve_jax", "biattn")),
-                          ("moe_group", ("sample", "batch")),
-                          ("retrieval_eval_features", ("normed",
-                                                       "pre_norm"))):
+      raise ValueError(
+          f"model.activation={self.activation!r} is not 'gelu' "
+          "or 'quick_gelu'"
+      )
+    for name, allowed in (
+        ("moe_dispatch", ("gather", "einsum")),
+        ("moe_experts", ("auto", "batched", "unrolled")),
+        ("attention", ("einsum", "xla", "cudnn")),
+        ("soft_ffn", ("moe", "dense")),
+        ("nlvr2_head", ("eve_jax", "biattn")),
+        ("moe_group", ("sample", "batch")),
+        ("retrieval_eval_features", ("normed", "pre_norm")),
+    ):
       if getattr(self, name) not in allowed:
-        raise ValueError(f"model.{name}={getattr(self, name)!r} is not one "
-                         f"of {list(allowed)}")
+        raise ValueError(
+            f"model.{name}={getattr(self, name)!r} is not one "
+            f"of {list(allowed)}"
+        )
     from eve_jax.model.router import ROUTERS  # pylint: disable=g-import-not-at-top
+
     if self.moe_router not in ROUTERS:
-      raise ValueError(f"model.moe_router={self.moe_router!r} is not one of "
-                       f"{sorted(ROUTERS)}")
+      raise ValueError(
+          f"model.moe_router={self.moe_router!r} is not one of "
+          f"{sorted(ROUTERS)}"
+      )
     if self.moe_min_capacity < 1:
-      raise ValueError(f"model.moe_min_capacity={self.moe_min_capacity}: "
-                       "expected >= 1")
+      raise ValueError(
+          f"model.moe_min_capacity={self.moe_min_capacity}: " "expected >= 1"
+      )
     if self.dtype not in ("float32", "bfloat16"):
-      raise ValueError(f"model.dtype={self.dtype!r} is not 'float32' or "
-                       "'bfloat16'")
+      raise ValueError(
+          f"model.dtype={self.dtype!r} is not 'float32' or " "'bfloat16'"
+      )

@@ -46,13 +46,17 @@ class DataIterator(Protocol):
   `set_state` with it, so a restart sees exactly the batches it would have
   seen."""
 
-  def __iter__(self) -> Iterator[dict[str, Any]]: ...
+  def __iter__(self) -> Iterator[dict[str, Any]]:
+    ...
 
-  def __next__(self) -> dict[str, Any]: ...
+  def __next__(self) -> dict[str, Any]:
+    ...
 
-  def get_state(self) -> Any: ...
+  def get_state(self) -> Any:
+    ...
 
-  def set_state(self, state: Any) -> None: ...
+  def set_state(self, state: Any) -> None:
+    ...
 
 
 @dataclasses.dataclass
@@ -73,6 +77,7 @@ class RunContext:
       context `initial_state` gets (the workdir is not written to before
       the run's config is recorded).
   """
+
   config: ml_collections.ConfigDict
   workdir: str
   is_main: bool
@@ -93,6 +98,7 @@ class Task(Protocol):
     model_cfg: the model it trains (tokenizer's vocabulary included).
     steps: training steps of the whole run.
   """
+
   name: str
   model_cfg: ModelConfig
   steps: int
@@ -103,21 +109,24 @@ class Task(Protocol):
     before anything is written or any device is touched."""
 
   @classmethod
-  def setup(cls, config: ml_collections.ConfigDict, workdir: str,
-            is_main: bool) -> Task:
+  def setup(
+      cls, config: ml_collections.ConfigDict, workdir: str, is_main: bool
+  ) -> Task:
     """The task of this run: makes or reads the tokenizer and the data's
     index (every process; process 0 writes shared files)."""
 
   @classmethod
-  def for_compile(cls, config: ml_collections.ConfigDict, tokenizer,
-                  **sizes) -> Task:
+  def for_compile(
+      cls, config: ml_collections.ConfigDict, tokenizer, **sizes
+  ) -> Task:
     """The task without data or files, enough to build its step
     (`python -m eve_jax.compile`); `sizes` stand in for what data would
     tell (VQA's `num_answers`)."""
 
   @classmethod
-  def inference_model(cls, model_cfg: ModelConfig, rngs: nnx.Rngs,
-                      **sizes) -> nnx.Module:
+  def inference_model(
+      cls, model_cfg: ModelConfig, rngs: nnx.Rngs, **sizes
+  ) -> nnx.Module:
     """The model a finished run of this task holds (`eve_jax.inference`)."""
 
   def build_model(self, rngs: nnx.Rngs) -> nnx.Module:
@@ -127,13 +136,13 @@ class Task(Protocol):
     """{name: (shape, dtype)} of one global training batch, shape[0] =
     batch_size; only these arrays reach the step."""
 
-  def loss(self, model: nnx.Module, batch: dict[str, jax.Array],
-           rng: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]:
+  def loss(
+      self, model: nnx.Module, batch: dict[str, jax.Array], rng: jax.Array
+  ) -> tuple[jax.Array, dict[str, jax.Array]]:
     """(scalar loss, {name: scalar}) of one training batch; traced inside
     the step. The step adds loss, grad_norm, lr and nonfinite."""
 
-  def optimizer(self) -> tuple[optax.GradientTransformation,
-                               optax.Schedule]:
+  def optimizer(self) -> tuple[optax.GradientTransformation, optax.Schedule]:
     """The optimizer and its learning-rate schedule over `steps`."""
 
   def analytic_flops_per_sample(self, batch_size: int) -> float:
@@ -147,16 +156,18 @@ class Task(Protocol):
     """The state a fresh run starts from, given the randomly initialized
     one (fine-tuning loads `config.init_from` here)."""
 
-  def evaluator(self, ctx: RunContext
-                ) -> Callable[[TrainState], dict[str, Any]]:
+  def evaluator(
+      self, ctx: RunContext
+  ) -> Callable[[TrainState], dict[str, Any]]:
     """state -> the numbers eval.json gets (every process calls it; all
     take part in its collectives)."""
 
   def run_info(self, program: StepProgram) -> dict[str, Any]:
     """Extra numbers for DIR/run.jsonl's first row of this start."""
 
-  def log_extra(self, train_batches: DataIterator
-                ) -> Callable[[], dict[str, Any]] | None:
+  def log_extra(
+      self, train_batches: DataIterator
+  ) -> Callable[[], dict[str, Any]] | None:
     """Extra numbers for each training log row (e.g. skipped images), or
     None."""
 

@@ -42,66 +42,171 @@ import numpy as np
 # plain "id" key); "somebody'd" maps the wrong way, to "somebodyd". Fixing
 # any of these would change scores relative to the leaderboard.
 CONTRACTIONS: dict[str, str] = {
-    "aint": "ain't", "arent": "aren't", "cant": "can't",
-    "couldve": "could've", "couldnt": "couldn't",
-    "couldn'tve": "couldn't've", "couldnt've": "couldn't've",
-    "didnt": "didn't", "doesnt": "doesn't", "dont": "don't",
-    "hadnt": "hadn't", "hadnt've": "hadn't've", "hadn'tve": "hadn't've",
-    "hasnt": "hasn't", "havent": "haven't", "hed": "he'd",
-    "hed've": "he'd've", "he'dve": "he'd've", "hes": "he's",
-    "howd": "how'd", "howll": "how'll", "hows": "how's",
-    "Id've": "I'd've", "I'dve": "I'd've", "Im": "I'm", "Ive": "I've",
-    "isnt": "isn't", "itd": "it'd", "itd've": "it'd've",
-    "it'dve": "it'd've", "itll": "it'll", "let's": "let's",
-    "maam": "ma'am", "mightnt": "mightn't", "mightnt've": "mightn't've",
-    "mightn'tve": "mightn't've", "mightve": "might've",
-    "mustnt": "mustn't", "mustve": "must've", "neednt": "needn't",
-    "notve": "not've", "oclock": "o'clock", "oughtnt": "oughtn't",
-    "ow's'at": "'ow's'at", "'ows'at": "'ow's'at", "'ow'sat": "'ow's'at",
-    "shant": "shan't", "shed've": "she'd've", "she'dve": "she'd've",
-    "she's": "she's", "shouldve": "should've", "shouldnt": "shouldn't",
-    "shouldnt've": "shouldn't've", "shouldn'tve": "shouldn't've",
-    "somebody'd": "somebodyd", "somebodyd've": "somebody'd've",
-    "somebody'dve": "somebody'd've", "somebodyll": "somebody'll",
-    "somebodys": "somebody's", "someoned": "someone'd",
-    "someoned've": "someone'd've", "someone'dve": "someone'd've",
-    "someonell": "someone'll", "someones": "someone's",
-    "somethingd": "something'd", "somethingd've": "something'd've",
-    "something'dve": "something'd've", "somethingll": "something'll",
-    "thats": "that's", "thered": "there'd", "thered've": "there'd've",
-    "there'dve": "there'd've", "therere": "there're", "theres": "there's",
-    "theyd": "they'd", "theyd've": "they'd've", "they'dve": "they'd've",
-    "theyll": "they'll", "theyre": "they're", "theyve": "they've",
-    "twas": "'twas", "wasnt": "wasn't", "wed've": "we'd've",
-    "we'dve": "we'd've", "weve": "we've", "werent": "weren't",
-    "whatll": "what'll", "whatre": "what're", "whats": "what's",
-    "whatve": "what've", "whens": "when's", "whered": "where'd",
-    "wheres": "where's", "whereve": "where've", "whod": "who'd",
-    "whod've": "who'd've", "who'dve": "who'd've", "wholl": "who'll",
-    "whos": "who's", "whove": "who've", "whyll": "why'll",
-    "whyre": "why're", "whys": "why's", "wont": "won't",
-    "wouldve": "would've", "wouldnt": "wouldn't",
-    "wouldnt've": "wouldn't've", "wouldn'tve": "wouldn't've",
-    "yall": "y'all", "yall'll": "y'all'll", "y'allll": "y'all'll",
-    "yall'd've": "y'all'd've", "y'alld've": "y'all'd've",
-    "y'all'dve": "y'all'd've", "youd": "you'd", "youd've": "you'd've",
-    "you'dve": "you'd've", "youll": "you'll", "youre": "you're",
+    "aint": "ain't",
+    "arent": "aren't",
+    "cant": "can't",
+    "couldve": "could've",
+    "couldnt": "couldn't",
+    "couldn'tve": "couldn't've",
+    "couldnt've": "couldn't've",
+    "didnt": "didn't",
+    "doesnt": "doesn't",
+    "dont": "don't",
+    "hadnt": "hadn't",
+    "hadnt've": "hadn't've",
+    "hadn'tve": "hadn't've",
+    "hasnt": "hasn't",
+    "havent": "haven't",
+    "hed": "he'd",
+    "hed've": "he'd've",
+    "he'dve": "he'd've",
+    "hes": "he's",
+    "howd": "how'd",
+    "howll": "how'll",
+    "hows": "how's",
+    "Id've": "I'd've",
+    "I'dve": "I'd've",
+    "Im": "I'm",
+    "Ive": "I've",
+    "isnt": "isn't",
+    "itd": "it'd",
+    "itd've": "it'd've",
+    "it'dve": "it'd've",
+    "itll": "it'll",
+    "let's": "let's",
+    "maam": "ma'am",
+    "mightnt": "mightn't",
+    "mightnt've": "mightn't've",
+    "mightn'tve": "mightn't've",
+    "mightve": "might've",
+    "mustnt": "mustn't",
+    "mustve": "must've",
+    "neednt": "needn't",
+    "notve": "not've",
+    "oclock": "o'clock",
+    "oughtnt": "oughtn't",
+    "ow's'at": "'ow's'at",
+    "'ows'at": "'ow's'at",
+    "'ow'sat": "'ow's'at",
+    "shant": "shan't",
+    "shed've": "she'd've",
+    "she'dve": "she'd've",
+    "she's": "she's",
+    "shouldve": "should've",
+    "shouldnt": "shouldn't",
+    "shouldnt've": "shouldn't've",
+    "shouldn'tve": "shouldn't've",
+    "somebody'd": "somebodyd",
+    "somebodyd've": "somebody'd've",
+    "somebody'dve": "somebody'd've",
+    "somebodyll": "somebody'll",
+    "somebodys": "somebody's",
+    "someoned": "someone'd",
+    "someoned've": "someone'd've",
+    "someone'dve": "someone'd've",
+    "someonell": "someone'll",
+    "someones": "someone's",
+    "somethingd": "something'd",
+    "somethingd've": "something'd've",
+    "something'dve": "something'd've",
+    "somethingll": "something'll",
+    "thats": "that's",
+    "thered": "there'd",
+    "thered've": "there'd've",
+    "there'dve": "there'd've",
+    "therere": "there're",
+    "theres": "there's",
+    "theyd": "they'd",
+    "theyd've": "they'd've",
+    "they'dve": "they'd've",
+    "theyll": "they'll",
+    "theyre": "they're",
+    "theyve": "they've",
+    "twas": "'twas",
+    "wasnt": "wasn't",
+    "wed've": "we'd've",
+    "we'dve": "we'd've",
+    "weve": "we've",
+    "werent": "weren't",
+    "whatll": "what'll",
+    "whatre": "what're",
+    "whats": "what's",
+    "whatve": "what've",
+    "whens": "when's",
+    "whered": "where'd",
+    "wheres": "where's",
+    "whereve": "where've",
+    "whod": "who'd",
+    "whod've": "who'd've",
+    "who'dve": "who'd've",
+    "wholl": "who'll",
+    "whos": "who's",
+    "whove": "who've",
+    "whyll": "why'll",
+    "whyre": "why're",
+    "whys": "why's",
+    "wont": "won't",
+    "wouldve": "would've",
+    "wouldnt": "wouldn't",
+    "wouldnt've": "wouldn't've",
+    "wouldn'tve": "wouldn't've",
+    "yall": "y'all",
+    "yall'll": "y'all'll",
+    "y'allll": "y'all'll",
+    "yall'd've": "y'all'd've",
+    "y'alld've": "y'all'd've",
+    "y'all'dve": "y'all'd've",
+    "youd": "you'd",
+    "youd've": "you'd've",
+    "you'dve": "you'd've",
+    "youll": "you'll",
+    "youre": "you're",
     "youve": "you've",
 }
 
 # Number words -> digits ("manualMap"); only zero..ten, and "none" -> "0".
 NUMBER_WORDS: dict[str, str] = {
-    "none": "0", "zero": "0", "one": "1", "two": "2", "three": "3",
-    "four": "4", "five": "5", "six": "6", "seven": "7", "eight": "8",
-    "nine": "9", "ten": "10",
+    "none": "0",
+    "zero": "0",
+    "one": "1",
+    "two": "2",
+    "three": "3",
+    "four": "4",
+    "five": "5",
+    "six": "6",
+    "seven": "7",
+    "eight": "8",
+    "nine": "9",
+    "ten": "10",
 }
 
 ARTICLES = frozenset({"a", "an", "the"})
 
 # The official list, in its order. Not in it: "." (handled by the period
 # regex), "'" (so "don't" survives), ":" , "#", "&", "%", "$", "*", "~".
-PUNCTUATION = (";", "/", "[", "]", '"', "{", "}", "(", ")", "=", "+", "\\",
-               "_", "-", ">", "<", "@", "`", ",", "?", "!")
+PUNCTUATION = (
+    ";",
+    "/",
+    "[",
+    "]",
+    '"',
+    "{",
+    "}",
+    "(",
+    ")",
+    "=",
+    "+",
+    "\\",
+    "_",
+    "-",
+    ">",
+    "<",
+    "@",
+    "`",
+    ",",
+    "?",
+    "!",
+)
 
 # Verbatim from the official script. "(?!<=\d)" was presumably meant as a
 # lookbehind "(?<!\d)" but is a lookahead that can never fail in front of a
@@ -187,8 +292,9 @@ VQA_RULES = ("vqa2021", "vqa2016")
 DEFAULT_VQA_RULE = "vqa2021"
 
 
-def _compared(prediction: str, gt_answers: list[str], rule: str
-              ) -> tuple[str, list[str]]:
+def _compared(
+    prediction: str, gt_answers: list[str], rule: str
+) -> tuple[str, list[str]]:
   """(prediction, GT answers) as the `rule`'s script compares them."""
   if rule == "vqa2021":
     pred, gts = _strip(prediction), [_strip(a) for a in gt_answers]
@@ -203,8 +309,9 @@ def _compared(prediction: str, gt_answers: list[str], rule: str
   raise ValueError(f"VQA metric rule {rule!r}: expected one of {VQA_RULES}")
 
 
-def vqa_accuracy(prediction: str, gt_answers: Sequence[str], *,
-                 rule: str = DEFAULT_VQA_RULE) -> float:
+def vqa_accuracy(
+    prediction: str, gt_answers: Sequence[str], *, rule: str = DEFAULT_VQA_RULE
+) -> float:
   """The official VQA accuracy of one prediction, in [0, 1].
 
   With n GT answers (10 in VQAv2), leave each annotator i out in turn:
@@ -238,17 +345,28 @@ def vqa_accuracy(prediction: str, gt_answers: Sequence[str], *,
   return float(acc / n)
 
 
-def mean_vqa_accuracy(predictions: Sequence[str],
-                      gt_answer_lists: Sequence[Sequence[str]], *,
-                      rule: str = DEFAULT_VQA_RULE) -> float:
+def mean_vqa_accuracy(
+    predictions: Sequence[str],
+    gt_answer_lists: Sequence[Sequence[str]],
+    *,
+    rule: str = DEFAULT_VQA_RULE,
+) -> float:
   """Mean `vqa_accuracy` over questions ([Q] predictions, [Q] GT lists)."""
   if len(predictions) != len(gt_answer_lists):
-    raise ValueError(f"{len(predictions)} predictions for "
-                     f"{len(gt_answer_lists)} questions")
+    raise ValueError(
+        f"{len(predictions)} predictions for "
+        f"{len(gt_answer_lists)} questions"
+    )
   if not predictions:
     raise ValueError("mean_vqa_accuracy of no questions")
-  return float(np.mean([vqa_accuracy(p, g, rule=rule)
-                        for p, g in zip(predictions, gt_answer_lists)]))
+  return float(
+      np.mean(
+          [
+              vqa_accuracy(p, g, rule=rule)
+              for p, g in zip(predictions, gt_answer_lists)
+          ]
+      )
+  )
 
 
 # ---------------------------------------------------------------------------
@@ -266,8 +384,9 @@ def soft_score(count: int) -> float:
   return _SOFT_SCORE.get(count, 1.0)
 
 
-def build_answer_vocab(answer_lists: Iterable[Sequence[str]],
-                       min_count: int = 9) -> list[str]:
+def build_answer_vocab(
+    answer_lists: Iterable[Sequence[str]], min_count: int = 9
+) -> list[str]:
   """The answers (normalized) seen at least `min_count` times.
 
   Every string of every sequence is normalized with `normalize_answer` and
@@ -292,7 +411,8 @@ def build_answer_vocab(answer_lists: Iterable[Sequence[str]],
     The vocabulary, a list of distinct normalized answers.
   """
   counts = collections.Counter(
-      normalize_answer(a) for answers in answer_lists for a in answers)
+      normalize_answer(a) for answers in answer_lists for a in answers
+  )
   kept = [(a, c) for a, c in counts.items() if c >= min_count]
   kept.sort(key=lambda ac: (-ac[1], ac[0]))
   return [a for a, _ in kept]
@@ -303,8 +423,9 @@ def answer_index(vocab: Sequence[str]) -> dict[str, int]:
   return {a: i for i, a in enumerate(vocab)}
 
 
-def soft_scores(gt_answers: Sequence[str], vocab_index: dict[str, int]
-                ) -> tuple[np.ndarray, np.ndarray]:
+def soft_scores(
+    gt_answers: Sequence[str], vocab_index: dict[str, int]
+) -> tuple[np.ndarray, np.ndarray]:
   """Sparse soft targets of one question.
 
   Each annotator's answer is normalized; each distinct one that is in the
@@ -320,16 +441,19 @@ def soft_scores(gt_answers: Sequence[str], vocab_index: dict[str, int]
     (indices int32 [m], scores float32 [m]), sorted by label id.
   """
   counts = collections.Counter(normalize_answer(a) for a in gt_answers)
-  pairs = sorted((vocab_index[a], soft_score(c)) for a, c in counts.items()
-                 if a in vocab_index)
+  pairs = sorted(
+      (vocab_index[a], soft_score(c))
+      for a, c in counts.items()
+      if a in vocab_index
+  )
   indices = np.array([i for i, _ in pairs], dtype=np.int32)
   scores = np.array([s for _, s in pairs], dtype=np.float32)
   return indices, scores
 
 
-def soft_target_vector(gt_answers: Sequence[str],
-                       vocab_index: dict[str, int],
-                       num_answers: int) -> np.ndarray:
+def soft_target_vector(
+    gt_answers: Sequence[str], vocab_index: dict[str, int], num_answers: int
+) -> np.ndarray:
   """`soft_scores` as a dense float32 [num_answers] vector (zeros elsewhere)."""
   indices, scores = soft_scores(gt_answers, vocab_index)
   if indices.size and indices.max() >= num_answers:
@@ -344,9 +468,12 @@ def soft_target_vector(gt_answers: Sequence[str],
 # ---------------------------------------------------------------------------
 
 
-def retrieval_recall(sims: np.ndarray, text_to_image: Sequence[int],
-                     ks: Sequence[int] = (1, 5, 10),
-                     row_chunk: int = 1024) -> dict[str, float]:
+def retrieval_recall(
+    sims: np.ndarray,
+    text_to_image: Sequence[int],
+    ks: Sequence[int] = (1, 5, 10),
+    row_chunk: int = 1024,
+) -> dict[str, float]:
   """Recall@K for text retrieval (TR) and image retrieval (IR).
 
   TR, per image: rank all texts by sims[image]; a hit at K if the image's
@@ -382,8 +509,9 @@ def retrieval_recall(sims: np.ndarray, text_to_image: Sequence[int],
   num_images, num_texts = sims.shape
   t2i = np.asarray(text_to_image, dtype=np.int64)
   if t2i.shape != (num_texts,):
-    raise ValueError(f"text_to_image has shape {t2i.shape}, sims has "
-                     f"{num_texts} texts")
+    raise ValueError(
+        f"text_to_image has shape {t2i.shape}, sims has " f"{num_texts} texts"
+    )
   if num_texts == 0 or num_images == 0:
     raise ValueError("retrieval_recall needs at least one image and text")
   if t2i.min() < 0 or t2i.max() >= num_images:
@@ -396,20 +524,22 @@ def retrieval_recall(sims: np.ndarray, text_to_image: Sequence[int],
   # TR: rank of each image's best caption among the wrong texts.
   tr_rank = np.empty((num_images,), np.int64)
   for start in range(0, num_images, row_chunk):
-    rows = sims[start:start + row_chunk]
+    rows = sims[start : start + row_chunk]
     own = t2i[None, :] == np.arange(start, start + rows.shape[0])[:, None]
     best = np.where(own, rows, -np.inf).max(axis=1)
-    tr_rank[start:start + rows.shape[0]] = (
-        (rows >= best[:, None]) & ~own).sum(axis=1)
+    tr_rank[start : start + rows.shape[0]] = (
+        (rows >= best[:, None]) & ~own
+    ).sum(axis=1)
 
   # IR: rank of each text's image among the other images; the correct
   # image itself always satisfies >=, hence the - 1.
   correct = sims[t2i, np.arange(num_texts)]
   ir_rank = np.empty((num_texts,), np.int64)
   for start in range(0, num_texts, row_chunk):
-    cols = sims[:, start:start + row_chunk]
-    ir_rank[start:start + cols.shape[1]] = (
-        cols >= correct[None, start:start + cols.shape[1]]).sum(axis=0) - 1
+    cols = sims[:, start : start + row_chunk]
+    ir_rank[start : start + cols.shape[1]] = (
+        cols >= correct[None, start : start + cols.shape[1]]
+    ).sum(axis=0) - 1
 
   out = {}
   for k in ks:
@@ -420,9 +550,11 @@ def retrieval_recall(sims: np.ndarray, text_to_image: Sequence[int],
   return out
 
 
-def rerank_topk(itc_sims: np.ndarray, k: int,
-                score_fn: Callable[[int, np.ndarray], np.ndarray]
-                ) -> np.ndarray:
+def rerank_topk(
+    itc_sims: np.ndarray,
+    k: int,
+    score_fn: Callable[[int, np.ndarray], np.ndarray],
+) -> np.ndarray:
   """Rescore each row's top-k ITC candidates; everything else -> -inf.
 
   The ALBEF / EVE retrieval protocol: ITM (expensive, one fused pass per
@@ -456,8 +588,10 @@ def rerank_topk(itc_sims: np.ndarray, k: int,
     candidates = topk[row]
     scores = np.asarray(score_fn(row, candidates))
     if scores.shape != (k,):
-      raise ValueError(f"score_fn returned shape {scores.shape} for row "
-                       f"{row}, expected ({k},)")
+      raise ValueError(
+          f"score_fn returned shape {scores.shape} for row "
+          f"{row}, expected ({k},)"
+      )
     out[row, candidates] = scores
   return out
 
@@ -472,8 +606,10 @@ def nlvr2_accuracy(predictions: Sequence, labels: Sequence) -> float:
   predictions = np.asarray(predictions)
   labels = np.asarray(labels)
   if predictions.shape != labels.shape or predictions.ndim != 1:
-    raise ValueError(f"predictions {predictions.shape} and labels "
-                     f"{labels.shape} must be equal-length vectors")
+    raise ValueError(
+        f"predictions {predictions.shape} and labels "
+        f"{labels.shape} must be equal-length vectors"
+    )
   if predictions.size == 0:
     raise ValueError("nlvr2_accuracy of no examples")
   return float(np.mean(predictions == labels))

@@ -42,8 +42,7 @@ class NLVR2Task(FineTuning):
   def _load(self, name: str):
     path = finetune_data.resolve(self.dir, name)
     split = os.path.splitext(os.path.basename(name))[0]
-    examples = downstream.load_nlvr2(path, os.path.join(self.image_dir,
-                                                         split))
+    examples = downstream.load_nlvr2(path, os.path.join(self.image_dir, split))
     downstream.check_images(examples)
     return examples
 
@@ -61,34 +60,46 @@ class NLVR2Task(FineTuning):
 
   def encode_train(self, ex) -> dict[str, np.ndarray]:
     size = self.model_cfg.image_size
-    ids, valid = self.tokenizer.encode_batch([ex.sentence],
-                                             self.model_cfg.max_text_len)
-    return dict(image0=finetune_data.read_image(ex.image_paths[0], size),
-                image1=finetune_data.read_image(ex.image_paths[1], size),
-                text=ids[0], text_valid=valid[0], label=np.int32(ex.label))
+    ids, valid = self.tokenizer.encode_batch(
+        [ex.sentence], self.model_cfg.max_text_len
+    )
+    return dict(
+        image0=finetune_data.read_image(ex.image_paths[0], size),
+        image1=finetune_data.read_image(ex.image_paths[1], size),
+        text=ids[0],
+        text_valid=valid[0],
+        label=np.int32(ex.label),
+    )
 
   encode_eval = encode_train
 
   def loss(self, model, batch, rng):
-    logits, stats = model(batch["image0"], batch["image1"], batch["text"],
-                          batch["text_valid"], rng=rng)
+    logits, stats = model(
+        batch["image0"],
+        batch["image1"],
+        batch["text"],
+        batch["text_valid"],
+        rng=rng,
+    )
     ce = cross_entropy(logits, batch["label"])
     moe = moe_metrics(sum_moe_stats(stats))
     acc = (logits.argmax(-1) == batch["label"]).astype(jnp.float32).mean()
-    return ce + moe["aux_loss"], dict(nlvr2_loss=ce, nlvr2_train_acc=acc,
-                                      **moe)
+    return ce + moe["aux_loss"], dict(nlvr2_loss=ce, nlvr2_train_acc=acc, **moe)
 
   @staticmethod
   def predict(model, batch):
-    logits, _ = model(batch["image0"], batch["image1"], batch["text"],
-                      batch["text_valid"])
+    logits, _ = model(
+        batch["image0"], batch["image1"], batch["text"], batch["text_valid"]
+    )
     return logits.argmax(-1).astype(jnp.int32)
 
   def evaluate(self, run_eval, workdir: str, is_main: bool) -> dict:
     del workdir, is_main
     out = {}
-    for key, examples in (("nlvr2_acc", self.eval_examples),
-                          ("nlvr2_acc_test", self.test_examples)):
+    for key, examples in (
+        ("nlvr2_acc", self.eval_examples),
+        ("nlvr2_acc_test", self.test_examples),
+    ):
       if examples:
         pred = run_eval(examples, self.encode_eval, self.predict)
         out[key] = M.nlvr2_accuracy(pred, [int(ex.label) for ex in examples])

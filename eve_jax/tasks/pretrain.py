@@ -32,8 +32,13 @@ import jax.numpy as jnp
 
 from eve_jax.model.embeddings import patchify
 from eve_jax.model.heads import EVEPretrainModel
-from eve_jax.model.passes import (itc_pass, itm_pass, mim_pass, mlm_pass,
-                                  moe_metrics)
+from eve_jax.model.passes import (
+    itc_pass,
+    itm_pass,
+    mim_pass,
+    mlm_pass,
+    moe_metrics,
+)
 from eve_jax.tasks.losses import contrastive_loss, cross_entropy, masked_mean
 
 
@@ -56,8 +61,9 @@ def num_masked(n, ratio: float):
   return jnp.floor(ratio * n + 0.5).astype(jnp.int32)
 
 
-def random_text_mask(rng: jax.Array, maskable: jax.Array, ratio: float
-                     ) -> jax.Array:
+def random_text_mask(
+    rng: jax.Array, maskable: jax.Array, ratio: float
+) -> jax.Array:
   """Per-sample exact-count random mask over the maskable positions.
 
   Args:
@@ -77,9 +83,16 @@ def random_text_mask(rng: jax.Array, maskable: jax.Array, ratio: float
   return (rank < k[:, None]) & maskable
 
 
-def apply_text_mask(rng: jax.Array, text: jax.Array, mask: jax.Array, *,
-                    mask_id: int, vocab_size: int, num_special: int,
-                    random_replace: bool) -> jax.Array:
+def apply_text_mask(
+    rng: jax.Array,
+    text: jax.Array,
+    mask: jax.Array,
+    *,
+    mask_id: int,
+    vocab_size: int,
+    num_special: int,
+    random_replace: bool,
+) -> jax.Array:
   """Replaces masked tokens: [MASK], or BERT's 80/10/10 when random_replace."""
   if not random_replace:
     return jnp.where(mask, mask_id, text)
@@ -90,8 +103,9 @@ def apply_text_mask(rng: jax.Array, text: jax.Array, mask: jax.Array, *,
   return jnp.where(mask, replaced, text)
 
 
-def random_patch_keep(rng: jax.Array, batch: int, num_patches: int,
-                      ratio: float) -> tuple[jax.Array, jax.Array]:
+def random_patch_keep(
+    rng: jax.Array, batch: int, num_patches: int, ratio: float
+) -> tuple[jax.Array, jax.Array]:
   """Per-sample random patch masking (MAE): which patches stay visible.
 
   Returns:
@@ -108,8 +122,7 @@ def random_patch_keep(rng: jax.Array, batch: int, num_patches: int,
   return keep_idx.astype(jnp.int32), mask
 
 
-def patch_targets(images: jax.Array, patch: int, norm_pix: bool
-                  ) -> jax.Array:
+def patch_targets(images: jax.Array, patch: int, norm_pix: bool) -> jax.Array:
   """[B, H, W, 3] -> [B, N, Q] float32 pixel targets (optionally per-patch
   normalized, MAE's norm_pix_loss)."""
   t = patchify(images.astype(jnp.float32), patch)
@@ -121,8 +134,9 @@ def patch_targets(images: jax.Array, patch: int, norm_pix: bool
   return t
 
 
-def mlm_loss_and_acc(logits: jax.Array, targets: jax.Array, mask: jax.Array
-                     ) -> tuple[jax.Array, jax.Array]:
+def mlm_loss_and_acc(
+    logits: jax.Array, targets: jax.Array, mask: jax.Array
+) -> tuple[jax.Array, jax.Array]:
   """Cross-entropy and accuracy over masked positions. logits [B, L, V]."""
   logp = jax.nn.log_softmax(logits, axis=-1)
   nll = -jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
@@ -149,31 +163,46 @@ class PretrainTask:
   def __post_init__(self):
     unknown = set(self.objectives) - {"mlm", "mim", "itc", "itm"}
     if unknown or not self.objectives:
-      raise ValueError(f"objectives {list(self.objectives)}: expected a "
-                       "non-empty subset of mlm, mim, itc, itm")
+      raise ValueError(
+          f"objectives {list(self.objectives)}: expected a "
+          "non-empty subset of mlm, mim, itc, itm"
+      )
     if "itm" in self.objectives and "itc" not in self.objectives:
-      raise ValueError("objective itm draws its hard negatives from itc's "
-                       "similarities: add itc")
+      raise ValueError(
+          "objective itm draws its hard negatives from itc's "
+          "similarities: add itc"
+      )
 
-  def masks(self, rng: jax.Array, batch: dict[str, jax.Array],
-            num_patches: int):
+  def masks(
+      self, rng: jax.Array, batch: dict[str, jax.Array], num_patches: int
+  ):
     """Draws the MLM text mask and the MIM visible patches for one batch."""
     r_text, r_patch, r_replace = jax.random.split(rng, 3)
     text, valid = batch["text"], batch["text_valid"]
     maskable = valid & (text != self.cls_id)
-    text_mask = random_text_mask(r_text, maskable,
-                                 self.masking.text_mask_ratio)
+    text_mask = random_text_mask(r_text, maskable, self.masking.text_mask_ratio)
     text_in = apply_text_mask(
-        r_replace, text, text_mask, mask_id=self.mask_id,
-        vocab_size=self.vocab_size, num_special=self.num_special,
-        random_replace=self.masking.mlm_random_replace)
+        r_replace,
+        text,
+        text_mask,
+        mask_id=self.mask_id,
+        vocab_size=self.vocab_size,
+        num_special=self.num_special,
+        random_replace=self.masking.mlm_random_replace,
+    )
     keep_idx, patch_mask = random_patch_keep(
-        r_patch, text.shape[0], num_patches, self.masking.image_mask_ratio)
+        r_patch, text.shape[0], num_patches, self.masking.image_mask_ratio
+    )
     return text_in, text_mask, keep_idx, patch_mask
 
-  def loss(self, model: EVEPretrainModel, batch: dict[str, jax.Array],
-           rng: jax.Array, *, train: bool = True
-           ) -> tuple[jax.Array, dict[str, jax.Array]]:
+  def loss(
+      self,
+      model: EVEPretrainModel,
+      batch: dict[str, jax.Array],
+      rng: jax.Array,
+      *,
+      train: bool = True,
+  ) -> tuple[jax.Array, dict[str, jax.Array]]:
     """Total loss and its parts for one batch.
 
     Args:
@@ -189,21 +218,23 @@ class PretrainTask:
     # The same keys as before ITC/ITM existed, so MLM+MIM runs reproduce.
     r_mlm, r_mim = jax.random.split(r_drop)
     text_in, text_mask, keep_idx, patch_mask = self.masks(
-        r_mask, batch, cfg.num_patches)
+        r_mask, batch, cfg.num_patches
+    )
     images, text, valid = batch["image"], batch["text"], batch["text_valid"]
     drop = (lambda r: r) if train else (lambda r: None)
     metrics, stats = {}, []
     if "mlm" in self.objectives:
       logits, s = mlm_pass(model, images, text_in, valid, drop(r_mlm))
       metrics["mlm_loss"], metrics["mlm_acc"] = mlm_loss_and_acc(
-          logits, text, text_mask)
+          logits, text, text_mask
+      )
       stats.append(s)
     if "mim" in self.objectives:
       pred, s = mim_pass(model, images, text, valid, keep_idx, drop(r_mim))
-      target = patch_targets(images, cfg.patch_size,
-                             self.masking.norm_pix_loss)
-      metrics["mim_loss"] = masked_mean(mim_patch_errors(pred, target),
-                                        patch_mask)
+      target = patch_targets(images, cfg.patch_size, self.masking.norm_pix_loss)
+      metrics["mim_loss"] = masked_mean(
+          mim_patch_errors(pred, target), patch_mask
+      )
       stats.append(s)
     if "itc" in self.objectives:
       r_itc, r_itm, r_neg = jax.random.split(jax.random.fold_in(r_drop, 1), 3)
@@ -211,23 +242,31 @@ class PretrainTask:
       metrics["itc_loss"] = contrastive_loss(sims)
       stats.append(s)
       if "itm" in self.objectives:
-        itm_logits, labels, s = itm_pass(model, images, text, valid, sims,
-                                         r_neg, drop(r_itm))
+        itm_logits, labels, s = itm_pass(
+            model, images, text, valid, sims, r_neg, drop(r_itm)
+        )
         metrics["itm_loss"] = cross_entropy(itm_logits, labels)
         metrics["itm_acc"] = jnp.mean(
-            (itm_logits.argmax(-1) == labels).astype(jnp.float32))
+            (itm_logits.argmax(-1) == labels).astype(jnp.float32)
+        )
         stats.append(s)
     moe = moe_metrics(*stats)
-    loss = (sum(v for k, v in metrics.items() if k.endswith("_loss"))
-            + moe["aux_loss"])
+    loss = (
+        sum(v for k, v in metrics.items() if k.endswith("_loss"))
+        + moe["aux_loss"]
+    )
     metrics.update(loss=loss, **moe)
     return loss, metrics
 
 
-def eval_sums(task: PretrainTask, model: EVEPretrainModel,
-              batch: dict[str, jax.Array], rng: jax.Array,
-              visual_ids: jax.Array, blank_image: jax.Array
-              ) -> dict[str, jax.Array]:
+def eval_sums(
+    task: PretrainTask,
+    model: EVEPretrainModel,
+    batch: dict[str, jax.Array],
+    rng: jax.Array,
+    visual_ids: jax.Array,
+    blank_image: jax.Array,
+) -> dict[str, jax.Array]:
   """Counts and sums for the pretraining evaluation of one batch.
 
   Sums (not means) so that batches of any size add up exactly. The masks
@@ -245,8 +284,9 @@ def eval_sums(task: PretrainTask, model: EVEPretrainModel,
   images, text, valid = batch["image"], batch["text"], batch["text_valid"]
   ex_valid = batch.get("example_valid", jnp.ones(text.shape[:1], bool))
   r_mask, _ = jax.random.split(rng)  # the masks `PretrainTask.loss` draws
-  text_in, text_mask, keep_idx, patch_mask = task.masks(r_mask, batch,
-                                                        cfg.num_patches)
+  text_in, text_mask, keep_idx, patch_mask = task.masks(
+      r_mask, batch, cfg.num_patches
+  )
   text_mask = text_mask & ex_valid[:, None]
   patch_mask = patch_mask & ex_valid[:, None]
   is_visual = (text[..., None] == visual_ids).any(-1) & text_mask
@@ -263,8 +303,9 @@ def eval_sums(task: PretrainTask, model: EVEPretrainModel,
   target = patch_targets(images, cfg.patch_size, task.masking.norm_pix_loss)
   # Baseline: every masked patch predicted as the mean of the visible ones.
   visible = (~patch_mask)[..., None].astype(jnp.float32)
-  mean_visible = ((target * visible).sum(1, keepdims=True) /
-                  jnp.maximum(visible.sum(1, keepdims=True), 1.0))
+  mean_visible = (target * visible).sum(1, keepdims=True) / jnp.maximum(
+      visible.sum(1, keepdims=True), 1.0
+  )
   f32 = lambda m: m.astype(jnp.float32)
   return dict(
       mlm_correct=(correct * f32(text_mask)).sum(),
@@ -274,9 +315,10 @@ def eval_sums(task: PretrainTask, model: EVEPretrainModel,
       blank_correct=(correct_blank * f32(text_mask)).sum(),
       visual_count=f32(is_visual).sum(),
       mim_err=(mim_patch_errors(pred, target) * f32(patch_mask)).sum(),
-      mim_base_err=(mim_patch_errors(
-          jnp.broadcast_to(mean_visible, target.shape), target)
-                    * f32(patch_mask)).sum(),
+      mim_base_err=(
+          mim_patch_errors(jnp.broadcast_to(mean_visible, target.shape), target)
+          * f32(patch_mask)
+      ).sum(),
       patch_count=f32(patch_mask).sum(),
       dropped=stats["dropped"] + s_mim["dropped"],
       routed=stats["routed"] + s_mim["routed"],
@@ -301,7 +343,10 @@ def eval_metrics(sums: dict[str, float]) -> dict[str, float]:
       num_masked_visual_words=int(sums["visual_count"]),
   )
   if not out["num_masked_visual_words"]:  # real corpora: no such word list
-    for k in ("mlm_acc_visual", "mlm_acc_visual_blank",
-              "num_masked_visual_words"):
+    for k in (
+        "mlm_acc_visual",
+        "mlm_acc_visual_blank",
+        "num_masked_visual_words",
+    ):
       del out[k]
   return out

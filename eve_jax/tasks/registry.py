@@ -28,13 +28,17 @@ def get(name: str):
   path = TASKS.get(name, name)
   module, sep, attr = str(path).partition(":")
   if not sep or not module or not attr:
-    raise ValueError(f"config.task={name!r} is not one of {sorted(TASKS)} "
-                     "nor a 'package.module:Class' path")
+    raise ValueError(
+        f"config.task={name!r} is not one of {sorted(TASKS)} "
+        "nor a 'package.module:Class' path"
+    )
   try:
     cls = getattr(importlib.import_module(module), attr)
   except (ImportError, AttributeError) as e:
-    raise ValueError(f"config.task={name!r}: cannot import {path} "
-                     f"({str(e).splitlines()[0]})") from None
+    raise ValueError(
+        f"config.task={name!r}: cannot import {path} "
+        f"({str(e).splitlines()[0]})"
+    ) from None
   return cls
 
 

@@ -42,7 +42,6 @@ from eve_jax.model.task_models import VQAModel
 from eve_jax.tasks import metrics as M
 from eve_jax.model.passes import moe_metrics, sum_moe_stats
 
-
 ANSWERS_FILE = "answers.json"
 
 
@@ -54,9 +53,9 @@ def write_answers(workdir: str, vocab) -> None:
   os.replace(path + ".tmp", path)
 
 
-def accuracy_per_answer_type(predictions, examples,
-                             rule: str = M.DEFAULT_VQA_RULE
-                             ) -> dict[str, float]:
+def accuracy_per_answer_type(
+    predictions, examples, rule: str = M.DEFAULT_VQA_RULE
+) -> dict[str, float]:
   """{"vqa_acc_yes_no": .., "vqa_acc_number": .., "vqa_acc_other": ..}:
   the official evaluation's per-answer-type accuracy (by `rule`), over the
   examples whose annotation names a type. A type's key is its name with
@@ -71,16 +70,23 @@ def accuracy_per_answer_type(predictions, examples,
       gts.append(ex.answers)
   plain = {t: re.sub(r"\W+", "_", t) for t in by_type}
   clash = collections.Counter(plain.values())
+
   def key(t):
     if clash[plain[t]] == 1:
       return "vqa_acc_" + plain[t]
-    return "vqa_acc_" + re.sub(r"[^0-9A-Za-z]",
-                               lambda m: f"_x{ord(m[0]):02x}_", t)
-  out = {key(t): M.mean_vqa_accuracy(p, g, rule=rule)
-         for t, (p, g) in sorted(by_type.items())}
+    return "vqa_acc_" + re.sub(
+        r"[^0-9A-Za-z]", lambda m: f"_x{ord(m[0]):02x}_", t
+    )
+
+  out = {
+      key(t): M.mean_vqa_accuracy(p, g, rule=rule)
+      for t, (p, g) in sorted(by_type.items())
+  }
   if len(out) != len(by_type):  # an escaped key equal to a plain one
-    raise DataError(f"answer types {sorted(by_type)} do not get distinct "
-                    "eval.json keys; rename one in the annotations")
+    raise DataError(
+        f"answer types {sorted(by_type)} do not get distinct "
+        "eval.json keys; rename one in the annotations"
+    )
   return out
 
 
@@ -108,31 +114,38 @@ class VQATask(FineTuning):
       vg = downstream_vqa.load_vg_qa(d.vg_qa, d.vg_image_dir)
       downstream.check_images(vg)
       self.train_examples += vg
-    self.eval_examples = self._load(d.eval_split, True) if d.eval_split \
-        else []
+    self.eval_examples = self._load(d.eval_split, True) if d.eval_split else []
     self.test_split = d.test_split
-    self.test_examples = self._load(d.test_split, False) if d.test_split \
-        else []
+    self.test_examples = self._load(d.test_split, False) if d.test_split else []
     self.vocab = M.build_answer_vocab(
         [[_majority(ex.answers)] for ex in self.train_examples],
-        min_count=config.vqa.min_answer_count)
+        min_count=config.vqa.min_answer_count,
+    )
     if not self.vocab:
-      raise DataError(f"no answer is the majority answer of "
-                      f"{config.vqa.min_answer_count}+ training questions "
-                      f"in {self.dir}")
+      raise DataError(
+          f"no answer is the majority answer of "
+          f"{config.vqa.min_answer_count}+ training questions "
+          f"in {self.dir}"
+      )
     self.answer_index = M.answer_index(self.vocab)
     self.num_train = len(self.train_examples)
     self.metric_rule = config.vqa.get("metric", M.DEFAULT_VQA_RULE)
     if self.metric_rule not in M.VQA_RULES:
-      raise ValueError(f"vqa.metric={self.metric_rule!r}: expected one of "
-                       f"{M.VQA_RULES} (the official script of 2021 or "
-                       "2016)")
+      raise ValueError(
+          f"vqa.metric={self.metric_rule!r}: expected one of "
+          f"{M.VQA_RULES} (the official script of 2021 or "
+          "2016)"
+      )
 
   def _load(self, split: str, annotated: bool):
     questions = os.path.join(
-        self.dir, f"v2_OpenEnded_mscoco_{split}_questions.json")
-    annotations = (os.path.join(self.dir, f"v2_mscoco_{split}_annotations."
-                                "json") if annotated else None)
+        self.dir, f"v2_OpenEnded_mscoco_{split}_questions.json"
+    )
+    annotations = (
+        os.path.join(self.dir, f"v2_mscoco_{split}_annotations." "json")
+        if annotated
+        else None
+    )
     sub = os.path.join(self.image_dir, split)
     images = sub if os.path.isdir(sub) else self.image_dir
     examples = downstream_vqa.load_vqa(questions, annotations, images)
@@ -144,14 +157,14 @@ class VQATask(FineTuning):
     return VQAModel(model_cfg, num_answers, rngs=rngs)
 
   def build_model(self, rngs):
-    return self.inference_model(self.model_cfg, rngs,
-                                num_answers=len(self.vocab))
+    return self.inference_model(
+        self.model_cfg, rngs, num_answers=len(self.vocab)
+    )
 
   def batch_spec(self, batch_size: int) -> specs.Spec:
     """One global batch of `encode_train` rows."""
     m = self.model_cfg
-    return specs.vqa(batch_size, m.image_size, m.max_text_len,
-                     len(self.vocab))
+    return specs.vqa(batch_size, m.image_size, m.max_text_len, len(self.vocab))
 
   def _sizes(self, config, num_answers: int = 3129, **sizes) -> None:
     """`num_answers` (default 3,129, VQAv2's) sizes the classifier."""
@@ -160,30 +173,38 @@ class VQATask(FineTuning):
     self.vocab = [f"<answer {i}>" for i in range(num_answers)]
 
   def _inputs(self, ex) -> dict[str, np.ndarray]:
-    ids, valid = self.tokenizer.encode_batch([ex.question],
-                                             self.model_cfg.max_text_len)
-    return dict(image=finetune_data.read_image(ex.image_path,
-                                               self.model_cfg.image_size),
-                text=ids[0], text_valid=valid[0])
+    ids, valid = self.tokenizer.encode_batch(
+        [ex.question], self.model_cfg.max_text_len
+    )
+    return dict(
+        image=finetune_data.read_image(
+            ex.image_path, self.model_cfg.image_size
+        ),
+        text=ids[0],
+        text_valid=valid[0],
+    )
 
   def encode_train(self, ex) -> dict[str, np.ndarray]:
     out = self._inputs(ex)
-    out["target"] = M.soft_target_vector(ex.answers, self.answer_index,
-                                         len(self.vocab))
+    out["target"] = M.soft_target_vector(
+        ex.answers, self.answer_index, len(self.vocab)
+    )
     return out
 
   encode_eval = _inputs
 
   def loss(self, model, batch, rng):
-    logits, stats = model(batch["image"], batch["text"], batch["text_valid"],
-                          rng=rng)
+    logits, stats = model(
+        batch["image"], batch["text"], batch["text_valid"], rng=rng
+    )
     target = batch["target"]
     bce = optax.sigmoid_binary_cross_entropy(logits, target).sum(-1).mean()
     moe = moe_metrics(sum_moe_stats(stats))
     # The soft score of the top answer: the training-set VQA score.
     top = jnp.take_along_axis(target, logits.argmax(-1)[:, None], -1)
-    return bce + moe["aux_loss"], dict(vqa_loss=bce, vqa_score=top.mean(),
-                                       **moe)
+    return bce + moe["aux_loss"], dict(
+        vqa_loss=bce, vqa_score=top.mean(), **moe
+    )
 
   @staticmethod
   def predict(model, batch):
@@ -200,17 +221,24 @@ class VQATask(FineTuning):
       pred = run_eval(self.eval_examples, self.encode_eval, self.predict)
       answers = [self.vocab[int(i)] for i in pred]
       out["vqa_acc"] = M.mean_vqa_accuracy(
-          answers, [ex.answers for ex in self.eval_examples],
-          rule=self.metric_rule)
-      out.update(accuracy_per_answer_type(answers, self.eval_examples,
-                                          self.metric_rule))
+          answers,
+          [ex.answers for ex in self.eval_examples],
+          rule=self.metric_rule,
+      )
+      out.update(
+          accuracy_per_answer_type(
+              answers, self.eval_examples, self.metric_rule
+          )
+      )
       out["vqa_metric"] = self.metric_rule
     if self.test_examples:
       pred = run_eval(self.test_examples, self.encode_eval, self.predict)
       if is_main:
         downstream_vqa.write_vqa_predictions(
             os.path.join(workdir, f"vqa_{self.test_split}_predictions.json"),
-            [(ex.question_id, self.vocab[int(i)])
-             for ex, i in zip(self.test_examples, pred)])
+            [
+                (ex.question_id, self.vocab[int(i)])
+                for ex, i in zip(self.test_examples, pred)
+            ],
+        )
     return out
-

@@ -39,18 +39,26 @@ from eve_jax.viz import images as vimg
 
 
 def _parser() -> inference.ArgumentParser:
-  p = inference.ArgumentParser(prog="python -m eve_jax.viz",
-                               description="Pictures from eve_jax runs.")
+  p = inference.ArgumentParser(
+      prog="python -m eve_jax.viz", description="Pictures from eve_jax runs."
+  )
   sub = p.add_subparsers(dest="command", required=True)
   g = sub.add_parser("gradcam", help="heat maps of what a prediction used")
   g.add_argument("--workdir", required=True)
   g.add_argument("--image", required=True)
-  g.add_argument("--text", "--question", dest="text", required=True,
-                 help="text with [MASK]s, text alone (MIM), or a question")
+  g.add_argument(
+      "--text",
+      "--question",
+      dest="text",
+      required=True,
+      help="text with [MASK]s, text alone (MIM), or a question",
+  )
   g.add_argument("--out", required=True, help="the PNG to write")
-  g.add_argument("--target", default="",
-                 help="explain this word at every [MASK] (default: the "
-                 "predicted one)")
+  g.add_argument(
+      "--target",
+      default="",
+      help="explain this word at every [MASK] (default: the " "predicted one)",
+  )
   g.add_argument("--method", choices=gradcam.METHODS, default="ig")
   g.add_argument("--layer", type=int, default=None)
   g.add_argument("--steps", type=int, default=8)
@@ -76,19 +84,29 @@ def mlm_figure(w, image, text: str, target: str = "", **kw) -> tuple:
   if target:
     pieces = tok.encode(target)
     if len(pieces) != 1:
-      raise InputError(f"--target {target!r} is not one token of this "
-                       "model's vocabulary")
+      raise InputError(
+          f"--target {target!r} is not one token of this " "model's vocabulary"
+      )
     tgt = np.full((n,), pieces[0])
   heat, words = gradcam.mlm(
-      w.model, np.repeat(image[None], n, 0), np.repeat(ids[None], n, 0),
-      np.repeat(valid[None], n, 0), np.asarray(masks), tgt, **kw)
+      w.model,
+      np.repeat(image[None], n, 0),
+      np.repeat(ids[None], n, 0),
+      np.repeat(valid[None], n, 0),
+      np.asarray(masks),
+      tgt,
+      **kw,
+  )
   pic = vimg.to_uint8(image)
   rows = [[pic, vimg.overlay(pic, h, size=128)] for h in heat]
   names = [_word(tok, i) for i in words]
-  fig = vimg.grid(rows, col_titles=("image", "heat map"),
-                  row_titles=[f"[MASK] {k} -> {word}"
-                              for k, word in enumerate(names, 1)],
-                  title=text, cell=128)
+  fig = vimg.grid(
+      rows,
+      col_titles=("image", "heat map"),
+      row_titles=[f"[MASK] {k} -> {word}" for k, word in enumerate(names, 1)],
+      title=text,
+      cell=128,
+  )
   return fig, list(zip(range(1, n + 1), names))
 
 
@@ -98,41 +116,68 @@ def mim_figure(w, image, text: str, seed: int = 0, **kw) -> tuple:
   ids, valid, _ = inference.encode_text(tok, text, cfg.max_text_len)
   ratio = float(w.config.get("masking", {}).get("image_mask_ratio", 0.75))
   norm_pix = bool(w.config.get("masking", {}).get("norm_pix_loss", False))
-  keep_idx, patch_mask = random_patch_keep(jax.random.key(seed), 1,
-                                           cfg.num_patches, ratio)
-  weights = gradcam.mim(w.model, image[None], ids[None], valid[None],
-                        keep_idx, patch_mask, mask_id=tok.mask_id,
-                        norm_pix=norm_pix, **kw)[0]
-  pred, _ = mim_pass(w.model, image[None], ids[None], valid[None], keep_idx,
-                     None)
+  keep_idx, patch_mask = random_patch_keep(
+      jax.random.key(seed), 1, cfg.num_patches, ratio
+  )
+  weights = gradcam.mim(
+      w.model,
+      image[None],
+      ids[None],
+      valid[None],
+      keep_idx,
+      patch_mask,
+      mask_id=tok.mask_id,
+      norm_pix=norm_pix,
+      **kw,
+  )[0]
+  pred, _ = mim_pass(
+      w.model, image[None], ids[None], valid[None], keep_idx, None
+  )
   orig, masked, recon = reconstruct.panels(
-      image, np.asarray(pred[0]), np.asarray(patch_mask[0]), cfg.patch_size,
-      norm_pix)
-  words = [(_word(tok, ids[j]), float(weights[j]))
-           for j in range(1, int(valid.sum()))]
+      image,
+      np.asarray(pred[0]),
+      np.asarray(patch_mask[0]),
+      cfg.patch_size,
+      norm_pix,
+  )
+  words = [
+      (_word(tok, ids[j]), float(weights[j]))
+      for j in range(1, int(valid.sum()))
+  ]
   total = sum(v for _, v in words) or 1.0
   words = [(word, v / total) for word, v in words]
-  chart = charts.bar_chart([x for x, _ in words],
-                           {"word weight": [v for _, v in words]},
-                           title="which words the reconstruction used")
-  fig = vimg.vstack([
-      vimg.grid([[orig, masked, recon]], col_titles=reconstruct.COLUMNS,
-                title=f"MIM, {ratio:.0%} of patches masked: {text}"),
-      chart])
+  chart = charts.bar_chart(
+      [x for x, _ in words],
+      {"word weight": [v for _, v in words]},
+      title="which words the reconstruction used",
+  )
+  fig = vimg.vstack(
+      [
+          vimg.grid(
+              [[orig, masked, recon]],
+              col_titles=reconstruct.COLUMNS,
+              title=f"MIM, {ratio:.0%} of patches masked: {text}",
+          ),
+          chart,
+      ]
+  )
   return fig, words
 
 
 def vqa_figure(w, image, question: str, **kw) -> tuple:
   """Figure 9: (picture, answer)."""
-  ids, valid, _ = inference.encode_text(w.tokenizer, question,
-                                        w.model_cfg.max_text_len)
-  heat, ans = gradcam.vqa(w.model, image[None], ids[None], valid[None],
-                          **kw)
+  ids, valid, _ = inference.encode_text(
+      w.tokenizer, question, w.model_cfg.max_text_len
+  )
+  heat, ans = gradcam.vqa(w.model, image[None], ids[None], valid[None], **kw)
   pic = vimg.to_uint8(image)
   name = w.answers[int(ans[0])]
-  fig = vimg.grid([[pic, vimg.overlay(pic, heat[0], size=128)]],
-                  col_titles=("image", f"heat map for {name!r}"),
-                  title=f"Q: {question}  A: {name}", cell=128)
+  fig = vimg.grid(
+      [[pic, vimg.overlay(pic, heat[0], size=128)]],
+      col_titles=("image", f"heat map for {name!r}"),
+      title=f"Q: {question}  A: {name}",
+      cell=128,
+  )
   return fig, name
 
 

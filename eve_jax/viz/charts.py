@@ -16,10 +16,16 @@ SERIES_COLORS = ((70, 130, 230), (240, 150, 40), (120, 200, 120))
 _GRID = (70, 70, 70)
 
 
-def bar_chart(labels: Sequence[str], series: Mapping[str, Sequence[float]],
-              *, title: str = "", x_label: str = "",
-              y_max: float | None = None,
-              width: int | None = None, height: int = 260) -> np.ndarray:
+def bar_chart(
+    labels: Sequence[str],
+    series: Mapping[str, Sequence[float]],
+    *,
+    title: str = "",
+    x_label: str = "",
+    y_max: float | None = None,
+    width: int | None = None,
+    height: int = 260,
+) -> np.ndarray:
   """Grouped vertical bars: one group per label, one bar per series.
 
   Args:
@@ -38,8 +44,9 @@ def bar_chart(labels: Sequence[str], series: Mapping[str, Sequence[float]],
   values = np.asarray([series[n] for n in names], np.float64)  # [S, G]
   n_series, n_groups = values.shape
   if n_groups != len(labels):
-    raise ValueError(f"{n_groups} values per series for {len(labels)} "
-                     "labels")
+    raise ValueError(
+        f"{n_groups} values per series for {len(labels)} " "labels"
+    )
   top = y_max or float(max(values.max(initial=0.0), 1e-9))
   if y_max is None:  # a round axis top: 1, 2, 5 x 10^k
     mag = 10 ** np.floor(np.log10(top))
@@ -63,19 +70,30 @@ def bar_chart(labels: Sequence[str], series: Mapping[str, Sequence[float]],
     for s in range(n_series):
       h = (y1 - y0) * min(values[s, g] / top, 1.0)
       xa = x0 + s * bar_w
-      draw.rectangle([xa, y1 - h, xa + bar_w - 2, y1],
-                     fill=SERIES_COLORS[s % len(SERIES_COLORS)])
-    draw.text((left + g * group_w + 2, y1 + 4), str(labels[g]), fill=TEXT,
-              font=font(11))
+      draw.rectangle(
+          [xa, y1 - h, xa + bar_w - 2, y1],
+          fill=SERIES_COLORS[s % len(SERIES_COLORS)],
+      )
+    draw.text(
+        (left + g * group_w + 2, y1 + 4),
+        str(labels[g]),
+        fill=TEXT,
+        font=font(11),
+    )
   if x_label:
-    draw.text((width - right - draw.textlength(x_label, font=font(11)),
-               height - 14), x_label, fill=TEXT, font=font(11))
+    draw.text(
+        (width - right - draw.textlength(x_label, font=font(11)), height - 14),
+        x_label,
+        fill=TEXT,
+        font=font(11),
+    )
   if title:
     draw.text((4, 2), title, fill=TEXT, font=font())
   x = 4
   for s, name in enumerate(names):  # legend
-    draw.rectangle([x, 18, x + 10, 28],
-                   fill=SERIES_COLORS[s % len(SERIES_COLORS)])
+    draw.rectangle(
+        [x, 18, x + 10, 28], fill=SERIES_COLORS[s % len(SERIES_COLORS)]
+    )
     draw.text((x + 14, 16), name, fill=TEXT, font=font(11))
     x += 14 + draw.textlength(name, font=font(11)) + 12
   return np.asarray(canvas)

@@ -70,11 +70,18 @@ class _Tap(nnx.Module):
     return self.inner(x, **kw)
 
 
-def token_relevance(model, score: Callable[[Any, Any], jax.Array],
-                    inputs: Any, shape: tuple[int, int], *,
-                    method: str = "ig", layer: int | None = None,
-                    baseline: Any = None, steps: int = 8,
-                    relu: bool = True) -> np.ndarray:
+def token_relevance(
+    model,
+    score: Callable[[Any, Any], jax.Array],
+    inputs: Any,
+    shape: tuple[int, int],
+    *,
+    method: str = "ig",
+    layer: int | None = None,
+    baseline: Any = None,
+    steps: int = 8,
+    relu: bool = True,
+) -> np.ndarray:
   """Relevance of every token of the sequence a score runs through.
 
   Args:
@@ -110,6 +117,7 @@ def token_relevance(model, score: Callable[[Any, Any], jax.Array],
       m.backbone.blocks[layer] = _Tap(m.backbone.blocks[layer], box)
       # Examples are independent: the gradient of the sum is each one's.
       return score(m, inputs).sum(), box.h
+
     return jax.grad(f, has_aux=True)(delta)
 
   zero = jnp.zeros(tuple(shape) + (bb.cfg.width,), jnp.float32)
@@ -132,14 +140,23 @@ def token_relevance(model, score: Callable[[Any, Any], jax.Array],
 def patch_grid(relevance: np.ndarray, num_patches: int) -> np.ndarray:
   """[B, L] token relevance -> [B, g, g] over the image patches (tokens
   1..N: the image CLS is token 0)."""
-  g = int(round(num_patches ** 0.5))
-  return relevance[:, 1:1 + num_patches].reshape(-1, g, g)
+  g = int(round(num_patches**0.5))
+  return relevance[:, 1 : 1 + num_patches].reshape(-1, g, g)
 
 
-def mlm(model, images, text_in, valid, position: np.ndarray,
-        target: np.ndarray | None = None, *, blank=None, method: str = "ig",
-        layer: int | None = None, steps: int = 8
-        ) -> tuple[np.ndarray, np.ndarray]:
+def mlm(
+    model,
+    images,
+    text_in,
+    valid,
+    position: np.ndarray,
+    target: np.ndarray | None = None,
+    *,
+    blank=None,
+    method: str = "ig",
+    layer: int | None = None,
+    steps: int = 8,
+) -> tuple[np.ndarray, np.ndarray]:
   """Figure 7: for one [MASK] per example, the heat map over the image.
 
   The score is the log-probability of the explained word there (not its
@@ -168,14 +185,33 @@ def mlm(model, images, text_in, valid, position: np.ndarray,
 
   base = _blank_like(images, blank)
   seq = 1 + model.cfg.num_patches + text_in.shape[1]
-  rel = token_relevance(model, score, images, (len(b), seq), method=method,
-                        layer=layer, baseline=base, steps=steps)
+  rel = token_relevance(
+      model,
+      score,
+      images,
+      (len(b), seq),
+      method=method,
+      layer=layer,
+      baseline=base,
+      steps=steps,
+  )
   return patch_grid(rel, model.cfg.num_patches), np.asarray(target)
 
 
-def mim(model, images, text, valid, keep_idx, patch_mask, *,
-        mask_id: int, norm_pix: bool = False, method: str = "ig",
-        layer: int | None = None, steps: int = 8) -> np.ndarray:
+def mim(
+    model,
+    images,
+    text,
+    valid,
+    keep_idx,
+    patch_mask,
+    *,
+    mask_id: int,
+    norm_pix: bool = False,
+    method: str = "ig",
+    layer: int | None = None,
+    steps: int = 8,
+) -> np.ndarray:
   """Figure 8: for the masked patches of each image, the weight of each
   text token (score = minus the MIM loss on the masked patches; the "ig"
   baseline replaces every word by [MASK]).
@@ -196,16 +232,31 @@ def mim(model, images, text, valid, keep_idx, patch_mask, *,
   words = jnp.asarray(valid) & (jnp.arange(text.shape[1]) > 0)
   base = jnp.where(words, mask_id, text)
   li = 1 + keep_idx.shape[1]
-  rel = token_relevance(model, score, text, (text.shape[0],
-                                             li + text.shape[1]),
-                        method=method, layer=layer, baseline=base,
-                        steps=steps)
+  rel = token_relevance(
+      model,
+      score,
+      text,
+      (text.shape[0], li + text.shape[1]),
+      method=method,
+      layer=layer,
+      baseline=base,
+      steps=steps,
+  )
   return rel[:, li:] * np.asarray(words)
 
 
-def vqa(model, images, text, valid, answer: np.ndarray | None = None, *,
-        blank=None, method: str = "ig", layer: int | None = None,
-        steps: int = 8) -> tuple[np.ndarray, np.ndarray]:
+def vqa(
+    model,
+    images,
+    text,
+    valid,
+    answer: np.ndarray | None = None,
+    *,
+    blank=None,
+    method: str = "ig",
+    layer: int | None = None,
+    steps: int = 8,
+) -> tuple[np.ndarray, np.ndarray]:
   """Figure 9: the heat map over the image for a VQA answer (default the
   top one); score = the answer's logit. Returns (heat [B, g, g], answer
   ids [B])."""
@@ -220,9 +271,16 @@ def vqa(model, images, text, valid, answer: np.ndarray | None = None, *,
     return logits[b, answer]
 
   seq = 1 + model.cfg.num_patches + text.shape[1]
-  rel = token_relevance(model, score, images, (len(b), seq), method=method,
-                        layer=layer, baseline=_blank_like(images, blank),
-                        steps=steps)
+  rel = token_relevance(
+      model,
+      score,
+      images,
+      (len(b), seq),
+      method=method,
+      layer=layer,
+      baseline=_blank_like(images, blank),
+      steps=steps,
+  )
   return patch_grid(rel, model.cfg.num_patches), np.asarray(answer)
 
 

@@ -34,17 +34,29 @@ class EvalPictures:
     is_main: whether this process writes.
   """
 
-  def __init__(self, workdir: str, *, graphdef, task, model_cfg,
-               params_sharding, batch_sharding,
-               first_batch: Callable[[], Any], rng: jax.Array, writer,
-               num_images: int = 4, is_main: bool = True):
+  def __init__(
+      self,
+      workdir: str,
+      *,
+      graphdef,
+      task,
+      model_cfg,
+      params_sharding,
+      batch_sharding,
+      first_batch: Callable[[], Any],
+      rng: jax.Array,
+      writer,
+      num_images: int = 4,
+      is_main: bool = True,
+  ):
     self.dir = os.path.join(workdir, "viz")
     self.task, self.model_cfg = task, model_cfg
     self.first_batch, self.rng = first_batch, rng
     self.writer, self.is_main = writer, is_main
     self.num_images = num_images
-    replicated = jax.sharding.NamedSharding(batch_sharding.mesh,
-                                            jax.sharding.PartitionSpec())
+    replicated = jax.sharding.NamedSharding(
+        batch_sharding.mesh, jax.sharding.PartitionSpec()
+    )
 
     def recon(params, batch, rng):
       model = nnx.merge(graphdef, params)
@@ -52,12 +64,15 @@ class EvalPictures:
       out["example_valid"] = batch["example_valid"][:num_images]
       return out
 
-    self._recon = jax.jit(recon, in_shardings=(params_sharding,
-                                                batch_sharding, replicated),
-                          out_shardings=replicated)
+    self._recon = jax.jit(
+        recon,
+        in_shardings=(params_sharding, batch_sharding, replicated),
+        out_shardings=replicated,
+    )
 
-  def __call__(self, step: int, params, eval_numbers: dict[str, Any]
-               ) -> list[str]:
+  def __call__(
+      self, step: int, params, eval_numbers: dict[str, Any]
+  ) -> list[str]:
     """Draws and writes; returns the paths written (process 0)."""
     written = []
     batch = self.first_batch()
@@ -66,15 +81,23 @@ class EvalPictures:
       keep = np.asarray(out.pop("example_valid"), bool)  # not padding rows
       out = {k: np.asarray(v)[keep] for k, v in out.items()}
       pic = reconstruct.figure(
-          out, self.model_cfg.patch_size,
+          out,
+          self.model_cfg.patch_size,
           self.task.masking.norm_pix_loss,
           title=f"MIM at step {step}: "
-          f"{self.task.masking.image_mask_ratio:.0%} of patches masked")
+          f"{self.task.masking.image_mask_ratio:.0%} of patches masked",
+      )
       written.append(self._write(f"recon_{step}.png", "recon", pic, step))
     for layer, fracs in routing.from_metrics(eval_numbers).items():
       pic = routing.chart(fracs, layer, step)
-      written.append(self._write(f"routing_layer{layer}_{step}.png",
-                                 f"routing/layer{layer}", pic, step))
+      written.append(
+          self._write(
+              f"routing_layer{layer}_{step}.png",
+              f"routing/layer{layer}",
+              pic,
+              step,
+          )
+      )
     return [p for p in written if p]
 
   def _write(self, name: str, tag: str, pic: np.ndarray, step: int):
@@ -85,12 +108,14 @@ class EvalPictures:
     return path
 
 
-
-def first_of(batches: Callable[[], Iterator[Any]],
-             to_global: Callable[[Any], Any]) -> Callable[[], Any]:
+def first_of(
+    batches: Callable[[], Iterator[Any]], to_global: Callable[[Any], Any]
+) -> Callable[[], Any]:
   """() -> the first batch of a fresh `batches()`, on the mesh; None when
   there is none (corpora without an eval split)."""
+
   def get():
     batch = next(iter(batches()), None)
     return None if batch is None else to_global(batch)
+
   return get

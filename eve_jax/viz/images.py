@@ -39,13 +39,18 @@ def upscale(image: np.ndarray, size: int) -> np.ndarray:
   """Nearest-neighbour resize to size x size: patches stay sharp squares."""
   if image.shape[0] == size and image.shape[1] == size:
     return image
-  return np.asarray(Image.fromarray(image).resize((size, size),
-                                                  Image.NEAREST))
+  return np.asarray(Image.fromarray(image).resize((size, size), Image.NEAREST))
 
 
-def grid(rows: Sequence[Sequence[np.ndarray]], *,
-         col_titles: Sequence[str] = (), row_titles: Sequence[str] = (),
-         cell: int = 128, pad: int = 4, title: str = "") -> np.ndarray:
+def grid(
+    rows: Sequence[Sequence[np.ndarray]],
+    *,
+    col_titles: Sequence[str] = (),
+    row_titles: Sequence[str] = (),
+    cell: int = 128,
+    pad: int = 4,
+    title: str = "",
+) -> np.ndarray:
   """Pictures in a table, each upscaled to cell x cell.
 
   Args:
@@ -80,8 +85,9 @@ def grid(rows: Sequence[Sequence[np.ndarray]], *,
       draw.text((pad, y + pad), row_titles[i], fill=TEXT, font=font())
       y += TITLE_H
     for j, img in enumerate(row):
-      canvas.paste(Image.fromarray(upscale(img, cell)),
-                   (pad + j * (cell + pad), y + pad))
+      canvas.paste(
+          Image.fromarray(upscale(img, cell)), (pad + j * (cell + pad), y + pad)
+      )
     y += cell + pad
   return np.asarray(canvas)
 
@@ -106,7 +112,7 @@ def vstack(pictures: Sequence[np.ndarray]) -> np.ndarray:
   out[...] = BACKGROUND
   y = 0
   for p in pictures:
-    out[y:y + p.shape[0], :p.shape[1]] = p
+    out[y : y + p.shape[0], : p.shape[1]] = p
     y += p.shape[0]
   return out
 
@@ -114,16 +120,28 @@ def vstack(pictures: Sequence[np.ndarray]) -> np.ndarray:
 def colormap(x: np.ndarray) -> np.ndarray:
   """[...] values in [0, 1] -> uint8 [..., 3], dark blue -> red -> yellow
   (a perceptually ordered ramp; no plotting library needed)."""
-  stops = np.array([[0, 0, 80], [40, 40, 220], [220, 40, 40],
-                    [255, 220, 0], [255, 255, 200]], np.float32)
+  stops = np.array(
+      [
+          [0, 0, 80],
+          [40, 40, 220],
+          [220, 40, 40],
+          [255, 220, 0],
+          [255, 255, 200],
+      ],
+      np.float32,
+  )
   x = np.clip(np.asarray(x, np.float32), 0, 1) * (len(stops) - 1)
   lo = np.minimum(np.floor(x).astype(int), len(stops) - 2)
   f = (x - lo)[..., None]
   return np.round(stops[lo] * (1 - f) + stops[lo + 1] * f).astype(np.uint8)
 
 
-def overlay(image: np.ndarray, heat: np.ndarray, alpha: float = 0.6,
-            size: int | None = None) -> np.ndarray:
+def overlay(
+    image: np.ndarray,
+    heat: np.ndarray,
+    alpha: float = 0.6,
+    size: int | None = None,
+) -> np.ndarray:
   """A heat map over an image.
 
   Args:
@@ -142,7 +160,8 @@ def overlay(image: np.ndarray, heat: np.ndarray, alpha: float = 0.6,
   # A dimmed gray picture under the colors: a white object must not read
   # as a hot cell.
   base = upscale(image, size).astype(np.float32) @ np.float32(
-      [0.299, 0.587, 0.114])
+      [0.299, 0.587, 0.114]
+  )
   base = 0.5 * base[..., None]
   heat = np.asarray(heat, np.float32)
   heat = heat / heat.max() if heat.max() > 0 else np.zeros_like(heat)

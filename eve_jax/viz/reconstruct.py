@@ -23,8 +23,9 @@ from eve_jax.viz import images as vimg
 COLUMNS = ("original", "masked input", "reconstruction")
 
 
-def predict(model, task, batch: dict[str, jax.Array], rng: jax.Array,
-            num: int) -> dict[str, jax.Array]:
+def predict(
+    model, task, batch: dict[str, jax.Array], rng: jax.Array, num: int
+) -> dict[str, jax.Array]:
   """The MIM pass on the first `num` rows with the masks `task.masks` draws
   for the whole batch from `rng` (the evaluation's masks for that batch).
 
@@ -33,17 +34,21 @@ def predict(model, task, batch: dict[str, jax.Array], rng: jax.Array,
     patch_mask [num, N] bool (True = masked).
   """
   r_mask, _ = jax.random.split(rng)  # as `eval_sums` and `PretrainTask.loss`
-  _, _, keep_idx, patch_mask = task.masks(r_mask, batch,
-                                          model.cfg.num_patches)
+  _, _, keep_idx, patch_mask = task.masks(r_mask, batch, model.cfg.num_patches)
   images, text = batch["image"][:num], batch["text"][:num]
-  pred, _ = mim_pass(model, images, text, batch["text_valid"][:num],
-                     keep_idx[:num], None)
+  pred, _ = mim_pass(
+      model, images, text, batch["text_valid"][:num], keep_idx[:num], None
+  )
   return dict(image=images, pred=pred, patch_mask=patch_mask[:num])
 
 
-def panels(image: np.ndarray, pred: np.ndarray, patch_mask: np.ndarray,
-           patch: int, norm_pix: bool = False
-           ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def panels(
+    image: np.ndarray,
+    pred: np.ndarray,
+    patch_mask: np.ndarray,
+    patch: int,
+    norm_pix: bool = False,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
   """One row of the figure for one image.
 
   Args:
@@ -69,15 +74,24 @@ def panels(image: np.ndarray, pred: np.ndarray, patch_mask: np.ndarray,
   recon = np.where(m, pred, target)
 
   def pic(p):
-    return vimg.to_uint8(np.asarray(unpatchify(jnp.asarray(p[None]),
-                                               patch))[0])
+    return vimg.to_uint8(np.asarray(unpatchify(jnp.asarray(p[None]), patch))[0])
+
   return vimg.to_uint8(image), pic(masked), pic(recon)
 
 
-def figure(out: dict[str, np.ndarray], patch: int, norm_pix: bool = False,
-           title: str = "", cell: int = 128) -> np.ndarray:
+def figure(
+    out: dict[str, np.ndarray],
+    patch: int,
+    norm_pix: bool = False,
+    title: str = "",
+    cell: int = 128,
+) -> np.ndarray:
   """`predict`'s output (as numpy) -> the grid: one row per image,
   columns `COLUMNS`."""
-  rows = [panels(out["image"][i], out["pred"][i], out["patch_mask"][i],
-                 patch, norm_pix) for i in range(len(out["image"]))]
+  rows = [
+      panels(
+          out["image"][i], out["pred"][i], out["patch_mask"][i], patch, norm_pix
+      )
+      for i in range(len(out["image"]))
+  ]
   return vimg.grid(rows, col_titles=COLUMNS, title=title, cell=cell)

@@ -42,20 +42,24 @@ def fractions(expert_counts: np.ndarray, top_k: int) -> np.ndarray:
   tokens."""
   counts = np.asarray(expert_counts, np.float64)
   tokens = counts.sum(-1, keepdims=True) / top_k
-  return np.divide(counts, tokens, out=np.zeros_like(counts),
-                   where=tokens > 0)
+  return np.divide(counts, tokens, out=np.zeros_like(counts), where=tokens > 0)
 
 
-def metrics(expert_counts: np.ndarray, top_k: int, layers: list[int]
-            ) -> dict[str, float]:
+def metrics(
+    expert_counts: np.ndarray, top_k: int, layers: list[int]
+) -> dict[str, float]:
   """The eval.json keys above from summed [S, M, E] counts."""
   fr = fractions(expert_counts, top_k)
   if fr.shape[0] != len(layers):
-    raise ValueError(f"{fr.shape[0]} routing count rows for soft layers "
-                     f"{layers}")
-  return {f"routing/layer{layer}/{MODALITIES[m]}/expert{e}": float(fr[s, m, e])
-          for s, layer in enumerate(layers)
-          for m in range(fr.shape[1]) for e in range(fr.shape[2])}
+    raise ValueError(
+        f"{fr.shape[0]} routing count rows for soft layers " f"{layers}"
+    )
+  return {
+      f"routing/layer{layer}/{MODALITIES[m]}/expert{e}": float(fr[s, m, e])
+      for s, layer in enumerate(layers)
+      for m in range(fr.shape[1])
+      for e in range(fr.shape[2])
+  }
 
 
 def from_metrics(values: Mapping[str, float]) -> dict[int, np.ndarray]:
@@ -65,7 +69,8 @@ def from_metrics(values: Mapping[str, float]) -> dict[int, np.ndarray]:
     m = _KEY.match(k)
     if m:
       found.setdefault(int(m.group(1)), {})[
-          (MODALITIES.index(m.group(2)), int(m.group(3)))] = float(v)
+          (MODALITIES.index(m.group(2)), int(m.group(3)))
+      ] = float(v)
   out = {}
   for layer, cells in sorted(found.items()):
     n_exp = 1 + max(e for _, e in cells)
@@ -76,8 +81,7 @@ def from_metrics(values: Mapping[str, float]) -> dict[int, np.ndarray]:
   return out
 
 
-def chart(fracs: np.ndarray, layer: int, step: int | None = None
-          ) -> np.ndarray:
+def chart(fracs: np.ndarray, layer: int, step: int | None = None) -> np.ndarray:
   """Figure 6 for one layer: per expert, the fraction of image and of
   text tokens routed to it. fracs [M, E] -> uint8 picture."""
   n_exp = fracs.shape[1]
@@ -87,4 +91,8 @@ def chart(fracs: np.ndarray, layer: int, step: int | None = None
   return charts.bar_chart(
       [str(e) for e in range(n_exp)],
       {f"{name} tokens": fracs[m] for m, name in enumerate(MODALITIES)},
-      title=title, x_label="expert", y_max=1.0, width=max(360, 48 + 30 * n_exp))
+      title=title,
+      x_label="expert",
+      y_max=1.0,
+      width=max(360, 48 + 30 * n_exp),
+  )

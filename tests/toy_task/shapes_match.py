@@ -38,21 +38,29 @@ class MatchModel(nnx.Module):
     """-> ([B, 2] logits, MoE stats)."""
     img = self.backbone.embed_image(image)
     states, stats = self.backbone.encode(
-        img, self.backbone.embed_text(text), text_valid, rng=rng)
+        img, self.backbone.embed_text(text), text_valid, rng=rng
+    )
     return self.head(states[:, img.shape[1]]).astype(jnp.float32), stats
 
 
 def _pairs(batch):
   """[B] images and captions -> [2B] pairs: matched, then each image with
   the next row's caption; labels [2B] int32 (1 = matched)."""
+
   def both(x):
     return jnp.concatenate([x, x])
+
   def shifted(x):
     return jnp.concatenate([x, jnp.roll(x, -1, axis=0)])
+
   b = batch["image"].shape[0]
   labels = jnp.concatenate([jnp.ones(b, jnp.int32), jnp.zeros(b, jnp.int32)])
-  return (both(batch["image"]), shifted(batch["text"]),
-          shifted(batch["text_valid"]), labels)
+  return (
+      both(batch["image"]),
+      shifted(batch["text"]),
+      shifted(batch["text_valid"]),
+      labels,
+  )
 
 
 def _logits_and_labels(model, batch, rng=None):
@@ -68,8 +76,9 @@ class ShapesMatch:
 
   def __init__(self, config, tokenizer):
     self.config, self.tokenizer = config, tokenizer
-    self.model_cfg = ModelConfig.from_config(config.model,
-                                             vocab_size=tokenizer.vocab_size)
+    self.model_cfg = ModelConfig.from_config(
+        config.model, vocab_size=tokenizer.vocab_size
+    )
     self.steps = config.train.steps
 
   @classmethod
@@ -101,8 +110,7 @@ class ShapesMatch:
 
   def loss(self, model, batch, rng):
     logits, labels, s = _logits_and_labels(model, batch, rng)
-    ce = optax.softmax_cross_entropy_with_integer_labels(logits,
-                                                         labels).mean()
+    ce = optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
     acc = (logits.argmax(-1) == labels).mean()
     moe = moe_metrics(s)
     return ce + moe["aux_loss"], dict(match_loss=ce, match_acc=acc, **moe)
@@ -111,20 +119,25 @@ class ShapesMatch:
     return optim.make_optimizer(self.config.optim, self.steps)
 
   def analytic_flops_per_sample(self, batch_size):
-    return 2 * flops.finetune_flops_per_sample(self.model_cfg, "vqa",
-                                               batch_size)
+    return 2 * flops.finetune_flops_per_sample(
+        self.model_cfg, "vqa", batch_size
+    )
 
   def train_batches(self, shard):
-    return iter(sources.make_train_data(self.config, self.tokenizer,
-                                        self.model_cfg, shard))
+    return iter(
+        sources.make_train_data(
+            self.config, self.tokenizer, self.model_cfg, shard
+        )
+    )
 
   def initial_state(self, state, ctx):
     del ctx
     return state
 
   def evaluator(self, ctx):
-    replicated = jax.sharding.NamedSharding(ctx.mesh,
-                                            jax.sharding.PartitionSpec())
+    replicated = jax.sharding.NamedSharding(
+        ctx.mesh, jax.sharding.PartitionSpec()
+    )
 
     def correct(params, batch):
       model = nnx.merge(ctx.program.graphdef, params)
@@ -133,20 +146,27 @@ class ShapesMatch:
       w = jnp.concatenate([batch["example_valid"]] * 2).astype(jnp.float32)
       return jnp.stack([(ok * w).sum(), w.sum()])
 
-    step = jax.jit(correct, in_shardings=(ctx.program.state_shardings.params,
-                                          ctx.eval_sharding),
-                   out_shardings=replicated)
+    step = jax.jit(
+        correct,
+        in_shardings=(ctx.program.state_shardings.params, ctx.eval_sharding),
+        out_shardings=replicated,
+    )
     to_global = functools.partial(
-        sharding.global_batch, sharding=ctx.eval_sharding,
-        batch_size=self.config.train.eval_batch_size)
+        sharding.global_batch,
+        sharding=ctx.eval_sharding,
+        batch_size=self.config.train.eval_batch_size,
+    )
 
     def evaluate(state):
       total = np.zeros(2)
-      for batch in sources.eval_batches(self.config, self.tokenizer,
-                                        self.model_cfg, ctx.eval_shard):
-        total += np.asarray(jax.device_get(step(state.params,
-                                                to_global(batch))))
+      for batch in sources.eval_batches(
+          self.config, self.tokenizer, self.model_cfg, ctx.eval_shard
+      ):
+        total += np.asarray(
+            jax.device_get(step(state.params, to_global(batch)))
+        )
       return {"match_acc": float(total[0] / max(total[1], 1.0))}
+
     return evaluate
 
   def run_info(self, program):
