@@ -32,7 +32,13 @@ setup(
     extras_require={
         # scikit-image: real photos (PNG, JPEG, GIF) bundled in its wheel,
         # for tests/test_prepare.py; its deps are small, scipy comes with jax.
-        "test": ["pytest>=8", "pytest-timeout>=2.3", "scikit-image>=0.26"],
+        # pyink pinned: the formatter's output is part of what CI checks.
+        "test": [
+            "pytest>=8",
+            "pytest-timeout>=2.3",
+            "scikit-image>=0.26",
+            "pyink==26.5.1",
+        ],
         # python -m eve_jax.convert: reading PyTorch checkpoints (BEiTv2,
         # released EVE), the released Hugging Face tokenizer, and the
         # transformers BEiT the conversion tests compare against. Install a

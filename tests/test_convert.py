@@ -27,6 +27,7 @@ import pytest
 from flax import nnx
 
 from eve_jax.convert import beit, infer, layout, output, released
+from eve_jax.convert import released_export
 from eve_jax.convert.__main__ import main
 from eve_jax.convert.source import ConversionError
 from eve_jax.model import task_models
@@ -618,7 +619,7 @@ def test_released_round_trip_exact():
       "backbone.position_ids_text",
       "itc_vl_vision_proj_head.weight",
   }
-  back = released.to_released(params, cfg)
+  back = released_export.to_released(params, cfg)
   assert set(back) == set(sd) - dropped
   for k, v in back.items():
     np.testing.assert_array_equal(v, sd[k], err_msg=k)
@@ -951,7 +952,7 @@ def test_released_nlvr2_head_matches_numpy_float64():
   params, cfg, pieces = released.from_released(sd, "nlvr2.th", 4)
   assert pieces["heads"] == ["nlvr2"] and cfg["nlvr2_head"] == "biattn"
   assert "attn1.in_proj_bias[64:128]" in {k for k, _, _ in pieces["dropped"]}
-  back = released.to_released(params, cfg)
+  back = released_export.to_released(params, cfg)
   for k, v in back.items():
     want = sd[k].copy()
     if k.endswith("in_proj_bias"):

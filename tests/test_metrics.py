@@ -9,6 +9,7 @@ import pytest
 
 from eve_jax.data import downstream
 from eve_jax.tasks import metrics as M
+from eve_jax.tasks import vqa_metric as V
 from eve_jax.tasks import vqa as vqa_task
 
 # ---------------------------------------------------------------------------
@@ -48,12 +49,12 @@ from eve_jax.tasks import vqa as vqa_task
     ],
 )
 def test_normalize_answer(raw, expected):
-  assert M.normalize_answer(raw) == expected
+  assert V.normalize_answer(raw) == expected
 
 
 def test_punctuation_keeps_case_and_digit_article_lowercases():
-  assert M.process_punctuation("Yes!") == "Yes "
-  assert M.process_digit_article("The  Two  DOGS") == "2 dogs"
+  assert V.process_punctuation("Yes!") == "Yes "
+  assert V.process_digit_article("The  Two  DOGS") == "2 dogs"
 
 
 def test_common_contractions():
@@ -134,11 +135,11 @@ def test_common_contractions():
       "'ows'at": "'ow's'at",
   }
   for raw, want in expected.items():
-    assert M.normalize_answer(raw) == want, raw
+    assert V.normalize_answer(raw) == want, raw
   # The official table has 120 entries (some unreachable: "Im", "Ive",
   # "Id've", "I'dve" are capitalized and lookups happen after lower()).
-  assert len(M.CONTRACTIONS) == 120
-  assert M.CONTRACTIONS["Im"] == "I'm" and M.CONTRACTIONS["Ive"] == "I've"
+  assert len(V.CONTRACTIONS) == 120
+  assert V.CONTRACTIONS["Im"] == "I'm" and V.CONTRACTIONS["Ive"] == "I've"
 
 
 # ---------------------------------------------------------------------------
@@ -154,57 +155,57 @@ def test_vqa_accuracy_leave_one_out_table():
   # m matches out of 10. Leaving out a matching annotator leaves m - 1,
   # leaving out another one leaves m; acc_i = min(1, that / 3).
   # m = 0: all subsets 0.
-  assert M.vqa_accuracy("cat", _ten("cat", 0)) == 0.0
+  assert V.vqa_accuracy("cat", _ten("cat", 0)) == 0.0
   # m = 1: 9 subsets keep it (1/3), 1 drops it (0): (9 * 1/3) / 10 = 0.3.
-  assert M.vqa_accuracy("cat", _ten("cat", 1)) == pytest.approx(
+  assert V.vqa_accuracy("cat", _ten("cat", 1)) == pytest.approx(
       (9 * (1 / 3) + 1 * 0) / 10, abs=1e-12
   )
-  assert M.vqa_accuracy("cat", _ten("cat", 1)) == pytest.approx(0.3)
+  assert V.vqa_accuracy("cat", _ten("cat", 1)) == pytest.approx(0.3)
   # m = 2: 8 subsets with 2 (2/3), 2 with 1 (1/3): (16/3 + 2/3)/10 = 0.6.
-  assert M.vqa_accuracy("cat", _ten("cat", 2)) == pytest.approx(0.6)
+  assert V.vqa_accuracy("cat", _ten("cat", 2)) == pytest.approx(0.6)
   # m = 3: 7 subsets with 3 (1), 3 with 2 (2/3): (7 + 2) / 10 = 0.9.
-  assert M.vqa_accuracy("cat", _ten("cat", 3)) == pytest.approx(0.9)
+  assert V.vqa_accuracy("cat", _ten("cat", 3)) == pytest.approx(0.9)
   # m = 4: 6 subsets with 4 (1), 4 with 3 (1): 1.0.
-  assert M.vqa_accuracy("cat", _ten("cat", 4)) == 1.0
-  assert M.vqa_accuracy("cat", _ten("cat", 10)) == 1.0
+  assert V.vqa_accuracy("cat", _ten("cat", 4)) == 1.0
+  assert V.vqa_accuracy("cat", _ten("cat", 10)) == 1.0
   # Exact (computed with fractions), so one match in ten is exactly 0.3.
-  assert M.vqa_accuracy("cat", _ten("cat", 1)) == 0.3
+  assert V.vqa_accuracy("cat", _ten("cat", 1)) == 0.3
 
 
 def test_vqa_accuracy_2021_rule_hand_worked():
   """Today's official script (the default): unanimous GT answers are
   compared with the stripped raw prediction; when annotators disagree both
   sides are fully normalized."""
-  assert M.DEFAULT_VQA_RULE == "vqa2021"
-  assert M.vqa_accuracy("two", ["2"] * 10) == 0.0
-  assert M.vqa_accuracy("Yes", ["yes"] * 10) == 0.0
-  assert M.vqa_accuracy("yes.", ["yes"] * 10) == 0.0
-  assert M.vqa_accuracy("dog", ["the dog"] * 10) == 0.0
-  assert M.vqa_accuracy("2", ["Two"] * 4 + ["three"] * 6) == 1.0
+  assert V.DEFAULT_VQA_RULE == "vqa2021"
+  assert V.vqa_accuracy("two", ["2"] * 10) == 0.0
+  assert V.vqa_accuracy("Yes", ["yes"] * 10) == 0.0
+  assert V.vqa_accuracy("yes.", ["yes"] * 10) == 0.0
+  assert V.vqa_accuracy("dog", ["the dog"] * 10) == 0.0
+  assert V.vqa_accuracy("2", ["Two"] * 4 + ["three"] * 6) == 1.0
   # Only newlines, tabs and surrounding spaces go, on both sides.
-  assert M.vqa_accuracy(" yes\n", ["yes\t"] * 10) == 1.0
-  assert M.vqa_accuracy("Dog.", ["the dog"] * 2 + ["cat"] * 8) == (
+  assert V.vqa_accuracy(" yes\n", ["yes\t"] * 10) == 1.0
+  assert V.vqa_accuracy("Dog.", ["the dog"] * 2 + ["cat"] * 8) == (
       pytest.approx(0.6)
   )
-  assert M.vqa_accuracy("hot dog", ["hot-dog"] * 3 + ["x"] * 7) == (
+  assert V.vqa_accuracy("hot dog", ["hot-dog"] * 3 + ["x"] * 7) == (
       pytest.approx(0.9)
   )
-  assert M.vqa_accuracy("two", ["2"] * 10, rule="vqa2021") == 0.0
+  assert V.vqa_accuracy("two", ["2"] * 10, rule="vqa2021") == 0.0
 
 
 def test_vqa_accuracy_2016_rule_hand_worked():
   """The 2016 script: the prediction always fully normalized, unanimous GT
   answers raw, disagreeing ones punctuation-processed only."""
-  assert M.vqa_accuracy("two", ["2"] * 10, rule="vqa2016") == 1.0
-  assert M.vqa_accuracy("two", ["Two"] * 10, rule="vqa2016") == 0.0
+  assert V.vqa_accuracy("two", ["2"] * 10, rule="vqa2016") == 1.0
+  assert V.vqa_accuracy("two", ["Two"] * 10, rule="vqa2016") == 0.0
   # "yes." -> "yes" (3 matches: 0.9) but "the dog" keeps its article.
   gts = ["yes."] * 3 + ["no"] * 7
-  assert M.vqa_accuracy("Yes", gts, rule="vqa2016") == pytest.approx(0.9)
+  assert V.vqa_accuracy("Yes", gts, rule="vqa2016") == pytest.approx(0.9)
   gts = ["the dog"] * 4 + ["cat"] * 6
-  assert M.vqa_accuracy("dog", gts, rule="vqa2016") == 0.0
-  assert M.vqa_accuracy("dog", gts, rule="vqa2021") == 1.0
+  assert V.vqa_accuracy("dog", gts, rule="vqa2016") == 0.0
+  assert V.vqa_accuracy("dog", gts, rule="vqa2021") == 1.0
   with pytest.raises(ValueError, match="vqa2016"):
-    M.vqa_accuracy("dog", gts, rule="vqa2017")
+    V.vqa_accuracy("dog", gts, rule="vqa2017")
 
 
 def test_vqa_accuracy_per_answer_type_hand_worked():
@@ -259,20 +260,20 @@ def _vqa_ex(answers, answer_type):
 
 def test_vqa_accuracy_other_n():
   # n = 1: no leave-one-out, min(1, m / 3).
-  assert M.vqa_accuracy("cat", ["cat"]) == pytest.approx(1 / 3)
-  assert M.vqa_accuracy("cat", ["dog"]) == 0.0
+  assert V.vqa_accuracy("cat", ["cat"]) == pytest.approx(1 / 3)
+  assert V.vqa_accuracy("cat", ["dog"]) == 0.0
   # n = 3, m = 2: leave a "cat" out -> 1/3 (twice); leave "dog" out ->
   # 2/3: (1/3 + 1/3 + 2/3) / 3 = 4/9.
-  assert M.vqa_accuracy("cat", ["cat", "cat", "dog"]) == pytest.approx(4 / 9)
+  assert V.vqa_accuracy("cat", ["cat", "cat", "dog"]) == pytest.approx(4 / 9)
   with pytest.raises(ValueError):
-    M.vqa_accuracy("cat", [])
+    V.vqa_accuracy("cat", [])
 
 
 def test_mean_vqa_accuracy():
   # (0 + 0.3) / 2 today; (1.0 + 0.3) / 2 by the 2016 script.
   gts = [["2"] * 10, _ten("cat", 1)]
-  assert M.mean_vqa_accuracy(["two", "cat"], gts) == pytest.approx(0.15)
-  assert M.mean_vqa_accuracy(["two", "cat"], gts, rule="vqa2016") == (
+  assert V.mean_vqa_accuracy(["two", "cat"], gts) == pytest.approx(0.15)
+  assert V.mean_vqa_accuracy(["two", "cat"], gts, rule="vqa2016") == (
       pytest.approx(0.65)
   )
 
@@ -283,7 +284,7 @@ def test_mean_vqa_accuracy():
 
 
 def test_soft_score_table():
-  assert [M.soft_score(c) for c in (0, 1, 2, 3, 4, 7, 10)] == [
+  assert [V.soft_score(c) for c in (0, 1, 2, 3, 4, 7, 10)] == [
       0.0,
       0.3,
       0.6,
@@ -292,7 +293,7 @@ def test_soft_score_table():
       1.0,
       1.0,
   ]
-  assert M.soft_score(3) == 0.9  # not 0.8999999999999999
+  assert V.soft_score(3) == 0.9  # not 0.8999999999999999
 
 
 def test_soft_scores_and_dense_vector():
@@ -311,26 +312,26 @@ def test_soft_scores_and_dense_vector():
       "Red ball",
       "purple",
   ]
-  idx, scores = M.soft_scores(gts, vocab_index)
+  idx, scores = V.soft_scores(gts, vocab_index)
   assert idx.dtype == np.int32 and scores.dtype == np.float32
   np.testing.assert_array_equal(idx, [0, 1, 3])
   np.testing.assert_array_equal(scores, np.array([1.0, 0.6, 0.9], np.float32))
-  dense = M.soft_target_vector(gts, vocab_index, 5)
+  dense = V.soft_target_vector(gts, vocab_index, 5)
   assert dense.dtype == np.float32 and dense.shape == (5,)
   np.testing.assert_array_equal(
       dense, np.array([1.0, 0.6, 0.0, 0.9, 0.0], np.float32)
   )
   # "no" x7 -> 1.0, "blue" x1 -> 0.3, "green" x2 not in vocab.
-  idx, scores = M.soft_scores(
+  idx, scores = V.soft_scores(
       ["no"] * 7 + ["blue"] + ["green"] * 2, vocab_index
   )
   np.testing.assert_array_equal(idx, [2, 4])
   np.testing.assert_array_equal(scores, np.array([1.0, 0.3], np.float32))
   # Nothing in the vocab: empty targets.
-  idx, scores = M.soft_scores(["green"] * 10, vocab_index)
+  idx, scores = V.soft_scores(["green"] * 10, vocab_index)
   assert idx.shape == (0,) and scores.shape == (0,)
   np.testing.assert_array_equal(
-      M.soft_target_vector(["green"], vocab_index, 5), np.zeros(5)
+      V.soft_target_vector(["green"], vocab_index, 5), np.zeros(5)
   )
 
 
@@ -342,22 +343,22 @@ def test_build_answer_vocab():
       ["red"] * 5 + ["the red", "blue"],  # red 8, blue 1
   ]
   # yes 10, then the 9s alphabetically ("2" < "no"); red (8) is dropped.
-  assert M.build_answer_vocab(questions) == ["yes", "2", "no"]
-  assert M.build_answer_vocab(questions[::-1]) == ["yes", "2", "no"]
-  assert M.build_answer_vocab(questions, min_count=8) == [
+  assert V.build_answer_vocab(questions) == ["yes", "2", "no"]
+  assert V.build_answer_vocab(questions[::-1]) == ["yes", "2", "no"]
+  assert V.build_answer_vocab(questions, min_count=8) == [
       "yes",
       "2",
       "no",
       "red",
   ]
-  assert M.build_answer_vocab(questions, min_count=1) == [
+  assert V.build_answer_vocab(questions, min_count=1) == [
       "yes",
       "2",
       "no",
       "red",
       "blue",
   ]
-  assert M.answer_index(["yes", "2"]) == {"yes": 0, "2": 1}
+  assert V.answer_index(["yes", "2"]) == {"yes": 0, "2": 1}
 
 
 # ---------------------------------------------------------------------------

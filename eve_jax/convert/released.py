@@ -15,8 +15,8 @@ Linear(2D, answers); retrieval `itc_vision_proj_head`, `itc_text_proj_head`
 (nn.MultiheadAttention), `fc.0`, `attn_pool.fc.0`, `nlvr2_output`
 (eve_jax's `BiAttentionHead`, `model.nlvr2_head="biattn"`).
 
-`from_released` and `to_released` are exact inverses on every tensor they
-map. What the released code computes differently from eve_jax is listed in
+`from_released` and `to_released` (eve_jax/convert/released_export.py)
+are exact inverses on every tensor they map. What the released code computes differently from eve_jax is listed in
 `DIFFERENCES` (and in every conversion report).
 """
 
@@ -31,9 +31,9 @@ from eve_jax.convert import layout
 from eve_jax.convert.source import ConversionError, Source
 from eve_jax.model.variants import VARIANTS
 
-_B = "backbone."
-_L = _B + "encoder.layers.{i}."
-_MOE = "mlp_moe.moe."
+BACKBONE = "backbone."
+LAYER = BACKBONE + "encoder.layers.{i}."
+MOE = "mlp_moe.moe."
 
 DIFFERENCES = [
     "soft router, second choice: the released top2gating adds Gumbel noise "
@@ -144,12 +144,12 @@ def model_config(
   """The eve_jax `config.model` a released state dict implies (`heads`,
   `checkpoint_config`: see `released_heads`)."""
   need = [
-      _B + "class_embedding_vision",
-      _B + "patch_embed.weight",
-      _B + "word_embedding.weight",
-      _B + "pos_embed_text",
-      _B + "pos_embed_vision",
-      _L.format(i=0) + "norm1.weight",
+      BACKBONE + "class_embedding_vision",
+      BACKBONE + "patch_embed.weight",
+      BACKBONE + "word_embedding.weight",
+      BACKBONE + "pos_embed_text",
+      BACKBONE + "pos_embed_vision",
+      LAYER.format(i=0) + "norm1.weight",
   ]
   for k in need:
     if k not in sd:
@@ -157,11 +157,13 @@ def model_config(
           f"{path}: missing {k}: not a released EVE " "checkpoint"
       )
   depth = _layers(sd)
-  width = int(sd[_B + "class_embedding_vision"].shape[-1])
-  patch = int(sd[_B + "patch_embed.weight"].shape[-1])
-  grid = int(round((sd[_B + "pos_embed_vision"].shape[0] - 1) ** 0.5))
+  width = int(sd[BACKBONE + "class_embedding_vision"].shape[-1])
+  patch = int(sd[BACKBONE + "patch_embed.weight"].shape[-1])
+  grid = int(round((sd[BACKBONE + "pos_embed_vision"].shape[0] - 1) ** 0.5))
   soft = [
-      i for i in range(depth) if _L.format(i=i) + _MOE + "gate.wg.weight" in sd
+      i
+      for i in range(depth)
+      if LAYER.format(i=i) + MOE + "gate.wg.weight" in sd
   ]
   if soft != list(range(depth - len(soft), depth)):
     raise ConversionError(
@@ -169,9 +171,9 @@ def model_config(
         "top ones: eve_jax puts them in the top "
         "num_soft_layers blocks"
     )
-  hard0 = _L.format(i=0) + "mlp_imag.fc1.weight"
+  hard0 = LAYER.format(i=0) + "mlp_imag.fc1.weight"
   first = (
-      _L.format(i=soft[0]) + _MOE + "experts.experts.0.fc1.weight"
+      LAYER.format(i=soft[0]) + MOE + "experts.experts.0.fc1.weight"
       if soft
       else hard0
   )
@@ -193,7 +195,7 @@ def model_config(
       mlp_dim=int(sd[first].shape[0]),
       num_soft_layers=len(soft),
       num_experts=(
-          int(sd[_L.format(i=soft[0]) + _MOE + "gate.wg.weight"].shape[0])
+          int(sd[LAYER.format(i=soft[0]) + MOE + "gate.wg.weight"].shape[0])
           if soft
           else VARIANTS[variant]["num_experts"]
       ),
@@ -209,9 +211,9 @@ def model_config(
       vqa_head_eps=1e-5,
       image_size=grid * patch,
       patch_size=patch,
-      vocab_size=int(sd[_B + "word_embedding.weight"].shape[0]),
+      vocab_size=int(sd[BACKBONE + "word_embedding.weight"].shape[0]),
       max_text_len=40,
-      max_text_positions=int(sd[_B + "pos_embed_text"].shape[0]),
+      max_text_positions=int(sd[BACKBONE + "pos_embed_text"].shape[0]),
   )
 
 
@@ -248,33 +250,33 @@ def from_released(
   backbone = {
       "image_embed": {
           "patch_kernel": layout.patch_kernel(
-              src.take(_B + "patch_embed.weight", (d, 3, p, p))
+              src.take(BACKBONE + "patch_embed.weight", (d, 3, p, p))
           ),
-          "patch_bias": src.take(_B + "patch_embed.bias", (d,)),
-          "cls_token": src.take(_B + "class_embedding_vision", (d,)),
-          "pos_embed": src.take(_B + "pos_embed_vision", (1 + n, d)),
+          "patch_bias": src.take(BACKBONE + "patch_embed.bias", (d,)),
+          "cls_token": src.take(BACKBONE + "class_embedding_vision", (d,)),
+          "pos_embed": src.take(BACKBONE + "pos_embed_vision", (1 + n, d)),
       },
       "text_embed": {
           "word_embed": src.take(
-              _B + "word_embedding.weight", (cfg["vocab_size"], d)
+              BACKBONE + "word_embedding.weight", (cfg["vocab_size"], d)
           ),
-          "norm": ln(_B + "layer_norm_text"),
+          "norm": ln(BACKBONE + "layer_norm_text"),
           "pos_embed": src.take(
-              _B + "pos_embed_text", (cfg["max_text_positions"], d)
+              BACKBONE + "pos_embed_text", (cfg["max_text_positions"], d)
           ),
       },
       "type_embed": np.stack(
           [
-              src.take(_B + "type_embed_vision", (d,)),
-              src.take(_B + "type_embed_text", (d,)),
+              src.take(BACKBONE + "type_embed_vision", (d,)),
+              src.take(BACKBONE + "type_embed_text", (d,)),
           ]
       ),
-      "pre_norm": ln(_B + "pre_layrnorm"),
-      "norm": ln(_B + "norm"),
+      "pre_norm": ln(BACKBONE + "pre_layrnorm"),
+      "norm": ln(BACKBONE + "norm"),
   }
   blocks = {}
   for i in range(cfg["depth"]):
-    b = _L.format(i=i)
+    b = LAYER.format(i=i)
     qkv = src.take(b + "attn.qkv.weight", (3 * d, d))
     block = {
         "norm1": ln(b + "norm1"),
@@ -291,7 +293,7 @@ def from_released(
         "gamma_2": src.take(b + "gamma_2", (d,)),
     }
     if i >= cfg["depth"] - cfg["num_soft_layers"]:
-      m = b + _MOE
+      m = b + MOE
       block["norm2"] = ln(b + "norm2_vl")
       block["ffn"] = layout.soft_ffn(
           src.take(m + "gate.wg.weight", (e, d)),
@@ -421,84 +423,3 @@ def _biattn_from(src: Source, linear, d: int, heads: int) -> dict:
     w, b = linear(key, *shape)
     out[name] = {"kernel": layout.linear_in(w), "bias": b}
   return out
-
-
-def to_released(params: dict, cfg: dict[str, Any]) -> dict[str, np.ndarray]:
-  """eve_jax params (as `from_released` returns them) -> the released
-  state dict (the tensors it maps)."""
-  bb = params["backbone"]
-  sd = {}
-
-  def ln(key, p):
-    sd[key + ".weight"], sd[key + ".bias"] = p["scale"], p["bias"]
-
-  def lin(key, w, b=None):
-    sd[key + ".weight"] = w
-    if b is not None:
-      sd[key + ".bias"] = b
-
-  ie, te = bb["image_embed"], bb["text_embed"]
-  sd[_B + "patch_embed.weight"] = layout.patch_weight(ie["patch_kernel"])
-  sd[_B + "patch_embed.bias"] = ie["patch_bias"]
-  sd[_B + "class_embedding_vision"] = ie["cls_token"]
-  sd[_B + "pos_embed_vision"] = ie["pos_embed"]
-  sd[_B + "word_embedding.weight"] = te["word_embed"]
-  ln(_B + "layer_norm_text", te["norm"])
-  sd[_B + "pos_embed_text"] = te["pos_embed"]
-  sd[_B + "type_embed_vision"] = bb["type_embed"][0]
-  sd[_B + "type_embed_text"] = bb["type_embed"][1]
-  ln(_B + "pre_layrnorm", bb["pre_norm"])
-  ln(_B + "norm", bb["norm"])
-  for i in range(cfg["depth"]):
-    b, blk = _L.format(i=i), bb["blocks"][i]
-    q_w, k_w, v_w, q_b, v_b, o_w, o_b = layout.attention_torch(blk["attn"])
-    sd[b + "attn.qkv.weight"] = np.concatenate([q_w, k_w, v_w])
-    sd[b + "attn.q_bias"], sd[b + "attn.v_bias"] = q_b, v_b
-    lin(b + "attn.proj", o_w, o_b)
-    ln(b + "norm1", blk["norm1"])
-    sd[b + "gamma_1"], sd[b + "gamma_2"] = blk["gamma_1"], blk["gamma_2"]
-    ffn = blk["ffn"]
-    if i >= cfg["depth"] - cfg["num_soft_layers"]:
-      m = b + _MOE
-      ln(b + "norm2_vl", blk["norm2"])
-      sd[m + "gate.wg.weight"] = np.ascontiguousarray(ffn["kernel"].T)
-      sd[m + "vision_embed"] = ffn["modality_embed"][0]
-      sd[m + "text_embed"] = ffn["modality_embed"][1]
-      for j in range(ffn["wi"].shape[0]):
-        w1, b1, w2, b2 = layout.ffn_torch(ffn, j)
-        lin(f"{m}experts.experts.{j}.fc1", w1, b1)
-        lin(f"{m}experts.experts.{j}.fc2", w2, b2)
-    else:
-      for j, s in enumerate(("imag", "text")):
-        sd[b + f"norm2_{s}.weight"] = ffn["norm_scale"][j]
-        sd[b + f"norm2_{s}.bias"] = ffn["norm_bias"][j]
-        w1, b1, w2, b2 = layout.ffn_torch(ffn, j)
-        lin(b + f"mlp_{s}.fc1", w1, b1)
-        lin(b + f"mlp_{s}.fc2", w2, b2)
-  if "vqa_head" in params:
-    v = params["vqa_head"]
-    lin("output.0", layout.linear_in(v["fc1"]["kernel"]), v["fc1"]["bias"])
-    ln("output.1", v["norm"])
-    lin("output.3", layout.linear_in(v["fc2"]["kernel"]), v["fc2"]["bias"])
-  if "biattn" in params:
-    ba = params["biattn"]
-    for name in ("attn1", "attn2"):
-      q_w, k_w, v_w, q_b, v_b, o_w, o_b = layout.attention_torch(ba[name])
-      sd[name + ".in_proj_weight"] = np.concatenate([q_w, k_w, v_w])
-      sd[name + ".in_proj_bias"] = np.concatenate(
-          [q_b, np.zeros_like(q_b), v_b]
-      )  # the k bias it dropped
-      lin(name + ".out_proj", o_w, o_b)
-    for name, key in (
-        ("fc", "fc.0"),
-        ("pool", "attn_pool.fc.0"),
-        ("output", "nlvr2_output"),
-    ):
-      lin(key, layout.linear_in(ba[name]["kernel"]), ba[name]["bias"])
-  if "matching" in params:
-    mt = params["matching"]
-    lin("itc_vision_proj_head", layout.linear_in(mt["image_proj"]["kernel"]))
-    lin("itc_text_proj_head", layout.linear_in(mt["text_proj"]["kernel"]))
-    sd["itc_temp"] = mt["temp"]
-    lin("itm_head", layout.linear_in(mt["itm"]["kernel"]), mt["itm"]["bias"])
-  return sd

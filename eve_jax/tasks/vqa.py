@@ -39,7 +39,7 @@ from eve_jax.data import downstream, downstream_vqa, finetune_data, specs
 from eve_jax.data.errors import DataError
 from eve_jax.finetune import FineTuning
 from eve_jax.model.task_models import VQAModel
-from eve_jax.tasks import metrics as M
+from eve_jax.tasks import vqa_metric as V
 from eve_jax.model.passes import moe_metrics, sum_moe_stats
 
 ANSWERS_FILE = "answers.json"
@@ -54,7 +54,7 @@ def write_answers(workdir: str, vocab) -> None:
 
 
 def accuracy_per_answer_type(
-    predictions, examples, rule: str = M.DEFAULT_VQA_RULE
+    predictions, examples, rule: str = V.DEFAULT_VQA_RULE
 ) -> dict[str, float]:
   """{"vqa_acc_yes_no": .., "vqa_acc_number": .., "vqa_acc_other": ..}:
   the official evaluation's per-answer-type accuracy (by `rule`), over the
@@ -79,7 +79,7 @@ def accuracy_per_answer_type(
     )
 
   out = {
-      key(t): M.mean_vqa_accuracy(p, g, rule=rule)
+      key(t): V.mean_vqa_accuracy(p, g, rule=rule)
       for t, (p, g) in sorted(by_type.items())
   }
   if len(out) != len(by_type):  # an escaped key equal to a plain one
@@ -91,7 +91,7 @@ def accuracy_per_answer_type(
 
 
 def _majority(answers) -> str:
-  counts = collections.Counter(M.normalize_answer(a) for a in answers)
+  counts = collections.Counter(V.normalize_answer(a) for a in answers)
   return max(counts.items(), key=lambda kv: (kv[1], -len(kv[0]), kv[0]))[0]
 
 
@@ -117,7 +117,7 @@ class VQATask(FineTuning):
     self.eval_examples = self._load(d.eval_split, True) if d.eval_split else []
     self.test_split = d.test_split
     self.test_examples = self._load(d.test_split, False) if d.test_split else []
-    self.vocab = M.build_answer_vocab(
+    self.vocab = V.build_answer_vocab(
         [[_majority(ex.answers)] for ex in self.train_examples],
         min_count=config.vqa.min_answer_count,
     )
@@ -127,13 +127,13 @@ class VQATask(FineTuning):
           f"{config.vqa.min_answer_count}+ training questions "
           f"in {self.dir}"
       )
-    self.answer_index = M.answer_index(self.vocab)
+    self.answer_index = V.answer_index(self.vocab)
     self.num_train = len(self.train_examples)
-    self.metric_rule = config.vqa.get("metric", M.DEFAULT_VQA_RULE)
-    if self.metric_rule not in M.VQA_RULES:
+    self.metric_rule = config.vqa.get("metric", V.DEFAULT_VQA_RULE)
+    if self.metric_rule not in V.VQA_RULES:
       raise ValueError(
           f"vqa.metric={self.metric_rule!r}: expected one of "
-          f"{M.VQA_RULES} (the official script of 2021 or "
+          f"{V.VQA_RULES} (the official script of 2021 or "
           "2016)"
       )
 
@@ -186,7 +186,7 @@ class VQATask(FineTuning):
 
   def encode_train(self, ex) -> dict[str, np.ndarray]:
     out = self._inputs(ex)
-    out["target"] = M.soft_target_vector(
+    out["target"] = V.soft_target_vector(
         ex.answers, self.answer_index, len(self.vocab)
     )
     return out
@@ -220,7 +220,7 @@ class VQATask(FineTuning):
     if self.eval_examples:
       pred = run_eval(self.eval_examples, self.encode_eval, self.predict)
       answers = [self.vocab[int(i)] for i in pred]
-      out["vqa_acc"] = M.mean_vqa_accuracy(
+      out["vqa_acc"] = V.mean_vqa_accuracy(
           answers,
           [ex.answers for ex in self.eval_examples],
           rule=self.metric_rule,
