@@ -66,7 +66,6 @@ class FineTuning:
   """
 
   name = "finetune"
-  finetunes = True
 
   # -- what each task provides (see the module docstring) -------------------
 

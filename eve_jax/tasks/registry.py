@@ -40,8 +40,3 @@ def get(name: str):
         f"({str(e).splitlines()[0]})"
     ) from None
   return cls
-
-
-def is_finetuning(name: str) -> bool:
-  """Whether `name` starts from a pretrained model (`config.init_from`)."""
-  return bool(getattr(get(name), "finetunes", False))
