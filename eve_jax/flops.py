@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from eve_jax.model.variants import ModelConfig
 
-OBJECTIVES = ("mlm", "mim", "itc", "itm")
+OBJECTIVES = ("mlm", "mim", "joint", "itc", "itm")
 
 
 def mm(m: int, k: int, n: int) -> float:
@@ -46,7 +46,7 @@ def encoder(cfg: ModelConfig, image_len: int, text_len: int) -> float:
     total += attention(length, d)
     if cfg.soft_layer(i) and cfg.soft_ffn == "moe":
       total += moe_layer(cfg, length)
-    else:  # hard router (one FFN per token) or the dense comparison model
+    else:  # shared / hard FFN (one per token) or the dense comparison model
       hidden = f * cfg.top_k if cfg.soft_layer(i) else f
       total += mm(length, d, hidden) + mm(length, hidden, d)
   return total
@@ -77,7 +77,8 @@ def train_flops_per_sample(
   Args:
     cfg: the model.
     objectives: any of mlm (full image + masked text, MLM head on every text
-      position), mim (visible patches + text, pixel decoder), itc (image-only
+      position), mim (visible patches + text, pixel decoder), joint (both
+      in one pass over visible patches + masked text), itc (image-only
       and text-only passes, projections, B x B similarities), itm (three
       fused passes: the pair, a hard-negative image, a hard-negative text).
     image_mask_ratio: MIM's masked fraction of patches.
@@ -99,6 +100,13 @@ def train_flops_per_sample(
     visible = cfg.num_patches - int(image_mask_ratio * cfg.num_patches + 0.5)
     out["mim"] = (
         3 * (encoder(cfg, 1 + visible, lt) + mim_decoder(cfg, visible)) + embed
+    )
+  if "joint" in objectives:  # one pass: visible patches + masked text
+    visible = cfg.num_patches - int(image_mask_ratio * cfg.num_patches + 0.5)
+    head = mm(lt, d, d) + mm(lt, d, cfg.vocab_size)
+    out["joint"] = (
+        3 * (encoder(cfg, 1 + visible, lt) + head + mim_decoder(cfg, visible))
+        + embed
     )
   if "itc" in objectives:
     unimodal = encoder(cfg, li, 0) + encoder(cfg, 0, lt)

@@ -279,9 +279,13 @@ def evaluate(
   return dict(
       eval_metrics(total),
       **routing.metrics(
+          total["expert_counts"], model_cfg.top_k, list(model_cfg.moe_layers)
+      ),
+      **routing.health(
           total["expert_counts"],
+          total["router_entropy"],
           model_cfg.top_k,
-          routing.soft_layers(model_cfg.depth, total["expert_counts"].shape[0]),
+          list(model_cfg.moe_layers),
       ),
   )
 

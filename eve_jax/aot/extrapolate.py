@@ -95,6 +95,11 @@ def compile_extrapolated(config, target, depths: str, **kw) -> dict:
   """compile.compile_one at the two depths of `depths`, then `combine`."""
   from eve_jax.aot import step  # pylint: disable=g-import-not-at-top
 
+  if config.model.get("ffn_plan"):
+    raise ValueError(
+        "--depth extrapolates EVE's layout (soft blocks on top); it does not "
+        f"take model.ffn_plan={config.model.ffn_plan!r}: compile full depth"
+    )
   d, soft = int(config.model.depth), int(config.model.num_soft_layers)
   a, b = parse_depths(depths, d, soft)
   reports = []

@@ -3,8 +3,10 @@
 Input = [image tokens ; text tokens] with an explicit modality-id array
 (0 image, 1 text) carried alongside, never inferred from a position count:
 the MIM pass has 1 + N/4 image tokens, the MLM pass 1 + N.
-Blocks below the top `num_soft_layers` use the hard router (one FFN per
-modality), the top ones the soft-router MoE.
+Each block's FFN is what `ModelConfig.ffn_kinds` says: by default the hard
+router (one FFN per modality) below the top `num_soft_layers` blocks and
+the soft-router MoE in them; `model.ffn_plan` places shared (one FFN for
+both modalities), hard and soft FFNs anywhere.
 
 Legend: B batch, Li image tokens (CLS + patches), Lt text tokens,
 L = Li + Lt, D width.
@@ -32,8 +34,12 @@ _LAYERS = {nnx.PARTITION_NAME: "layers"}
 
 
 def num_scanned(cfg: ModelConfig) -> int:
-  """How many bottom blocks `scan_layers` stacks: the hard-router ones."""
-  return cfg.depth - cfg.num_soft_layers if cfg.scan_layers else 0
+  """How many bottom blocks `scan_layers` stacks: the hard-router ones
+  below the first block of another kind."""
+  if not cfg.scan_layers:
+    return 0
+  kinds = cfg.ffn_kinds
+  return next((i for i, k in enumerate(kinds) if k != "hard"), len(kinds))
 
 
 def _stack(blocks: list[Block]) -> Block:
@@ -82,21 +88,17 @@ class EVE(nnx.Module):
         cfg.drop_path * i / max(cfg.depth - 1, 1) for i in range(cfg.depth)
     )
 
-    def dense_soft(i):  # the benchmark's same-active-FLOPs dense model
-      return cfg.soft_layer(i) and cfg.soft_ffn == "dense"
-
     def block(i, rngs, rate):
+      kind = cfg.ffn_kinds[i]
+      hidden = cfg.mlp_dim
+      if kind == "soft" and cfg.soft_ffn == "dense":
+        # The benchmark's comparison model: same active FLOPs, no experts.
+        kind, hidden = "dense", cfg.top_k * cfg.mlp_dim
       return Block(
           cfg.width,
           cfg.heads,
-          cfg.top_k * cfg.mlp_dim if dense_soft(i) else cfg.mlp_dim,
-          ffn=(
-              "dense"
-              if dense_soft(i)
-              else "soft"
-              if cfg.soft_layer(i)
-              else "hard"
-          ),
+          hidden,
+          ffn="dense" if kind == "shared" else kind,
           layer_scale_init=cfg.layer_scale_init,
           drop_path_rate=rate,
           activation=cfg.activation,

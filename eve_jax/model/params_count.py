@@ -33,10 +33,10 @@ def count_params(params: Any, cfg: ModelConfig) -> dict[str, int]:
   backbone = _size(params["backbone"])
   d, f = cfg.width, cfg.mlp_dim
   ffn = d * f + f + f * d + d  # wi, bi, wo, bo
-  hard_layers = cfg.depth - cfg.num_soft_layers
+  kinds = cfg.ffn_kinds
   inactive = (
-      hard_layers * (NUM_MODALITIES - 1) * (ffn + 2 * d)  # + its LN
-      + cfg.num_soft_layers * (cfg.num_experts - cfg.top_k) * ffn
+      kinds.count("hard") * (NUM_MODALITIES - 1) * (ffn + 2 * d)  # + its LN
+      + kinds.count("soft") * (cfg.num_experts - cfg.top_k) * ffn
   )
   return dict(
       total=total, backbone=backbone, backbone_per_token=backbone - inactive

@@ -7,6 +7,8 @@ inference, pictures and predictions run them as they are.
 
   mlm_pass  full image + masked text -> word logits
   mim_pass  visible patches + full text -> pixels of every patch
+  joint_pass visible patches + masked text -> word logits and pixels (the
+            paper's Table 5 row that masks both modalities at once)
   itc_pass  image-only and text-only passes -> similarities
   itm_pass  the pair and two hard negatives, fused -> match logits
 
@@ -24,20 +26,22 @@ from eve_jax.model.moe import MoEStats
 
 
 def sum_moe_stats(stats: list[MoEStats]) -> dict[str, jax.Array]:
-  """One pass's soft-router stats: scalars summed over its layers, and
-  `expert_counts` [S, M, E] per layer (eve_jax/viz/routing.py; unused
-  outputs cost nothing under jit)."""
+  """One pass's soft-router stats: scalars summed over its layers, and per
+  layer `expert_counts` [S, M, E] and `router_entropy` [S, M] (summed over
+  tokens; eve_jax/viz/routing.py; unused outputs cost nothing under jit)."""
   zero = jnp.zeros((), jnp.float32)
-  counts = (
-      jnp.stack([s.expert_counts for s in stats])
-      if stats
-      else jnp.zeros((0, 2, 0), jnp.float32)
-  )
+  if stats:
+    counts = jnp.stack([s.expert_counts for s in stats])
+    entropy = jnp.stack([s.router_entropy for s in stats])
+  else:
+    counts = jnp.zeros((0, 2, 0), jnp.float32)
+    entropy = jnp.zeros((0, 2), jnp.float32)
   return dict(
       aux_loss=sum((s.aux_loss for s in stats), zero),
       dropped=sum((s.dropped for s in stats), zero),
       routed=sum((s.routed for s in stats), zero),
       expert_counts=counts,
+      router_entropy=entropy,
   )
 
 
@@ -76,6 +80,28 @@ def mim_pass(
   with jax.named_scope("mim_decoder"):
     pred = model.mim_decoder(states[:, : vis.shape[1]], keep_idx)
   return pred, sum_moe_stats(stats)
+
+
+def joint_pass(
+    model: EVEPretrainModel,
+    images: jax.Array,
+    text_in: jax.Array,
+    text_valid: jax.Array,
+    keep_idx: jax.Array,
+    rng: jax.Array | None,
+) -> tuple[jax.Array, jax.Array, dict[str, jax.Array]]:
+  """Visible patches + masked text in one pass -> ([B, L, V] float32 word
+  logits, [B, N, Q] float32 pixels, MoE stats)."""
+  bb = model.backbone
+  img = bb.embed_image(images)
+  patches = jnp.take_along_axis(img[:, 1:], keep_idx[..., None], axis=1)
+  vis = jnp.concatenate([img[:, :1], patches], axis=1)
+  states, stats = bb.encode(vis, bb.embed_text(text_in), text_valid, rng=rng)
+  with jax.named_scope("mlm_head"):
+    logits = model.mlm_head(states[:, vis.shape[1] :])
+  with jax.named_scope("mim_decoder"):
+    pred = model.mim_decoder(states[:, : vis.shape[1]], keep_idx)
+  return logits, pred, sum_moe_stats(stats)
 
 
 def itc_pass(

@@ -199,12 +199,16 @@ class MoEStats:
     routed: float32 scalar, valid (token, choice) assignments (K * tokens).
     expert_counts: [M, E] float32, top-K choices (kept and dropped) of each
       modality's valid tokens per expert.
+    router_entropy: [M] float32, the entropy (nats) of each valid token's
+      router distribution, summed per modality (a confident router: 0;
+      uniform over E experts: log E per token).
   """
 
   aux_loss: jax.Array
   dropped: jax.Array
   routed: jax.Array
   expert_counts: jax.Array
+  router_entropy: jax.Array
 
 
 class Router(Protocol):
@@ -383,6 +387,13 @@ def _stats(
   )
   mod = jax.nn.one_hot(modality, num_modalities, dtype=jnp.float32)
   counts = jnp.einsum("GSKE,GSM->ME", chosen, mod)
+  p = jax.lax.stop_gradient(d.probs)
+  token_entropy = -jnp.sum(p * jnp.log(jnp.maximum(p, 1e-30)), axis=-1)
+  entropy = jnp.einsum("GS,GSM->M", token_entropy * w, mod)
   return MoEStats(
-      aux_loss=aux, dropped=dropped, routed=routed, expert_counts=counts
+      aux_loss=aux,
+      dropped=dropped,
+      routed=routed,
+      expert_counts=counts,
+      router_entropy=entropy,
   )

@@ -86,6 +86,12 @@ class ModelConfig:
   heads: int = 4
   mlp_dim: int = 512
   num_soft_layers: int = 2  # soft-router MoE in the top N blocks
+  # Each block's FFN, bottom to top, comma-separated: "shared" (one FFN for
+  # both modalities), "hard" (one FFN per modality: the hard router) or
+  # "soft" (the soft-router MoE); "kind*n" repeats, e.g. "hard*10,soft*2".
+  # "" is EVE's: hard, with soft in the top `num_soft_layers` blocks.
+  # (The paper's Tables 7, 12 and 13; `ffn_kinds` reads it.)
+  ffn_plan: str = ""
   num_experts: int = 4
   top_k: int = 2
   capacity_factor: float = 1.25
@@ -178,9 +184,28 @@ class ModelConfig:
         activation=self.activation,
     )
 
+  @property
+  def ffn_kinds(self) -> tuple[str, ...]:
+    """[depth] each block's FFN: "shared", "hard" or "soft" (`ffn_plan`)."""
+    if not self.ffn_plan:
+      n_hard = self.depth - self.num_soft_layers
+      return ("hard",) * n_hard + ("soft",) * self.num_soft_layers
+    return parse_ffn_plan(self.ffn_plan)
+
+  @property
+  def soft_layers(self) -> tuple[int, ...]:
+    """0-based indices of the soft-router blocks, ascending."""
+    return tuple(i for i, k in enumerate(self.ffn_kinds) if k == "soft")
+
+  @property
+  def moe_layers(self) -> tuple[int, ...]:
+    """The soft blocks that run the MoE (none when `soft_ffn` is "dense"):
+    the layers whose routing numbers an evaluation reports."""
+    return self.soft_layers if self.soft_ffn == "moe" else ()
+
   def soft_layer(self, i: int) -> bool:
     """Whether block i (0-based) has the soft-router MoE."""
-    return i >= self.depth - self.num_soft_layers
+    return self.ffn_kinds[i] == "soft"
 
   @classmethod
   def from_config(
@@ -208,6 +233,17 @@ class ModelConfig:
       )
     kw = dict(VARIANTS[variant])
     kw.update({k: v for k, v in d.items() if v is not None})
+    if kw.get("ffn_plan"):
+      # A plan says where the soft blocks are; num_soft_layers follows it
+      # unless it was set to something else on purpose.
+      n_soft = parse_ffn_plan(kw["ffn_plan"]).count("soft")
+      given = kw.get("num_soft_layers", n_soft)
+      if given not in (n_soft, VARIANTS[variant]["num_soft_layers"]):
+        raise ValueError(
+            f"model.ffn_plan={kw['ffn_plan']!r} has {n_soft} soft blocks "
+            f"but model.num_soft_layers={given}; set only ffn_plan"
+        )
+      kw["num_soft_layers"] = n_soft
     if vocab_size is not None:
       kw["vocab_size"] = vocab_size
     cfg = cls(**kw)
@@ -230,6 +266,18 @@ class ModelConfig:
           f"model.image_size={self.image_size} is not a multiple "
           f"of model.patch_size={self.patch_size}"
       )
+    if self.ffn_plan:
+      kinds = parse_ffn_plan(self.ffn_plan)
+      if len(kinds) != self.depth:
+        raise ValueError(
+            f"model.ffn_plan={self.ffn_plan!r} names {len(kinds)} blocks; "
+            f"model.depth={self.depth}"
+        )
+      if kinds.count("soft") != self.num_soft_layers:
+        raise ValueError(
+            f"model.ffn_plan={self.ffn_plan!r} has {kinds.count('soft')} "
+            f"soft blocks but model.num_soft_layers={self.num_soft_layers}"
+        )
     if not 0 <= self.num_soft_layers <= self.depth:
       raise ValueError(
           f"model.num_soft_layers={self.num_soft_layers} not in "
@@ -278,3 +326,26 @@ class ModelConfig:
       raise ValueError(
           f"model.dtype={self.dtype!r} is not 'float32' or " "'bfloat16'"
       )
+
+
+FFN_KINDS = ("shared", "hard", "soft")
+
+
+def parse_ffn_plan(plan: str) -> tuple[str, ...]:
+  """ "hard*2,soft,shared" -> ("hard", "hard", "soft", "shared").
+
+  Raises ValueError (one line) for an unknown kind or a bad repeat count.
+  """
+  kinds = []
+  for part in plan.replace(" ", "").split(","):
+    kind, star, count = part.partition("*")
+    if kind not in FFN_KINDS:
+      raise ValueError(
+          f"model.ffn_plan={plan!r}: {kind!r} is not one of {list(FFN_KINDS)}"
+      )
+    if star and not (count.isdigit() and int(count) > 0):
+      raise ValueError(
+          f"model.ffn_plan={plan!r}: {part!r} needs a positive count"
+      )
+    kinds += [kind] * (int(count) if star else 1)
+  return tuple(kinds)

@@ -11,6 +11,10 @@ Two forward passes per batch (paper, eqs. 8-10):
        pixels; MSE on masked patches only.
   L = L_mlm + L_mim + sum of the MoE aux losses (already times alpha).
 
+"joint" (the paper's Table 5, †) replaces the two passes by one: visible
+patches + masked text, both heads on its states (set both mask ratios to
+0.5 for the paper's row).
+
 The objectives the paper compares against in Table 1 are here too, as real
 losses (`PretrainTask.objectives`, e.g. ("mlm", "itc", "itm")):
   ITC: an image-only and a text-only pass, CLS projections, symmetric
@@ -35,6 +39,7 @@ from eve_jax.model.heads import EVEPretrainModel
 from eve_jax.model.passes import (
     itc_pass,
     itm_pass,
+    joint_pass,
     mim_pass,
     mlm_pass,
     moe_metrics,
@@ -161,11 +166,16 @@ class PretrainTask:
   objectives: tuple[str, ...] = ("mlm", "mim")
 
   def __post_init__(self):
-    unknown = set(self.objectives) - {"mlm", "mim", "itc", "itm"}
+    unknown = set(self.objectives) - {"mlm", "mim", "joint", "itc", "itm"}
     if unknown or not self.objectives:
       raise ValueError(
           f"objectives {list(self.objectives)}: expected a "
-          "non-empty subset of mlm, mim, itc, itm"
+          "non-empty subset of mlm, mim, joint, itc, itm"
+      )
+    if "joint" in self.objectives and {"mlm", "mim"} & set(self.objectives):
+      raise ValueError(
+          "objective joint is MLM and MIM in one pass with both "
+          "modalities masked: it replaces mlm and mim, not adds to them"
       )
     if "itm" in self.objectives and "itc" not in self.objectives:
       raise ValueError(
@@ -231,6 +241,18 @@ class PretrainTask:
       stats.append(s)
     if "mim" in self.objectives:
       pred, s = mim_pass(model, images, text, valid, keep_idx, drop(r_mim))
+      target = patch_targets(images, cfg.patch_size, self.masking.norm_pix_loss)
+      metrics["mim_loss"] = masked_mean(
+          mim_patch_errors(pred, target), patch_mask
+      )
+      stats.append(s)
+    if "joint" in self.objectives:
+      logits, pred, s = joint_pass(
+          model, images, text_in, valid, keep_idx, drop(r_mlm)
+      )
+      metrics["mlm_loss"], metrics["mlm_acc"] = mlm_loss_and_acc(
+          logits, text, text_mask
+      )
       target = patch_targets(images, cfg.patch_size, self.masking.norm_pix_loss)
       metrics["mim_loss"] = masked_mean(
           mim_patch_errors(pred, target), patch_mask
@@ -324,6 +346,7 @@ def eval_sums(
       routed=stats["routed"] + s_mim["routed"],
       # Figure 6's numbers: the MLM pass sees every image token.
       expert_counts=stats["expert_counts"],
+      router_entropy=stats["router_entropy"],
   )
 
 

@@ -14,6 +14,20 @@ whether or not the expert had room (capacity drops are reported apart, as
 `dropped_token_frac`). The numbers come from the evaluation's MLM pass
 (the full image and the text with its masked words).
 
+Routing health (`health`), per soft-router layer i, both modalities
+together:
+
+  routing/layer{i}/load/expert{e}: expert e's share of the layer's top-k
+    choices over the ideal share 1/E (1 = its fair share; E / top_k when
+    every token chose it);
+  routing/layer{i}/load_max: the largest of those;
+  routing/layer{i}/dead_frac: the share of experts no token chose;
+  routing/layer{i}/load_entropy: entropy of the choices over experts over
+    log E (1 balanced, 0 all to one expert);
+  routing/layer{i}/router_entropy: mean entropy (nats) of a token's router
+    distribution (log E: undecided; 0: certain), and per modality as
+    routing/layer{i}/{image,text}/router_entropy.
+
 Legend: S soft-router layers, M modalities (0 image, 1 text), E experts.
 """
 
@@ -60,6 +74,53 @@ def metrics(
       for m in range(fr.shape[1])
       for e in range(fr.shape[2])
   }
+
+
+def health(
+    expert_counts: np.ndarray,
+    router_entropy: np.ndarray,
+    top_k: int,
+    layers: list[int],
+) -> dict[str, float]:
+  """The routing-health keys above.
+
+  Args:
+    expert_counts: [S, M, E] top-k choices per modality and expert, summed
+      over an evaluation.
+    router_entropy: [S, M] summed per-token router entropies (nats).
+    top_k: choices per token.
+    layers: the S soft-router blocks' indices.
+  """
+  counts = np.asarray(expert_counts, np.float64)
+  entropy = np.asarray(router_entropy, np.float64)
+  if counts.shape[0] != len(layers) or entropy.shape[0] != len(layers):
+    raise ValueError(
+        f"{counts.shape[0]} routing count rows for soft layers {layers}"
+    )
+  out = {}
+  for s, layer in enumerate(layers):
+    key = f"routing/layer{layer}"
+    per_expert = counts[s].sum(0)  # [E] choices
+    n_exp, total = per_expert.shape[0], per_expert.sum()
+    share = per_expert / total if total > 0 else np.zeros(n_exp)
+    load = share * n_exp
+    for e in range(n_exp):
+      out[f"{key}/load/expert{e}"] = float(load[e])
+    out[f"{key}/load_max"] = float(load.max()) if n_exp else 0.0
+    out[f"{key}/dead_frac"] = float(np.mean(per_expert == 0)) if n_exp else 0.0
+    nz = share[share > 0]
+    out[f"{key}/load_entropy"] = (
+        float(-(nz * np.log(nz)).sum() / np.log(n_exp)) if n_exp > 1 else 0.0
+    )
+    tokens = counts[s].sum(-1) / top_k  # [M]
+    out[f"{key}/router_entropy"] = float(
+        entropy[s].sum() / max(tokens.sum(), 1.0)
+    )
+    for m, name in enumerate(MODALITIES):
+      out[f"{key}/{name}/router_entropy"] = float(
+          entropy[s, m] / max(tokens[m], 1.0)
+      )
+  return out
 
 
 def from_metrics(values: Mapping[str, float]) -> dict[int, np.ndarray]:

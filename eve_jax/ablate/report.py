@@ -1,0 +1,201 @@
+"""A table's results as markdown and JSON, beside the paper's numbers.
+
+Each row: the mean and standard deviation (over seeds, n - 1) of each
+column in percent, its CPU time, the routing health of its pretraining
+(mean over soft-router layers). Each claim (row A beats row B, the paper's
+ordering by the mean of its five columns, or its stated direction for a
+figure) is judged on the same mean here: "reproduced" when A - B exceeds
+the standard error of the difference, "opposite" when B - A does, "within
+noise" otherwise (one seed: no error, so only the sign counts, marked).
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import math
+import os
+
+import numpy as np
+
+from eve_jax.ablate.tables import COLUMNS, Table
+
+_HEADERS = ("NLVR2 dev", "NLVR2 test-P", "TR@1", "IR@1", "VQA")
+_HEALTH = ("dead_frac", "load_max", "load_entropy", "router_entropy")
+
+
+def _score(numbers: dict) -> float | None:
+  """Mean of the five COLUMNS in percent; None when one is missing."""
+  vals = [numbers.get(name) for name, _, _ in COLUMNS]
+  if any(v is None for v in vals):
+    return None
+  return 100.0 * float(np.mean(vals))
+
+
+def summarize(results: list[dict]) -> dict:
+  """Seeds of one row -> means, stds (percent), score, CPU, routing."""
+  if not results:
+    return {}
+  out = dict(seeds=sorted(r["seed"] for r in results))
+  for name in [c[0] for c in COLUMNS] + ["r_mean", "mlm_acc", "mim_loss"]:
+    vals = [r["numbers"].get(name) for r in results]
+    vals = [v for v in vals if v is not None]
+    scale = 1.0 if name == "mim_loss" else 100.0
+    out[name] = scale * float(np.mean(vals)) if vals else None
+    out[name + "_std"] = (
+        scale * float(np.std(vals, ddof=1)) if len(vals) > 1 else None
+    )
+  scores = [_score(r["numbers"]) for r in results]
+  scores = [s for s in scores if s is not None]
+  out["score"] = float(np.mean(scores)) if scores else None
+  out["score_std"] = float(np.std(scores, ddof=1)) if len(scores) > 1 else None
+  out["n"] = len(scores)
+  out["cpu_min"] = float(np.mean([r["cpu_s"] for r in results])) / 60
+  out["wall_min"] = float(np.mean([r["wall_s"] for r in results])) / 60
+  for h in _HEALTH:
+    vals = [
+        v
+        for r in results
+        for k, v in r.get("routing", {}).items()
+        if k.endswith("/" + h) and k.count("/") == 2
+    ]
+    out["routing_" + h] = float(np.mean(vals)) if vals else None
+  return out
+
+
+def judge(a: dict, b: dict) -> tuple[str, float | None]:
+  """Whether row a beats row b here: (verdict, a - b in points)."""
+  if not a or not b or a.get("score") is None or b.get("score") is None:
+    return "not run", None
+  delta = a["score"] - b["score"]
+  if a.get("score_std") is None or b.get("score_std") is None:
+    return ("same sign, 1 seed" if delta > 0 else "opposite, 1 seed"), delta
+  se = math.sqrt(a["score_std"] ** 2 / a["n"] + b["score_std"] ** 2 / b["n"])
+  if delta > se:
+    return "reproduced", delta
+  if delta < -se:
+    return "opposite", delta
+  return "within noise", delta
+
+
+def build(table: Table, results: dict[str, list[dict]]) -> dict:
+  """The table's JSON: rows (summaries + paper numbers) and claims."""
+  rows = []
+  for row in table.rows:
+    s = summarize(results.get(row.name, []))
+    paper_mean = sum(row.paper) / len(row.paper) if row.paper else None
+    rows.append(
+        dict(
+            name=row.name,
+            key=row.key,
+            overrides=[list(kv) for kv in row.overrides],
+            paper=list(row.paper) if row.paper else None,
+            paper_mean=paper_mean,
+            **s,
+        )
+    )
+  by_name = {r["name"]: r for r in rows}
+  claims = []
+  for better, worse in table.all_claims():
+    verdict, delta = judge(by_name[better], by_name[worse])
+    pa, pb = by_name[better]["paper_mean"], by_name[worse]["paper_mean"]
+    claims.append(
+        dict(
+            better=better,
+            worse=worse,
+            paper_delta=None if pa is None or pb is None else pa - pb,
+            delta=delta,
+            verdict=verdict,
+        )
+    )
+  return dict(table=table.number, title=table.title, rows=rows, claims=claims)
+
+
+def _fmt(mean, std) -> str:
+  if mean is None:
+    return "-"
+  return f"{mean:.1f}" if std is None else f"{mean:.1f} ± {std:.1f}"
+
+
+def _picture(workdir: str, key: str, seeds: list[int]) -> str | None:
+  """A routing chart (Figure 6) of the row's first seed, relative path."""
+  for seed in seeds:
+    pics = sorted(
+        glob.glob(
+            os.path.join(
+                workdir,
+                "runs",
+                key,
+                f"seed{seed}",
+                "pretrain",
+                "viz",
+                "routing_layer*.png",
+            )
+        )
+    )
+    if pics:
+      return os.path.relpath(pics[-1], workdir)
+  return None
+
+
+def markdown(report: dict, table: Table, workdir: str, command: str) -> str:
+  """The report as a markdown section."""
+  lines = [
+      f"## Table {table.number}: {table.title}",
+      "",
+      f"`{command}`",
+      "",
+      table.notes,
+      "",
+      "| row | seeds | " + " | ".join(_HEADERS) + " | mean | paper | "
+      "dead experts | load max | router entropy | CPU min |",
+      "|" + "---|" * (len(_HEADERS) + 8),
+  ]
+  for r in report["rows"]:
+    if not r.get("seeds"):
+      lines.append(f"| {r['name']} | 0 | not run |")
+      continue
+    cells = [_fmt(r.get(n), r.get(n + "_std")) for n, _, _ in COLUMNS]
+    paper = " / ".join(f"{v:.1f}" for v in r["paper"]) if r["paper"] else "-"
+    health = [
+        "-" if r.get("routing_" + h) is None else f"{r['routing_' + h]:.2f}"
+        for h in ("dead_frac", "load_max", "router_entropy")
+    ]
+    lines.append(
+        f"| {r['name']} | {len(r['seeds'])} | "
+        + " | ".join(cells)
+        + f" | {_fmt(r.get('score'), r.get('score_std'))} | {paper} | "
+        + " | ".join(health)
+        + f" | {r['cpu_min']:.1f} |"
+    )
+  lines += [
+      "",
+      "| claim (paper: first beats second) | paper Δ | here Δ | verdict |",
+      "|---|---|---|---|",
+  ]
+  for c in report["claims"]:
+    pd = "-" if c["paper_delta"] is None else f"{c['paper_delta']:+.2f}"
+    d = "-" if c["delta"] is None else f"{c['delta']:+.2f}"
+    lines.append(
+        f"| {c['better']} > {c['worse']} | {pd} | {d} | {c['verdict']} |"
+    )
+  pics = [
+      (r["name"], _picture(workdir, r["key"], r.get("seeds", [])))
+      for r in report["rows"]
+  ]
+  pics = [(n, p) for n, p in pics if p]
+  if pics:
+    lines += ["", "Routing of the last soft-router layer (Figure 6):", ""]
+    lines += [f"- {n}: `{p}`" for n, p in pics]
+  return "\n".join(lines) + "\n"
+
+
+def write(report: dict, table: Table, workdir: str, command: str) -> str:
+  """DIR/table<N>.json and .md; returns the markdown."""
+  md = markdown(report, table, workdir, command)
+  base = os.path.join(workdir, f"table{table.number}")
+  with open(base + ".json", "w") as f:
+    json.dump(report, f, indent=1)
+  with open(base + ".md", "w") as f:
+    f.write(md)
+  return md

@@ -1,0 +1,393 @@
+"""The ablation switches (FFN plan, joint masking, routing health) and the
+ablation runner (eve_jax/ablate)."""
+
+import json
+import math
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from eve_jax import flops
+from eve_jax.ablate import report, runner, schedule, tables
+from eve_jax.model import router
+from eve_jax.model.eve import EVE, num_scanned
+from eve_jax.model.heads import EVEPretrainModel
+from eve_jax.model.moe_config import MoEConfig
+from eve_jax.model.variants import ModelConfig, parse_ffn_plan
+from eve_jax.tasks.pretrain import MaskingConfig, PretrainTask
+from eve_jax.viz import routing
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _params(cfg: ModelConfig, cls=EVE) -> dict:
+  model = nnx.eval_shape(lambda: cls(cfg, rngs=nnx.Rngs(0)))
+  return nnx.to_pure_dict(nnx.state(model, nnx.Param))
+
+
+def _size(tree) -> int:
+  return sum(math.prod(x.shape) for x in jax.tree.leaves(tree))
+
+
+# ------------------------------------------------------------- FFN plan
+
+
+def test_an_all_shared_plan_is_a_plain_vit_stack_by_parameter_count():
+  """ffn_plan=shared*4: the blocks hold exactly the parameters of a
+  4-layer BEiT encoder of the same width (transformers' BeitModel, layer
+  scale on, no relative position bias): one FFN per block, no router."""
+  torch = pytest.importorskip("torch")
+  tf = pytest.importorskip("transformers")
+  cfg = ModelConfig.from_config(dict(variant="tiny", ffn_plan="shared*4"))
+  assert cfg.ffn_kinds == ("shared",) * 4 and cfg.num_soft_layers == 0
+  ours = _size(_params(cfg)["blocks"])
+  hf = tf.BeitModel(
+      tf.BeitConfig(
+          hidden_size=cfg.width,
+          num_hidden_layers=cfg.depth,
+          num_attention_heads=cfg.heads,
+          intermediate_size=cfg.mlp_dim,
+          image_size=cfg.image_size,
+          patch_size=cfg.patch_size,
+          use_relative_position_bias=False,
+          layer_scale_init_value=0.1,
+      ),
+      add_pooling_layer=False,
+  )
+  del torch
+  # transformers >= 5 keeps the blocks in `layers`, older ones in
+  # `encoder.layer`.
+  layers = hf.layers if hasattr(hf, "layers") else hf.encoder.layer
+  assert ours == sum(p.numel() for p in layers.parameters())
+
+
+def test_the_default_plan_written_out_builds_the_same_model():
+  """EVE's layout written as a plan: the same parameters, value for value,
+  and the same evaluation output."""
+  default = ModelConfig.from_config(dict(variant="tiny"))
+  planned = ModelConfig.from_config(
+      dict(variant="tiny", ffn_plan="hard*2,soft*2")
+  )
+  assert planned.ffn_kinds == default.ffn_kinds == ("hard",) * 2 + ("soft",) * 2
+  a = EVE(default, rngs=nnx.Rngs(0))
+  b = EVE(planned, rngs=nnx.Rngs(0))
+  sa, sb = nnx.to_pure_dict(nnx.state(a)), nnx.to_pure_dict(nnx.state(b))
+  jax.tree.map(np.testing.assert_array_equal, sa, sb)
+
+
+def test_a_plan_places_soft_routers_anywhere():
+  """Soft routers in blocks 1 and 3 (0-based): those blocks are MoEs, the
+  others hard; an encode reports stats for exactly those two; routing
+  keys name them; scan_layers stacks only the hard block below them."""
+  cfg = ModelConfig.from_config(
+      dict(variant="tiny", ffn_plan="hard,soft,shared,soft")
+  )
+  assert cfg.soft_layers == cfg.moe_layers == (1, 3)
+  model = EVE(cfg, rngs=nnx.Rngs(0))
+  kinds = [b.ffn_kind for b in model.blocks]
+  assert kinds == ["hard", "soft", "dense", "soft"]
+  img = model.embed_image(jnp.zeros((2, 64, 64, 3)))
+  txt = model.embed_text(jnp.ones((2, 5), jnp.int32))
+  _, stats = model.encode(img, txt, jnp.ones((2, 5), bool))
+  assert len(stats) == 2
+  counts = np.stack([np.asarray(s.expert_counts) for s in stats])
+  keys = routing.metrics(counts, cfg.top_k, list(cfg.soft_layers))
+  assert {k.split("/")[1] for k in keys} == {"layer1", "layer3"}
+  scanned = ModelConfig.from_config(
+      dict(variant="tiny", ffn_plan="hard,soft,hard,soft", scan_layers=True)
+  )
+  assert num_scanned(scanned) == 1
+
+
+@pytest.mark.parametrize(
+    "model, message",
+    [
+        (dict(ffn_plan="hard*3"), r"names 3 blocks; model.depth=4"),
+        (dict(ffn_plan="hard,dense,soft,soft"), r"'dense' is not one of"),
+        (dict(ffn_plan="hard*0,soft*4"), r"'hard\*0' needs a positive count"),
+        (
+            dict(ffn_plan="hard*2,soft*2", num_soft_layers=3),
+            r"has 2 soft blocks but model.num_soft_layers=3; set only",
+        ),
+    ],
+)
+def test_a_plan_that_contradicts_the_model_is_one_line(model, message):
+  with pytest.raises(ValueError, match=message):
+    ModelConfig.from_config(dict(variant="tiny", **model))
+
+
+def test_parse_ffn_plan():
+  assert parse_ffn_plan("soft, hard*2,shared") == (
+      "soft",
+      "hard",
+      "hard",
+      "shared",
+  )
+
+
+def test_an_all_hard_plan_has_no_soft_layers_and_no_routing_numbers():
+  cfg = ModelConfig.from_config(dict(variant="tiny", ffn_plan="hard*4"))
+  assert cfg.num_soft_layers == 0 and cfg.moe_layers == ()
+  params = _params(cfg)
+  for block in params["blocks"].values():  # one FFN per modality, no router
+    assert block["ffn"]["wi"].shape == (2, cfg.width, cfg.mlp_dim)
+    assert "kernel" not in block["ffn"]
+  assert routing.health(np.zeros((0, 2, 4)), np.zeros((0, 2)), 2, []) == {}
+
+
+# ----------------------------------------------------- joint masking
+
+
+def _pretrain_setup(objectives, image_ratio):
+  cfg = ModelConfig.from_config(dict(variant="tiny", vocab_size=32))
+  model = EVEPretrainModel(cfg, rngs=nnx.Rngs(0))
+  task = PretrainTask(
+      masking=MaskingConfig(image_mask_ratio=image_ratio),
+      mask_id=3,
+      cls_id=1,
+      vocab_size=32,
+      num_special=4,
+      objectives=objectives,
+  )
+  rng = np.random.default_rng(0)
+  text = rng.integers(4, 32, size=(4, 9)).astype(np.int32)
+  text[:, 0] = 1
+  batch = dict(
+      image=jnp.asarray(rng.normal(size=(4, 64, 64, 3)), jnp.float32),
+      text=jnp.asarray(text),
+      text_valid=jnp.ones((4, 9), bool),
+  )
+  return model, task, batch
+
+
+def test_joint_masking_with_no_image_masked_is_the_mlm_pass():
+  """The joint pass sees the visible patches and the masked text: with no
+  patch masked, its MLM numbers equal the MLM objective's (same masks,
+  same drop-path key), and its MIM loss has nothing to average."""
+  model, joint, batch = _pretrain_setup(("joint",), 0.0)
+  _, mlm, _ = _pretrain_setup(("mlm",), 0.0)
+  rng = jax.random.key(3)
+  _, mj = joint.loss(model, batch, rng)
+  _, mm = mlm.loss(model, batch, rng)
+  np.testing.assert_allclose(float(mj["mlm_loss"]), float(mm["mlm_loss"]))
+  assert float(mj["mlm_acc"]) == float(mm["mlm_acc"])
+  assert float(mj["mim_loss"]) == 0.0
+
+
+def test_joint_masking_masks_both_in_one_pass():
+  """At 50% / 50%: a MIM loss on half the patches and one pass's MoE
+  routing (the two-pass objective routes image tokens twice)."""
+  model, joint, batch = _pretrain_setup(("joint",), 0.5)
+  model2, both, _ = _pretrain_setup(("mlm", "mim"), 0.5)
+  _, mj = joint.loss(model, batch, jax.random.key(0), train=False)
+  _, mb = both.loss(model2, batch, jax.random.key(0), train=False)
+  assert float(mj["mim_loss"]) > 0 and float(mj["mlm_loss"]) > 0
+  # Different passes: the text the MIM decoder's encoder sees is masked.
+  assert float(mj["mim_loss"]) != float(mb["mim_loss"])
+
+
+def test_joint_does_not_mix_with_mlm_or_mim():
+  with pytest.raises(ValueError, match="replaces mlm and mim"):
+    _pretrain_setup(("joint", "mim"), 0.5)
+
+
+def test_joint_flops_are_one_pass_over_the_visible_patches():
+  cfg = ModelConfig.from_config(dict(variant="tiny"))
+  f = flops.train_flops_per_sample(cfg, ("joint", "mlm", "mim"), 0.5)
+  assert f["mim"] < f["joint"] < f["mlm"] + f["mim"]
+
+
+# ------------------------------------------------------ routing health
+
+
+def test_routing_health_by_hand():
+  """Layer 2: every token to expert 0 (top-1, E = 4): load 4 x ideal,
+  3 of 4 experts dead, load entropy 0. Layer 3: 8 choices spread evenly:
+  load 1 each, none dead, load entropy 1. Router entropies: summed nats
+  over tokens per modality, reported per token."""
+  counts = np.zeros((2, 2, 4))
+  counts[0, 0, 0], counts[0, 1, 0] = 6, 2  # 8 tokens, all to expert 0
+  counts[1] = [[1, 1, 1, 1], [1, 1, 1, 1]]
+  entropy = np.array([[0.0, 0.0], [4 * np.log(4), 4 * 0.5]])
+  h = routing.health(counts, entropy, top_k=1, layers=[2, 3])
+  assert h["routing/layer2/load/expert0"] == 4.0
+  assert h["routing/layer2/load/expert3"] == 0.0
+  assert h["routing/layer2/load_max"] == 4.0
+  assert h["routing/layer2/dead_frac"] == 0.75
+  assert h["routing/layer2/load_entropy"] == 0.0
+  assert h["routing/layer2/router_entropy"] == 0.0
+  for e in range(4):
+    assert h[f"routing/layer3/load/expert{e}"] == 1.0
+  assert h["routing/layer3/dead_frac"] == 0.0
+  assert h["routing/layer3/load_entropy"] == pytest.approx(1.0)
+  assert h["routing/layer3/image/router_entropy"] == pytest.approx(np.log(4))
+  assert h["routing/layer3/text/router_entropy"] == pytest.approx(0.5)
+  assert h["routing/layer3/router_entropy"] == pytest.approx(
+      (4 * np.log(4) + 2) / 8
+  )
+  # The Figure 6 keys' parser does not pick these up as experts.
+  assert routing.from_metrics(h) == {}
+
+
+def test_router_entropy_matches_numpy():
+  """MoEStats.router_entropy: per modality, the summed entropy of each
+  valid token's softmax over experts, against a float64 NumPy one."""
+  rng = np.random.default_rng(1)
+  g, s, d, e = 2, 6, 8, 4
+  x = rng.normal(size=(g, s, d)).astype(np.float32)
+  modality = rng.integers(0, 2, size=(g, s)).astype(np.int32)
+  valid = np.ones((g, s), bool)
+  valid[1, 4:] = False
+  kernel = rng.normal(size=(d, e)).astype(np.float32)
+  cfg = MoEConfig(e, 2, router="plain")
+  out = router.decide(
+      router.make_router(cfg),
+      {"kernel": jnp.asarray(kernel)},
+      cfg,
+      jnp.asarray(x),
+      jnp.asarray(modality),
+      jnp.asarray(valid),
+      2,
+  )
+  logits = x.astype(np.float64) @ kernel.astype(np.float64)
+  p = np.exp(logits - logits.max(-1, keepdims=True))
+  p /= p.sum(-1, keepdims=True)
+  ent = -(p * np.log(p)).sum(-1) * valid
+  expected = [ent[modality == m].sum() for m in (0, 1)]
+  np.testing.assert_allclose(
+      np.asarray(out.stats.router_entropy), expected, rtol=1e-5
+  )
+
+
+# --------------------------------------------------------- the runner
+
+
+def test_rows_shared_by_tables_are_one_run():
+  keys = {}
+  for t in tables.TABLES.values():
+    for r in t.rows:
+      keys.setdefault(r.key, set()).add(r.overrides)
+  assert all(len(v) == 1 for v in keys.values())  # one key, one override set
+  assert tables.get("7").row(tables.EVE.name).key == "eve"
+  assert tables.get("8").row("without modality routing").key != "eve"
+  with pytest.raises(ValueError, match=r"--table='9' is not one of"):
+    tables.get("9")
+
+
+def test_every_row_is_a_valid_config():
+  """Each row's pretraining config builds its model (a typo in a table
+  fails here, not hours into a run)."""
+  from eve_jax import train  # pylint: disable=g-import-not-at-top
+
+  for t in tables.TABLES.values():
+    for r in t.rows:
+      c = schedule.pretrain_config(r)
+      train.model_config(c, vocab_size=64)
+      PretrainTask(
+          masking=MaskingConfig(**c.masking),
+          mask_id=3,
+          cls_id=1,
+          vocab_size=64,
+          num_special=4,
+          objectives=train.parse_objectives(c.objectives),
+      )
+
+
+def test_same_compute_rows_train_fewer_steps():
+  t = tables.get("6")
+  s = schedule.get_schedule("small")
+  itc = schedule.pretrain_steps(t.row("MIM + MLM + ITC"), s, t.row(t.reference))
+  itm = schedule.pretrain_steps(
+      t.row("MIM + MLM + ITC + ITM"), s, t.row(t.reference)
+  )
+  ratio = schedule.flops_per_sample(t.row(t.reference)) / (
+      schedule.flops_per_sample(t.row("MIM + MLM + ITC"))
+  )
+  assert itc == round(s.pretrain_steps * ratio)
+  assert itm < itc < s.pretrain_steps
+
+
+def _result(seed, nlvr2, tr, vqa):
+  return dict(
+      seed=seed,
+      numbers=dict(
+          nlvr2_dev=nlvr2, nlvr2_test=nlvr2, tr_r1=tr, ir_r1=tr, vqa=vqa
+      ),
+      cpu_s=60.0,
+      wall_s=60.0,
+      routing={"routing/layer3/dead_frac": 0.25},
+  )
+
+
+def test_judging_a_claim_by_hand():
+  """Means in percent of the five columns; the verdict against the
+  standard error of the difference of two seeds each."""
+  a = report.summarize([_result(0, 0.8, 0.5, 0.6), _result(1, 0.8, 0.7, 0.6)])
+  b = report.summarize([_result(0, 0.7, 0.5, 0.6), _result(1, 0.7, 0.5, 0.6)])
+  # a's seeds: (80 + 80 + 50 + 50 + 60) / 5 = 64 and 72 (retrieval 70).
+  assert a["score"] == pytest.approx(68.0)
+  assert a["score_std"] == pytest.approx(np.std([64, 72], ddof=1))
+  assert a["routing_dead_frac"] == 0.25
+  verdict, delta = report.judge(a, b)
+  # b scores 60 twice: a - b = 8 points > SE = 5.66 / sqrt(2) = 4.
+  assert delta == pytest.approx(8.0)
+  assert verdict == "reproduced"
+  assert report.judge(b, a)[0] == "opposite"
+  c = report.summarize([_result(0, 0.7, 0.4, 0.6), _result(1, 0.7, 0.6, 0.6)])
+  assert report.judge(c, b)[0] == "within noise"
+  assert report.judge(a, {})[0] == "not run"
+
+
+def test_an_ablation_smoke_run_resumes_and_reports(tmp_path):
+  """Two rows of Table 8, 20 steps per stage, through the command line:
+  every stage runs and writes its numbers; the report has both rows and
+  the claim; a rerun does nothing (no stage log grows)."""
+  cmd = [
+      sys.executable,
+      "-m",
+      "eve_jax.ablate",
+      "--table=8",
+      "--seeds=0",
+      "--schedule=smoke",
+      f"--workdir={tmp_path}",
+  ]
+  out = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
+  assert out.returncode == 0, out.stderr[-2000:]
+  rep = json.loads((tmp_path / "table8.json").read_text())
+  assert [r["seeds"] for r in rep["rows"]] == [[0], [0]]
+  for r in rep["rows"]:
+    for name, _, _ in tables.COLUMNS:
+      assert 0.0 <= r[name] <= 100.0
+    assert r["routing_dead_frac"] is not None
+  assert rep["claims"][0]["verdict"] in (
+      "same sign, 1 seed",
+      "opposite, 1 seed",
+  )
+  md = (tmp_path / "table8.md").read_text()
+  assert "without modality routing" in md and "80.3 / 80.7" in md
+  logs = sorted(tmp_path.glob("runs/*/seed0/*.log"))
+  assert len(logs) == 8
+  sizes = [p.stat().st_size for p in logs]
+  again = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
+  assert again.returncode == 0, again.stderr[-2000:]
+  assert [p.stat().st_size for p in logs] == sizes
+
+
+def test_a_failing_stage_is_one_line_and_keeps_what_was_done(tmp_path):
+  bad = tables.Table(
+      "x",
+      "a row whose model cannot be built",
+      (tables.Row("bad", (("model.ffn_plan", "hard*3"),)),),
+      reference="bad",
+  )
+  with pytest.raises(runner.StageError, match=r"pretrain of row 'bad' seed 0"):
+    runner.run_table(
+        bad, [0], str(tmp_path), schedule.get_schedule("smoke"), log=lambda s: 0
+    )
+  assert not list(tmp_path.glob("runs/*/seed0/result.json"))
