@@ -144,11 +144,18 @@ def test_each_evaluation_writes_viz_and_routing(micro_workdir):
   fr = routing.from_metrics(ev)
   assert list(fr) == [0] and fr[0].shape == (2, 4)  # 4 experts
   np.testing.assert_allclose(fr[0].sum(-1), 2.0, rtol=1e-6)  # top-2
+  # Routing health of the soft layer: loads over the fair share average 1.
+  loads = np.asarray([ev[f"routing/layer0/load/expert{e}"] for e in range(4)])
+  np.testing.assert_allclose(loads.mean(), 1.0, rtol=1e-6)
+  assert ev["routing/layer0/load_max"] == loads.max()
+  assert ev["routing/layer0/dead_frac"] == np.mean(loads == 0)
+  assert 0 < ev["routing/layer0/router_entropy"] <= np.log(4) + 1e-5
   tb = os.path.join(d, "tensorboard")
   events = b"".join(
       open(os.path.join(tb, f), "rb").read() for f in os.listdir(tb)
   )
   assert b"recon" in events and b"routing/layer0" in events
+  assert b"routing/layer0/dead_frac" in events
 
 
 @pytest.mark.slow
