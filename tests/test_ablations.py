@@ -366,6 +366,7 @@ def test_an_ablation_smoke_run_resumes_and_reports(tmp_path):
       "--table=8",
       "--seeds=0",
       "--schedule=smoke",
+      "--parallel=2",
       f"--workdir={tmp_path}",
   ]
   out = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)

@@ -30,6 +30,12 @@ _SCHEDULE = flags.DEFINE_string(
 _ROWS = flags.DEFINE_string(
     "rows", "", "Only these rows (names as in the table, ';'-separated)."
 )
+_PARALLEL = flags.DEFINE_integer(
+    "parallel",
+    1,
+    "Rows run side by side (a tiny run keeps about one CPU core busy: "
+    "2 on a 2-core machine).",
+)
 _REPORT_ONLY = flags.DEFINE_bool(
     "report_only", False, "Write the reports from finished rows; run nothing."
 )
@@ -66,6 +72,7 @@ def main(argv) -> None:
             sched,
             rows=rows or None,
             log=lambda s: print(s, flush=True),
+            parallel=_PARALLEL.value,
         )
       except runner.StageError as e:
         _fail(str(e))

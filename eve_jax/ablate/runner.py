@@ -16,10 +16,11 @@ table can span sessions: rerun the same command.
 
 from __future__ import annotations
 
+import concurrent.futures
 import json
 import os
-import resource
 import subprocess
+import threading
 import time
 from typing import Callable
 
@@ -33,9 +34,16 @@ class StageError(RuntimeError):
   """A stage's `eve_jax.main` failed; the message names its log."""
 
 
-def _cpu_seconds() -> float:
-  r = resource.getrusage(resource.RUSAGE_CHILDREN)
-  return r.ru_utime + r.ru_stime
+_SHAPES_LOCK = threading.Lock()  # rows of one seed share its task files
+
+
+def _call(cmd: list[str], out) -> tuple[int, float]:
+  """Runs cmd; (exit code, its CPU seconds, user + system). The child's
+  own rusage (os.wait4), so rows running side by side are not mixed."""
+  proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT)
+  _, status, usage = os.wait4(proc.pid, 0)
+  proc.returncode = os.waitstatus_to_exitcode(status)
+  return proc.returncode, usage.ru_utime + usage.ru_stime
 
 
 def _read_json(path: str) -> dict | None:
@@ -70,17 +78,18 @@ def run_stage(
   shapes_dir = None
   if stage != "pretrain":
     root = os.path.dirname(os.path.dirname(os.path.dirname(seed_dir)))
-    shapes_dir = sched.write_shapes_tasks(
-        os.path.join(root, "shapes_tasks"), seed
-    )
+    with _SHAPES_LOCK:
+      shapes_dir = sched.write_shapes_tasks(
+          os.path.join(root, "shapes_tasks"), seed
+      )
   cmd = sched.command(stage, row, seed, workdir, steps, schedule, shapes_dir)
   log_path = os.path.join(seed_dir, f"{stage}.log")
-  cpu0, t0 = _cpu_seconds(), time.perf_counter()
+  t0 = time.perf_counter()
   with open(log_path, "a") as out:
     out.write(" ".join(cmd) + "\n")
     out.flush()
-    rc = subprocess.call(cmd, stdout=out, stderr=subprocess.STDOUT)
-  wall, cpu = time.perf_counter() - t0, _cpu_seconds() - cpu0
+    rc, cpu = _call(cmd, out)
+  wall = time.perf_counter() - t0
   evaluation = _read_json(os.path.join(workdir, "eval.json"))
   if rc != 0 or evaluation is None or evaluation.get("step") != steps:
     with open(log_path) as f:
@@ -151,16 +160,22 @@ def run_table(
     schedule: sched.Schedule,
     rows: list[str] | None = None,
     log: Callable[[str], None] = print,
+    parallel: int = 1,
 ) -> dict[str, list[dict]]:
   """Every (chosen) row x seed, seed-major (all rows of seed 0 first, so a
-  table has one seed of every row before a second); {row name: results}."""
+  table has one seed of every row before a second), `parallel` at a time
+  (a tiny run keeps about one core busy); {row name: results}."""
   chosen = [table.row(r) for r in rows] if rows else list(table.rows)
+  jobs = [(row, seed) for seed in seeds for row in chosen]
+  with concurrent.futures.ThreadPoolExecutor(max(1, parallel)) as pool:
+    futures = [
+        pool.submit(run_row, table, row, seed, workdir, schedule, log)
+        for row, seed in jobs
+    ]
+    results = [f.result() for f in futures]  # the first failure raises
   out = {r.name: [] for r in chosen}
-  for seed in seeds:
-    for row in chosen:
-      out[row.name].append(
-          run_row(table, row, seed, workdir, schedule, log=log)
-      )
+  for (row, _), result in zip(jobs, results):
+    out[row.name].append(result)
   return out
 
 
