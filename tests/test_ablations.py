@@ -403,3 +403,11 @@ def test_a_failing_stage_is_one_line_and_keeps_what_was_done(tmp_path):
         bad, [0], str(tmp_path), schedule.get_schedule("smoke"), log=lambda s: 0
     )
   assert not list(tmp_path.glob("runs/*/seed0/result.json"))
+
+
+def test_a_plan_other_than_eves_has_no_released_layout():
+  from eve_jax.convert import released_export  # pylint: disable=g-import-not-at-top
+
+  cfg = dict(depth=4, num_soft_layers=2, ffn_plan="soft,soft,hard,hard")
+  with pytest.raises(ValueError, match=r"released layout has EVE's blocks"):
+    released_export.to_released({"backbone": {}}, cfg)

@@ -10,11 +10,19 @@ import numpy as np
 
 from eve_jax.convert import layout
 from eve_jax.convert.released import BACKBONE, LAYER, MOE
+from eve_jax.model.variants import parse_ffn_plan
 
 
 def to_released(params: dict, cfg: dict[str, Any]) -> dict[str, np.ndarray]:
   """eve_jax params (as `from_released` returns them) -> the released
   state dict (the tensors it maps)."""
+  n_soft = cfg["num_soft_layers"]
+  eve_layout = ("hard",) * (cfg["depth"] - n_soft) + ("soft",) * n_soft
+  if cfg.get("ffn_plan") and parse_ffn_plan(cfg["ffn_plan"]) != eve_layout:
+    raise ValueError(
+        f"model.ffn_plan={cfg['ffn_plan']!r}: the released layout has "
+        "EVE's blocks only (hard below, soft on top)"
+    )
   bb = params["backbone"]
   sd = {}
 
