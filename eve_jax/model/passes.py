@@ -45,6 +45,13 @@ def sum_moe_stats(stats: list[MoEStats]) -> dict[str, jax.Array]:
   )
 
 
+def visible_tokens(img: jax.Array, keep_idx: jax.Array) -> jax.Array:
+  """[B, 1+N, D] embedded image (CLS first), [B, K] int32 kept patch indices
+  -> [B, 1+K, D]: the CLS token and the kept patches, in `keep_idx` order."""
+  patches = jnp.take_along_axis(img[:, 1:], keep_idx[..., None], axis=1)
+  return jnp.concatenate([img[:, :1], patches], axis=1)
+
+
 def mlm_pass(
     model: EVEPretrainModel,
     images: jax.Array,
@@ -72,9 +79,7 @@ def mim_pass(
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
   """Visible patches + full text -> [B, N, Q] float32 pixels, MoE stats."""
   bb = model.backbone
-  img = bb.embed_image(images)
-  patches = jnp.take_along_axis(img[:, 1:], keep_idx[..., None], axis=1)
-  vis = jnp.concatenate([img[:, :1], patches], axis=1)
+  vis = visible_tokens(bb.embed_image(images), keep_idx)
   txt = bb.embed_text(text)
   states, stats = bb.encode(vis, txt, text_valid, rng=rng)
   with jax.named_scope("mim_decoder"):
@@ -93,9 +98,7 @@ def joint_pass(
   """Visible patches + masked text in one pass -> ([B, L, V] float32 word
   logits, [B, N, Q] float32 pixels, MoE stats)."""
   bb = model.backbone
-  img = bb.embed_image(images)
-  patches = jnp.take_along_axis(img[:, 1:], keep_idx[..., None], axis=1)
-  vis = jnp.concatenate([img[:, :1], patches], axis=1)
+  vis = visible_tokens(bb.embed_image(images), keep_idx)
   states, stats = bb.encode(vis, bb.embed_text(text_in), text_valid, rng=rng)
   with jax.named_scope("mlm_head"):
     logits = model.mlm_head(states[:, vis.shape[1] :])

@@ -233,30 +233,32 @@ class PretrainTask:
     images, text, valid = batch["image"], batch["text"], batch["text_valid"]
     drop = (lambda r: r) if train else (lambda r: None)
     metrics, stats = {}, []
-    if "mlm" in self.objectives:
-      logits, s = mlm_pass(model, images, text_in, valid, drop(r_mlm))
+
+    def score_words(logits):  # [B, L, V] -> mlm_loss, mlm_acc
       metrics["mlm_loss"], metrics["mlm_acc"] = mlm_loss_and_acc(
           logits, text, text_mask
       )
-      stats.append(s)
-    if "mim" in self.objectives:
-      pred, s = mim_pass(model, images, text, valid, keep_idx, drop(r_mim))
+
+    def score_pixels(pred):  # [B, N, Q] -> mim_loss on the masked patches
       target = patch_targets(images, cfg.patch_size, self.masking.norm_pix_loss)
       metrics["mim_loss"] = masked_mean(
           mim_patch_errors(pred, target), patch_mask
       )
+
+    if "mlm" in self.objectives:
+      logits, s = mlm_pass(model, images, text_in, valid, drop(r_mlm))
+      score_words(logits)
+      stats.append(s)
+    if "mim" in self.objectives:
+      pred, s = mim_pass(model, images, text, valid, keep_idx, drop(r_mim))
+      score_pixels(pred)
       stats.append(s)
     if "joint" in self.objectives:
       logits, pred, s = joint_pass(
           model, images, text_in, valid, keep_idx, drop(r_mlm)
       )
-      metrics["mlm_loss"], metrics["mlm_acc"] = mlm_loss_and_acc(
-          logits, text, text_mask
-      )
-      target = patch_targets(images, cfg.patch_size, self.masking.norm_pix_loss)
-      metrics["mim_loss"] = masked_mean(
-          mim_patch_errors(pred, target), patch_mask
-      )
+      score_words(logits)
+      score_pixels(pred)
       stats.append(s)
     if "itc" in self.objectives:
       r_itc, r_itm, r_neg = jax.random.split(jax.random.fold_in(r_drop, 1), 3)
