@@ -77,7 +77,7 @@ def main(argv) -> None:
       except runner.StageError as e:
         _fail(str(e))
     results = runner.collect(table, seeds, _WORKDIR.value)
-    built = report.build(table, results)
+    built = report.build(table, results, runner.blind(seeds, _WORKDIR.value))
     print(report.write(built, table, _WORKDIR.value, command), flush=True)
 
 

@@ -6,7 +6,9 @@ column in percent, its CPU time, the routing health of its pretraining
 ordering by the mean of its five columns, or its stated direction for a
 figure) is judged on the same mean here: "reproduced" when A - B exceeds
 the standard error of the difference, "opposite" when B - A does, "within
-noise" otherwise (one seed: no error, so only the sign counts, marked).
+noise" otherwise (one seed: no error, so only the sign counts, marked);
+and again on the mean of TR@1 and IR@1 alone (`SCORES`). A last row gives what the columns reach without the image
+(eve_jax/ablate/baselines.py), the floor a fine-tuned row must clear.
 """
 
 from __future__ import annotations
@@ -24,12 +26,29 @@ _HEADERS = ("NLVR2 dev", "NLVR2 test-P", "TR@1", "IR@1", "VQA")
 _HEALTH = ("dead_frac", "load_max", "load_entropy", "router_entropy")
 
 
-def _score(numbers: dict) -> float | None:
-  """Mean of the five COLUMNS in percent; None when one is missing."""
-  vals = [numbers.get(name) for name, _, _ in COLUMNS]
+# The columns a claim is judged on: all five (the paper's reading), and the
+# two retrieval R@1s alone (at the small schedule the only columns clearly
+# above what the text alone gives; ABLATIONS.md).
+SCORES = {
+    "score": tuple(name for name, _, _ in COLUMNS),
+    "r1": ("tr_r1", "ir_r1"),
+}
+
+
+def _score(numbers: dict, names: tuple[str, ...]) -> float | None:
+  """Mean of the named columns in percent; None when one is missing."""
+  vals = [numbers.get(name) for name in names]
   if any(v is None for v in vals):
     return None
   return 100.0 * float(np.mean(vals))
+
+
+def _paper_score(paper, names: tuple[str, ...]) -> float | None:
+  """The same mean of the paper's numbers (COLUMNS order), None for a plot."""
+  if not paper:
+    return None
+  order = [name for name, _, _ in COLUMNS]
+  return float(np.mean([paper[order.index(name)] for name in names]))
 
 
 def summarize(results: list[dict]) -> dict:
@@ -45,11 +64,15 @@ def summarize(results: list[dict]) -> dict:
     out[name + "_std"] = (
         scale * float(np.std(vals, ddof=1)) if len(vals) > 1 else None
     )
-  scores = [_score(r["numbers"]) for r in results]
-  scores = [s for s in scores if s is not None]
-  out["score"] = float(np.mean(scores)) if scores else None
-  out["score_std"] = float(np.std(scores, ddof=1)) if len(scores) > 1 else None
-  out["n"] = len(scores)
+  for key, names in SCORES.items():
+    scores = [_score(r["numbers"], names) for r in results]
+    scores = [s for s in scores if s is not None]
+    out[key] = float(np.mean(scores)) if scores else None
+    out[key + "_std"] = (
+        float(np.std(scores, ddof=1)) if len(scores) > 1 else None
+    )
+    out[key + "_n"] = len(scores)
+  out["n"] = out["score_n"]
   out["cpu_min"] = float(np.mean([r["cpu_s"] for r in results])) / 60
   out["wall_min"] = float(np.mean([r["wall_s"] for r in results])) / 60
   for h in _HEALTH:
@@ -63,14 +86,16 @@ def summarize(results: list[dict]) -> dict:
   return out
 
 
-def judge(a: dict, b: dict) -> tuple[str, float | None]:
-  """Whether row a beats row b here: (verdict, a - b in points)."""
-  if not a or not b or a.get("score") is None or b.get("score") is None:
+def judge(a: dict, b: dict, key: str = "score") -> tuple[str, float | None]:
+  """Whether row a beats row b here on `key` (a SCORES name): (verdict,
+  a - b in points)."""
+  if not a or not b or a.get(key) is None or b.get(key) is None:
     return "not run", None
-  delta = a["score"] - b["score"]
-  if a.get("score_std") is None or b.get("score_std") is None:
+  delta = a[key] - b[key]
+  sa, sb = a.get(key + "_std"), b.get(key + "_std")
+  if sa is None or sb is None:
     return ("same sign, 1 seed" if delta > 0 else "opposite, 1 seed"), delta
-  se = math.sqrt(a["score_std"] ** 2 / a["n"] + b["score_std"] ** 2 / b["n"])
+  se = math.sqrt(sa**2 / a[key + "_n"] + sb**2 / b[key + "_n"])
   if delta > se:
     return "reproduced", delta
   if delta < -se:
@@ -78,8 +103,17 @@ def judge(a: dict, b: dict) -> tuple[str, float | None]:
   return "within noise", delta
 
 
-def build(table: Table, results: dict[str, list[dict]]) -> dict:
-  """The table's JSON: rows (summaries + paper numbers) and claims."""
+BLIND = "without the image (text prior, chance for retrieval)"
+
+
+def build(
+    table: Table,
+    results: dict[str, list[dict]],
+    blind: dict[int, dict[str, float]] | None = None,
+) -> dict:
+  """The table's JSON: rows (summaries + paper numbers), claims, and
+  `blind`: the summary of `blind` ({seed: baselines.blind_numbers}), what
+  the columns give without looking at an image, or None."""
   rows = []
   for row in table.rows:
     s = summarize(results.get(row.name, []))
@@ -97,18 +131,33 @@ def build(table: Table, results: dict[str, list[dict]]) -> dict:
   by_name = {r["name"]: r for r in rows}
   claims = []
   for better, worse in table.all_claims():
-    verdict, delta = judge(by_name[better], by_name[worse])
-    pa, pb = by_name[better]["paper_mean"], by_name[worse]["paper_mean"]
-    claims.append(
-        dict(
-            better=better,
-            worse=worse,
-            paper_delta=None if pa is None or pb is None else pa - pb,
-            delta=delta,
-            verdict=verdict,
-        )
+    claim = dict(better=better, worse=worse)
+    for key, names in SCORES.items():
+      prefix = "" if key == "score" else key + "_"
+      verdict, delta = judge(by_name[better], by_name[worse], key)
+      pa = _paper_score(by_name[better]["paper"], names)
+      pb = _paper_score(by_name[worse]["paper"], names)
+      claim[prefix + "paper_delta"] = (
+          None if pa is None or pb is None else pa - pb
+      )
+      claim[prefix + "delta"] = delta
+      claim[prefix + "verdict"] = verdict
+    claims.append(claim)
+  blind_row = None
+  if blind:
+    blind_row = summarize(
+        [
+            dict(seed=seed, numbers=numbers, cpu_s=0.0, wall_s=0.0)
+            for seed, numbers in sorted(blind.items())
+        ]
     )
-  return dict(table=table.number, title=table.title, rows=rows, claims=claims)
+  return dict(
+      table=table.number,
+      title=table.title,
+      rows=rows,
+      claims=claims,
+      blind=blind_row,
+  )
 
 
 def _fmt(mean, std) -> str:
@@ -168,16 +217,26 @@ def markdown(report: dict, table: Table, workdir: str, command: str) -> str:
         + " | ".join(health)
         + f" | {r['cpu_min']:.1f} |"
     )
+  b = report.get("blind")
+  if b:
+    cells = [_fmt(b.get(n), b.get(n + "_std")) for n, _, _ in COLUMNS]
+    lines.append(
+        f"| *{BLIND}* | {len(b['seeds'])} | "
+        + " | ".join(cells)
+        + f" | {_fmt(b.get('score'), b.get('score_std'))} | - | - | - | - | 0 |"
+    )
   lines += [
       "",
-      "| claim (paper: first beats second) | paper Δ | here Δ | verdict |",
-      "|---|---|---|---|",
+      "| claim (paper: first beats second) | paper Δ | here Δ | verdict "
+      "| paper Δ R@1 | here Δ R@1 | verdict on R@1 |",
+      "|---|---|---|---|---|---|---|",
   ]
+  sign = lambda v: "-" if v is None else f"{v:+.2f}"
   for c in report["claims"]:
-    pd = "-" if c["paper_delta"] is None else f"{c['paper_delta']:+.2f}"
-    d = "-" if c["delta"] is None else f"{c['delta']:+.2f}"
     lines.append(
-        f"| {c['better']} > {c['worse']} | {pd} | {d} | {c['verdict']} |"
+        f"| {c['better']} > {c['worse']} | {sign(c['paper_delta'])} | "
+        f"{sign(c['delta'])} | {c['verdict']} | {sign(c['r1_paper_delta'])} "
+        f"| {sign(c['r1_delta'])} | {c['r1_verdict']} |"
     )
   pics = [
       (r["name"], _picture(workdir, r["key"], r.get("seeds", [])))

@@ -24,6 +24,7 @@ import threading
 import time
 from typing import Callable
 
+from eve_jax.ablate import baselines
 from eve_jax.ablate import schedule as sched
 from eve_jax.ablate.tables import COLUMNS, EXTRA, Row, Table
 
@@ -176,6 +177,16 @@ def run_table(
   out = {r.name: [] for r in chosen}
   for (row, _), result in zip(jobs, results):
     out[row.name].append(result)
+  return out
+
+
+def blind(seeds: list[int], workdir: str) -> dict[int, dict[str, float]]:
+  """baselines.blind_numbers of each seed whose task files are written."""
+  out = {}
+  for seed in seeds:
+    shapes = os.path.join(workdir, "shapes_tasks", f"seed{seed}")
+    if os.path.exists(os.path.join(shapes, "written")):
+      out[seed] = baselines.blind_numbers(shapes)
   return out
 
 
