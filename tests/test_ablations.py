@@ -444,26 +444,33 @@ def test_blind_baselines_by_hand(tmp_path):
       ],
   )
   nlvr2 = tmp_path / "nlvr2"
-  row = lambda s, l: dict(sentence=s, label=l)
+
+  def rows(split, pairs):  # NLVR2 lines, as the fine-tuning's loader reads
+    return [
+        dict(identifier=f"{split}-{i}-0-0", directory=0, sentence=s, label=l)
+        for i, (s, l) in enumerate(pairs)
+    ]
+
   _write_jsonl(
       nlvr2 / "train.json",
-      [
-          row("a", "True"),
-          row("a", "True"),
-          row("a", "False"),
-          row("b", "False"),
-      ],
+      rows(
+          "train",
+          [("a", "True"), ("a", "True"), ("a", "False"), ("b", "False")],
+      ),
   )
   # 'a' -> True (right), 'b' -> False (wrong), unseen 'c' -> True (right).
   _write_jsonl(
-      nlvr2 / "dev.json", [row("a", "True"), row("b", "True"), row("c", "True")]
+      nlvr2 / "dev.json",
+      rows("dev", [("a", "True"), ("b", "True"), ("c", "True")]),
   )
-  _write_jsonl(nlvr2 / "test1.json", [row("a", "False")])
-  images = [
-      dict(split="train", sentids=[0, 1, 2, 3, 4]),
-      dict(split="test", sentids=[5]),
-      dict(split="test", sentids=[6, 7, 8]),
-  ]
+  _write_jsonl(nlvr2 / "test1.json", rows("test1", [("a", "False")]))
+  image = lambda split, name, n: dict(
+      split=split,
+      filename=f"{name}.jpg",
+      sentences=[dict(raw=f"caption {k}") for k in range(n)],
+  )
+  images = [image("train", "t0", 5), image("test", "x1", 1)]
+  images.append(image("test", "x2", 3))
   ret = tmp_path / "retrieval"
   ret.mkdir()
   (ret / "dataset_shapes.json").write_text(json.dumps(dict(images=images)))

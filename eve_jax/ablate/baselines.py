@@ -11,14 +11,17 @@ fine-tunings report:
                when the text was never asked in training); the official
                accuracy (eve_jax/tasks/vqa_metric.py).
   nlvr2_dev,   each statement labelled as it is most often in training
-  nlvr2_test   (EVE-Shapes statements are templates, so many repeat; 'True'
+  nlvr2_test   (EVE-Shapes statements are templates, so many repeat; true
                for an unseen one).
   tr_r1, ir_r1 chance: a random ranking, so a text query finds one of the
                image's captions first with probability (its captions) /
                (all test captions) averaged over images, and a caption
                finds its image first with probability 1 / (test images).
 
-All in [0, 1], keyed as `tables.COLUMNS`.
+All in [0, 1], keyed as `tables.COLUMNS`. NLVR2 and retrieval files are
+read with the fine-tunings' own loaders (eve_jax/data/downstream.py); VQA
+reads its files directly for the question type and the
+multiple_choice_answer, which the loader does not keep.
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ import os
 
 import numpy as np
 
+from eve_jax.data import downstream
 from eve_jax.tasks import vqa_metric
 
 
@@ -78,30 +82,24 @@ def vqa_prior(
   return float(np.mean(scores))
 
 
-def _nlvr2_rows(path: str) -> list[dict]:
-  with open(path) as f:
-    return [json.loads(line) for line in f if line.strip()]
-
-
 def nlvr2_prior(nlvr2_dir: str, split_file: str) -> float:
   """Accuracy on `split_file` of labelling each statement as training
   labels it most often."""
+  load = lambda name: downstream.load_nlvr2(os.path.join(nlvr2_dir, name), "")
   seen = collections.defaultdict(collections.Counter)
-  for r in _nlvr2_rows(os.path.join(nlvr2_dir, "train.json")):
-    seen[r["sentence"]][r["label"]] += 1
-  rows = _nlvr2_rows(os.path.join(nlvr2_dir, split_file))
+  for ex in load("train.json"):
+    seen[ex.sentence][ex.label] += 1
+  rows = load(split_file)
   guess = [
-      _top(seen[r["sentence"]]) if r["sentence"] in seen else "True"
-      for r in rows
+      _top(seen[ex.sentence]) if ex.sentence in seen else True for ex in rows
   ]
-  return float(np.mean([g == r["label"] for g, r in zip(guess, rows)]))
+  return float(np.mean([g == ex.label for g, ex in zip(guess, rows)]))
 
 
 def retrieval_chance(dataset_json: str) -> tuple[float, float]:
   """(TR@1, IR@1) of a random ranking over the test split."""
-  with open(dataset_json) as f:
-    images = [i for i in json.load(f)["images"] if i["split"] == "test"]
-  captions = [len(i["sentids"]) for i in images]
+  images = downstream.load_karpathy(dataset_json, "", "test")
+  captions = [len(image.captions) for image in images]
   total = sum(captions)
   return float(np.mean([c / total for c in captions])), 1.0 / len(images)
 

@@ -7,8 +7,9 @@ ordering by the mean of its five columns, or its stated direction for a
 figure) is judged on the same mean here: "reproduced" when A - B exceeds
 the standard error of the difference, "opposite" when B - A does, "within
 noise" otherwise (one seed: no error, so only the sign counts, marked);
-and again on the mean of TR@1 and IR@1 alone (`SCORES`). A last row gives what the columns reach without the image
-(eve_jax/ablate/baselines.py), the floor a fine-tuned row must clear.
+and again on the mean of TR@1 and IR@1 alone (`SCORES`). A last row gives
+what the columns reach without the image (eve_jax/ablate/baselines.py),
+the floor a fine-tuned row must clear.
 """
 
 from __future__ import annotations
@@ -72,7 +73,6 @@ def summarize(results: list[dict]) -> dict:
         float(np.std(scores, ddof=1)) if len(scores) > 1 else None
     )
     out[key + "_n"] = len(scores)
-  out["n"] = out["score_n"]
   out["cpu_min"] = float(np.mean([r["cpu_s"] for r in results])) / 60
   out["wall_min"] = float(np.mean([r["wall_s"] for r in results])) / 60
   for h in _HEALTH:
@@ -117,7 +117,7 @@ def build(
   rows = []
   for row in table.rows:
     s = summarize(results.get(row.name, []))
-    paper_mean = sum(row.paper) / len(row.paper) if row.paper else None
+    paper_mean = _paper_score(row.paper, SCORES["score"])
     rows.append(
         dict(
             name=row.name,
