@@ -353,10 +353,12 @@ def test_judging_a_claim_by_hand():
   c = report.summarize([_result(0, 0.7, 0.4, 0.6), _result(1, 0.7, 0.6, 0.6)])
   assert report.judge(c, b)[0] == "within noise"
   assert report.judge(a, {})[0] == "not run"
-  # On the R@1s alone a leads by (50 + 70) / 2 - 50 = 10 points, exactly
-  # the standard error 14.14 / sqrt(2): not more, so within noise.
-  verdict, delta = report.judge(a, b, "r1")
-  assert (verdict, delta) == ("within noise", pytest.approx(10.0))
+  # On R@1 alone (TR@1 and IR@1): c ties b at 50, within noise; d leads b
+  # by 75 - 50 = 25 points, clear of the standard error 7.07 / sqrt(2) = 5.
+  assert report.judge(c, b, "r1") == ("within noise", pytest.approx(0.0))
+  d = report.summarize([_result(0, 0.7, 0.7, 0.6), _result(1, 0.7, 0.8, 0.6)])
+  assert report.judge(d, b, "r1") == ("reproduced", pytest.approx(25.0))
+  assert report.judge(b, d, "r1")[0] == "opposite"
 
 
 def test_a_report_judges_both_scores_and_shows_the_blind_floor(tmp_path):
@@ -366,7 +368,9 @@ def test_a_report_judges_both_scores_and_shows_the_blind_floor(tmp_path):
   t = tables.get("8")
   eve, plain = t.rows[0].name, t.rows[1].name
   results = {
-      eve: [_result(0, 0.8, 0.5, 0.6), _result(1, 0.8, 0.7, 0.6)],
+      # Scores 62 and 78 (SE 8) against 60 twice: +10, reproduced; R@1s
+      # 40 and 80 (SE 20) against 50 twice: +10, within noise.
+      eve: [_result(0, 0.85, 0.4, 0.6), _result(1, 0.85, 0.8, 0.6)],
       plain: [_result(0, 0.7, 0.5, 0.6), _result(1, 0.7, 0.5, 0.6)],
   }
   blind = {
