@@ -397,6 +397,40 @@ def test_a_report_judges_both_scores_and_shows_the_blind_floor(tmp_path):
   assert "| reproduced | +0.55 | +10.00 | within noise |" in md
 
 
+def test_the_r1_verdict_follows_the_papers_r1_where_it_differs(tmp_path):
+  """Table 11: the paper ranks depth 2 (EVE's row) over depth 4 by its mean
+  (+0.02) but depth 4 over depth 2 on R@1 (-0.10). A run where depth 2
+  leads on both is the paper's direction on the mean and the opposite of
+  it on R@1; the deltas stay first row minus second."""
+  t = tables.get("11")
+  eve, depth4 = t.rows[0].name, t.rows[1].name
+  results = {
+      # Scores 74 and 77 against 60 twice: +15.5 (SE 1.5); R@1 70 and 80
+      # against 50 twice: +25 (SE 5).
+      eve: [_result(0, 0.85, 0.7, 0.6), _result(1, 0.85, 0.8, 0.55)],
+      depth4: [_result(0, 0.7, 0.5, 0.6), _result(1, 0.7, 0.5, 0.6)],
+  }
+  rep = report.build(t, results)
+  claim = next(c for c in rep["claims"] if c["worse"] == depth4)
+  assert claim["better"] == eve
+  assert claim["paper_delta"] == pytest.approx(0.02)
+  assert claim["r1_paper_delta"] == pytest.approx(-0.10)
+  assert claim["verdict"] == "reproduced"
+  assert (claim["r1_verdict"], claim["r1_delta"]) == (
+      "opposite",
+      pytest.approx(25.0),
+  )
+  md = report.markdown(rep, t, str(tmp_path), "cmd")
+  assert "| -0.10 | +25.00 | opposite |" in md
+  # One seed: only the sign, against the paper's R@1 too.
+  one = {name: runs[:1] for name, runs in results.items()}
+  claim = next(
+      c for c in report.build(t, one)["claims"] if c["worse"] == depth4
+  )
+  assert claim["verdict"] == "same sign, 1 seed"
+  assert claim["r1_verdict"] == "opposite, 1 seed"
+
+
 def _write_jsonl(path, rows):
   path.parent.mkdir(parents=True, exist_ok=True)
   path.write_text("".join(json.dumps(r) + "\n" for r in rows))
