@@ -289,6 +289,8 @@ def test_claims_follow_the_papers_numbers():
   assert ("Soft router below", eve) in t13 and (eve, "Shared FFN below") in t13
   fig5 = tables.get("fig5").all_claims()
   assert fig5 == list(tables.get("fig5").claims)  # a plot: stated claims only
+  assert report.heading(tables.get("fig5")) == "Figure 5"
+  assert report.heading(tables.get("13")) == "Table 13"
 
 
 def test_every_row_is_a_valid_config():
@@ -421,6 +423,7 @@ def test_the_r1_verdict_follows_the_papers_r1_where_it_differs(tmp_path):
       pytest.approx(25.0),
   )
   md = report.markdown(rep, t, str(tmp_path), "cmd")
+  assert md.startswith("## Table 11: MIM decoder depth\n")
   assert "| -0.10 | +25.00 | opposite |" in md
   # One seed: only the sign, against the paper's R@1 too.
   one = {name: runs[:1] for name, runs in results.items()}

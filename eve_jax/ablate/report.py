@@ -195,10 +195,17 @@ def _picture(workdir: str, key: str, seeds: list[int]) -> str | None:
   return None
 
 
+def heading(table: Table) -> str:
+  """'Table 7', or 'Figure 5' for the paper's figures (numbered fig5)."""
+  if table.number.startswith("fig"):
+    return "Figure " + table.number[len("fig") :]
+  return "Table " + table.number
+
+
 def markdown(report: dict, table: Table, workdir: str, command: str) -> str:
   """The report as a markdown section."""
   lines = [
-      f"## Table {table.number}: {table.title}",
+      f"## {heading(table)}: {table.title}",
       "",
       f"`{command}`",
       "",
