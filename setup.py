@@ -2,6 +2,13 @@
 
 from setuptools import find_packages, setup
 
+# One jax for every extra: 0.12.0.1 is the newest release whose TPU extra
+# (libtpu 0.0.50) and CUDA 12 plugin are both on the index (jax 0.12.1 asks
+# for libtpu 0.0.53, not published, and has no CUDA 12 plugin). The
+# compile-only targets and the cost-model figures of BENCHMARKS.md are this
+# jaxlib's and libtpu's.
+JAX = "0.12.0.1"
+
 setup(
     name="eve_jax",
     version="0.1.0",
@@ -10,17 +17,19 @@ setup(
         "modality-aware Mixture of Experts) in JAX/Flax NNX."
     ),
     license="Apache-2.0",
-    python_requires=">=3.11",
+    # jax dropped Python 3.11 at 0.11; pip refuses an older Python with one
+    # line ("requires a different Python").
+    python_requires=">=3.12",
     packages=find_packages(include=["eve_jax", "eve_jax.*"]),
     install_requires=[
-        # jax 0.10.2 is the newest release that supports Python 3.11.
-        "jax>=0.10.2",
-        "flax>=0.12.8,<0.13",
-        "optax>=0.2.6",  # optax.tree.norm
-        "orbax-checkpoint>=0.11",
-        "grain>=0.2.12",
-        "tensorflow-datasets>=4.9.7",
-        "array-record>=0.8",
+        f"jax=={JAX}",
+        "flax>=0.12.12,<0.13",
+        "optax>=0.2.8",
+        # Checkpoints written by older stacks restore (tests/test_stack.py).
+        "orbax-checkpoint>=0.12.8,<0.13",
+        "grain>=0.2.18",
+        "tensorflow-datasets>=4.9.10",
+        "array-record>=0.8.6",
         "ml_collections>=1.0",
         "sentencepiece>=0.2",
         "numpy>=1.26",
@@ -48,9 +57,14 @@ setup(
         # (~700 MB). The GPU compiler plugin is kept out of the environment
         # (README, "Before you launch"): installed there it makes every JAX
         # process on a machine without CUDA log that it found none.
-        "compile": ["jax[tpu]>=0.10.2"],
+        "compile": [f"jax[tpu]=={JAX}"],
+        # Kernels for the grouped expert matmul and attention (ragged_dot
+        # with Mosaic TPU / Triton / Mosaic GPU back ends). Pinned: its API
+        # is not stable between 0.0.x releases.
+        "kernels": ["tokamax==0.0.17"],
         # Accelerator builds of the same jax (launch/README.md).
-        "tpu": ["jax[tpu]>=0.10.2"],
-        "cuda12": ["jax[cuda12]>=0.10.2"],
+        "tpu": [f"jax[tpu]=={JAX}"],
+        "cuda12": [f"jax[cuda12]=={JAX}"],
+        "cuda13": [f"jax[cuda13]=={JAX}"],
     },
 )

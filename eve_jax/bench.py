@@ -42,6 +42,8 @@ import time
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from eve_jax import versions
+
 _CONFIG = config_flags.DEFINE_config_file(
     "config",
     None,
@@ -362,7 +364,10 @@ def _table(out: dict) -> str:
     if isinstance(v, float):
       v = f"{v:.4g}"
     elif isinstance(v, dict):
-      v = ", ".join(f"{a}: {b:.4g}" for a, b in v.items())
+      v = ", ".join(
+          f"{a}: {b:.4g}" if isinstance(b, float) else f"{a}: {b}"
+          for a, b in v.items()
+      )
     rows.append(f"{k:<28} {v}")
   return "\n".join(rows)
 
@@ -393,6 +398,7 @@ def main(argv) -> None:
         file=sys.stderr,
     )
     sys.exit(1)
+  out["versions"] = versions.stack()
   print(json.dumps(out) if _JSON.value else _table(out))
 
 

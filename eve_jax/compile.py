@@ -167,6 +167,13 @@ def format_report(r: dict) -> str:
     )
   if r.get("cost_model_note"):
     lines.append(f"note: {r['cost_model_note']}")
+  if r.get("versions"):
+    v, keys = r["versions"], ["jax", "jaxlib"]
+    if r.get("platform") == "tpu":
+      keys.append("libtpu")  # the TPU compiler; GPU: the jaxlib's plugin
+    lines.append(
+        "compiled with " + ", ".join(f"{k} {v[k]}" for k in keys if k in v)
+    )
   return "\n".join(lines)
 
 

@@ -22,7 +22,7 @@ import ml_collections
 from absl import logging
 from flax import nnx
 
-from eve_jax import loop, run_config, sharding
+from eve_jax import loop, run_config, sharding, versions
 from eve_jax.checkpoint import Checkpointer
 from eve_jax.data import specs
 from eve_jax.program import StepProgram, TrainState, build_step, xla_flops
@@ -172,6 +172,7 @@ def _run(task_cls, config, workdir: str, mesh, rules) -> RunResult:
             compile_s=compile_s,
             xla_flops_per_step=flops,
             mesh=dict(mesh.shape),
+            versions=versions.stack(),
             **task.run_info(prog),
         ),
         file="run.jsonl",

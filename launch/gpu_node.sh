@@ -13,7 +13,7 @@ machine's GPUs, e.g.
   launch/gpu_node.sh --config=configs/base.py --workdir=/data/eve_base \
       --config.mesh.data=-1 --config.mesh.expert=8
 
-Install first (in a venv, Python >= 3.11):  pip install -e '.[cuda12]'
+Install first (in a venv, Python >= 3.12):  pip install -e '.[cuda12]'
 PYTHON=... picks the interpreter (default: python). EVE_JAX_PREFLIGHT=h100x8
 first compiles the step for that target and stops if it does not fit. Relative paths in
 MAIN_ARGS are relative to the current directory. Inside a SLURM job step

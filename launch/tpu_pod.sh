@@ -8,7 +8,7 @@
 # worker at once; jax.distributed finds the other workers by itself on a TPU
 # slice. Steps: (1) create the slice if it does not exist, (2) copy `git
 # archive HEAD` of this repository to ~/eve_jax on every worker, (3) install
-# it into ~/eve_jax_venv (Python >= 3.11, newer than the runtime images' 3.10,
+# it into ~/eve_jax_venv (Python >= 3.12, newer than the runtime images' 3.10,
 # comes from apt), (4) run, logging to ~/eve_jax.log on every worker, (5) fetch
 # those logs into --logs as WORKER.log, also when the run failed.
 # See launch/README.md.
@@ -172,16 +172,20 @@ run git -C "$repo" archive --format=tar.gz -o "$tarball" HEAD
 run "${tpu[@]}" scp "$tarball" "$name:eve_jax.tar.gz" "${common[@]}" --worker=all
 [[ $dry_run == 1 ]] || rm -f "$tarball"
 
-# (3) Unpack and install on every worker. The TPU runtime images are Ubuntu
-# 22.04 with Python 3.10; eve_jax needs >= 3.11, so the venv is made from
-# apt's python3.11 when python3 is older.
+# (3) Unpack and install on every worker. eve_jax needs Python >= 3.12
+# (jax >= 0.11); the TPU runtime images are Ubuntu 22.04 with Python 3.10,
+# so when python3 is older the venv is made from python3.12: apt's where the
+# release has it (24.04), else the deadsnakes PPA's (22.04).
 install_sh="set -e; mkdir -p ~/eve_jax; tar -xzf ~/eve_jax.tar.gz -C ~/eve_jax; \
 rm -f ~/eve_jax.tar.gz; cd ~/eve_jax; \
 if [ ! -x ~/eve_jax_venv/bin/python ]; then py=python3; \
-if ! python3 -c 'import sys; sys.exit(sys.version_info < (3, 11))'; then \
+if ! python3 -c 'import sys; sys.exit(sys.version_info < (3, 12))'; then \
+py=python3.12; if ! command -v python3.12 >/dev/null; then \
 sudo apt-get -qq update; \
-sudo DEBIAN_FRONTEND=noninteractive apt-get -qq install -y python3.11 python3.11-venv; \
-py=python3.11; fi; \"\$py\" -m venv ~/eve_jax_venv; fi; \
+if ! apt-cache show python3.12-venv >/dev/null 2>&1; then \
+sudo add-apt-repository -y ppa:deadsnakes/ppa; sudo apt-get -qq update; fi; \
+sudo DEBIAN_FRONTEND=noninteractive apt-get -qq install -y python3.12 python3.12-venv; \
+fi; fi; \"\$py\" -m venv ~/eve_jax_venv; fi; \
 ~/eve_jax_venv/bin/python -m pip install -q --upgrade pip; \
 ~/eve_jax_venv/bin/python -m pip install -q -e '.[tpu]'"
 run "${tpu[@]}" ssh "$name" "${common[@]}" --worker=all "--command=$install_sh"

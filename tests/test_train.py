@@ -2,6 +2,7 @@
 
 import json
 import os
+import platform
 import shutil
 import subprocess
 import sys
@@ -83,6 +84,10 @@ def test_outputs_and_bitwise_resume(tmp_path):
       "dropped_token_frac",
   ):
     assert key in ev
+  # The software the run was made with, for whoever compares it later.
+  (run,) = read_jsonl(os.path.join(a, "run.jsonl"))
+  assert run["versions"]["jax"] == jax.__version__
+  assert run["versions"]["python"] == platform.python_version()
 
   # Pretend run b was stopped right after its step-3 checkpoint.
   shutil.copytree(a, b)

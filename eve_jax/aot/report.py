@@ -28,6 +28,7 @@ import math
 import re
 from typing import Any
 
+from eve_jax import versions
 from eve_jax.aot.targets import Target
 
 COLLECTIVES = (
@@ -247,6 +248,7 @@ def report(target: Target, built, compiled, compile_s: float) -> dict:
       xla_over_analytic=(xla_flops / step_flops) if xla_flops else None,
       collectives=collectives(hlo),
       peak_flops_per_device=target.chip.peak_flops,
+      versions=versions.stack(),
   )
   out.update(estimate(target, cost, hlo, mem, step_flops))
   # The compiler accepted it; a total past the chip's HBM would still not

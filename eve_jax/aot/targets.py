@@ -44,7 +44,7 @@ def _jax_version() -> str:
   try:
     return importlib.metadata.version("jax")
   except importlib.metadata.PackageNotFoundError:
-    return "0.10.2"
+    return "0.12.0.1"
 
 
 # The plugin must be the installed jax's own version.
