@@ -151,8 +151,8 @@ def format_report(r: dict) -> str:
       f"{r['compute_s'] * 1e3:.1f}, memory {r['memory_s'] * 1e3:.1f}) + "
       f"collectives {r['collectives_s'] * 1e3:.1f} ms"
       + (
-          f"; TPU cost model {r['cost_model_step_s'] * 1e3:.1f} ms with "
-          f"{r['sparsecore_offloads']} SparseCore offloads added back"
+          f"; TPU cost model {r['cost_model_step_s'] * 1e3:.1f} ms, "
+          f"{r['sparsecore_offloads']} SparseCore offloads"
           if "cost_model_step_s" in r
           else ""
       )
