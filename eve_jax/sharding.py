@@ -250,6 +250,17 @@ def constrain(x: jax.Array, names: Sequence[str | None]) -> jax.Array:
   return jax.lax.with_sharding_constraint(x, spec)
 
 
+def batch_spec(batch_size: int) -> P:
+  """The PartitionSpec of a [B] axis split as `act_batch` says under the
+  active mesh and rules (P(None) where its axes do not divide B, and
+  outside `use(...)`)."""
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty:
+    return P(None)
+  rules = flax_spmd.get_logical_axis_rules()
+  return logical_to_spec(("act_batch",), (batch_size,), rules, dict(mesh.shape))
+
+
 def logical_size(name: str) -> int:
   """How many devices logical axis `name` is split over under the active
   mesh and rules (1 outside `use(...)`)."""

@@ -129,6 +129,77 @@ def sparsecore_offloads(hlo: str) -> int:
   )
 
 
+_COMPUTATION = re.compile(r"^(?:ENTRY )?%([^\s(]+) .*\{\s*$")
+_INSTRUCTION = re.compile(r"^\s+(?:ROOT )?%([^\s=]+) = (\S+) ([\w-]+)\((.*)$")
+_CALLEES = re.compile(
+    r"(?:calls|body|to_apply|branch_computations)=\{?%([^\s,}]+)"
+)
+_TRIP_COUNT = re.compile(r'"known_trip_count":\{"n":"(\d+)"\}')
+
+
+def _dims(type_text: str) -> list[int]:
+  m = _ARRAY.search(type_text)
+  return [int(d) for d in m.group(2).split(",") if d] if m else []
+
+
+def dot_flops(hlo: str) -> float:
+  """2 x multiply-adds of every dot and ragged dot in optimized HLO text,
+  each counted as many times as it runs: a while loop's body by its known
+  trip count (XLA's `cost_analysis` counts a body once), nested loops and
+  fusions multiplied through. A ragged dot [M, K] x [G, K, N] counts
+  M * K * N (each row meets one group). A loop without a known trip count
+  is counted once."""
+  comps: dict[str, list[str]] = {}
+  order: list[str] = []
+  name = None
+  for line in hlo.splitlines():
+    if m := _COMPUTATION.match(line):
+      name = m.group(1)
+      comps[name], _ = [], order.append(name)
+    elif name is not None and line.startswith("  "):
+      comps[name].append(line)
+  if not order:
+    return 0.0
+  # Callees are printed before their callers and ENTRY last: walk back
+  # from it, handing each computation's run count to what it calls.
+  runs = collections.Counter({order[-1]: 1})
+  for comp in reversed(order):
+    n = runs[comp]
+    if not n:
+      continue
+    for line in comps[comp]:
+      trips = 1
+      if " while(" in line and (t := _TRIP_COUNT.search(line)):
+        trips = int(t.group(1))
+      for callee in _CALLEES.findall(line):
+        runs[callee] += n * trips
+  total = 0.0
+  for comp in order:
+    if not runs[comp]:
+      continue
+    shapes: dict[str, str] = {}
+    for line in comps[comp]:
+      m = _INSTRUCTION.match(line)
+      if not m:
+        continue
+      inst, type_text, op, rest = m.groups()
+      shapes[inst] = type_text
+      if op not in ("dot", "ragged-dot"):
+        continue
+      operands = re.findall(r"%([^\s,)]+)", rest.split(")", 1)[0])
+      lhs = _dims(shapes.get(operands[0], ""))
+      out = math.prod(_dims(type_text))
+      if op == "dot":
+        c = re.search(r"lhs_contracting_dims=\{([\d,]*)\}", rest)
+        contract = math.prod(
+            lhs[int(i)] for i in (c.group(1).split(",") if c else []) if i
+        )
+        total += runs[comp] * 2.0 * out * contract
+      else:  # [M, K] x [G, K, N] -> [M, N]
+        total += runs[comp] * 2.0 * out * lhs[-1]
+  return total
+
+
 def has_loop(hlo: str) -> bool:
   """Whether the program holds a while loop (scanned layers)."""
   return re.search(r" while\(", hlo) is not None

@@ -21,13 +21,20 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.sharding import PartitionSpec as P
 
 from eve_jax.model.layers import activation_fn as gelu_fn
 from eve_jax.model.layers import layer_norm, param
+from eve_jax.model import ragged
 from eve_jax.model.dispatch import make_dispatcher
 from eve_jax.model.moe_config import MoEConfig
-from eve_jax.model.router import MoEStats, decide, make_router
-from eve_jax.sharding import constrain, logical_size, target_platform
+from eve_jax.model.router import MoEStats, Routing, decide, make_router
+from eve_jax.sharding import (
+    batch_spec,
+    constrain,
+    logical_size,
+    target_platform,
+)
 
 _KERNEL_INIT = nnx.initializers.truncated_normal(stddev=0.02)
 _ZEROS = nnx.initializers.zeros_init()
@@ -79,7 +86,12 @@ class ModalityMoE(nnx.Module):
     gelu_fn(cfg.activation)  # fail early on a bad name
     self.cfg = cfg
     self.router = make_router(cfg)
-    self.dispatcher = make_dispatcher(cfg.dispatch)
+    # "ragged" (dropless, ragged.py) has no capacity buffer to dispatch to.
+    self.dispatcher = (
+        None if cfg.dispatch == "ragged" else make_dispatcher(cfg.dispatch)
+    )
+    if cfg.dispatch == "ragged":
+      ragged.grouped_matmul_for(cfg.grouped_matmul, "cpu")  # fail early
     self.num_modalities = num_modalities
     self.dtype = dtype
     e, d, f = cfg.num_experts, dim, hidden
@@ -142,6 +154,9 @@ class ModalityMoE(nnx.Module):
       r = decide(
           self.router, params, self.cfg, x, modality, valid, self.num_modalities
       )
+    if self.dispatcher is None:
+      with jax.named_scope("experts"):
+        return self._dropless(r, valid), r.stats
     with jax.named_scope("experts"):
       plan = self.dispatcher.plan(r.dispatch, self.cfg.num_experts, r.capacity)
       buf = self.dispatcher.dispatch(r.expert_input.astype(self.dtype), plan)
@@ -156,6 +171,58 @@ class ModalityMoE(nnx.Module):
       y = self.dispatcher.combine(out, plan)
       y = constrain(y, ("act_batch", "act_seq", "act_embed"))
     return y, r.stats
+
+  def _dropless(self, r: Routing, valid: jax.Array) -> jax.Array:
+    """[G, S, D] output of the dropless experts (ragged.py) on each
+    device's own groups: a shard_map over the batch's mesh axes, so the
+    sort by expert stays on the device that holds the tokens. The expert
+    weights enter whole (replicated; the shard_map's transpose sums their
+    gradients over the batch axes)."""
+    if logical_size("act_expert") > 1:
+      raise ValueError(
+          "moe_dispatch='ragged' does not shard experts over the `expert` "
+          f"mesh axis yet ({logical_size('act_expert')} ways): use "
+          "--config.mesh.expert=1 or moe_dispatch='gather'"
+      )
+    backend = ragged.grouped_matmul_for(
+        self.cfg.grouped_matmul, target_platform()
+    )
+    act = gelu_fn(self.cfg.activation)
+    weights = tuple(
+        w[...].astype(self.dtype) for w in (self.wi, self.bi, self.wo, self.bo)
+    )
+    x = r.expert_input.astype(self.dtype)
+    d = r.dispatch
+
+    def local(x, choice, gates, valid, *weights):
+      g, s, dim = x.shape
+      y = ragged.experts_dropless(
+          x.reshape(g * s, dim),
+          choice.reshape(g * s, -1),
+          gates.reshape(g * s, -1),
+          valid.reshape(g * s),
+          *weights,
+          act=act,
+          backend=backend,
+      )
+      return y.reshape(g, s, dim)
+
+    args = (x, d.expert_choice, d.gates, valid)
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or mesh.size == 1:
+      return local(*args, *weights)
+    spec = batch_spec(x.shape[0])  # P(batch axes) or P(None): unsplittable
+    rows = [P(spec[0], *(None,) * (a.ndim - 1)) for a in args]
+    return jax.shard_map(
+        local,
+        in_specs=(*rows, *(P(),) * len(weights)),
+        out_specs=rows[0],
+        # Unchecked: jax 0.12's exact gelu (erfc) fails the varying-axes
+        # check when replicated weights meet sharded tokens. Without it the
+        # transpose sums the replicated weights' gradients over the batch
+        # axes all the same (tests/test_ragged.py compares them).
+        check_vma=False,
+    )(*args, *weights)
 
   def _experts(self, buf: jax.Array) -> jax.Array:
     """[E, G, C, D] -> [E, G, C, D]: expert e's FFN on its slots."""

@@ -26,8 +26,11 @@ class MoEConfig:
     the modality router only).
   normalize_gates: kept top-k gates divided by their sum
     [moe_normalize_gates].
-  dispatch: "gather" or "einsum" (eve_jax/model/dispatch.py)
+  dispatch: "gather" or "einsum" (eve_jax/model/dispatch.py), or
+    "ragged": dropless, no capacity (eve_jax/model/ragged.py)
     [moe_dispatch].
+  grouped_matmul: the ragged dispatcher's expert product: "auto",
+    "ragged_dot" or "tiles" (ragged.py) [moe_grouped_matmul].
   experts: "auto", "batched" or "unrolled" [moe_experts].
   group: "sample" (one routing group per sequence) or "batch" (all B * L
     tokens of a call) [moe_group].
@@ -45,6 +48,7 @@ class MoEConfig:
   add_modality_to_experts: bool = True
   normalize_gates: bool = False
   dispatch: str = "gather"
+  grouped_matmul: str = "auto"
   experts: str = "auto"
   group: str = "sample"
   route_padding: bool = False

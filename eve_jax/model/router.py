@@ -104,7 +104,9 @@ def route(
     logits: [G, S, E] router logits (softmax is taken in float32).
     valid: [G, S] bool, False for padding tokens.
     top_k: K, experts per token.
-    capacity: C, slots per expert per group (see `expert_capacity`).
+    capacity: C, slots per expert per group (see `expert_capacity`);
+      None: dropless (every valid choice kept; `dispatch`, `combine` and
+      `position` are None, the ragged dispatcher needs none of them).
 
   Returns:
     A `Dispatch`.
@@ -120,6 +122,17 @@ def route(
   # at reduced precision on TPU by default.
   gates = jnp.sum(choice_1h * probs[:, :, None, :], axis=-1)
   valid = valid.astype(bool)
+  if capacity is None:
+    kept = jnp.broadcast_to(valid[:, :, None], choice.shape)
+    return Dispatch(
+        dispatch=None,
+        combine=None,
+        probs=probs,
+        expert_choice=choice.astype(jnp.int32),
+        kept=kept,
+        position=None,
+        gates=jnp.where(kept, gates, 0.0),
+    )
   # [G, S, K, E]: which expert each valid (token, choice) asks for.
   wants = choice_1h.astype(jnp.int32)
   wants = wants * valid[:, :, None, None].astype(jnp.int32)
@@ -155,9 +168,8 @@ def normalize_gates(d: Dispatch) -> Dispatch:
   total = jnp.sum(d.gates, axis=-1)  # [G, S]
   # DeepSpeed clamps the denominator at float32 eps the same way.
   inv = 1.0 / jnp.maximum(total, jnp.finfo(jnp.float32).eps)
-  return d.replace(
-      gates=d.gates * inv[..., None], combine=d.combine * inv[..., None, None]
-  )
+  combine = None if d.combine is None else d.combine * inv[..., None, None]
+  return d.replace(gates=d.gates * inv[..., None], combine=combine)
 
 
 def load_balancing_loss(
@@ -321,13 +333,13 @@ class Routing:
 
   Attributes:
     dispatch: the `Dispatch` (choices, slots, gates).
-    capacity: C, slots per expert per group (static).
+    capacity: C, slots per expert per group (static; None: dropless).
     expert_input: [G, S, D] float32, what the experts get.
     stats: `MoEStats` (aux loss, dropped, routed, per-modality counts).
   """
 
   dispatch: Dispatch
-  capacity: int = flax.struct.field(pytree_node=False)
+  capacity: int | None = flax.struct.field(pytree_node=False)
   expert_input: jax.Array
   stats: MoEStats
 
@@ -346,13 +358,16 @@ def decide(
   eq. 7 and the stats."""
   group_size = x.shape[1]
   logits, expert_input = router.logits(params, x, modality, num_modalities)
-  capacity = expert_capacity(
-      group_size,
-      cfg.num_experts,
-      cfg.top_k,
-      cfg.capacity_factor,
-      cfg.min_capacity,
-  )
+  if cfg.dispatch == "ragged":  # dropless: no capacity
+    capacity = None
+  else:
+    capacity = expert_capacity(
+        group_size,
+        cfg.num_experts,
+        cfg.top_k,
+        cfg.capacity_factor,
+        cfg.min_capacity,
+    )
   d = route(logits, valid, cfg.top_k, capacity)
   if cfg.normalize_gates:
     d = normalize_gates(d)

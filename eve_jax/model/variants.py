@@ -142,6 +142,11 @@ class ModelConfig:
   dtype: str = "float32"  # compute dtype; params stay float32
   # Speed knobs (outputs unchanged up to float rounding):
   moe_dispatch: str = "gather"  # or "einsum" (one-hot, vmoe's form)
+  # moe_dispatch="ragged" is not a speed knob: dropless, it keeps the
+  # assignments a capacity drops (eve_jax/model/ragged.py). Its expert
+  # product: "auto" (XLA's ragged dot on TPU, row tiles elsewhere),
+  # "ragged_dot" or "tiles".
+  moe_grouped_matmul: str = "auto"
   # Experts as one batched einsum or E separate matmuls; "auto": separate
   # on CPU when the experts are not sharded (faster there), else batched.
   moe_experts: str = "auto"
@@ -178,6 +183,7 @@ class ModelConfig:
         add_modality_to_experts=self.add_modality_to_experts,
         normalize_gates=self.moe_normalize_gates,
         dispatch=self.moe_dispatch,
+        grouped_matmul=self.moe_grouped_matmul,
         experts=self.moe_experts,
         group=self.moe_group,
         route_padding=self.moe_route_padding,
@@ -298,7 +304,8 @@ class ModelConfig:
           "or 'quick_gelu'"
       )
     for name, allowed in (
-        ("moe_dispatch", ("gather", "einsum")),
+        ("moe_dispatch", ("gather", "einsum", "ragged")),
+        ("moe_grouped_matmul", ("auto", "ragged_dot", "tiles")),
         ("moe_experts", ("auto", "batched", "unrolled")),
         ("attention", ("einsum", "xla", "cudnn")),
         ("soft_ffn", ("moe", "dense")),

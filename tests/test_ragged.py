@@ -1,0 +1,345 @@
+"""The dropless MoE (`moe_dispatch="ragged"`, eve_jax/model/ragged.py)
+against references that share none of its code: a float64 computation
+that runs every expert on every token and weights by the gates (NumPy for
+the forward, a dense float64 JAX function for the gradients), the
+capacity dispatchers at a capacity that drops nothing, and itself
+unsharded when the batch is split over 4 CPU devices.
+"""
+
+import dataclasses
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from eve_jax import sharding
+from eve_jax.model import ragged
+from eve_jax.model.moe import ModalityMoE
+from eve_jax.model.moe_config import MoEConfig
+
+RULES = sharding.parse_rules(sharding.DEFAULT_RULES)
+DIM, HIDDEN, EXPERTS = 16, 32, 4
+
+
+def _inputs(batch=3, length=20, seed=0):
+  rng = np.random.default_rng(seed)
+  x = rng.normal(size=(batch, length, DIM)).astype(np.float32)
+  modality = (np.arange(length) >= length // 2).astype(np.int32)
+  modality = np.repeat(modality[None], batch, 0)
+  valid = rng.random((batch, length)) > 0.2
+  return x, modality, valid
+
+
+def _layer(cfg, seed=0):
+  """A layer with non-zero biases (zeros would hide a misplaced bias)."""
+  layer = ModalityMoE(DIM, HIDDEN, cfg, rngs=nnx.Rngs(seed))
+  rng = np.random.default_rng(seed + 1)
+  for name in ("bi", "bo"):
+    p = getattr(layer, name)
+    p[...] = jnp.asarray(0.1 * rng.normal(size=p[...].shape), jnp.float32)
+  return layer
+
+
+def _value_and_grads(layer, x, modality, valid):
+  graphdef, params = nnx.split(layer)
+
+  def loss(params, x):
+    y, stats = nnx.merge(graphdef, params)(x, modality, valid)
+    return jnp.sum(jnp.sin(y)), (y, stats)
+
+  fn = jax.jit(jax.value_and_grad(loss, argnums=(0, 1), has_aux=True))
+  (_, (y, stats)), (g_params, g_x) = fn(params, jnp.asarray(x))
+  return y, stats, g_params, g_x
+
+
+def _dense_reference(p, x, modality, valid, choice):
+  """Every expert on every token, weighted by the gates of the chosen
+  experts (`choice` [B, L, K] from the layer: the top-k is a discrete
+  decision, not part of what is compared). Works on NumPy and jnp."""
+  xp = jnp if isinstance(x, jax.Array) else np
+  one_hot = (modality[..., None] == xp.arange(2)).astype(x.dtype)
+  x_m = x + one_hot @ p["modality_embed"]
+  logits = x_m @ p["kernel"]
+  logits = logits - logits.max(-1, keepdims=True)
+  probs = xp.exp(logits) / xp.exp(logits).sum(-1, keepdims=True)
+  chosen = (choice[..., None] == xp.arange(EXPERTS)).astype(x.dtype)
+  weight = (chosen * probs[..., None, :]).sum(-2) * valid[..., None]
+  erf = jax.scipy.special.erf if xp is jnp else np.vectorize(math.erf)
+  h = xp.einsum("BLD,EDF->BLEF", x_m, p["wi"]) + p["bi"]
+  h = 0.5 * h * (1 + erf(h / np.sqrt(2)))
+  out = xp.einsum("BLEF,EFD->BLED", h, p["wo"]) + p["bo"]
+  return xp.einsum("BLED,BLE->BLD", out, weight)
+
+
+def _params(layer):
+  return {
+      n: np.asarray(getattr(layer, n)[...], np.float64)
+      for n in ("kernel", "modality_embed", "wi", "bi", "wo", "bo")
+  }
+
+
+def _choice(layer, x, modality, valid):
+  from eve_jax.model.router import decide
+
+  params = {n: getattr(layer, n)[...] for n in layer.router_params}
+  r = decide(layer.router, params, layer.cfg, jnp.asarray(x), modality,
+             jnp.asarray(valid), 2)
+  return np.asarray(r.dispatch.expert_choice)
+
+
+@pytest.mark.parametrize("backend", ["tiles", "ragged_dot"])
+def test_dropless_equals_float64_every_expert_reference(backend):
+  """Forward against NumPy float64, gradients of sum(sin(y)) against a
+  dense float64 JAX function, both within 1e-5 (relative to the largest
+  entry). The expert loads are uneven, so runs straddle tiles."""
+  cfg = MoEConfig(EXPERTS, top_k=2, dispatch="ragged", grouped_matmul=backend)
+  layer = _layer(cfg)
+  x, modality, valid = _inputs()
+  y, stats, g_params, g_x = _value_and_grads(layer, x, modality, valid)
+  p64 = _params(layer)
+  choice = _choice(layer, x, modality, valid)
+  assert len(np.unique(np.bincount(choice[valid].ravel()))) > 1  # uneven
+  y64 = _dense_reference(p64, x.astype(np.float64), modality, valid, choice)
+  scale = np.abs(y64).max()
+  np.testing.assert_allclose(np.asarray(y), y64, atol=1e-5 * scale)
+  assert float(stats.dropped) == 0
+  assert float(stats.routed) == 2 * valid.sum()
+
+  with jax.enable_x64(True):
+    j64 = jax.tree.map(jnp.asarray, p64)
+
+    def loss64(p, x):
+      out = _dense_reference(p, x, jnp.asarray(modality),
+                             jnp.asarray(valid, jnp.float64),
+                             jnp.asarray(choice))
+      return jnp.sum(jnp.sin(out))
+
+    r_params, r_x = jax.grad(loss64, argnums=(0, 1))(
+        j64, jnp.asarray(x, jnp.float64)
+    )
+    r_params = jax.tree.map(np.asarray, r_params)
+    r_x = np.asarray(r_x)
+  for name, ref in r_params.items():
+    got = np.asarray(g_params[name][...])
+    np.testing.assert_allclose(
+        got, ref, atol=1e-5 * np.abs(ref).max(), err_msg=name
+    )
+  np.testing.assert_allclose(
+      np.asarray(g_x), r_x, atol=1e-5 * np.abs(r_x).max()
+  )
+
+
+@pytest.mark.parametrize("dispatch", ["gather", "einsum"])
+def test_dropless_equals_capacity_dispatch_that_drops_nothing(dispatch):
+  """capacity_factor 0 (C = S: nothing can drop): the capacity
+  dispatchers and the dropless one compute the same layer."""
+  x, modality, valid = _inputs(batch=4, length=24, seed=3)
+  ref = _value_and_grads(
+      _layer(MoEConfig(EXPERTS, dispatch=dispatch, capacity_factor=0)),
+      x, modality, valid,
+  )
+  assert float(ref[1].dropped) == 0
+  for backend in ("tiles", "ragged_dot"):
+    cfg = MoEConfig(EXPERTS, dispatch="ragged", grouped_matmul=backend)
+    got = _value_and_grads(_layer(cfg), x, modality, valid)
+    np.testing.assert_allclose(
+        np.asarray(got[0]), np.asarray(ref[0]), rtol=1e-5, atol=1e-6
+    )
+    for a, b in zip(jax.tree.leaves(got[2:]), jax.tree.leaves(ref[2:])):
+      np.testing.assert_allclose(
+          np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6
+      )
+
+
+def test_capacity_drops_what_dropless_keeps():
+  """At capacity factor 0.5 the gather dispatcher drops assignments of
+  this batch, the dropless one none: the outputs differ."""
+  x, modality, valid = _inputs(batch=4, length=24, seed=3)
+  cap = _value_and_grads(
+      _layer(MoEConfig(EXPERTS, capacity_factor=0.5)), x, modality, valid
+  )
+  dropless = _value_and_grads(
+      _layer(MoEConfig(EXPERTS, dispatch="ragged")), x, modality, valid
+  )
+  assert float(cap[1].dropped) > 0 and float(dropless[1].dropped) == 0
+  assert np.abs(np.asarray(cap[0]) - np.asarray(dropless[0])).max() > 1e-3
+
+
+def test_layout_by_hand():
+  """3 tokens x 2 choices over 3 experts, tiles of 2, token 1 padding:
+  expert 0 gets (t0, k0), (t2, k1); expert 1 none; expert 2 (t0, k1),
+  (t2, k0). Runs padded to 2 rows: expert 0 rows 0-1, expert 2 rows 2-3,
+  R = round_up(6, 2) + 3 * 2 = 12 rows, 8 of them past the last run."""
+  choice = jnp.array([[0, 2], [1, 2], [2, 0]], jnp.int32)
+  valid = jnp.array([True, False, True])
+  lay = ragged.layout(choice, valid, num_experts=3, tile=2)
+  np.testing.assert_array_equal(lay.slots, [[0, 2], [12, 12], [3, 1]])
+  np.testing.assert_array_equal(lay.group_sizes, [2, 0, 2])
+  np.testing.assert_array_equal(
+      lay.sources, [0, 5, 1, 4] + [6] * 8  # token * K + choice; 6 = none
+  )
+  np.testing.assert_array_equal(lay.row_expert, [0, 0, 2, 2] + [3] * 8)
+  x = jnp.arange(3.0)[:, None] + 1.0  # token t holds t + 1
+  np.testing.assert_array_equal(
+      ragged.to_buffer(x, lay)[:5, 0], [1.0, 3.0, 1.0, 3.0, 0.0]
+  )
+
+
+def test_auto_tile_keeps_padding_at_most_an_eighth():
+  for n, e in ((948, 32), (3424, 8), (121344, 32), (40, 4)):
+    tile = ragged.auto_tile(n, e)
+    assert 8 <= tile <= 128 and tile & (tile - 1) == 0
+    assert e * tile * 8 <= n or tile == 8
+  assert ragged.auto_tile(121344, 32) == 128
+
+
+def _sharded(mesh, cfg, x, modality, valid):
+  graphdef, abstract = nnx.split(nnx.eval_shape(lambda: _layer(cfg)))
+  state_sh = sharding.tree_shardings(abstract, mesh, RULES)
+  x_sh = sharding.batch_sharding(mesh, RULES, x.shape[0])
+
+  def loss(params, x, modality, valid):
+    y, stats = nnx.merge(graphdef, params)(x, modality, valid)
+    return jnp.sum(jnp.sin(y)), (y, stats.dropped)
+
+  with sharding.use(mesh, RULES):
+    params = jax.device_put(nnx.state(_layer(cfg)), state_sh)
+    args = [jax.device_put(jnp.asarray(a), x_sh) for a in (x, modality, valid)]
+    fn = jax.jit(
+        jax.value_and_grad(loss, argnums=(0, 1), has_aux=True),
+        in_shardings=(state_sh, x_sh, x_sh, x_sh),
+    )
+    (_, (y, dropped)), grads = fn(params, *args)
+    hlo = fn.lower(params, *args).compile().as_text()
+  return y, dropped, grads, hlo
+
+
+def _mesh(**axes):
+  cfg = {**dict(data=1, fsdp=1, expert=1, tensor=1), **axes}
+  n = int(np.prod(list(cfg.values())))
+  return sharding.make_mesh(cfg, devices=jax.devices()[:n])
+
+
+@pytest.mark.parametrize("axes", [dict(data=4), dict(data=2, fsdp=2)])
+def test_dropless_on_4_devices_equals_one(axes):
+  """The batch split over 4 CPU devices: each sorts its own tokens (a
+  shard_map), the weights' gradients are summed over the devices."""
+  cfg = MoEConfig(EXPERTS, dispatch="ragged")
+  x, modality, valid = _inputs(batch=8, length=20, seed=5)
+  y1, d1, g1, _ = _sharded(_mesh(), cfg, x, modality, valid)
+  y4, d4, g4, hlo = _sharded(_mesh(**axes), cfg, x, modality, valid)
+  assert float(d1) == float(d4) == 0
+  np.testing.assert_allclose(np.asarray(y4), np.asarray(y1), rtol=1e-5,
+                             atol=1e-6)
+  for a, b in zip(jax.tree.leaves(g4), jax.tree.leaves(g1)):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5,
+                               atol=1e-6)
+  # The tokens stay where they are: no all-gather or all-to-all of
+  # activations, only the weights' gradient all-reduce (and FSDP's
+  # weight gathers on fsdp=2).
+  assert "all-to-all" not in hlo
+  assert "all-reduce" in hlo
+
+
+def test_dropless_with_sharded_experts_is_one_line():
+  cfg = MoEConfig(EXPERTS, dispatch="ragged")
+  x, modality, valid = _inputs(batch=8, length=20)
+  with pytest.raises(ValueError) as e:
+    _sharded(_mesh(data=2, expert=2), cfg, x, modality, valid)
+  assert "mesh.expert=1" in str(e.value) and "\n" not in str(e.value)
+
+
+def test_unknown_grouped_matmul_is_one_line():
+  with pytest.raises(ValueError) as e:
+    ModalityMoE(DIM, HIDDEN, MoEConfig(EXPERTS, dispatch="ragged",
+                                       grouped_matmul="megablocks"),
+                rngs=nnx.Rngs(0))
+  assert "megablocks" in str(e.value) and "\n" not in str(e.value)
+
+
+# --- FLOPs: no E x expansion ------------------------------------------------
+
+
+def _base_layer_train(target=None, batch=16):
+  """forward + backward of EVE-Base's soft-router layer with the dropless
+  dispatcher over `batch` MLM-pass sequences (1 + 196 + 40 tokens),
+  compiled for the host or for one device of `target`; (compiled, XLA's
+  analytic train FLOPs)."""
+  from eve_jax import config_lib, flops
+  from eve_jax.model.variants import ModelConfig
+
+  cfg = ModelConfig.from_config(config_lib.model_config("base"))
+  length = 1 + cfg.num_patches + 40
+  moe_cfg = dataclasses.replace(cfg.moe, dispatch="ragged")
+  layer = nnx.eval_shape(
+      lambda: ModalityMoE(cfg.width, cfg.mlp_dim, moe_cfg, rngs=nnx.Rngs(0))
+  )
+  graphdef, params = nnx.split(layer)
+
+  def loss(params, x, modality, valid):
+    y, stats = nnx.merge(graphdef, params)(x, modality, valid)
+    return jnp.sum(y) + stats.aux_loss
+
+  args = [
+      jax.ShapeDtypeStruct((batch, length, cfg.width), jnp.float32),
+      jax.ShapeDtypeStruct((batch, length), jnp.int32),
+      jax.ShapeDtypeStruct((batch, length), bool),
+  ]
+  fn = jax.jit(jax.grad(loss, argnums=(0, 1)))
+  analytic = 3 * batch * flops.moe_layer(cfg, length)  # train = 3 x fwd
+  if target is None:
+    return fn.lower(params, *args).compile(), analytic
+  mesh = sharding.make_mesh(dict(data=1), target.devices[:1])
+  with sharding.use(mesh, RULES):
+    put = lambda a: jax.ShapeDtypeStruct(  # noqa: E731
+        a.shape, a.dtype,
+        sharding=jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()),
+    )
+    compiled = fn.lower(jax.tree.map(put, params), *map(put, args)).compile()
+  return compiled, analytic
+
+
+def test_dot_flops_counts_a_loop_by_its_trip_count():
+  """10 [64,128] x [128,256] products in a scan: XLA's cost analysis
+  counts the body once, report.dot_flops ten times."""
+  from eve_jax.aot import report
+
+  def f(x, w):
+    def body(c, xi):
+      return c + jnp.tanh(xi @ w), None
+
+    return jax.lax.scan(body, jnp.zeros((64, 256)), x)[0]
+
+  compiled = jax.jit(f).lower(jnp.ones((10, 64, 128)), jnp.ones((128, 256)))
+  hlo = compiled.compile().as_text()
+  assert report.dot_flops(hlo) == 10 * 2 * 64 * 128 * 256
+
+
+def test_dropless_layer_flops_close_to_active_on_cpu():
+  """The "tiles" backend over 16 sequences: the dots XLA runs (counted
+  through the scan by its trip count) are within 1.15 x the active FLOPs
+  (K experts per token + router), not E x (32 x for EVE-Base)."""
+  from eve_jax.aot import report
+
+  compiled, analytic = _base_layer_train()
+  hlo = compiled.as_text()
+  assert " while(" in hlo  # the tile scan
+  ratio = report.dot_flops(hlo) / analytic
+  assert 1.0 <= ratio <= 1.15, ratio
+
+
+def test_dropless_layer_flops_close_to_active_on_v5p():
+  """On a v5p chip the experts are XLA's native ragged dot (no loop):
+  XLA's own FLOP count is within 1.15 x the active FLOPs."""
+  from test_compile import _target_or_skip
+
+  compiled, analytic = _base_layer_train(_target_or_skip("v5p:2x2x1"))
+  hlo = compiled.as_text()
+  assert "ragged-dot" in hlo and " while(" not in hlo
+  cost = compiled.cost_analysis()
+  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+  ratio = float(cost["flops"]) / analytic
+  assert 1.0 <= ratio <= 1.15, ratio
