@@ -17,9 +17,11 @@ The experts' FFN over the buffer is a grouped matmul, two backends
 
   "ragged_dot"  jax.lax.ragged_dot with the padded run lengths as group
                 sizes: XLA:TPU's native ragged dot (exact FLOPs in its cost
-                analysis). On CPU and GPU XLA expands it to E dense
-                products over all R rows (E x the FLOPs): exact, but only
-                for tests there.
+                analysis), over tiles of 8 rows: with a row count that is
+                not a multiple of 8, XLA:TPU (libtpu 0.0.50.1) expands a
+                ragged dot into E dense products by itself. On CPU and GPU
+                XLA always expands it that way (E x the FLOPs): exact, but
+                only for tests there.
   "tiles"       a scan over the buffer's [tile, D] row tiles, each run with
                 its expert's weights (a tile holds one expert's rows): the
                 FLOPs of R rows, at most (E - 1) * tile more than T * K.
@@ -231,9 +233,7 @@ def _tiles_bwd(act, res, g_out):
     return acc, g_pre @ wi[e].T
 
   zeros = tuple(jnp.zeros(w.shape, f32) for w in (wi, bi, wo, bo))
-  acc, g_tiles = jax.lax.scan(
-      body, zeros, (tiles, tile_expert, pre, g_out)
-  )
+  acc, g_tiles = jax.lax.scan(body, zeros, (tiles, tile_expert, pre, g_out))
   d_wi, d_bi, d_wo, d_bo = (
       a.astype(w.dtype) for a, w in zip(acc, (wi, bi, wo, bo))
   )
@@ -288,7 +288,7 @@ def experts_dropless(
     wi, bi, wo, bo: [E, D, F], [E, F], [E, F, D], [E, D] expert weights.
     act: the experts' activation.
     backend: a GROUPED_MATMULS name.
-    tile: rows per tile (default: 1 for "ragged_dot", `auto_tile` for
+    tile: rows per tile (default: 8 for "ragged_dot", `auto_tile` for
       "tiles").
 
   Returns:
@@ -297,7 +297,7 @@ def experts_dropless(
   t, k = choice.shape
   e = wi.shape[0]
   if tile is None:
-    tile = 1 if backend == "ragged_dot" else auto_tile(t * k, e)
+    tile = 8 if backend == "ragged_dot" else auto_tile(t * k, e)
   lay = layout(choice, valid, e, tile)
   buf = to_buffer(x, lay)
   out = GROUPED_MATMULS[backend](buf, lay, wi, bi, wo, bo, act)
