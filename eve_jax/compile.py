@@ -2,7 +2,7 @@ r"""Compile the training step for a TPU slice or GPU nodes, from this machine.
 
   python -m eve_jax.compile --config=configs/base.py --topology=v5p:4x4x4 \
       [--num_slices=N] [--config.mesh.expert=8 --config.train.batch_size=...] \
-      [--json] [--hlo_out=step.hlo] [--depth=4,6] [--search]
+      [--json] [--hlo_out=step.hlo] [--depth=4,6] [--search] [--top_fusions=N]
 
 Builds exactly the step the trainer would run (trainer.build_program for
 the config's task: same shardings, donated state) over compile-only
@@ -98,13 +98,20 @@ _VOCAB = flags.DEFINE_integer(
 )
 _ANSWERS = flags.DEFINE_integer("num_answers", 3129, "VQA answer vocabulary.")
 # Accepted and unused, so that a launcher can pass a run's own arguments.
+_TOP = flags.DEFINE_integer(
+    "top_fusions",
+    0,
+    "Also print the step's N top-level ops (fusions, custom calls, copies) "
+    "and model scopes by bytes moved (the JSON always has 12 of each).",
+)
 flags.DEFINE_string("workdir", None, "Ignored (a run's flag).")
 
 EXIT_DOES_NOT_FIT = 3
 
 
-def format_report(r: dict) -> str:
-  """The report as a few human lines."""
+def format_report(r: dict, top: int = 0) -> str:
+  """The report as a few human lines (and the `top` ops and scopes by
+  bytes, when asked)."""
   g = lambda b: f"{b / 2 ** 30:.2f} GiB"  # noqa: E731
   mesh = (
       " x ".join(f"{k}={v}" for k, v in r["mesh"].items() if v > 1)
@@ -174,6 +181,17 @@ def format_report(r: dict) -> str:
     lines.append(
         "compiled with " + ", ".join(f"{k} {v[k]}" for k in keys if k in v)
     )
+  if top and r.get("top_ops"):
+    deeper = " (of the deeper compile)" if r.get("extrapolated_from") else ""
+    lines.append(f"bytes moved per step by model scope{deeper}:")
+    for name, b in list(r["bytes_by_scope"].items())[:top]:
+      lines.append(f"  {b / 2 ** 20:10.1f} MiB  {name}")
+    lines.append(f"top-level ops by bytes moved per step{deeper}:")
+    for o in r["top_ops"][:top]:
+      lines.append(
+          f"  {o['bytes'] / 2 ** 20:10.1f} MiB  {o['op']} x{o['runs']}  "
+          f"{o['op_name']}"
+      )
   return "\n".join(lines)
 
 
@@ -218,7 +236,7 @@ def main(argv) -> None:
     )
   except ValueError as e:  # TargetError, mesh / batch / config errors
     _fail(str(e).strip().splitlines()[0])
-  print(json.dumps(r) if _JSON.value else format_report(r))
+  print(json.dumps(r) if _JSON.value else format_report(r, _TOP.value))
   if not r["fits"]:
     sys.exit(EXIT_DOES_NOT_FIT)
 

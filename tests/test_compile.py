@@ -126,6 +126,8 @@ def test_report_keys_and_numbers(pretrain_reports):
       "roofline_step_s",
       "cost_model_step_s",
       "sparsecore_offloads",
+      "top_ops",
+      "bytes_by_scope",
   ):
     assert key in r, key
   m = r["memory"]
@@ -445,6 +447,57 @@ def test_sparsecore_offload_is_charged_like_the_gather_it_replaces(v5p):
     offloads[offload] = report.sparsecore_offloads(compiled.as_text())
   assert offloads[True] > 0 and offloads[False] == 0
   assert 0 < seconds[False] and 0 < seconds[True] < 2 * seconds[False]
+
+
+_HLO_BY_HAND = """\
+HloModule m
+
+%fused_mul (p0: f32[256]) -> f32[256] {
+  %p0 = f32[256]{0} parameter(0)
+  ROOT %m = f32[256]{0} multiply(%p0, %p0)
+}
+
+%body (t: (s32[], f32[256])) -> (s32[], f32[256]) {
+  %t = (s32[], f32[256]{0}) parameter(0)
+  %x = f32[256]{0} get-tuple-element(%t), index=1
+  %f = f32[256]{0} fusion(%x), kind=kLoop, calls=%fused_mul, metadata={op_name="jit(step)/transpose(jvp(ffn_soft))/experts/mul"}
+  %i = s32[] get-tuple-element(%t), index=0
+  ROOT %r = (s32[], f32[256]{0}) tuple(%i, %f)
+}
+
+%cond (t: (s32[], f32[256])) -> pred[] {
+  %t = (s32[], f32[256]{0}) parameter(0)
+  ROOT %c = pred[] constant(true)
+}
+
+ENTRY %main (a: f32[256], b: bf16[64,32]) -> f32[256] {
+  %a = f32[256]{0} parameter(0)
+  %b = bf16[64,32]{1,0} parameter(1)
+  %w = f32[32,16]{1,0} constant({...})
+  %d = f32[64,16]{1,0} dot(%b, %w), lhs_contracting_dims={1}, rhs_contracting_dims={0}, metadata={op_name="jit(step)/jvp(attention)/dot_general"}
+  %z = s32[] constant(0)
+  %t0 = (s32[], f32[256]{0}) tuple(%z, %a)
+  %l = (s32[], f32[256]{0}) while(%t0), condition=%cond, body=%body, backend_config={"known_trip_count":{"n":"3"}}
+  ROOT %o = f32[256]{0} get-tuple-element(%l), index=1
+}
+"""
+
+
+def test_hlo_bytes_and_flops_by_hand():
+  """A dot in ENTRY and a fusion in a 3-trip loop: the fusion moves
+  2 x 1 KiB per run, 3 runs; the dot bf16 [64,32] + f32 [32,16] in,
+  f32 [64,16] out; the dot's FLOPs 2 x 64 x 16 x 32."""
+  ops = report.top_ops_by_bytes(_HLO_BY_HAND, n=None)
+  by_name = {o["name"]: o for o in ops}
+  assert set(by_name) == {"f", "d"}  # no parameters, tuples, the loop itself
+  assert by_name["f"]["runs"] == 3 and by_name["f"]["bytes"] == 3 * 2048
+  assert by_name["d"]["bytes"] == 64 * 32 * 2 + 32 * 16 * 4 + 64 * 16 * 4
+  assert [o["name"] for o in ops] == ["d", "f"]  # 10240 > 6144 bytes
+  assert report.bytes_by_scope(_HLO_BY_HAND) == {
+      "attention/dot_general": 10240.0,
+      "ffn_soft/experts": 6144.0,
+  }
+  assert report.dot_flops(_HLO_BY_HAND) == 2 * 64 * 16 * 32
 
 
 def test_cuda_plugin_absent_is_false_not_an_error(monkeypatch, tmp_path):

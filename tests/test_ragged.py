@@ -145,7 +145,9 @@ def test_dropless_equals_float64_every_expert_reference(backend):
   )
 
 
-@pytest.mark.parametrize("dispatch", ["gather", "einsum"])
+@pytest.mark.parametrize(
+    "dispatch", ["gather", pytest.param("einsum", marks=pytest.mark.slow)]
+)
 def test_dropless_equals_capacity_dispatch_that_drops_nothing(dispatch):
   """capacity_factor 0 (C = S: nothing can drop): the capacity
   dispatchers and the dropless one compute the same layer."""
@@ -238,7 +240,10 @@ def _mesh(**axes):
   return sharding.make_mesh(cfg, devices=jax.devices()[:n])
 
 
-@pytest.mark.parametrize("axes", [dict(data=4), dict(data=2, fsdp=2)])
+@pytest.mark.parametrize(
+    "axes",
+    [dict(data=4), pytest.param(dict(data=2, fsdp=2), marks=pytest.mark.slow)],
+)
 def test_dropless_on_4_devices_equals_one(axes):
   """The batch split over 4 CPU devices: each sorts its own tokens (a
   shard_map), the weights' gradients are summed over the devices."""
