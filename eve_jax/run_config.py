@@ -43,6 +43,7 @@ FREE = (
     "model.attention",
     "model.moe_dispatch",
     "model.moe_experts",
+    "model.moe_grouped_matmul",
 )
 # May differ, with a warning.
 LENGTH = ("train.steps", "train.epochs")
@@ -68,7 +69,14 @@ def _set(tree: dict[str, Any], key: str, value: Any) -> None:
   tree[last] = value
 
 
-def _free(key: str) -> bool:
+# A FREE key whose change between these values does change what is
+# trained: the dropless dispatcher keeps what a capacity drops.
+NOT_FREE_BETWEEN = {"model.moe_dispatch": {"ragged"}}
+
+
+def _free(key: str, old: Any = None, new: Any = None) -> bool:
+  if {old, new} & NOT_FREE_BETWEEN.get(key, set()):
+    return False
   return any(key == f or (f.endswith(".") and key.startswith(f)) for f in FREE)
 
 
@@ -81,7 +89,7 @@ def changes(
   return [
       (k, a[k], b[k])
       for k in sorted(a.keys() & b.keys())
-      if a[k] != b[k] and not _free(k)
+      if a[k] != b[k] and not _free(k, a[k], b[k])
   ]
 
 

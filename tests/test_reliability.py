@@ -188,11 +188,20 @@ def test_what_does_not_change_the_run_may_change(finished):
   assert run_config.changes(old, run_config.as_dict(new)) == [
       ("train.steps", 2, 5)
   ]
+  new.model.moe_dispatch = "einsum"  # the same layer up to rounding
+  assert run_config.changes(old, run_config.as_dict(new)) == [
+      ("train.steps", 2, 5)
+  ]
   new.seed = 3
   new.masking.image_mask_ratio = 0.5
   assert [
       k for k, _, _ in run_config.changes(old, run_config.as_dict(new))
   ] == ["masking.image_mask_ratio", "seed", "train.steps"]
+  # The dropless MoE keeps what a capacity drops: another run.
+  new.model.moe_dispatch = "ragged"
+  assert ("model.moe_dispatch", "gather", "ragged") in run_config.changes(
+      old, run_config.as_dict(new)
+  )
 
 
 # --- kill -9 ----------------------------------------------------------------
