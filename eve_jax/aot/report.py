@@ -131,9 +131,8 @@ def sparsecore_offloads(hlo: str) -> int:
 
 _COMPUTATION = re.compile(r"^(?:ENTRY )?%([^\s(]+) .*\{\s*$")
 _INSTRUCTION = re.compile(r"^\s+(?:ROOT )?%([^\s=]+) = (\S+) ([\w-]+)\((.*)$")
-_CALLEES = re.compile(
-    r"(?:calls|body|to_apply|branch_computations)=\{?%([^\s,}]+)"
-)
+_CALLEES = re.compile(r"(?:calls|body|to_apply)=%([^\s,}]+)")
+_BRANCHES = re.compile(r"branch_computations=\{([^}]*)\}")
 _TRIP_COUNT = re.compile(r'"known_trip_count":\{"n":"(\d+)"\}')
 
 
@@ -172,7 +171,12 @@ def _computations(
       trips = 1
       if " while(" in line and (t := _TRIP_COUNT.search(line)):
         trips = int(t.group(1))
-      for callee in _CALLEES.findall(line):
+      callees = _CALLEES.findall(line)
+      for branches in _BRANCHES.findall(line):
+        # Each branch as if it ran: an upper bound (a cond that skips
+        # empty tiles still counts them).
+        callees += re.findall(r"%([^\s,]+)", branches)
+      for callee in callees:
         runs[callee] += n * trips
   return comps, order, runs
 
@@ -267,7 +271,8 @@ def dot_flops(hlo: str) -> float:
   """2 x multiply-adds of every dot and ragged dot in optimized HLO text,
   each counted as many times as it runs: a while loop's body by its known
   trip count (XLA's `cost_analysis` counts a body once), nested loops and
-  fusions multiplied through. A ragged dot [M, K] x [G, K, N] counts
+  fusions multiplied through, every branch of a conditional counted as if
+  it ran. A ragged dot [M, K] x [G, K, N] counts
   M * K * N (each row meets one group). A loop without a known trip count
   is counted once."""
   comps, order, runs = _computations(hlo)

@@ -24,7 +24,8 @@ The experts' FFN over the buffer is a grouped matmul, two backends
                 only for tests there.
   "tiles"       a scan over the buffer's [tile, D] row tiles, each run with
                 its expert's weights (a tile holds one expert's rows): the
-                FLOPs of R rows, at most (E - 1) * tile more than T * K.
+                FLOPs of the used tiles, at most (E - 1) * tile rows more
+                than T * K (the empty tiles at the buffer's end skipped).
                 Its VJP is written out (a scan back over the tiles, the
                 weight gradients accumulated in float32), so nothing of
                 the weights is saved per tile. XLA's cost analysis counts
@@ -191,9 +192,6 @@ def ffn_tiles(
   rows, dim = buf.shape
   tile = lay.tile
   tile_expert = lay.row_expert[::tile]
-  # Tiles past the last run hold no token: any expert will do (their
-  # outputs are never read, so their gradients are 0).
-  tile_expert = jnp.minimum(tile_expert, wi.shape[0] - 1)
   tiles = buf.reshape(rows // tile, tile, dim)
   out = _tiles_ffn(act, tiles, tile_expert, wi, bi, wo, bo)
   return out.reshape(rows, dim)
@@ -204,11 +202,26 @@ def _tiles_ffn(act, tiles, tile_expert, wi, bi, wo, bo):
   return _tiles_fwd(act, tiles, tile_expert, wi, bi, wo, bo)[0]
 
 
+# Tiles past the last run (expert id E) hold no token: they are skipped
+# (a cond in the loop body), their outputs left 0 and never read. The
+# buffer's worst-case tail is E tiles, about half of them empty on average.
+
+
 def _tiles_fwd(act, tiles, tile_expert, wi, bi, wo, bo):
+  num_experts = wi.shape[0]
+
   def body(_, xs):
     x, e = xs
-    pre = x @ wi[e] + bi[e]
-    return None, (act(pre) @ wo[e] + bo[e], pre)
+
+    def run(x, e):
+      pre = x @ wi[e] + bi[e]
+      return act(pre) @ wo[e] + bo[e], pre
+
+    def skip(x, e):
+      del e
+      return jnp.zeros_like(x), jnp.zeros(x.shape[:1] + bi.shape[1:], x.dtype)
+
+    return None, jax.lax.cond(e < num_experts, run, skip, x, e)
 
   _, (out, pre) = jax.lax.scan(body, None, (tiles, tile_expert))
   return out, (tiles, tile_expert, wi, bi, wo, bo, pre)
@@ -217,20 +230,29 @@ def _tiles_fwd(act, tiles, tile_expert, wi, bi, wo, bo):
 def _tiles_bwd(act, res, g_out):
   tiles, tile_expert, wi, bi, wo, bo, pre = res
   f32 = jnp.float32
+  num_experts = wi.shape[0]
 
   def body(acc, xs):
     x, e, p, g = xs
-    h, act_vjp = jax.vjp(act, p)
-    g_h = g @ wo[e].T
-    (g_pre,) = act_vjp(g_h)
-    grads = (
-        jnp.matmul(x.T, g_pre, preferred_element_type=f32),
-        jnp.sum(g_pre, axis=0, dtype=f32),
-        jnp.matmul(h.T, g, preferred_element_type=f32),
-        jnp.sum(g, axis=0, dtype=f32),
-    )
-    acc = tuple(_add_at(a, e, d) for a, d in zip(acc, grads))
-    return acc, g_pre @ wi[e].T
+
+    def run(acc, x, e, p, g):
+      h, act_vjp = jax.vjp(act, p)
+      g_h = g @ wo[e].T
+      (g_pre,) = act_vjp(g_h)
+      grads = (
+          jnp.matmul(x.T, g_pre, preferred_element_type=f32),
+          jnp.sum(g_pre, axis=0, dtype=f32),
+          jnp.matmul(h.T, g, preferred_element_type=f32),
+          jnp.sum(g, axis=0, dtype=f32),
+      )
+      acc = tuple(_add_at(a, e, d) for a, d in zip(acc, grads))
+      return acc, g_pre @ wi[e].T
+
+    def skip(acc, x, e, p, g):
+      del e, p, g
+      return acc, jnp.zeros_like(x)
+
+    return jax.lax.cond(e < num_experts, run, skip, acc, x, e, p, g)
 
   zeros = tuple(jnp.zeros(w.shape, f32) for w in (wi, bi, wo, bo))
   acc, g_tiles = jax.lax.scan(body, zeros, (tiles, tile_expert, pre, g_out))
