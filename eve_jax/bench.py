@@ -32,17 +32,21 @@ Any --config.KEY=VALUE override applies (e.g. --config.model.dtype=bfloat16,
 
 from __future__ import annotations
 
-import dataclasses
 import json
-import statistics
 import sys
 import tempfile
-import time
 
 from absl import app, flags, logging
 from ml_collections import config_flags
 
 from eve_jax import versions
+from eve_jax.bench_step import (
+    Retimed,
+    Runner,
+    SyntheticVocab,
+    matmul_peak,
+    time_interleaved,
+)
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config",
@@ -71,6 +75,18 @@ _OBJECTIVES = flags.DEFINE_string(
     "(default: the config's, mlm,mim).",
 )
 _JSON = flags.DEFINE_bool("json", False, "Print one JSON object.")
+_SUITE = flags.DEFINE_enum(
+    "suite",
+    None,
+    ["device"],
+    "device: the device check of eve_jax/device_suite.py (EVE-Base on one "
+    "accelerator: dispatch, attention, remat, dense, largest batch, input "
+    "pipeline); --config defaults to configs/base.py, --batch_size is per "
+    "device (default 32).",
+)
+_BUDGET = flags.DEFINE_float(
+    "budget_s", 420.0, "--suite=device: skip comparisons past this."
+)
 _MATMUL_N = flags.DEFINE_integer(
     "matmul_size",
     0,
@@ -78,179 +94,6 @@ _MATMUL_N = flags.DEFINE_integer(
 )
 
 OBJECTIVE_SETS = ("mlm,mim", "mlm,itc,itm", "mlm,mim,itc,itm")
-
-
-@dataclasses.dataclass(frozen=True)
-class SyntheticVocab:
-  """Stands in for a tokenizer when the benchmark makes up its text."""
-
-  vocab_size: int
-  pad_id: int = 0
-  cls_id: int = 2
-  mask_id: int = 3
-  special_ids: tuple[int, ...] = (0, 1, 2, 3)
-
-  def word_ids(self, words):
-    return [4 + i for i, _ in enumerate(words)]
-
-
-def matmul_peak(dtype, n: int, reps: int = 10) -> float:
-  """FLOP/s of one device on an [n, n] x [n, n] matmul in `dtype`: the best
-  of `reps` timed calls after a warm-up (a peak is what the hardware can
-  do, so the fastest call, not the median)."""
-  import jax  # pylint: disable=g-import-not-at-top
-  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-
-  k1, k2 = jax.random.split(jax.random.key(0))
-  a = jax.random.normal(k1, (n, n), jnp.float32).astype(dtype)
-  b = jax.random.normal(k2, (n, n), jnp.float32).astype(dtype)
-  f = jax.jit(lambda x, y: x @ y)
-  f(a, b).block_until_ready()
-  times = []
-  for _ in range(reps):
-    t = time.perf_counter()
-    f(a, b).block_until_ready()
-    times.append(time.perf_counter() - t)
-  return 2.0 * n**3 / min(times)
-
-
-def _batch(config, vocab, model_cfg, batch_size: int):
-  """One global batch (numpy): EVE-Shapes for shapes configs, else random."""
-  import numpy as np  # pylint: disable=g-import-not-at-top
-
-  if config.data.name == "shapes":
-    from eve_jax.data import pipeline  # pylint: disable=g-import-not-at-top
-
-    ds = pipeline.make_shapes_dataset(
-        seed=config.seed,
-        split="train",
-        image_size=model_cfg.image_size,
-        tokenizer=vocab,
-        max_text_len=model_cfg.max_text_len,
-        batch_size=batch_size,
-    )
-    b = next(iter(ds))
-    return {k: b[k] for k in ("image", "text", "text_valid")}, "eve-shapes"
-  rng = np.random.default_rng(0)
-  size = model_cfg.image_size
-  text = rng.integers(
-      len(vocab.special_ids),
-      vocab.vocab_size,
-      (batch_size, model_cfg.max_text_len),
-  ).astype(np.int32)
-  text[:, 0] = vocab.cls_id
-  return {
-      "image": rng.uniform(-1, 1, (batch_size, size, size, 3)).astype(
-          np.float32
-      ),
-      "text": text,
-      "text_valid": np.ones(text.shape, bool),
-  }, "synthetic"
-
-
-class Runner:
-  """One compiled training step of `config` with its state and a batch,
-  stepped and timed on demand (so several can be timed interleaved: slow
-  drifts of a shared machine then hit all of them alike)."""
-
-  def __init__(self, config, vocab, batch_size: int):
-    from eve_jax import sharding, train  # pylint: disable=g-import-not-at-top
-
-    config = config.copy_and_resolve_references()
-    config.train.batch_size = batch_size
-    config.train.eval_batch_size = batch_size
-    self.config, self.batch_size = config, batch_size
-    self.mesh = sharding.make_mesh(config.mesh)
-    self.rules = sharding.parse_rules(config.axis_rules)
-    sharding.check_batch("batch_size", batch_size, self.mesh, self.rules)
-    with sharding.use(self.mesh, self.rules):
-      self.prog = train.build_program(config, vocab, self.mesh, self.rules)
-      local, self.data = _batch(config, vocab, self.prog.model_cfg, batch_size)
-      self.batch = sharding.global_batch(
-          local, self.prog.batch_sharding, batch_size
-      )
-      self.state = self.prog.init(self.prog.init_rng)
-      t0 = time.perf_counter()
-      self.compiled = self.prog.step.lower(self.state, self.batch).compile()
-      self.compile_s = time.perf_counter() - t0
-    self.times: list[float] = []
-    self.metrics = None
-
-  def step(self, timed: bool = True) -> None:
-    import jax  # pylint: disable=g-import-not-at-top
-
-    t = time.perf_counter()
-    self.state, self.metrics = self.compiled(self.state, self.batch)
-    jax.block_until_ready(self.state)
-    if timed:
-      self.times.append(time.perf_counter() - t)
-
-  def summary(self) -> dict:
-    import jax  # pylint: disable=g-import-not-at-top
-    from eve_jax.program import xla_flops  # pylint: disable=g-import-not-at-top
-    from eve_jax.flops import train_flops_per_sample  # pylint: disable=g-import-not-at-top
-
-    step_s = statistics.median(self.times)
-    flops = train_flops_per_sample(
-        self.prog.model_cfg,
-        self.prog.task.objectives,
-        image_mask_ratio=self.config.masking.image_mask_ratio,
-        batch_size=self.batch_size,
-    )
-    mem = self.compiled.memory_analysis()
-    stats = jax.local_devices()[0].memory_stats() or {}
-    if "peak_bytes_in_use" in stats:
-      peak_mem, mem_source = int(stats["peak_bytes_in_use"]), "device"
-    else:  # CPU: what XLA planned for the step's buffers
-      peak_mem = int(
-          mem.argument_size_in_bytes
-          + mem.output_size_in_bytes
-          + mem.temp_size_in_bytes
-          - mem.alias_size_in_bytes
-      )
-      mem_source = "xla_memory_analysis"
-    return {
-        "step_s": step_s,
-        "step_s_min": min(self.times),
-        "samples_per_s": self.batch_size / step_s,
-        "flops_per_sample_analytic": flops["total"],
-        "flops_per_sample_xla": (
-            xla_flops(self.compiled) * self.mesh.size / self.batch_size
-        ),
-        "compile_s": self.compile_s,
-        "peak_memory_bytes": peak_mem,
-        "peak_memory_source": mem_source,
-        "dropped_token_frac": float(self.metrics["dropped_token_frac"]),
-        "loss": float(self.metrics["loss"]),
-        "data": self.data,
-    }
-
-
-class _Retimed:
-  """A runner timed afresh (its earlier times kept aside)."""
-
-  def __init__(self, runner: Runner):
-    self.runner = runner
-    runner.times = []
-
-  def step(self, timed: bool = True) -> None:
-    self.runner.step(timed)
-
-  def summary(self) -> dict:
-    return self.runner.summary()
-
-
-def _time_interleaved(runners: dict, steps: int, warmup: int) -> None:
-  """Warms up, then steps every runner `steps` times, interleaved (every
-  model sees the same drift of a shared machine) and rotated (each follows
-  each other equally often)."""
-  order = list(runners.values())
-  for r in order:
-    for _ in range(warmup):
-      r.step(timed=False)
-  for i in range(steps):
-    for r in order[i % len(order) :] + order[: i % len(order)]:
-      r.step()
 
 
 def run(
@@ -298,17 +141,17 @@ def run(
     scan_cfg = config.copy_and_resolve_references()
     scan_cfg.model.scan_layers = not config.model.scan_layers
     phase1["scan"] = Runner(scan_cfg, vocab, batch_size)
-  _time_interleaved(phase1, steps, warmup)
+  time_interleaved(phase1, steps, warmup)
   results = {k: r.summary() for k, r in phase1.items()}
   del phase1
   if "objectives" in compare:
-    phase2 = {config.objectives: _Retimed(main_runner)}
+    phase2 = {config.objectives: Retimed(main_runner)}
     for objectives in OBJECTIVE_SETS:
       if objectives != config.objectives:
         c = config.copy_and_resolve_references()
         c.objectives = objectives
         phase2[objectives] = Runner(c, vocab, batch_size)
-    _time_interleaved(phase2, steps, warmup)
+    time_interleaved(phase2, steps, warmup)
     results["objectives"] = {
         k: r.summary()["samples_per_s"] for k, r in phase2.items()
     }
@@ -375,6 +218,9 @@ def _table(out: dict) -> str:
 def main(argv) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  if _SUITE.value == "device":
+    _device_suite()
+    return
   if _CONFIG.value is None:
     raise app.UsageError(
         "--config is required, e.g. " "--config=configs/base.py:small"
@@ -400,6 +246,31 @@ def main(argv) -> None:
     sys.exit(1)
   out["versions"] = versions.stack()
   print(json.dumps(out) if _JSON.value else _table(out))
+
+
+def _device_suite() -> None:
+  from eve_jax import config_lib, device_suite  # pylint: disable=g-import-not-at-top
+
+  logging.set_verbosity(logging.WARNING)
+  config = _CONFIG.value or config_lib.from_file("base")
+  log = lambda s: print(f"device suite: {s}", file=sys.stderr, flush=True)  # noqa: E731
+  try:
+    out = device_suite.run(
+        config,
+        per_device_batch=_BATCH.value or 32,
+        steps=_STEPS.value,
+        warmup=_WARMUP.value,
+        budget_s=_BUDGET.value,
+        log=log,
+    )
+  except ValueError as e:
+    print(
+        f"eve_jax.bench: error: {str(e).strip().splitlines()[0]}",
+        file=sys.stderr,
+    )
+    sys.exit(1)
+  out["versions"] = versions.stack()
+  print(json.dumps(out) if _JSON.value else out["markdown"])
 
 
 if __name__ == "__main__":
