@@ -239,13 +239,17 @@ def main(argv) -> None:
         matmul_size=_MATMUL_N.value,
     )
   except ValueError as e:
-    print(
-        f"eve_jax.bench: error: {str(e).strip().splitlines()[0]}",
-        file=sys.stderr,
-    )
-    sys.exit(1)
+    _fail(e)
   out["versions"] = versions.stack()
   print(json.dumps(out) if _JSON.value else _table(out))
+
+
+def _fail(e: Exception) -> None:
+  print(
+      f"eve_jax.bench: error: {str(e).strip().splitlines()[0]}",
+      file=sys.stderr,
+  )
+  sys.exit(1)
 
 
 def _device_suite() -> None:
@@ -264,11 +268,7 @@ def _device_suite() -> None:
         log=log,
     )
   except ValueError as e:
-    print(
-        f"eve_jax.bench: error: {str(e).strip().splitlines()[0]}",
-        file=sys.stderr,
-    )
-    sys.exit(1)
+    _fail(e)
   out["versions"] = versions.stack()
   print(json.dumps(out) if _JSON.value else out["markdown"])
 

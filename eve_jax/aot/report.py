@@ -28,9 +28,10 @@ is one of two estimates, each named in the report by `estimate_method`:
 from __future__ import annotations
 
 import collections
+import dataclasses
 import math
 import re
-from typing import Any
+from typing import Any, Iterator
 
 from eve_jax import versions
 from eve_jax.aot.targets import Target
@@ -181,6 +182,46 @@ def _computations(
   return comps, order, runs
 
 
+@dataclasses.dataclass(frozen=True)
+class _Instruction:
+  name: str
+  type_text: str  # the result's type, e.g. "f32[64,16]{1,0}"
+  op: str
+  operands: list[str]
+  line: str
+  runs: int  # times it runs per step
+  shapes: dict[str, str]  # its computation's instructions so far -> type
+
+
+def _instructions(hlo: str, top_level: bool = False) -> Iterator[_Instruction]:
+  """Every instruction of the computations that run (`_computations`);
+  `top_level`: not those inside a fusion."""
+  comps, order, runs = _computations(hlo)
+  fused = set()
+  if top_level:
+    fused = {
+        c
+        for lines in comps.values()
+        for line in lines
+        if " fusion(" in line
+        for c in re.findall(r"calls=%([^\s,}]+)", line)
+    }
+  for comp in order:
+    if not runs[comp] or comp in fused:
+      continue
+    shapes: dict[str, str] = {}
+    for line in comps[comp]:
+      m = _INSTRUCTION.match(line)
+      if not m:
+        continue
+      name, type_text, op, rest = m.groups()
+      shapes[name] = type_text
+      operands = re.findall(r"%([^\s,)]+)", rest.split(")", 1)[0])
+      yield _Instruction(
+          name, type_text, op, operands, line, runs[comp], shapes
+      )
+
+
 TOP_OPS = 12  # ops and scopes the report lists by bytes
 
 # Ops that move no data of their own at the top level of a computation.
@@ -203,41 +244,23 @@ def top_ops_by_bytes(hlo: str, n: int | None = 10) -> list[dict[str, Any]]:
     [{"name", "op", "bytes", "runs", "op_name"}], largest first; op_name
     is the JAX source op the HLO metadata names.
   """
-  comps, order, runs = _computations(hlo)
-  fused = {
-      c
-      for lines in comps.values()
-      for line in lines
-      for c in re.findall(r"calls=%([^\s,}]+)", line)
-      if " fusion(" in line
-  }
   out = []
-  for comp in order:
-    if not runs[comp] or comp in fused:
+  for i in _instructions(hlo, top_level=True):
+    if i.op in _FREE_OPS or i.op.endswith("-done"):
       continue
-    shapes: dict[str, str] = {}
-    for line in comps[comp]:
-      m = _INSTRUCTION.match(line)
-      if not m:
-        continue
-      inst, type_text, op, rest = m.groups()
-      shapes[inst] = type_text
-      if op in _FREE_OPS or op.endswith("-done"):
-        continue
-      operands = re.findall(r"%([^\s,)]+)", rest.split("), ", 1)[0])
-      moved = sum(_array_bytes(type_text)) + sum(
-          sum(_array_bytes(shapes.get(o, ""))) for o in operands
-      )
-      name_m = _OP_NAME.search(line)
-      out.append(
-          dict(
-              name=inst,
-              op=op,
-              bytes=float(moved * runs[comp]),
-              runs=int(runs[comp]),
-              op_name=name_m.group(1) if name_m else "",
-          )
-      )
+    moved = sum(_array_bytes(i.type_text)) + sum(
+        sum(_array_bytes(i.shapes.get(o, ""))) for o in i.operands
+    )
+    name_m = _OP_NAME.search(i.line)
+    out.append(
+        dict(
+            name=i.name,
+            op=i.op,
+            bytes=float(moved * i.runs),
+            runs=int(i.runs),
+            op_name=name_m.group(1) if name_m else "",
+        )
+    )
   out.sort(key=lambda r: -r["bytes"])
   return out if n is None else out[:n]
 
@@ -275,31 +298,20 @@ def dot_flops(hlo: str) -> float:
   it ran. A ragged dot [M, K] x [G, K, N] counts
   M * K * N (each row meets one group). A loop without a known trip count
   is counted once."""
-  comps, order, runs = _computations(hlo)
   total = 0.0
-  for comp in order:
-    if not runs[comp]:
+  for i in _instructions(hlo):
+    if i.op not in ("dot", "ragged-dot"):
       continue
-    shapes: dict[str, str] = {}
-    for line in comps[comp]:
-      m = _INSTRUCTION.match(line)
-      if not m:
-        continue
-      inst, type_text, op, rest = m.groups()
-      shapes[inst] = type_text
-      if op not in ("dot", "ragged-dot"):
-        continue
-      operands = re.findall(r"%([^\s,)]+)", rest.split(")", 1)[0])
-      lhs = _dims(shapes.get(operands[0], ""))
-      out = math.prod(_dims(type_text))
-      if op == "dot":
-        c = re.search(r"lhs_contracting_dims=\{([\d,]*)\}", rest)
-        contract = math.prod(
-            lhs[int(i)] for i in (c.group(1).split(",") if c else []) if i
-        )
-        total += runs[comp] * 2.0 * out * contract
-      else:  # [M, K] x [G, K, N] -> [M, N]
-        total += runs[comp] * 2.0 * out * lhs[-1]
+    lhs = _dims(i.shapes.get(i.operands[0], ""))
+    out = math.prod(_dims(i.type_text))
+    if i.op == "dot":
+      c = re.search(r"lhs_contracting_dims=\{([\d,]*)\}", i.line)
+      contract = math.prod(
+          lhs[int(d)] for d in (c.group(1).split(",") if c else []) if d
+      )
+      total += i.runs * 2.0 * out * contract
+    else:  # [M, K] x [G, K, N] -> [M, N]
+      total += i.runs * 2.0 * out * lhs[-1]
   return total
 
 
