@@ -415,8 +415,9 @@ def test_dropless_step_compiles_for_gpu_with_tile_sized_dots(tmp_path):
   """tiny pretraining on two H100s: the experts are the row-tile scan
   (XLA:GPU would expand a ragged dot into E dense products): a loop per
   layer, pass and direction, and the dots XLA runs, counted through the
-  loops, within 1.2 x the analytic FLOPs of the step (1.04 measured; E = 4
-  dense products per soft layer would put it near 2)."""
+  loops, within 1.2 x the analytic FLOPs of the step (1.04 measured; 4 dense
+  products per soft layer, twice its 2 active experts, on about 40% of
+  the step's FLOPs would put it near 1.4)."""
   from eve_jax.aot import report
   from test_compile import _needs_cuda_plugin
 
