@@ -172,6 +172,11 @@ def format_report(r: dict, top: int = 0) -> str:
         + (", compiled unscanned" if r.get("extrapolated_unscanned") else "")
         + ")"
     )
+  if r.get("tpu_kernels"):
+    lines.append(
+        "Mosaic kernels (the cost model charges what each declares): "
+        + ", ".join(f"{k} x{v}" for k, v in r["tpu_kernels"].items())
+    )
   if r.get("cost_model_note"):
     lines.append(f"note: {r['cost_model_note']}")
   if r.get("versions"):

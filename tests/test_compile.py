@@ -128,6 +128,7 @@ def test_report_keys_and_numbers(pretrain_reports):
       "sparsecore_offloads",
       "top_ops",
       "bytes_by_scope",
+      "tpu_kernels",
   ):
     assert key in r, key
   m = r["memory"]
@@ -498,6 +499,13 @@ def test_hlo_bytes_and_flops_by_hand():
       "ffn_soft/experts": 6144.0,
   }
   assert report.dot_flops(_HLO_BY_HAND) == 2 * 64 * 16 * 32
+  kernel = _HLO_BY_HAND.replace(
+      "%m = f32[256]{0} multiply(%p0, %p0)",
+      "%ragged-dot-none.3 = f32[256]{0} custom-call(%p0), "
+      'custom_call_target="tpu_custom_call"',
+  )
+  assert report.tpu_kernels(kernel) == {"ragged-dot-none": 3}  # in the loop
+  assert report.tpu_kernels(_HLO_BY_HAND) == {}
 
 
 def test_cuda_plugin_absent_is_false_not_an_error(monkeypatch, tmp_path):

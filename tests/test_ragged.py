@@ -406,6 +406,7 @@ def test_dropless_step_compiles_for_v5p_with_ragged_dots(tmp_path):
   r = _ragged_step_hlo("--topology=v5p:2x2x1", f"--hlo_out={hlo}")
   # 2 layers x 2 passes x (2 forward + 4 backward products)
   assert _tpu_ragged_dots(hlo.read_text()) == 24
+  assert r["tpu_kernels"] == {"ragged-dot-none": 24}
   assert r["fits"] and r["estimate_method"] == "xla_tpu_cost_model"
   assert r["xla_over_analytic"] < 1.2  # the gather path: 1.20 at batch 32
 

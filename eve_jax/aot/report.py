@@ -315,6 +315,22 @@ def dot_flops(hlo: str) -> float:
   return total
 
 
+def tpu_kernels(hlo: str) -> dict[str, int]:
+  """Mosaic kernels (TPU custom calls: Pallas kernels, and XLA's own
+  lowering of a ragged dot) by name, as many times as they run per step.
+  The TPU cost model charges each what it declares (splash attention
+  declares nothing, so it is free to the estimate); the report counts
+  them so that a step time that leans on them can be read as such."""
+  out: collections.Counter = collections.Counter()
+  for i in _instructions(hlo):
+    if (
+        i.op == "custom-call"
+        and 'custom_call_target="tpu_custom_call"' in i.line
+    ):
+      out[re.sub(r"\.\d+$", "", i.name)] += i.runs
+  return dict(out.most_common())
+
+
 def has_loop(hlo: str) -> bool:
   """Whether the program holds a while loop (scanned layers)."""
   return re.search(r" while\(", hlo) is not None
@@ -443,6 +459,7 @@ def report(target: Target, built, compiled, compile_s: float) -> dict:
   )
   out.update(estimate(target, cost, hlo, mem, step_flops))
   # Where the bytes go (for finding what to slim, not a time).
+  out["tpu_kernels"] = tpu_kernels(hlo)
   out["top_ops"] = top_ops_by_bytes(hlo, TOP_OPS)
   out["bytes_by_scope"] = dict(list(bytes_by_scope(hlo).items())[:TOP_OPS])
   # The compiler accepted it; a total past the chip's HBM would still not
