@@ -506,6 +506,24 @@ def test_hlo_bytes_and_flops_by_hand():
   )
   assert report.tpu_kernels(kernel) == {"ragged-dot-none": 3}  # in the loop
   assert report.tpu_kernels(_HLO_BY_HAND) == {}
+  # A predicate conditional (as XLA:GPU prints it) in the loop: both
+  # branches counted as if they ran, 3 times.
+  cond = _HLO_BY_HAND.replace(
+      "%m = f32[256]{0} multiply(%p0, %p0)",
+      "%m = f32[256]{0} conditional(%p0), true_computation=%yes, "
+      "false_computation=%no",
+  ).replace(
+      "%body (t:",
+      "%yes (q: f32[8,4]) -> f32[8,2] {\n"
+      "  %q = f32[8,4]{1,0} parameter(0)\n"
+      "  %k = f32[4,2]{1,0} constant({...})\n"
+      "  ROOT %y = f32[8,2]{1,0} dot(%q, %k), lhs_contracting_dims={1}, "
+      "rhs_contracting_dims={0}\n}\n\n"
+      "%no (q: f32[8,4]) -> f32[8,2] {\n"
+      "  ROOT %z = f32[8,2]{1,0} constant({...})\n}\n\n"
+      "%body (t:",
+  )
+  assert report.dot_flops(cond) == 2 * 64 * 16 * 32 + 3 * 2 * 8 * 2 * 4
 
 
 def test_cuda_plugin_absent_is_false_not_an_error(monkeypatch, tmp_path):

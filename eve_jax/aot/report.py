@@ -132,7 +132,9 @@ def sparsecore_offloads(hlo: str) -> int:
 
 _COMPUTATION = re.compile(r"^(?:ENTRY )?%([^\s(]+) .*\{\s*$")
 _INSTRUCTION = re.compile(r"^\s+(?:ROOT )?%([^\s=]+) = (\S+) ([\w-]+)\((.*)$")
-_CALLEES = re.compile(r"(?:calls|body|to_apply)=%([^\s,}]+)")
+_CALLEES = re.compile(
+    r"(?:calls|body|to_apply|true_computation|false_computation)=%([^\s,}]+)"
+)
 _BRANCHES = re.compile(r"branch_computations=\{([^}]*)\}")
 _TRIP_COUNT = re.compile(r'"known_trip_count":\{"n":"(\d+)"\}')
 
