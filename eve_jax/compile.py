@@ -97,13 +97,13 @@ _VOCAB = flags.DEFINE_integer(
     "Tokenizer vocabulary (default data.vocab_size or " "model.vocab_size).",
 )
 _ANSWERS = flags.DEFINE_integer("num_answers", 3129, "VQA answer vocabulary.")
-# Accepted and unused, so that a launcher can pass a run's own arguments.
 _TOP = flags.DEFINE_integer(
     "top_fusions",
     0,
     "Also print the step's N top-level ops (fusions, custom calls, copies) "
     "and model scopes by bytes moved (the JSON always has 12 of each).",
 )
+# Accepted and unused, so that a launcher can pass a run's own arguments.
 flags.DEFINE_string("workdir", None, "Ignored (a run's flag).")
 
 EXIT_DOES_NOT_FIT = 3

@@ -79,40 +79,25 @@ def _pipeline_rate(config, vocab, image_size: int, text_len: int, batch: int):
   )
 
 
-def _fits(config, vocab, batch: int) -> tuple[bool, int]:
+def _fits(config, vocab_size: int, batch: int) -> tuple[bool, int]:
   """Whether the step at global `batch` compiles within the device's
-  memory, and its bytes (memory_analysis: arguments + outputs - aliased
-  + temporaries)."""
+  memory (the step `python -m eve_jax.compile` builds, for this host's
+  devices), and its bytes (`report.memory`'s total)."""
   import jax  # pylint: disable=g-import-not-at-top
-  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
 
-  from eve_jax import sharding, train  # pylint: disable=g-import-not-at-top
-  from eve_jax.aot import report  # pylint: disable=g-import-not-at-top
+  from eve_jax.aot import build, report  # pylint: disable=g-import-not-at-top
 
   c = config.copy_and_resolve_references()
   c.train.batch_size = c.train.eval_batch_size = batch
-  mesh = sharding.make_mesh(c.mesh)
-  rules = sharding.parse_rules(c.axis_rules)
   limit = (jax.local_devices()[0].memory_stats() or {}).get("bytes_limit")
-  with sharding.use(mesh, rules):
-    prog = train.build_program(c, vocab, mesh, rules)
-    m = prog.model_cfg
-    spec = lambda shape, dt: jax.ShapeDtypeStruct(  # noqa: E731
-        shape, dt, sharding=prog.batch_sharding
-    )
-    batch_spec = {
-        "image": spec((batch, m.image_size, m.image_size, 3), jnp.float32),
-        "text": spec((batch, m.max_text_len), jnp.int32),
-        "text_valid": spec((batch, m.max_text_len), bool),
-    }
-    try:
-      compiled = prog.step.lower(prog.abstract, batch_spec).compile()
-    except Exception as e:  # pylint: disable=broad-except
-      if report.is_out_of_memory(e):
-        return False, 0
-      raise
-  mem = report.memory(compiled)
-  total = mem["total"]
+  built = build.lower_step(c, jax.devices(), vocab_size=vocab_size)
+  try:
+    compiled = built.lowered.compile()
+  except Exception as e:  # pylint: disable=broad-except
+    if report.is_out_of_memory(e):
+      return False, 0
+    raise
+  total = report.memory(compiled)["total"]
   return (limit is None or total <= limit), total
 
 
@@ -172,7 +157,7 @@ def run(
       per_device_batch=per_device_batch,
       skipped=[],
   )
-  per_step: dict[str, dict] = {}
+  last_base = None  # the baseline's summary beside the last comparison
   for name, (key, value) in comparisons.items():
     if time.perf_counter() - t_start > budget_s:
       out["skipped"].append(name)
@@ -189,8 +174,7 @@ def run(
     runners = {"base": bench.Retimed(baseline), name: other}
     bench.time_interleaved(runners, steps, warmup)
     a, b = runners["base"].summary(), other.summary()
-    per_step["base"] = a
-    per_step[name] = b
+    last_base = a
     out[name] = {
         "setting": f"{key}={value}",
         "base_step_s": a["step_s"],
@@ -203,7 +187,7 @@ def run(
     if name == "dense":  # the MoE model's step over its dense twin's
       out[name]["moe_over_dense"] = a["step_s"] / b["step_s"]
     del runners, other
-  a = per_step.get("base") or baseline.summary()
+  a = last_base or baseline.summary()
   known = published_peak(dev.device_kind)
   if known:
     peak, peak_source = known[0] * n_dev, f"published ({known[1]})"
@@ -227,7 +211,7 @@ def run(
     fits_at = per_device_batch
     for _ in range(max_batch_doublings):
       trial = fits_at * 2
-      ok, nbytes = _fits(base, vocab, trial * n_dev)
+      ok, _ = _fits(base, vocab.vocab_size, trial * n_dev)
       log(f"max_batch: {trial} per device {'fits' if ok else 'does not fit'}")
       if not ok:
         break

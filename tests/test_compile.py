@@ -19,7 +19,7 @@ import sys
 import pytest
 
 from eve_jax import config_lib, sharding
-from eve_jax.aot import build, extrapolate, report, targets
+from eve_jax.aot import build, extrapolate, hlo, report, targets
 
 REQUIRE = os.environ.get("EVE_JAX_REQUIRE_COMPILE_TARGETS") == "1"
 
@@ -488,24 +488,24 @@ def test_hlo_bytes_and_flops_by_hand():
   """A dot in ENTRY and a fusion in a 3-trip loop: the fusion moves
   2 x 1 KiB per run, 3 runs; the dot bf16 [64,32] + f32 [32,16] in,
   f32 [64,16] out; the dot's FLOPs 2 x 64 x 16 x 32."""
-  ops = report.top_ops_by_bytes(_HLO_BY_HAND, n=None)
+  ops = hlo.top_ops_by_bytes(_HLO_BY_HAND, n=None)
   by_name = {o["name"]: o for o in ops}
   assert set(by_name) == {"f", "d"}  # no parameters, tuples, the loop itself
   assert by_name["f"]["runs"] == 3 and by_name["f"]["bytes"] == 3 * 2048
   assert by_name["d"]["bytes"] == 64 * 32 * 2 + 32 * 16 * 4 + 64 * 16 * 4
   assert [o["name"] for o in ops] == ["d", "f"]  # 10240 > 6144 bytes
-  assert report.bytes_by_scope(_HLO_BY_HAND) == {
+  assert hlo.bytes_by_scope(_HLO_BY_HAND) == {
       "attention/dot_general": 10240.0,
       "ffn_soft/experts": 6144.0,
   }
-  assert report.dot_flops(_HLO_BY_HAND) == 2 * 64 * 16 * 32
+  assert hlo.dot_flops(_HLO_BY_HAND) == 2 * 64 * 16 * 32
   kernel = _HLO_BY_HAND.replace(
       "%m = f32[256]{0} multiply(%p0, %p0)",
       "%ragged-dot-none.3 = f32[256]{0} custom-call(%p0), "
       'custom_call_target="tpu_custom_call"',
   )
-  assert report.tpu_kernels(kernel) == {"ragged-dot-none": 3}  # in the loop
-  assert report.tpu_kernels(_HLO_BY_HAND) == {}
+  assert hlo.tpu_kernels(kernel) == {"ragged-dot-none": 3}  # in the loop
+  assert hlo.tpu_kernels(_HLO_BY_HAND) == {}
   # A predicate conditional (as XLA:GPU prints it) in the loop: both
   # branches counted as if they ran, 3 times.
   cond = _HLO_BY_HAND.replace(
@@ -523,7 +523,7 @@ def test_hlo_bytes_and_flops_by_hand():
       "  ROOT %z = f32[8,2]{1,0} constant({...})\n}\n\n"
       "%body (t:",
   )
-  assert report.dot_flops(cond) == 2 * 64 * 16 * 32 + 3 * 2 * 8 * 2 * 4
+  assert hlo.dot_flops(cond) == 2 * 64 * 16 * 32 + 3 * 2 * 8 * 2 * 4
 
 
 def test_cuda_plugin_absent_is_false_not_an_error(monkeypatch, tmp_path):

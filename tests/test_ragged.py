@@ -336,8 +336,8 @@ def _tpu_ragged_dots(hlo: str) -> int:
 
 def test_dot_flops_counts_a_loop_by_its_trip_count():
   """10 [64,128] x [128,256] products in a scan: XLA's cost analysis
-  counts the body once, report.dot_flops ten times."""
-  from eve_jax.aot import report
+  counts the body once, hlo.dot_flops ten times."""
+  from eve_jax.aot.hlo import dot_flops
 
   def f(x, w):
     def body(c, xi):
@@ -347,19 +347,19 @@ def test_dot_flops_counts_a_loop_by_its_trip_count():
 
   compiled = jax.jit(f).lower(jnp.ones((10, 64, 128)), jnp.ones((128, 256)))
   hlo = compiled.compile().as_text()
-  assert report.dot_flops(hlo) == 10 * 2 * 64 * 128 * 256
+  assert dot_flops(hlo) == 10 * 2 * 64 * 128 * 256
 
 
 def test_dropless_layer_flops_close_to_active_on_cpu():
   """The "tiles" backend over 16 sequences: the dots XLA runs (counted
   through the scan by its trip count) are within 1.15 x the active FLOPs
   (K experts per token + router), not E x (32 x for EVE-Base)."""
-  from eve_jax.aot import report
+  from eve_jax.aot.hlo import dot_flops
 
   compiled, analytic = _base_layer_train()
   hlo = compiled.as_text()
   assert " while(" in hlo  # the tile scan
-  ratio = report.dot_flops(hlo) / analytic
+  ratio = dot_flops(hlo) / analytic
   assert 1.0 <= ratio <= 1.15, ratio
 
 
@@ -419,7 +419,7 @@ def test_dropless_step_compiles_for_gpu_with_tile_sized_dots(tmp_path):
   loops, within 1.2 x the analytic FLOPs of the step (1.04 measured; 4 dense
   products per soft layer, twice its 2 active experts, on about 40% of
   the step's FLOPs would put it near 1.4)."""
-  from eve_jax.aot import report
+  from eve_jax.aot.hlo import dot_flops
   from test_compile import _needs_cuda_plugin
 
   _needs_cuda_plugin()
@@ -427,5 +427,5 @@ def test_dropless_step_compiles_for_gpu_with_tile_sized_dots(tmp_path):
   r = _ragged_step_hlo("--topology=h100x2", f"--hlo_out={hlo}")
   text = hlo.read_text()
   assert text.count(" while(") >= 8  # 2 layers x 2 passes x fwd, bwd
-  ratio = report.dot_flops(text) * r["devices"] / r["flops_per_step_analytic"]
+  ratio = dot_flops(text) * r["devices"] / r["flops_per_step_analytic"]
   assert 1.0 <= ratio <= 1.2, ratio

@@ -29,7 +29,7 @@ The experts' FFN over the buffer is a grouped matmul, two backends
                 Its VJP is written out (a scan back over the tiles, the
                 weight gradients accumulated in float32), so nothing of
                 the weights is saved per tile. XLA's cost analysis counts
-                a loop body once: `report.dot_flops` counts its dots by the
+                a loop body once: `eve_jax.aot.hlo.dot_flops` counts its dots by the
                 loop's trip count.
 
 Dimension legend (as in moe.py): T tokens (of a shard), K top-k, D model
