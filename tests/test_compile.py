@@ -255,6 +255,29 @@ def test_collective_bytes_from_hlo_lines():
   assert set(c) == {"all-to-all", "all-reduce", "all-gather"}
 
 
+def test_ragged_all_to_all_bytes_are_the_rows_it_moves():
+  """A ragged all-to-all's output (there) or operand (back) is sized for
+  the worst case: what it moves is the smaller of the two, found through
+  the operand's definition when the op is synchronous (XLA:GPU's form)."""
+  hlo = "\n".join(
+      [
+          "  %x = f32[10,4]{1,0} parameter(0)",
+          "  %w = f32[40,4]{1,0} parameter(1)",
+          "  %there = f32[40,4]{1,0} ragged-all-to-all(%x, %o, %a, %b, %c, %d),"
+          " replica_groups={{0,1,2,3}}",
+          "  %back = f32[10,4]{1,0} ragged-all-to-all(%w, %o2, %a, %b, %c, %d),"
+          " replica_groups={{0,1,2,3}}",
+          "  %s = ((f32[10,4]{1,0}, f32[40,4]{1,0}, s32[4]{0}, s32[4]{0}, "
+          "s32[4]{0}, s32[4]{0}), f32[40,4]{1,0}, u32[], u32[]) "
+          "ragged-all-to-all-start(%x, %o, %a, %b, %c, %d), "
+          "replica_groups={{0,1,2,3}}",
+          "  %e = f32[40,4]{1,0} ragged-all-to-all-done(%s)",
+      ]
+  )
+  c = report.collectives(hlo)
+  assert c == {"ragged-all-to-all": dict(count=3, bytes=3 * 160, group=4)}
+
+
 def test_target_names():
   with pytest.raises(targets.TargetError, match="expected a TPU slice"):
     targets.get_target("v5p64")

@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from jax.sharding import PartitionSpec as P
 
 from eve_jax import sharding
 from eve_jax.model import ragged
@@ -266,12 +267,79 @@ def test_dropless_on_4_devices_equals_one(axes):
   assert "all-reduce" in hlo
 
 
-def test_dropless_with_sharded_experts_is_one_line():
-  cfg = MoEConfig(EXPERTS, dispatch="ragged")
-  x, modality, valid = _inputs(batch=8, length=20)
-  with pytest.raises(ValueError) as e:
-    _sharded(_mesh(data=2, expert=2), cfg, x, modality, valid)
-  assert "mesh.expert=1" in str(e.value) and "\n" not in str(e.value)
+@pytest.mark.parametrize(
+    "axes,backend",
+    [
+        (dict(expert=4), "tiles"),
+        (dict(expert=4), "ragged_dot"),
+        pytest.param(dict(data=2, expert=2), "tiles", marks=pytest.mark.slow),
+    ],
+)
+def test_dropless_with_experts_over_4_devices_equals_one(axes, backend):
+  """Experts split over `expert` (ragged_shards.py): each device keeps its
+  experts' weights and the tokens go to them and back by the dense
+  exchange (CPU's form of the ragged all-to-all). Forward and every
+  gradient equal the unsharded layer's; the HLO exchanges activations
+  (all-to-all) and gathers no expert weight."""
+  cfg = MoEConfig(EXPERTS, top_k=2, dispatch="ragged", grouped_matmul=backend)
+  x, modality, valid = _inputs(batch=8, length=20, seed=7)
+  y1, d1, g1, _ = _sharded(_mesh(), cfg, x, modality, valid)
+  y4, d4, g4, hlo = _sharded(_mesh(**axes), cfg, x, modality, valid)
+  assert float(d1) == float(d4) == 0
+  np.testing.assert_allclose(
+      np.asarray(y4), np.asarray(y1), rtol=1e-5, atol=1e-6
+  )
+  for a, b in zip(jax.tree.leaves(g4), jax.tree.leaves(g1)):
+    np.testing.assert_allclose(
+        np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6
+    )
+  assert "all-to-all" in hlo
+  # Expert weights ([E, D, F] and [E, F, D]) never gathered whole.
+  for shape in (f"{EXPERTS},{DIM},{HIDDEN}", f"{EXPERTS},{HIDDEN},{DIM}"):
+    assert not re.search(rf"\[{shape}\][^\n]*all-gather\(", hlo), shape
+
+
+def test_expert_exchange_by_hand():
+  """The route and the dense exchange on 2 devices, worked by hand:
+  device 0 has 3 rows for expert 0 and 1 for expert 1, device 1 has 1 and
+  2; device j owns expert j. The exchange gathers each device's rows of
+  its expert, source-major; the reverse route brings every row home."""
+  from eve_jax.model import ragged_shards as rs
+
+  counts = jnp.array([[3, 1], [1, 2]], jnp.int32)
+  r0, r1 = (rs.route(counts, jnp.int32(i), 1) for i in range(2))
+  np.testing.assert_array_equal(r0.send_off, [0, 3])
+  np.testing.assert_array_equal(r0.send_size, [3, 1])
+  np.testing.assert_array_equal(r0.dest_off, [0, 0])
+  np.testing.assert_array_equal(r1.dest_off, [3, 1])
+  np.testing.assert_array_equal(r1.recv_size, [1, 2])
+  np.testing.assert_array_equal(r1.recv_off, [0, 1])
+  np.testing.assert_array_equal(r1.src_off, [3, 1])
+  expert, real = rs.received_experts(counts, jnp.int32(1), 1, 8)
+  np.testing.assert_array_equal(real, [1, 1, 1, 0, 0, 0, 0, 0])
+
+  rows = np.array([[10, 11, 12, 13, 0], [20, 21, 22, 0, 0]], np.float32)
+  mesh = _mesh(expert=2)
+
+  def move(x):
+    me = jax.lax.axis_index("expert")
+    r = rs.route(counts, me, 1)
+    there = rs.exchange("dense", 8, "expert", x[0], r)
+    back = rs.exchange("dense", 5, "expert", there, r.reverse())
+    return there[None], back[None]
+
+  there, back = jax.jit(
+      jax.shard_map(
+          move,
+          mesh=mesh,
+          in_specs=P("expert"),
+          out_specs=(P("expert"), P("expert")),
+      )
+  )(jnp.asarray(rows))
+  np.testing.assert_array_equal(
+      there, [[10, 11, 12, 20, 0, 0, 0, 0], [13, 21, 22, 0, 0, 0, 0, 0]]
+  )
+  np.testing.assert_array_equal(back, rows)
 
 
 def test_unknown_grouped_matmul_is_one_line():
@@ -429,3 +497,30 @@ def test_dropless_step_compiles_for_gpu_with_tile_sized_dots(tmp_path):
   assert text.count(" while(") >= 8  # 2 layers x 2 passes x fwd, bwd
   ratio = dot_flops(text) * r["devices"] / r["flops_per_step_analytic"]
   assert 1.0 <= ratio <= 1.2, ratio
+
+
+@pytest.mark.slow  # ~2.5 min on 2 cores
+@pytest.mark.parametrize("topology", ["v5p:2x2x1", "h100x8"])
+def test_dropless_step_with_sharded_experts_compiles(topology, tmp_path):
+  """tiny pretraining with the experts over 2 devices of a v5p host and of
+  an 8-GPU node: the rows travel by XLA's ragged all-to-all (2 layers x 2
+  passes x there and back, forward and backward), the expert weights are
+  never gathered (the only all-gathers are of the per-expert counts), and
+  on TPU the experts are still ragged dots."""
+  from test_compile import _needs_cuda_plugin, _target_or_skip
+
+  if topology.startswith("h100"):
+    _needs_cuda_plugin()
+  else:
+    _target_or_skip(topology)
+  hlo = tmp_path / "step.hlo"
+  r = _ragged_step_hlo(
+      f"--topology={topology}", "--config.mesh.expert=2", f"--hlo_out={hlo}"
+  )
+  assert r["mesh"]["expert"] == 2 and r["fits"]
+  coll = r["collectives"]
+  assert coll["ragged-all-to-all"]["count"] == 16
+  assert "all-to-all" not in coll
+  assert coll.get("all-gather", {"bytes": 0})["bytes"] < 2**16
+  if topology.startswith("v5p"):
+    assert r["tpu_kernels"] == {"ragged-dot-none": 24}

@@ -48,6 +48,7 @@ COLLECTIVES = (
     "all-gather",
     "reduce-scatter",
     "all-to-all",
+    "ragged-all-to-all",
     "collective-permute",
 )
 _OP = re.compile(r" (" + "|".join(COLLECTIVES) + r")(-start)?\(")
@@ -74,14 +75,25 @@ def _group_size(line: str) -> int:
   return 0
 
 
+_DEFINES = re.compile(r"^\s+(?:ROOT )?%([^\s=]+) = (.+?) [\w-]+\(")
+_FIRST_OPERAND = re.compile(r"ragged-all-to-all(?:-start)?\(%([^,\s)]+)")
+
+
 def collectives(hlo: str) -> dict[str, dict[str, float]]:
   """{kind: {"count", "bytes", "group"}} of the collectives in optimized
   HLO text. Bytes are each instruction's result (for an async start, its
-  largest buffer); "group" is the largest replica group seen. A loop's
+  largest buffer), but for a ragged all-to-all: the smaller of its operand
+  and its output, which is what it moves (one side is sized for the worst
+  case, every device sending all its rows to one; the other holds the
+  rows of one device). "group" is the largest replica group seen. A loop's
   body is counted once, however often it runs."""
   out: dict[str, dict[str, float]] = collections.defaultdict(
       lambda: {"count": 0, "bytes": 0.0, "group": 0}
   )
+  types: dict[str, str] = {}
+  for line in hlo.splitlines():
+    if d := _DEFINES.match(line):
+      types[d.group(1)] = d.group(2)
   for line in hlo.splitlines():
     if " = " not in line:
       continue
@@ -93,7 +105,15 @@ def collectives(hlo: str) -> dict[str, dict[str, float]]:
       continue
     kind = out[m.group(1)]
     kind["count"] += 1
-    kind["bytes"] += max(sizes) if m.group(2) else sum(sizes)
+    if m.group(1) == "ragged-all-to-all":
+      if m.group(2):  # ((operand, output, offsets...), output, ...)
+        kind["bytes"] += min(sizes[:2])
+      else:
+        operand = _FIRST_OPERAND.search(line)
+        given = _array_bytes(types.get(operand.group(1), "")) if operand else []
+        kind["bytes"] += min(sizes[0], given[0]) if given else sizes[0]
+    else:
+      kind["bytes"] += max(sizes) if m.group(2) else sum(sizes)
     kind["group"] = max(kind["group"], _group_size(line))
   return dict(out)
 

@@ -21,11 +21,12 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from flax.core import spmd as flax_spmd
 from jax.sharding import PartitionSpec as P
 
 from eve_jax.model.layers import activation_fn as gelu_fn
 from eve_jax.model.layers import layer_norm, param
-from eve_jax.model import ragged
+from eve_jax.model import ragged, ragged_shards
 from eve_jax.model.dispatch import make_dispatcher
 from eve_jax.model.moe_config import MoEConfig
 from eve_jax.model.router import MoEStats, Routing, decide, make_router
@@ -33,6 +34,7 @@ from eve_jax.sharding import (
     batch_spec,
     constrain,
     logical_size,
+    logical_to_spec,
     target_platform,
 )
 
@@ -173,49 +175,67 @@ class ModalityMoE(nnx.Module):
     return y, r.stats
 
   def _dropless(self, r: Routing, valid: jax.Array) -> jax.Array:
-    """[G, S, D] output of the dropless experts (ragged.py) on each
-    device's own groups: a shard_map over the batch's mesh axes, so the
-    sort by expert stays on the device that holds the tokens. The expert
-    weights enter whole (replicated; the shard_map's transpose sums their
-    gradients over the batch axes)."""
-    if logical_size("act_expert") > 1:
-      raise ValueError(
-          "moe_dispatch='ragged' does not shard experts over the `expert` "
-          f"mesh axis yet ({logical_size('act_expert')} ways): use "
-          "--config.mesh.expert=1 or moe_dispatch='gather'"
-      )
-    backend = ragged.grouped_matmul_for(
-        self.cfg.grouped_matmul, target_platform()
-    )
+    """[G, S, D] output of the dropless experts on each device's own
+    groups: a shard_map over the batch's mesh axes, so the sort by expert
+    stays on the device that holds the tokens. Experts not sharded
+    (ragged.py): the weights enter whole (replicated; the shard_map's
+    transpose sums their gradients over the batch axes). Experts sharded
+    over `expert` (ragged_shards.py): each device keeps its experts'
+    weights and the tokens travel to them and back."""
+    platform = target_platform()
+    backend = ragged.grouped_matmul_for(self.cfg.grouped_matmul, platform)
     act = gelu_fn(self.cfg.activation)
     weights = tuple(
         w[...].astype(self.dtype) for w in (self.wi, self.bi, self.wo, self.bo)
     )
     x = r.expert_input.astype(self.dtype)
     d = r.dispatch
+    e = self.cfg.num_experts
+    mesh = jax.sharding.get_abstract_mesh()
+    expert_axes = _expert_axes(mesh, e)
+    spec = batch_spec(x.shape[0])  # P(batch axes) or P(None): unsplittable
+    if expert_axes:
+      batch_axes = spec[0] if isinstance(spec[0], tuple) else (spec[0],)
+      if not set(expert_axes) <= set(batch_axes):
+        raise ValueError(
+            f"moe_dispatch='ragged' with experts over {'x'.join(expert_axes)}"
+            f" needs the batch ({x.shape[0]} groups) split over those axes "
+            f"too (act_batch: {batch_axes}); make the batch divisible by "
+            "the data-parallel size"
+        )
 
     def local(x, choice, gates, valid, *weights):
       g, s, dim = x.shape
-      y = ragged.experts_dropless(
+      flat = (
           x.reshape(g * s, dim),
           choice.reshape(g * s, -1),
           gates.reshape(g * s, -1),
           valid.reshape(g * s),
-          *weights,
-          act=act,
-          backend=backend,
       )
+      if expert_axes:
+        y = ragged_shards.experts_dropless_sharded(
+            *flat,
+            *weights,
+            num_experts=e,
+            axes=expert_axes,
+            act=act,
+            backend=backend,
+            exchange_impl=ragged_shards.exchange_for(platform),
+        )
+      else:
+        y = ragged.experts_dropless(*flat, *weights, act=act, backend=backend)
       return y.reshape(g, s, dim)
 
     args = (x, d.expert_choice, d.gates, valid)
-    mesh = jax.sharding.get_abstract_mesh()
     if mesh.empty or mesh.size == 1:
       return local(*args, *weights)
-    spec = batch_spec(x.shape[0])  # P(batch axes) or P(None): unsplittable
     rows = [P(spec[0], *(None,) * (a.ndim - 1)) for a in args]
+    # The weights' expert dim stays split (None: replicated); the rest is
+    # gathered at the boundary, as for any use of an FSDP-sharded weight.
+    w_specs = [P(expert_axes or None, *(None,) * (w.ndim - 1)) for w in weights]
     return jax.shard_map(
         local,
-        in_specs=(*rows, *(P(),) * len(weights)),
+        in_specs=(*rows, *w_specs),
         out_specs=rows[0],
         # Unchecked: jax 0.12's exact gelu (erfc) fails the varying-axes
         # check when replicated weights meet sharded tokens. Without it the
@@ -258,6 +278,17 @@ class ModalityMoE(nnx.Module):
         out.reshape(e, g, c, dim),
         ("act_expert", "act_group", None, "act_embed"),
     )
+
+
+def _expert_axes(mesh, num_experts: int) -> tuple[str, ...]:
+  """The mesh axes the experts' dim is split over under the active rules
+  (() on no mesh or where they are not split)."""
+  if mesh.empty:
+    return ()
+  rules = flax_spmd.get_logical_axis_rules()
+  axes = logical_to_spec(("expert",), (num_experts,), rules, dict(mesh.shape))
+  axes = axes[0]
+  return () if axes is None else (axes if isinstance(axes, tuple) else (axes,))
 
 
 def experts_unrolled(mode: str) -> bool:
