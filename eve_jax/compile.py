@@ -174,8 +174,16 @@ def format_report(r: dict, top: int = 0) -> str:
     )
   if r.get("tpu_kernels"):
     lines.append(
-        "Mosaic kernels (the cost model charges what each declares): "
-        + ", ".join(f"{k} x{v}" for k, v in r["tpu_kernels"].items())
+        "Mosaic kernels (the cost model charges what each declares; "
+        "declared / from their shapes): "
+        + ", ".join(
+            f"{name} x{k['count']} {k['declared_flops'] / 1e9:.3g} / "
+            f"{k['flops'] / 1e9:.3g} GFLOP, {k['declared_bytes'] / 2**20:.0f}"
+            f" / {k['bytes'] / 2**20:.0f} MiB"
+            for name, k in r.get("mosaic_kernels", {}).items()
+        )
+        + f"; +{r.get('kernel_correction_s', 0.0) * 1e3:.3g} ms to the "
+        "estimate for what they declare below their roofline"
     )
   if r.get("cost_model_note"):
     lines.append(f"note: {r['cost_model_note']}")

@@ -278,6 +278,57 @@ def test_ragged_all_to_all_bytes_are_the_rows_it_moves():
   assert c == {"ragged-all-to-all": dict(count=3, bytes=3 * 160, group=4)}
 
 
+def test_mosaic_kernels_at_least_at_their_roofline():
+  """By hand: a ragged dot that declares what its shapes give adds
+  nothing to the estimate; a kernel that declares nothing (as splash
+  attention does) adds its bytes at HBM bandwidth."""
+  cost = '"cost_estimate":{"flops":"%d","transcendentals":"0",' % (
+      2 * 576 * 128 * 512
+  )
+  cost += '"bytes_accessed":"%d","remote_bytes_transferred":"0"}' % (
+      4 * (576 * 512 + 576 * 128 + 4 * 128 * 512)
+  )
+  hlo = "\n".join(
+      [
+          "ENTRY %main.1 (a: f32[2]) -> f32[2] {",
+          "  %ragged-dot-none.3 = f32[576,512]{1,0:T(8,128)} custom-call(%a, "
+          '%b, %c), custom_call_target="tpu_custom_call", '
+          "operand_layout_constraints={s32[4]{0}, f32[576,128]{1,0}, "
+          "f32[4,128,512]{2,1,0}}, backend_config={" + cost + "}",
+          "  %ragged-dot-none.4 = f32[4,128,512]{2,1,0:T(8,128)} custom-call("
+          '%a, %d, %e), custom_call_target="tpu_custom_call", '
+          "operand_layout_constraints={s32[4]{0}, f32[576,128]{1,0}, "
+          "f32[576,512]{1,0}}, backend_config={" + cost + "}",
+          "  %splash.7 = bf16[8,256,64]{2,1,0} custom-call(%q, %k, %v), "
+          'custom_call_target="tpu_custom_call", operand_layout_constraints='
+          "{bf16[8,256,64]{2,1,0}, bf16[8,256,64]{2,1,0}, "
+          'bf16[8,256,64]{2,1,0}}, backend_config={"custom_call_config":{}}',
+          "  ROOT %r = f32[2]{0} add(%a, %a)",
+          "}",
+      ]
+  )
+  k = report.mosaic_kernels(hlo)
+  rd = k["ragged-dot-none"]
+  assert rd["count"] == 2 and rd["flops"] == rd["declared_flops"]
+  assert rd["flops"] == 2 * 2 * 576 * 128 * 512  # forward and weight grad
+  assert rd["bytes"] == rd["declared_bytes"]
+  splash = k["splash"]
+  assert splash["declared_flops"] == splash["declared_bytes"] == 0
+  assert splash["bytes"] == 4 * 8 * 256 * 64 * 2
+  target = targets.get_target("v5p:2x2x1")
+  est = report.estimate(
+      target,
+      {"optimal_seconds": 1e-3, "flops": 0.0},
+      hlo,
+      dict(argument=0, output=0, temp=0),
+      1e9,
+  )
+  assert est["estimate_method"] == "xla_tpu_cost_model"
+  expected = splash["bytes"] / target.chip.hbm_bw
+  assert est["kernel_correction_s"] == pytest.approx(expected)
+  assert est["est_step_s"] == pytest.approx(1e-3 + expected)
+
+
 def test_target_names():
   with pytest.raises(targets.TargetError, match="expected a TPU slice"):
     targets.get_target("v5p64")

@@ -31,6 +31,7 @@ LINEAR = (
     "collectives_s",
     "roofline_step_s",
     "cost_model_step_s",
+    "kernel_correction_s",
     "est_step_s",
 )
 

@@ -229,6 +229,67 @@ def dot_flops(hlo: str) -> float:
   return total
 
 
+_COST_ESTIMATE = re.compile(
+    r'"cost_estimate":\{"flops":"(\d+)"[^}]*"bytes_accessed":"(\d+)"'
+)
+_LAYOUTS = re.compile(r"operand_layout_constraints=\{(.*?\})\}")
+
+
+def _kernel_name(name: str) -> str:
+  return re.sub(r"\.\d+$", "", name)
+
+
+def mosaic_kernels(hlo: str) -> dict[str, dict[str, float]]:
+  """What each kind of Mosaic kernel declares to the TPU cost model and
+  what it does, per step (summed over its runs).
+
+  {kind: {"count", "declared_flops", "declared_bytes", "flops", "bytes"}}:
+  declared: the `cost_estimate` in the kernel's backend config (0 where
+  it declares none, as jax's splash attention); done: bytes of its
+  floating-point operands and result, and for a ragged dot ([M, K] x
+  [G, K, N] -> [M, N], or [M, K] x [M, N] -> [G, K, N] in the backward)
+  2 * M * K * N FLOPs at its buffer's M rows. For other kernels the FLOPs
+  are not known from the HLO: their declared FLOPs are taken.
+  """
+  out: dict[str, dict[str, float]] = collections.defaultdict(
+      lambda: dict(
+          count=0, declared_flops=0.0, declared_bytes=0.0, flops=0.0, bytes=0.0
+      )
+  )
+  for i in _instructions(hlo):
+    if not (
+        i.op == "custom-call"
+        and 'custom_call_target="tpu_custom_call"' in i.line
+    ):
+      continue
+    k = out[_kernel_name(i.name)]
+    k["count"] += i.runs
+    declared = _COST_ESTIMATE.search(i.line)
+    d_flops, d_bytes = (
+        (float(declared[1]), float(declared[2])) if declared else (0.0, 0.0)
+    )
+    k["declared_flops"] += i.runs * d_flops
+    k["declared_bytes"] += i.runs * d_bytes
+    layouts = _LAYOUTS.search(i.line)
+    operands = _ARRAY.findall(layouts.group(1)) if layouts else []
+    floats = [
+        (dt, [int(d) for d in dims.split(",") if d])
+        for dt, dims in operands + _ARRAY.findall(i.type_text)
+        if dt.startswith(("f", "bf"))
+    ]
+    k["bytes"] += i.runs * max(
+        d_bytes if not floats else 0.0,
+        sum(_DTYPE_BYTES[dt] * math.prod(dims) for dt, dims in floats),
+    )
+    if "ragged-dot" in i.name and len(floats) == 3:
+      sizes = [math.prod(dims) for _, dims in floats]
+      groups = next(dims[0] for _, dims in floats if len(dims) == 3)
+      k["flops"] += i.runs * 2.0 * math.sqrt(math.prod(sizes) / groups)
+    else:
+      k["flops"] += i.runs * d_flops
+  return dict(out)
+
+
 def tpu_kernels(hlo: str) -> dict[str, int]:
   """Mosaic kernels (TPU custom calls: Pallas kernels, and XLA's own
   lowering of a ragged dot) by name, as many times as they run per step.
@@ -241,5 +302,5 @@ def tpu_kernels(hlo: str) -> dict[str, int]:
         i.op == "custom-call"
         and 'custom_call_target="tpu_custom_call"' in i.line
     ):
-      out[re.sub(r"\.\d+$", "", i.name)] += i.runs
+      out[_kernel_name(i.name)] += i.runs
   return dict(out.most_common())

@@ -23,6 +23,15 @@ is one of two estimates, each named in the report by `estimate_method`:
     `bytes accessed` where there is one, else every argument, output and
     temporary moved once (a lower bound). With no term for kernels that
     run below peak, its MFU is an upper bound.
+
+Either way, Mosaic kernels (TPU custom calls: Pallas kernels, XLA's
+ragged dot) count for what they declare in their `cost_estimate`, and a
+kernel may declare less than it does (jax's splash attention declares
+nothing). `kernel_correction_s` adds, per kind of kernel, what its
+roofline from its own shapes (hlo.mosaic_kernels) exceeds the roofline of
+what it declared; it is part of `est_step_s`, so that a kernel counted as
+free never reads as a gain. XLA's ragged dot declares its FLOPs exactly
+and more bytes than its operands hold: it adds nothing.
 """
 
 from __future__ import annotations
@@ -37,6 +46,7 @@ from eve_jax.aot.hlo import (
     _array_bytes,
     bytes_by_scope,
     top_ops_by_bytes,
+    mosaic_kernels,
     tpu_kernels,
 )
 from eve_jax.aot.targets import Target
@@ -219,7 +229,19 @@ def estimate(
       out["cost_model_note"] = (
           f"the cost model gave {model_s:.3g} s: roofline used"
       )
+  kernels = mosaic_kernels(hlo)
+  t = lambda f, b: max(f / chip.peak_flops, b / chip.hbm_bw)  # noqa: E731
+  correction = sum(
+      max(
+          0.0,
+          t(k["flops"], k["bytes"])
+          - t(k["declared_flops"], k["declared_bytes"]),
+      )
+      for k in kernels.values()
+  )
+  step_s += correction
   out.update(
+      kernel_correction_s=correction,
       estimate_method=method,
       est_step_s=step_s,
       est_mfu=step_flops_analytic / (step_s * n * chip.peak_flops),
@@ -259,6 +281,7 @@ def report(target: Target, built, compiled, compile_s: float) -> dict:
   out.update(estimate(target, cost, hlo, mem, step_flops))
   # Where the bytes go (for finding what to slim, not a time).
   out["tpu_kernels"] = tpu_kernels(hlo)
+  out["mosaic_kernels"] = mosaic_kernels(hlo)
   out["top_ops"] = top_ops_by_bytes(hlo, TOP_OPS)
   out["bytes_by_scope"] = dict(list(bytes_by_scope(hlo).items())[:TOP_OPS])
   # The compiler accepted it; a total past the chip's HBM would still not
