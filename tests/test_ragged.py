@@ -299,6 +299,21 @@ def test_dropless_with_experts_over_4_devices_equals_one(axes, backend):
     assert not re.search(rf"\[{shape}\][^\n]*all-gather\(", hlo), shape
 
 
+def test_dropless_with_too_few_groups_for_the_expert_axes():
+  """2 groups cannot split over 4 expert devices (a small evaluation
+  batch): that call gathers the experts' weights and runs them all on
+  each device's tokens, still equal to one device, gradients included."""
+  cfg = MoEConfig(EXPERTS, top_k=2, dispatch="ragged")
+  x, modality, valid = _inputs(batch=2, length=20, seed=7)
+  y1, _, g1, _ = _sharded(_mesh(), cfg, x, modality, valid)
+  y4, _, g4, hlo = _sharded(_mesh(expert=4), cfg, x, modality, valid)
+  for a, b in zip(jax.tree.leaves((y4, g4)), jax.tree.leaves((y1, g1))):
+    np.testing.assert_allclose(
+        np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6
+    )
+  assert "all-to-all" not in hlo
+
+
 def test_expert_exchange_by_hand():
   """The route and the dense exchange on 2 devices, worked by hand:
   device 0 has 3 rows for expert 0 and 1 for expert 1, device 1 has 1 and

@@ -194,15 +194,12 @@ class ModalityMoE(nnx.Module):
     mesh = jax.sharding.get_abstract_mesh()
     expert_axes = _expert_axes(mesh, e)
     spec = batch_spec(x.shape[0])  # P(batch axes) or P(None): unsplittable
-    if expert_axes:
-      batch_axes = spec[0] if isinstance(spec[0], tuple) else (spec[0],)
-      if not set(expert_axes) <= set(batch_axes):
-        raise ValueError(
-            f"moe_dispatch='ragged' with experts over {'x'.join(expert_axes)}"
-            f" needs the batch ({x.shape[0]} groups) split over those axes "
-            f"too (act_batch: {batch_axes}); make the batch divisible by "
-            "the data-parallel size"
-        )
+    batch_axes = spec[0] if isinstance(spec[0], tuple) else (spec[0],)
+    if not set(expert_axes) <= set(batch_axes):
+      # Too few groups to split over the expert axes too (e.g. a small
+      # evaluation batch): the experts' weights gathered for this call,
+      # every device running all experts on its own tokens.
+      expert_axes = ()
 
     def local(x, choice, gates, valid, *weights):
       g, s, dim = x.shape
