@@ -403,6 +403,39 @@ def test_scanned_layers_train_the_same_on_a_mesh(trained, tmp_path):
     )
 
 
+@pytest.mark.slow  # ~2 min on 2 cores, beside the fixture's runs
+def test_dropless_with_experts_over_4_devices_trains_like_one(
+    trained, tmp_path
+):
+  """moe_dispatch="ragged" with the experts over 4 devices (ragged_shards:
+  the rows exchanged between expert shards) trains the micro model as on
+  one device; and dropless, it drops nothing where the capacity path of
+  the same routing does."""
+
+  def ragged(**axes):
+    c = micro_config(**axes)
+    c.model.moe_dispatch = "ragged"
+    c.train.checkpoint_every = 0
+    return c
+
+  _train(ragged(), tmp_path / "one", mesh_of())
+  _train(ragged(data=2, expert=4), tmp_path / "sharded")
+  np.testing.assert_allclose(
+      _losses(tmp_path / "sharded"), _losses(tmp_path / "one"), rtol=1e-4
+  )
+
+  def dropped(workdir):
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+      rows = [json.loads(line) for line in f]
+    return [r["dropped_token_frac"] for r in rows if "dropped_token_frac" in r]
+
+  assert (
+      dropped(tmp_path / "sharded") and max(dropped(tmp_path / "sharded")) == 0
+  )
+  capacity_dir, _ = trained[(("data", 2), ("expert", 4))]
+  assert max(dropped(capacity_dir)) > 0
+
+
 @pytest.mark.slow
 def test_tiny_20_steps_same_loss_on_five_meshes(tmp_path):
   """The issue's check at full size: configs/base.py:tiny, 20 steps."""
