@@ -241,6 +241,19 @@ def _mesh(**axes):
   return sharding.make_mesh(cfg, devices=jax.devices()[:n])
 
 
+def _sharded_equals_one(mesh, cfg, x, modality, valid) -> str:
+  """The layer on `mesh` against one device: output and every gradient
+  within 1e-5, nothing dropped; the mesh's compiled HLO."""
+  y1, d1, g1, _ = _sharded(_mesh(), cfg, x, modality, valid)
+  y, d, g, hlo = _sharded(mesh, cfg, x, modality, valid)
+  assert float(d1) == float(d) == 0
+  for a, b in zip(jax.tree.leaves((y, g)), jax.tree.leaves((y1, g1))):
+    np.testing.assert_allclose(
+        np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6
+    )
+  return hlo
+
+
 @pytest.mark.parametrize(
     "axes",
     [dict(data=4), pytest.param(dict(data=2, fsdp=2), marks=pytest.mark.slow)],
@@ -250,16 +263,7 @@ def test_dropless_on_4_devices_equals_one(axes):
   shard_map), the weights' gradients are summed over the devices."""
   cfg = MoEConfig(EXPERTS, dispatch="ragged")
   x, modality, valid = _inputs(batch=8, length=20, seed=5)
-  y1, d1, g1, _ = _sharded(_mesh(), cfg, x, modality, valid)
-  y4, d4, g4, hlo = _sharded(_mesh(**axes), cfg, x, modality, valid)
-  assert float(d1) == float(d4) == 0
-  np.testing.assert_allclose(
-      np.asarray(y4), np.asarray(y1), rtol=1e-5, atol=1e-6
-  )
-  for a, b in zip(jax.tree.leaves(g4), jax.tree.leaves(g1)):
-    np.testing.assert_allclose(
-        np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6
-    )
+  hlo = _sharded_equals_one(_mesh(**axes), cfg, x, modality, valid)
   # The tokens stay where they are: no all-gather or all-to-all of
   # activations, only the weights' gradient all-reduce (and FSDP's
   # weight gathers on fsdp=2).
@@ -283,16 +287,7 @@ def test_dropless_with_experts_over_4_devices_equals_one(axes, backend):
   (all-to-all) and gathers no expert weight."""
   cfg = MoEConfig(EXPERTS, top_k=2, dispatch="ragged", grouped_matmul=backend)
   x, modality, valid = _inputs(batch=8, length=20, seed=7)
-  y1, d1, g1, _ = _sharded(_mesh(), cfg, x, modality, valid)
-  y4, d4, g4, hlo = _sharded(_mesh(**axes), cfg, x, modality, valid)
-  assert float(d1) == float(d4) == 0
-  np.testing.assert_allclose(
-      np.asarray(y4), np.asarray(y1), rtol=1e-5, atol=1e-6
-  )
-  for a, b in zip(jax.tree.leaves(g4), jax.tree.leaves(g1)):
-    np.testing.assert_allclose(
-        np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6
-    )
+  hlo = _sharded_equals_one(_mesh(**axes), cfg, x, modality, valid)
   assert "all-to-all" in hlo
   # Expert weights ([E, D, F] and [E, F, D]) never gathered whole.
   for shape in (f"{EXPERTS},{DIM},{HIDDEN}", f"{EXPERTS},{HIDDEN},{DIM}"):
@@ -305,12 +300,7 @@ def test_dropless_with_too_few_groups_for_the_expert_axes():
   each device's tokens, still equal to one device, gradients included."""
   cfg = MoEConfig(EXPERTS, top_k=2, dispatch="ragged")
   x, modality, valid = _inputs(batch=2, length=20, seed=7)
-  y1, _, g1, _ = _sharded(_mesh(), cfg, x, modality, valid)
-  y4, _, g4, hlo = _sharded(_mesh(expert=4), cfg, x, modality, valid)
-  for a, b in zip(jax.tree.leaves((y4, g4)), jax.tree.leaves((y1, g1))):
-    np.testing.assert_allclose(
-        np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6
-    )
+  hlo = _sharded_equals_one(_mesh(expert=4), cfg, x, modality, valid)
   assert "all-to-all" not in hlo
 
 
