@@ -40,7 +40,7 @@ from flax import nnx
 from eve_jax import flops as flops_lib
 from eve_jax import pretrained, sharding, storage
 from eve_jax.data import finetune_data
-from eve_jax.data.errors import DataError
+from eve_jax.data.errors import DataError, not_in_a_bucket
 from eve_jax.data.run_tokenizer import build_tokenizer, copy_tokenizer
 from eve_jax.data.tokenizer import Tokenizer, load_tokenizer, shapes_tokenizer
 from eve_jax.model.variants import ModelConfig
@@ -98,6 +98,12 @@ class FineTuning:
   def check(cls, config, workdir: str) -> None:
     del workdir
     ModelConfig.from_config(config.model)  # a bad model key: before files
+    if storage.is_gcs(config.data.dir):
+      raise not_in_a_bucket(
+          "config.data.dir",
+          config.data.dir,
+          "the downstream task files are read from local paths only",
+      )
     if config.init_from:
       pretrained.read_config(config.init_from)  # fail before anything else
 

@@ -29,9 +29,17 @@ import tempfile
 import uuid
 from typing import Iterator
 
+import fsspec.config
 from etils import epath
 
 GCS = "gs://"
+
+# gcsfs caches directory listings forever by default, so that what another
+# process (another host of the run, a finished earlier run) wrote stays
+# invisible: a committed checkpoint "not found", the tokenizer process 0
+# wrote missing. Listings here are few and small; read them fresh. Set
+# before epath makes its gcsfs instance (fsspec applies its config then).
+fsspec.config.conf.setdefault("gcs", {}).setdefault("use_listings_cache", False)
 # The one request `check_dir` makes: connect / read timeouts in seconds.
 _PROBE_TIMEOUT_S = (10, 30)
 
