@@ -127,7 +127,7 @@ def _peer_lost(e: Exception) -> None:
   print(
       f"eve_jax: error: process {jax.process_index()}: a collective "
       f"failed, a peer process is most likely lost ({first}); restart "
-      f"every process: {resume_note(_WORKDIR.value)}",
+      f"every process: {resume_note(_WORKDIR.value, 30)}",
       file=sys.stderr,
       flush=True,
   )

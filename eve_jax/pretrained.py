@@ -60,7 +60,10 @@ def read_config(directory: str) -> dict[str, Any]:
         f"config.init_from={directory} is not empty: pass "
         "--config.init_from= to train from scratch"
     )
-  storage.check_dir(directory, "config.init_from")
+  try:
+    storage.check_dir(directory, "config.init_from")
+  except storage.StorageError as e:
+    raise InitError(str(e)) from None
   path = os.path.join(directory, "config.json")
   if not storage.isfile(path):
     raise InitError(
