@@ -419,6 +419,8 @@ def test_kill_during_a_checkpoint_write_to_a_bucket(
       wd, cache_env, STEPS, driver=["tests/crash_driver.py", "40"], check=False
   )
   assert out.returncode == -signal.SIGKILL, out.stderr[-3000:]
+  names = _names(on_gcs, "killed/checkpoints/40/")
+  assert "killed/checkpoints/40/commit_success.txt" not in names, names
   assert watchdog.committed_steps(wd) == [20]
   out = _train(wd, cache_env, STEPS)
   assert "resumed from" in out.stderr and "at step 20" in out.stderr
