@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import tempfile
 import uuid
 from typing import Iterator
 
@@ -116,11 +115,13 @@ def write_bytes(p: str, data: bytes) -> None:
     with errors(p):
       path(p).write_bytes(data)
     return
-  directory = os.path.dirname(os.path.abspath(p))
-  os.makedirs(directory, exist_ok=True)
-  with tempfile.NamedTemporaryFile("wb", dir=directory, delete=False) as f:
+  os.makedirs(os.path.dirname(os.path.abspath(p)), exist_ok=True)
+  # open(), not NamedTemporaryFile: the file gets the umask's permissions,
+  # as every local file eve_jax wrote before.
+  tmp = f"{p}.tmp{os.getpid()}"
+  with open(tmp, "wb") as f:
     f.write(data)
-  os.replace(f.name, p)
+  os.replace(tmp, p)
 
 
 def write_text(p: str, text: str) -> None:

@@ -229,6 +229,32 @@ def test_data_in_a_bucket_says_to_mount_it(on_gcs, tmp_path):
   assert "gcloud storage cp -r DIR gs://eve-test/c" in err.getvalue()
 
 
+def test_converted_weights_to_a_bucket_load_as_init_from(on_gcs):
+  """`convert ... --out gs://`'s writer: the checkpoint, config.json and
+  tokenizer in the bucket, read back as an init_from directory; a second
+  write into it is refused."""
+  from eve_jax import pretrained  # pylint: disable=g-import-not-at-top
+  from eve_jax.convert import output  # pylint: disable=g-import-not-at-top
+  from eve_jax.convert.source import ConversionError  # pylint: disable=g-import-not-at-top
+
+  out = f"gs://{BUCKET}/converted"
+  w = np.arange(6, dtype=np.float32).reshape(2, 3)
+  output.write(out, {"backbone": {"w": w}}, {"model": {}}, {}, "{}")
+  assert storage.listdir(out) == [
+      "checkpoints",
+      "config.json",
+      "conversion_report.json",
+      "tokenizer.json",
+  ]
+  assert pretrained.read_config(out) == {"model": {}}
+  assert pretrained.tokenizer_path(out) == f"{out}/tokenizer.json"
+  params, step = pretrained.load_params(out)
+  assert step == 0
+  np.testing.assert_array_equal(params["backbone"]["w"], w)
+  with pytest.raises(ConversionError, match="already holds checkpoints"):
+    output.write(out, {"w": w}, {}, {})
+
+
 def _cli(args, env, timeout=600):
   env = {k: v for k, v in {**os.environ, **env}.items() if k != "XLA_FLAGS"}
   return subprocess.run(
