@@ -65,6 +65,18 @@ def test_paths_on_a_bucket(on_gcs):
   assert storage.listdir(run) == ["config.step3.json"]
   storage.makedirs(f"{run}/viz")  # no directories in a bucket: nothing made
   assert _names(on_gcs, "paths/") == ["paths/run/config.step3.json"]
+  # A viz picture: PNG bytes in one upload.
+  import io  # pylint: disable=g-import-not-at-top
+
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+
+  from eve_jax.viz import images as vimg  # pylint: disable=g-import-not-at-top
+
+  pic = np.arange(4 * 5 * 3, dtype=np.uint8).reshape(4, 5, 3)
+  vimg.save_png(f"{run}/viz/step1.png", pic)
+  png = storage.read_bytes(f"{run}/viz/step1.png")
+  np.testing.assert_array_equal(np.asarray(Image.open(io.BytesIO(png))), pic)
+  storage.remove(f"{run}/viz/step1.png")
   assert storage.absolute("gs://b/run/") == "gs://b/run"
   assert storage.absolute("rel") == os.path.abspath("rel")
 
