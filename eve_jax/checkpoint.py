@@ -2,8 +2,18 @@
 
 One checkpoint = {"state": the TrainState pytree, "data": the grain iterator
 state (JSON)}. Saving is asynchronous (training continues while the arrays
-are written); orbax writes into a temporary folder and renames it at the
-end, so a run killed mid-write leaves the previous checkpoint intact.
+are written). How a step is committed is orbax's choice by path (its
+`atomicity_defaults`): on a local disk it writes into a temporary folder
+and renames it to the step number at the end; in a `gs://` workdir, where a
+rename is a copy of every object, it writes the step's objects in place and
+commits with a `commit_success.txt` marker object, written last, after
+every process is done. Either way a run killed mid-write leaves the
+previous checkpoint intact, and a step without its commit is never listed
+or restored (orbax removes it before writing that step again).
+
+A local checkpoint directory reached through a gcsfuse mount gets the
+rename commit, which gcsfuse does not do atomically: write checkpoints to
+`gs://` directly, not through a mount.
 """
 
 from __future__ import annotations
@@ -13,6 +23,8 @@ from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
+
+from eve_jax import storage
 
 
 def _names(tree: Any) -> list[tuple[str, Any]]:
@@ -35,7 +47,7 @@ class Checkpointer:
 
   def __init__(self, workdir: str, *, every: int, keep: int):
     self.every = every
-    self.directory = os.path.join(os.path.abspath(workdir), "checkpoints")
+    self.directory = os.path.join(storage.absolute(workdir), "checkpoints")
     self._mngr = ocp.CheckpointManager(
         self.directory,
         options=ocp.CheckpointManagerOptions(

@@ -28,6 +28,8 @@ import functools
 import json
 import math
 import os
+import shutil
+import tempfile
 from typing import Any
 
 import jax
@@ -36,9 +38,9 @@ from absl import logging
 from flax import nnx
 
 from eve_jax import flops as flops_lib
-from eve_jax import pretrained, sharding
+from eve_jax import pretrained, sharding, storage
 from eve_jax.data import finetune_data
-from eve_jax.data.errors import DataError
+from eve_jax.data.errors import DataError, not_in_a_bucket
 from eve_jax.data.run_tokenizer import build_tokenizer, copy_tokenizer
 from eve_jax.data.tokenizer import Tokenizer, load_tokenizer, shapes_tokenizer
 from eve_jax.model.variants import ModelConfig
@@ -56,7 +58,19 @@ def train_steps(config, num_train: int) -> int:
 def shapes_tasks_dir(config, workdir: str) -> str:
   """Where a run with `data.shapes` and no `data.dir` reads its task's
   EVE-Shapes files: DIR/shapes_tasks/{task}."""
-  return os.path.join(workdir, "shapes_tasks", config.task)
+  return os.path.join(shapes_tasks_root(config, workdir), config.task)
+
+
+def shapes_tasks_root(config, workdir: str) -> str:
+  """DIR/shapes_tasks; for a `gs://` workdir a local cache folder on each
+  host (the downstream readers take local files; the tasks are a function
+  of the seed and image size, made again where the cache is gone)."""
+  if storage.is_gcs(workdir):
+    name = f"seed{config.seed}-{config.model.image_size}px-" + workdir[
+        len(storage.GCS) :
+    ].strip("/").replace("/", "+")
+    return os.path.join(tempfile.gettempdir(), "eve_jax-shapes_tasks", name)
+  return os.path.join(workdir, "shapes_tasks")
 
 
 class FineTuning:
@@ -84,6 +98,12 @@ class FineTuning:
   def check(cls, config, workdir: str) -> None:
     del workdir
     ModelConfig.from_config(config.model)  # a bad model key: before files
+    if storage.is_gcs(config.data.dir):
+      raise not_in_a_bucket(
+          "config.data.dir",
+          config.data.dir,
+          "the downstream task files are read from local paths only",
+      )
     if config.init_from:
       pretrained.read_config(config.init_from)  # fail before anything else
 
@@ -245,7 +265,7 @@ def _make_tokenizer(config, path: str) -> Tokenizer:
   """For `run_tokenizer.build_tokenizer`: DIR/tokenizer.model once made; else
   `data.tokenizer`, the init_from run's, or (EVE-Shapes tasks) the one tiny
   pretraining trains."""
-  if os.path.exists(path):
+  if storage.exists(path):
     return load_tokenizer(path)
   source = config.data.tokenizer or (
       pretrained.tokenizer_path(config.init_from) if config.init_from else ""
@@ -267,9 +287,24 @@ def _write_shapes_tasks(config, workdir: str, is_main: bool) -> str:
   once into DIR/shapes_tasks; returns this task's folder."""
   from eve_jax.data import shapes_tasks  # pylint: disable=g-import-not-at-top
 
-  root = os.path.join(workdir, "shapes_tasks")
+  root = shapes_tasks_root(config, workdir)
   done = os.path.join(root, "written")
-  if is_main and not os.path.exists(done):
+  if storage.is_gcs(workdir):
+    # Every process makes the local cache of its host, if no process of
+    # the host has yet: written aside and renamed, so that processes
+    # sharing a host never read a half-written folder.
+    if not os.path.exists(done):
+      tmp = f"{root}.tmp{os.getpid()}"
+      shapes_tasks.write_all(
+          tmp, image_size=config.model.image_size, seed=config.seed
+      )
+      with open(os.path.join(tmp, "written"), "w") as f:
+        f.write("ok\n")
+      try:
+        os.rename(tmp, root)
+      except OSError:  # another process of this host was first
+        shutil.rmtree(tmp, ignore_errors=True)
+  elif is_main and not os.path.exists(done):
     logging.info("writing the EVE-Shapes downstream tasks to %s", root)
     shapes_tasks.write_all(
         root, image_size=config.model.image_size, seed=config.seed
@@ -311,15 +346,16 @@ def _load_pretrained(config, state, state_sh, model_cfg, workdir, is_main):
       pretrained.summary(report),
   )
   if is_main:
-    with open(os.path.join(workdir, "init_report.json"), "w") as f:
-      json.dump(
-          dict(
-              report,
-              init_from=os.path.abspath(config.init_from),
-              step=int(step),
-          ),
-          f,
-          indent=1,
-      )
+    text = json.dumps(
+        dict(
+            report, init_from=storage.absolute(config.init_from), step=int(step)
+        ),
+        indent=1,
+    )
+    if storage.is_gcs(workdir):
+      storage.write_text(os.path.join(workdir, "init_report.json"), text)
+    else:
+      with open(os.path.join(workdir, "init_report.json"), "w") as f:
+        f.write(text)
   # The optimizer moments start at zero either way; only params change.
   return state.replace(params=new_params)

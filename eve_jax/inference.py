@@ -30,7 +30,7 @@ import jax
 import numpy as np
 from flax import nnx
 
-from eve_jax import pretrained
+from eve_jax import pretrained, storage
 from eve_jax.data import finetune_data
 from eve_jax.data.tokenizer import Tokenizer, load_tokenizer
 from eve_jax.model.variants import ModelConfig
@@ -90,9 +90,8 @@ def read_answers(
   from eve_jax.tasks import vqa  # pylint: disable=g-import-not-at-top
 
   path = os.path.join(directory, vqa.ANSWERS_FILE)
-  if os.path.isfile(path):
-    with open(path) as f:
-      return list(json.load(f))
+  if storage.isfile(path):
+    return list(json.loads(storage.read_text(path)))
   import ml_collections  # pylint: disable=g-import-not-at-top
   from eve_jax.finetune import shapes_tasks_dir  # pylint: disable=g-import-not-at-top
 
@@ -184,16 +183,19 @@ def load(
     InputError: no such run, another kind, or a checkpoint that does not
       fit its config.
   """
-  if not os.path.isdir(directory):
-    raise InputError(f"--workdir {directory}: no such directory")
-  path = os.path.join(directory, "config.json")
-  if not os.path.isfile(path):
-    raise InputError(
-        f"--workdir {directory} has no config.json: not a "
-        "run directory of python -m eve_jax.main"
-    )
-  with open(path) as f:
-    config = json.load(f)
+  try:
+    storage.check_dir(directory, "--workdir")
+    if not storage.isdir(directory):
+      raise InputError(f"--workdir {directory}: no such directory")
+    path = os.path.join(directory, "config.json")
+    if not storage.isfile(path):
+      raise InputError(
+          f"--workdir {directory} has no config.json: not a "
+          "run directory of python -m eve_jax.main"
+      )
+    config = json.loads(storage.read_text(path))
+  except (storage.StorageError, json.JSONDecodeError) as e:
+    raise InputError(str(e).splitlines()[0]) from None
   kind = config.get("task", "pretrain")
   if kinds and kind not in kinds:
     raise InputError(
@@ -201,7 +203,7 @@ def load(
         f"a {' or '.join(kinds)} run"
     )
   tokenizer = _tokenizer(directory)
-  if not os.path.isdir(os.path.join(directory, "checkpoints")):
+  if not storage.isdir(os.path.join(directory, "checkpoints")):
     raise InputError(
         f"--workdir {directory} has no checkpoints/ (the run "
         "has not saved one yet)"

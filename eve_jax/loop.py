@@ -253,6 +253,7 @@ def _steps(
       if pending:
         flush(step)
       with watchdog.paused():
+        writer.flush()
         ckpt.save(step, state, data_state())
       progress.message(
           f"stopped at step {step} by "
@@ -281,6 +282,9 @@ def _steps(
       t_log += time.perf_counter() - t_eval
     if ckpt.should_save(step, total_steps):
       with watchdog.paused():
+        # The rows up to this checkpoint are in the bucket before it can
+        # commit: a killed run loses only rows its resume logs again.
+        writer.flush()
         ckpt.save(step, state, data_state())
   progress.close()
   return state, last_eval

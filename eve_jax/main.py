@@ -64,12 +64,12 @@ _SHUTDOWN_TIMEOUT_S = flags.DEFINE_integer(
 
 
 class _QuietLibraries(std_logging.Filter):
-  """Drops the INFO chatter of orbax/grain (dozens of lines per checkpoint);
-  their warnings and errors still show."""
+  """Drops the INFO chatter of orbax/grain/gcsfs (dozens of lines per
+  checkpoint); their warnings and errors still show."""
 
   def filter(self, record: std_logging.LogRecord) -> bool:
     return record.levelno >= std_logging.WARNING or not any(
-        f"/{lib}/" in record.pathname for lib in ("orbax", "grain")
+        f"/{lib}/" in record.pathname for lib in ("orbax", "grain", "gcsfs")
     )
 
 
@@ -127,7 +127,7 @@ def _peer_lost(e: Exception) -> None:
   print(
       f"eve_jax: error: process {jax.process_index()}: a collective "
       f"failed, a peer process is most likely lost ({first}); restart "
-      f"every process: {resume_note(_WORKDIR.value)}",
+      f"every process: {resume_note(_WORKDIR.value, 30)}",
       file=sys.stderr,
       flush=True,
   )

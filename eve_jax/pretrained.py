@@ -29,7 +29,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from eve_jax import storage
 from eve_jax.model import eve
+from eve_jax.watchdog import committed_in
 from eve_jax.model.variants import ModelConfig
 
 _POS = ("backbone", "image_embed", "pos_embed")
@@ -58,14 +60,23 @@ def read_config(directory: str) -> dict[str, Any]:
         f"config.init_from={directory} is not empty: pass "
         "--config.init_from= to train from scratch"
     )
+  try:
+    storage.check_dir(directory, "config.init_from")
+  except storage.StorageError as e:
+    raise InitError(str(e)) from None
   path = os.path.join(directory, "config.json")
-  if not os.path.isfile(path):
+  if not storage.isfile(path):
     raise InitError(
         f"config.init_from={directory} has no config.json: not "
         "a pretraining workdir or converted checkpoint"
     )
-  with open(path) as f:
-    return json.load(f)
+  try:
+    saved = json.loads(storage.read_text(path))
+  except ValueError as e:
+    raise InitError(f"cannot read {path}: {e}") from None
+  if not isinstance(saved, dict):
+    raise InitError(f"{path} holds no JSON object")
+  return saved
 
 
 def tokenizer_path(directory: str) -> str:
@@ -73,7 +84,7 @@ def tokenizer_path(directory: str) -> str:
   Face tokenizer, as `python -m eve_jax.convert eve` writes)."""
   for name in ("tokenizer.model", "tokenizer.json"):
     path = os.path.join(directory, name)
-    if os.path.isfile(path):
+    if storage.isfile(path):
       return path
   raise InitError(
       f"config.init_from={directory} has no tokenizer.model or "
@@ -112,16 +123,17 @@ def load_params(
   """
   import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
 
-  ckpt_dir = os.path.join(os.path.abspath(directory), "checkpoints")
-  if not os.path.isdir(ckpt_dir):
+  ckpt_dir = os.path.join(storage.absolute(directory), "checkpoints")
+  if not storage.isdir(ckpt_dir):
     raise InitError(f"{flag}={directory} has no checkpoints/")
-  # A finished checkpoint is a plain step folder; an interrupted write is
-  # still named N.orbax-checkpoint-tmp-*.
-  steps = sorted(
-      int(d)
-      for d in os.listdir(ckpt_dir)
-      if d.isdigit() and os.path.isdir(os.path.join(ckpt_dir, d, "state"))
-  )
+  # Committed steps only (locally a plain step folder, an interrupted write
+  # is still named N.orbax-checkpoint-tmp-*; on GCS a step folder with its
+  # commit marker).
+  steps = [
+      s
+      for s in committed_in(ckpt_dir)
+      if storage.isdir(os.path.join(ckpt_dir, str(s), "state"))
+  ]
   if not steps:
     raise InitError(
         f"{flag}={directory}: checkpoints/ holds no finished " "checkpoint"

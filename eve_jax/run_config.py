@@ -24,6 +24,8 @@ from typing import Any
 import ml_collections
 from absl import logging
 
+from eve_jax import storage
+
 # Dotted keys, or prefixes ending in ".", that may differ on resume.
 FREE = (
     "mesh.",
@@ -126,11 +128,12 @@ def check(
     ConfigChangeError: they changed without train.allow_config_change.
   """
   path = os.path.join(workdir, "config.json")
-  if step is None or not os.path.isfile(path):
+  if step is None or not storage.isfile(path):
     return []
   try:
-    with open(path) as f:
-      saved = json.load(f)
+    saved = json.loads(storage.read_text(path))
+    if not isinstance(saved, dict):
+      raise ValueError(f"a JSON {type(saved).__name__}, not an object")
   except (OSError, ValueError) as e:
     raise ConfigChangeError(
         f"cannot read {path} of the run being resumed: " f"{e}"
@@ -173,9 +176,9 @@ def write(
   restored); with `changed` keys, the old one is kept as
   DIR/config.step{step}.json first."""
   path = os.path.join(workdir, "config.json")
-  if changed and os.path.isfile(path):
+  if changed and storage.isfile(path):
     kept = os.path.join(workdir, f"config.step{step}.json")
-    os.replace(path, kept)
+    storage.replace(path, kept)
     logging.warning(
         "config changed on resume at step %s (%s); the old one "
         "is kept in %s",
@@ -184,6 +187,9 @@ def write(
         kept,
     )
   text = json.dumps(as_dict(config), indent=1, sort_keys=True)
+  if storage.is_gcs(path):  # one upload: atomic by itself
+    storage.write_text(path, text)
+    return
   with open(path + ".tmp", "w") as f:
     f.write(text)
   os.replace(path + ".tmp", path)

@@ -13,7 +13,6 @@ fine-tuning task come through `registry.get(config.task)`.
 from __future__ import annotations
 
 import dataclasses
-import os
 import time
 from typing import Any
 
@@ -22,7 +21,7 @@ import ml_collections
 from absl import logging
 from flax import nnx
 
-from eve_jax import loop, run_config, sharding, versions
+from eve_jax import loop, run_config, sharding, storage, versions
 from eve_jax.checkpoint import Checkpointer
 from eve_jax.data import specs
 from eve_jax.program import StepProgram, TrainState, build_step, xla_flops
@@ -54,6 +53,9 @@ def run(
       all devices of all processes.
   """
   task_cls = registry.get(config.task)
+  # A workdir that cannot be used (a file; a bucket that does not exist or
+  # cannot be reached): one line, before any file or compile.
+  storage.check_dir(workdir, "--workdir")
   task_cls.check(config, workdir)  # bad input: before any file
   mesh = sharding.make_mesh(config.mesh) if mesh is None else mesh
   rules = sharding.parse_rules(config.axis_rules)
@@ -93,7 +95,7 @@ def build_program(
 
 
 def _run(task_cls, config, workdir: str, mesh, rules) -> RunResult:
-  os.makedirs(workdir, exist_ok=True)
+  storage.makedirs(workdir)
   is_main = jax.process_index() == 0
   task = task_cls.setup(config, workdir, is_main)
   prog = build_program(task, config, mesh, rules)

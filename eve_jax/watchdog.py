@@ -22,9 +22,12 @@ import faulthandler
 import os
 import statistics
 import sys
+import tempfile
 import threading
 import time
 from typing import Callable, Iterator
+
+from eve_jax import storage
 
 # EX_TEMPFAIL: a restart with the same command may well succeed.
 EXIT_HUNG = 75
@@ -32,16 +35,36 @@ AUTO_FLOOR_S = 600.0
 AUTO_FACTOR = 10.0
 
 
+COMMIT_FILE = "commit_success.txt"  # orbax's marker on GCS
+
+
 def committed_steps(workdir: str) -> list[int]:
   """The checkpoint steps under DIR/checkpoints that are committed.
 
-  Orbax writes a step into a temporary directory and renames it to the
-  bare step number only when every process has finished writing (process
-  0 renames after a barrier), so a numeric name is a complete checkpoint
-  and anything else (a `.orbax-checkpoint-tmp` directory a dead process
-  left) is not one.
+  Locally orbax writes a step into a temporary directory and renames it to
+  the bare step number only when every process has finished writing
+  (process 0 renames after a barrier), so a numeric name is a complete
+  checkpoint and anything else (a `.orbax-checkpoint-tmp` directory a dead
+  process left) is not one. On GCS the step's objects are written under
+  their final name and the step counts only once its `commit_success.txt`
+  marker exists (eve_jax/checkpoint.py).
   """
-  directory = os.path.join(workdir, "checkpoints")
+  return committed_in(os.path.join(workdir, "checkpoints"))
+
+
+def committed_in(directory: str) -> list[int]:
+  """`committed_steps` of a checkpoints folder itself."""
+  if storage.is_gcs(directory):
+    try:
+      names = storage.listdir(directory)
+      return sorted(
+          int(n)
+          for n in names
+          if n.isdigit()
+          and storage.exists(os.path.join(directory, n, COMMIT_FILE))
+      )
+    except (OSError, ValueError):
+      return []
   try:
     names = os.listdir(directory)
   except OSError:
@@ -53,9 +76,28 @@ def committed_steps(workdir: str) -> list[int]:
   )
 
 
-def resume_note(workdir: str) -> str:
-  """'resumes from step N' / 'starts over' for a restart of this run."""
-  steps = committed_steps(workdir)
+def resume_note(workdir: str, timeout_s: float | None = None) -> str:
+  """'resumes from step N' / 'starts over' for a restart of this run.
+
+  Args:
+    timeout_s: give up listing the checkpoints after this long (a hung
+      process may have a hung network too) and say where they are instead.
+  """
+  if timeout_s is None:
+    steps = committed_steps(workdir)
+  else:
+    found: list[list[int]] = []
+    t = threading.Thread(
+        target=lambda: found.append(committed_steps(workdir)), daemon=True
+    )
+    t.start()
+    t.join(timeout_s)
+    if not found:
+      return (
+          "the same command resumes from the last committed checkpoint "
+          f"in {os.path.join(workdir, 'checkpoints')}"
+      )
+    steps = found[0]
   return (
       f"the same command resumes from step {steps[-1]}"
       if steps
@@ -165,10 +207,24 @@ class Watchdog:
   def _fire(self, step: int, waited: float, limit: float) -> None:
     self.fired = True
     try:
-      with open(self.stacks_path, "w") as f:
-        faulthandler.dump_traceback(f, all_threads=True)
+      if storage.is_gcs(self.stacks_path):
+        with tempfile.TemporaryFile("w+") as f:
+          faulthandler.dump_traceback(f, all_threads=True)
+          f.seek(0)
+          text = f.read()
+        # Bounded: the exit must come even when the network hangs too.
+        up = threading.Thread(
+            target=storage.write_text,
+            args=(self.stacks_path, text),
+            daemon=True,
+        )
+        up.start()
+        up.join(30)
+      else:
+        with open(self.stacks_path, "w") as f:
+          faulthandler.dump_traceback(f, all_threads=True)
       stacks = f"Python stacks in {self.stacks_path}"
-    except OSError as e:
+    except (OSError, ValueError) as e:
       stacks = f"cannot write the stacks ({e})"
     how = (
         f"train.step_timeout_s={self.timeout_s:g}"
@@ -180,7 +236,7 @@ class Watchdog:
         f"eve_jax: error: process {self.process_index}: no training step "
         f"finished for {waited:.0f} s after step {step} ({how}): a step is "
         f"hung, e.g. a collective waiting on a lost host; {stacks}; "
-        f"restart every process: {resume_note(self.workdir)}",
+        f"restart every process: {resume_note(self.workdir, 30)}",
         file=stream,
         flush=True,
     )

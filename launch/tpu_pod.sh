@@ -2,7 +2,7 @@
 # Runs eve_jax on every worker of a Cloud TPU VM pod slice.
 #
 #   launch/tpu_pod.sh --name NAME --zone ZONE [--accelerator v4-32] [options] \
-#       -- --config=configs/base.py --workdir=/mnt/gcs/eve_base [--config.X=Y ...]
+#       -- --config=configs/base.py --workdir=gs://BUCKET/eve_base [--config.X=Y ...]
 #
 # Everything after `--` goes to `python -m eve_jax.main` unchanged, on every
 # worker at once; jax.distributed finds the other workers by itself on a TPU
@@ -44,7 +44,10 @@ options:
   -h, --help           this help
 
 Only committed files are copied (git archive HEAD). The workdir must be on
-storage every worker sees (a gcsfuse-mounted bucket or NFS).
+storage every worker sees: a bucket, --workdir=gs://BUCKET/RUN (checkpoints
+commit with orbax's GCS marker object; the workers' default credentials
+are used), or NFS. Not a gcsfuse mount: a checkpoint commit there is a
+directory rename, which gcsfuse does not make atomic.
 EOF
 }
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 
+from eve_jax import storage
 from eve_jax.aot import build, extrapolate, report
 
 
@@ -38,7 +39,6 @@ def _compile(config, target, hlo_out, vocab_size, num_answers) -> dict:
       )
     raise
   compile_s = time.perf_counter() - t0
-  if hlo_out:
-    with open(hlo_out, "w") as f:
-      f.write(compiled.as_text())
+  if hlo_out:  # a local path or gs://
+    storage.write_text(hlo_out, compiled.as_text())
   return report.report(target, built, compiled, compile_s)

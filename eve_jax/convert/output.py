@@ -12,14 +12,13 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 from typing import Any
 
 import jax
 import numpy as np
 from flax import nnx
 
-from eve_jax import pretrained
+from eve_jax import pretrained, storage
 from eve_jax.convert.source import ConversionError
 from eve_jax.model.eve import EVE
 from eve_jax.model.task_models import NLVR2Model, RetrievalModel, VQAModel
@@ -112,14 +111,18 @@ def write(
   given, tokenizer.json. Refuses a DIR that already has checkpoints."""
   import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
 
-  out_dir = os.path.abspath(out_dir)
+  out_dir = storage.absolute(out_dir)
+  try:
+    storage.check_dir(out_dir, "--out")
+  except storage.StorageError as e:
+    raise ConversionError(str(e)) from None
   ckpt_dir = os.path.join(out_dir, "checkpoints")
-  if os.path.exists(ckpt_dir) and os.listdir(ckpt_dir):
+  if storage.isdir(ckpt_dir) and storage.listdir(ckpt_dir):
     raise ConversionError(
         f"--out {out_dir} already holds checkpoints/; "
         "choose an empty directory"
     )
-  os.makedirs(out_dir, exist_ok=True)
+  storage.makedirs(out_dir)
   mngr = ocp.CheckpointManager(
       ckpt_dir,
       options=ocp.CheckpointManagerOptions(create=True),
@@ -133,19 +136,19 @@ def write(
   )
   mngr.wait_until_finished()
   mngr.close()
-  with open(os.path.join(out_dir, "config.json"), "w") as f:
-    json.dump(config, f, indent=1)
-  with open(os.path.join(out_dir, "conversion_report.json"), "w") as f:
-    json.dump(rep, f, indent=1)
+  # Local or gs:// alike (eve_jax/storage.py).
+  storage.write_text(
+      os.path.join(out_dir, "config.json"), json.dumps(config, indent=1)
+  )
+  storage.write_text(
+      os.path.join(out_dir, "conversion_report.json"), json.dumps(rep, indent=1)
+  )
   if tokenizer_json is not None:
-    with open(
-        os.path.join(out_dir, "tokenizer.json"), "w", encoding="utf-8"
-    ) as f:
-      f.write(tokenizer_json)
+    storage.write_text(os.path.join(out_dir, "tokenizer.json"), tokenizer_json)
 
 
 def copy_file(src: str, out_dir: str, name: str) -> None:
-  shutil.copyfile(src, os.path.join(out_dir, name))
+  storage.write_bytes(os.path.join(out_dir, name), storage.read_bytes(src))
 
 
 def load(

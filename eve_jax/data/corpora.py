@@ -27,7 +27,7 @@ import grain
 import numpy as np
 
 from eve_jax.data import records, transforms
-from eve_jax.data.errors import DataError
+from eve_jax.data.errors import DataError, not_in_a_bucket
 from eve_jax.data.tokenizer import Tokenizer
 
 PREPARE = "python -m eve_jax.data.prepare"
@@ -66,6 +66,15 @@ def parse_mixture(root: str, mixture: str) -> list[Corpus]:
         "config.data.dir is empty: set --config.data.dir to a "
         f"directory of corpora prepared with `{PREPARE}` (or "
         "train on EVE-Shapes: --config=configs/base.py:tiny)"
+    )
+  if root.startswith("gs://"):
+    # grain's ArrayRecord source takes local files only; given gs:// it
+    # hangs instead of failing.
+    raise not_in_a_bucket(
+        "config.data.dir",
+        root,
+        "prepared corpora are ArrayRecord files, which grain reads from "
+        "local paths only",
     )
   root = os.path.abspath(os.path.expanduser(root))
   if not os.path.isdir(root):

@@ -8,6 +8,7 @@ import json
 import os
 from collections.abc import Iterable
 
+from eve_jax import storage
 from eve_jax.data.errors import DataError
 
 from eve_jax.data.downstream import VQAExample
@@ -245,6 +246,9 @@ def write_vqa_predictions(
       )
     seen.add(question_id)
     rows.append({"question_id": question_id, "answer": answer})
+  if storage.is_gcs(path):  # one upload: atomic by itself
+    storage.write_text(path, json.dumps(rows))
+    return path
   tmp = f"{path}.tmp{os.getpid()}"
   with open(tmp, "w", encoding="utf-8") as f:
     json.dump(rows, f)

@@ -25,3 +25,14 @@ class DataError(ValueError):
   def at(cls, path: str, message: str) -> "DataError":
     """`<path>: <message>`: a malformed or missing file."""
     return cls(message, path=path)
+
+
+def not_in_a_bucket(flag: str, path: str, reason: str) -> DataError:
+  """The error for a `gs://` data path the data code cannot read, with the
+  alternative: a read-only gcsfuse mount (safe for reading)."""
+  bucket, _, rest = path[len("gs://") :].partition("/")
+  return DataError(
+      f"{flag}={path}: {reason}; mount the bucket read-only on every host, "
+      f"`gcsfuse -o ro --implicit-dirs {bucket} /mnt/{bucket}`, and pass "
+      f"{flag}=/mnt/{bucket}/{rest}"
+  )

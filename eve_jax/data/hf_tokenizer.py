@@ -15,6 +15,8 @@ from collections.abc import Iterable, Sequence
 
 import numpy as np
 
+from eve_jax import storage
+
 # Names the common BPE / WordPiece vocabularies use for each special token.
 _NAMES = {
     "pad": ("<pad>", "[PAD]"),
@@ -42,9 +44,8 @@ class HFTokenizer:
   def __init__(self, path: str):
     self._model_path = path
     try:
-      with open(path, encoding="utf-8") as f:
-        text = f.read()
-    except OSError as e:
+      text = storage.read_text(path)
+    except (OSError, storage.StorageError) as e:
       raise ValueError(f"cannot read tokenizer {path!r}: {e}") from None
     self._load(text)
 

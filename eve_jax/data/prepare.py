@@ -329,6 +329,14 @@ _SOURCES: dict[
 
 
 def _prepare(args: argparse.Namespace) -> None:
+  if args.out.startswith("gs://"):
+    bucket_path = args.out
+    raise DataError(
+        f"--out {bucket_path}: a prepared corpus is written as ArrayRecord "
+        "files, which go to a local directory only; prepare into a local "
+        f"--out, copy it with `gcloud storage cp -r DIR {bucket_path}`, "
+        "and train from a read-only gcsfuse mount of the bucket"
+    )
   if records.is_corpus(args.out):  # before reading gigabytes of JSON
     raise DataError.at(
         args.out,

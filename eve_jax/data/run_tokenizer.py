@@ -13,6 +13,7 @@ import jax
 import ml_collections
 from jax.experimental import multihost_utils
 
+from eve_jax import storage
 from eve_jax.data import sources
 from eve_jax.data.errors import DataError
 from eve_jax.data.tokenizer import Tokenizer, load_tokenizer, shapes_tokenizer
@@ -33,7 +34,7 @@ def build_tokenizer(
     if jax.process_index() == 0:
       make(config, path)
     multihost_utils.sync_global_devices("eve_jax tokenizer written")
-    if not os.path.exists(path):
+    if not storage.exists(path):
       raise DataError(
           f"process {jax.process_index()} cannot see {path} that "
           "process 0 wrote: the workdir must be on a filesystem "
@@ -53,15 +54,14 @@ def copy_tokenizer(source: str, path: str) -> Tokenizer:
         f"cannot read the tokenizer {source}: "
         f"{str(e).strip().splitlines()[0][:200]}"
     ) from None
-  with open(source, "rb") as src, open(path, "wb") as dst:
-    dst.write(src.read())
+  storage.write_bytes(path, storage.read_bytes(source))
   return tok
 
 
 def pretrain_tokenizer(config, path: str) -> Tokenizer:
   """Pretraining's: DIR/tokenizer.model once made; else `data.tokenizer`,
   the prepared corpora's, or (EVE-Shapes) one trained on its captions."""
-  if os.path.exists(path):
+  if storage.exists(path):
     return load_tokenizer(path)
   source = config.data.tokenizer
   if not source and sources.uses_corpora(config):

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Iterator
 import ml_collections
 import numpy as np
 
+from eve_jax import storage
 from eve_jax.data import corpora
 from eve_jax.data import pipeline as data_pipeline
 from eve_jax.data.errors import DataError
@@ -55,9 +56,9 @@ def check_data(config: ml_collections.ConfigDict, workdir: str = "") -> None:
   if uses_corpora(config):
     mix = corpora.parse_mixture(config.data.dir, config.data.mixture)
     corpora.open_splits(mix, "train")
-    if not os.path.isfile(os.path.join(workdir, "tokenizer.model")):
+    if not storage.isfile(os.path.join(workdir, "tokenizer.model")):
       tok = corpora_tokenizer(config)
-      if not os.path.isfile(tok):
+      if not storage.isfile(tok):
         raise DataError(f"config.data.tokenizer={tok} does not exist")
     return
   if config.data.name != "shapes":

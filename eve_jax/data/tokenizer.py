@@ -16,6 +16,7 @@ import numpy as np
 import sentencepiece as spm
 from sentencepiece import sentencepiece_model_pb2
 
+from eve_jax import storage
 from eve_jax.data import shapes
 
 CLS_PIECE = "[CLS]"
@@ -74,11 +75,7 @@ def train_tokenizer(
   proto = sentencepiece_model_pb2.ModelProto()
   proto.ParseFromString(model)
   proto.trainer_spec.ClearField("seed_sentencepieces_file")
-  directory = os.path.dirname(os.path.abspath(model_path))
-  os.makedirs(directory, exist_ok=True)
-  with tempfile.NamedTemporaryFile("wb", dir=directory, delete=False) as f:
-    f.write(proto.SerializeToString(deterministic=True))
-  os.replace(f.name, model_path)
+  storage.write_bytes(model_path, proto.SerializeToString(deterministic=True))
   return model_path
 
 
@@ -111,9 +108,8 @@ class Tokenizer:
   def __init__(self, model_path: str):
     self._model_path = model_path
     try:
-      with open(model_path, "rb") as f:
-        proto = f.read()
-    except OSError as e:
+      proto = storage.read_bytes(model_path)
+    except (OSError, storage.StorageError) as e:
       raise ValueError(
           f"cannot read tokenizer model {model_path!r}: {e}"
       ) from None
@@ -252,9 +248,9 @@ def load_tokenizer(path: str):
   """
   if not path.endswith(".json"):
     try:
-      with open(path, "rb") as f:
+      with storage.path(path).open("rb") as f:
         head = f.read(64).lstrip()
-    except OSError:
+    except (OSError, storage.StorageError):
       head = b""  # Tokenizer gives the one-line error
     if not head.startswith(b"{"):
       return Tokenizer(path)

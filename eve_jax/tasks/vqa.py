@@ -35,6 +35,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from eve_jax import storage
 from eve_jax.data import downstream, downstream_vqa, finetune_data, specs
 from eve_jax.data.errors import DataError
 from eve_jax.finetune import FineTuning
@@ -48,6 +49,9 @@ ANSWERS_FILE = "answers.json"
 def write_answers(workdir: str, vocab) -> None:
   """DIR/answers.json: the answer of each classifier output, in order."""
   path = os.path.join(workdir, ANSWERS_FILE)
+  if storage.is_gcs(path):  # one upload: atomic by itself
+    storage.write_text(path, json.dumps(list(vocab)))
+    return
   with open(path + ".tmp", "w") as f:
     json.dump(list(vocab), f)
   os.replace(path + ".tmp", path)

@@ -6,13 +6,15 @@ Every picture here is a uint8 [H, W, 3] numpy array until `save_png`.
 
 from __future__ import annotations
 
-import os
+import io
 from typing import Sequence
 
 import functools
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
+
+from eve_jax import storage
 
 TEXT = (235, 235, 235)
 BACKGROUND = (32, 32, 32)
@@ -174,8 +176,7 @@ def overlay(
 def save_png(path: str, image: np.ndarray) -> str:
   """Writes uint8 [H, W, 3] to `path` (atomically: a reader never sees half
   a file); returns the path."""
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  tmp = path + ".tmp"
-  Image.fromarray(np.asarray(image, np.uint8)).save(tmp, format="PNG")
-  os.replace(tmp, path)
+  buf = io.BytesIO()
+  Image.fromarray(np.asarray(image, np.uint8)).save(buf, format="PNG")
+  storage.write_bytes(path, buf.getvalue())  # local or gs://
   return path
