@@ -475,48 +475,11 @@ def test_two_processes_share_a_bucket_workdir(on_gcs, tmp_path):
   """jax.distributed on localhost, 2 processes x 2 CPU devices, one gs://
   workdir: both write their shards of the checkpoint, process 0 the
   metrics, and one process restores the parameters they ended with."""
-  from test_multiprocess import DRIVER, OVERRIDES, STEPS as MP_STEPS  # pylint: disable=g-import-not-at-top
-  from gcs_server import free_port  # pylint: disable=g-import-not-at-top
+  from test_multiprocess import OVERRIDES, STEPS as MP_STEPS, run_two_processes  # pylint: disable=g-import-not-at-top
 
   wd, out = f"gs://{BUCKET}/two", tmp_path / "out"
   out.mkdir()
-  port = free_port()
-  env = dict(
-      os.environ,
-      **on_gcs.env,
-      JAX_PLATFORMS="cpu",
-      XLA_FLAGS="--xla_force_host_platform_device_count=2",
-  )
-  args = [
-      "--config=configs/base.py:tiny",
-      f"--workdir={wd}",
-      "--config.mesh.data=2",
-      "--config.mesh.expert=2",
-      "--config.data.num_tokenizer_captions=500",
-      *[f"--config.train.{k}={v}" for k, v in OVERRIDES.items()],
-      f"--coordinator=127.0.0.1:{port}",
-      "--num_processes=2",
-      f"--out={out}",
-  ]
-  procs = [
-      subprocess.Popen(
-          [sys.executable, DRIVER, *args, f"--process_id={i}"],
-          cwd=REPO,
-          env=env,
-          stdout=subprocess.PIPE,
-          stderr=subprocess.STDOUT,
-          text=True,
-      )
-      for i in range(2)
-  ]
-  logs = []
-  for p in procs:
-    try:
-      logs.append(p.communicate(timeout=600)[0])
-    finally:
-      p.kill()
-  for p, log in zip(procs, logs):
-    assert p.returncode == 0, log[-3000:]
+  run_two_processes(wd, out, on_gcs.env)
   names = _names(on_gcs, "two/checkpoints/")
   for i in range(2):  # each process wrote its own shard store
     assert any(f"/ocdbt.process_{i}/" in n for n in names), names

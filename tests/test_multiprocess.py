@@ -33,16 +33,14 @@ def _free_port() -> int:
     return s.getsockname()[1]
 
 
-def test_two_processes_train_and_checkpoint_together(tmp_path):
-  """2 processes x 2 CPU devices = one 4-device mesh (data=2, expert=2):
-  each process feeds its own half of every batch, only process 0 writes
-  metrics, both write the checkpoint, and a single process restores exactly
-  the parameters the two processes ended with."""
-  workdir, out = tmp_path / "w", tmp_path / "out"
-  out.mkdir()
-  port = _free_port()
+def run_two_processes(workdir: str, out, env: dict | None = None) -> None:
+  """The tiny run in 2 processes x 2 CPU devices (data=2, expert=2) through
+  tests/multiprocess_driver.py, its coordinator on a free localhost port;
+  each process's final state under `out`. Fails with a process's log
+  unless both exit 0."""
   env = dict(
       os.environ,
+      **(env or {}),
       JAX_PLATFORMS="cpu",
       XLA_FLAGS="--xla_force_host_platform_device_count=2",
   )
@@ -53,7 +51,7 @@ def test_two_processes_train_and_checkpoint_together(tmp_path):
       "--config.mesh.expert=2",
       "--config.data.num_tokenizer_captions=500",
       *[f"--config.train.{k}={v}" for k, v in OVERRIDES.items()],
-      f"--coordinator=127.0.0.1:{port}",
+      f"--coordinator=127.0.0.1:{_free_port()}",
       "--num_processes=2",
       f"--out={out}",
   ]
@@ -76,6 +74,16 @@ def test_two_processes_train_and_checkpoint_together(tmp_path):
       p.kill()
   for p, log in zip(procs, logs):
     assert p.returncode == 0, log[-3000:]
+
+
+def test_two_processes_train_and_checkpoint_together(tmp_path):
+  """2 processes x 2 CPU devices = one 4-device mesh (data=2, expert=2):
+  each process feeds its own half of every batch, only process 0 writes
+  metrics, both write the checkpoint, and a single process restores exactly
+  the parameters the two processes ended with."""
+  workdir, out = tmp_path / "w", tmp_path / "out"
+  out.mkdir()
+  run_two_processes(str(workdir), out)
 
   data = [json.loads((out / f"data_{i}.json").read_text()) for i in range(2)]
   assert [d["shard"] for d in data] == [[0, 2], [1, 2]]
