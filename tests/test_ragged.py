@@ -58,11 +58,14 @@ def _value_and_grads(layer, x, modality, valid):
   return y, stats, g_params, g_x
 
 
-def _dense_reference(p, x, modality, valid, choice):
+def _dense_reference(p, x, modality, valid, choice, keep=None):
   """Every expert on every token, weighted by the gates of the chosen
   experts (`choice` [B, L, K] from the layer: the top-k is a discrete
-  decision, not part of what is compared). Works on NumPy and jnp."""
+  decision, not part of what is compared; `keep` [B, L, K] masks the
+  choices a bounded buffer dropped). Works on NumPy and jnp."""
   xp = jnp if isinstance(x, jax.Array) else np
+  if keep is not None:  # a dropped choice points at no expert
+    choice = xp.where(keep, choice, -1)
   one_hot = (modality[..., None] == xp.arange(2)).astype(x.dtype)
   x_m = x + one_hot @ p["modality_embed"]
   logits = x_m @ p["kernel"]
@@ -109,15 +112,25 @@ def test_dropless_equals_float64_every_expert_reference(backend):
   layer = _layer(cfg)
   x, modality, valid = _inputs()
   y, stats, g_params, g_x = _value_and_grads(layer, x, modality, valid)
-  p64 = _params(layer)
   choice = _choice(layer, x, modality, valid)
   assert len(np.unique(np.bincount(choice[valid].ravel()))) > 1  # uneven
-  y64 = _dense_reference(p64, x.astype(np.float64), modality, valid, choice)
-  scale = np.abs(y64).max()
-  np.testing.assert_allclose(np.asarray(y), y64, atol=1e-5 * scale)
   assert float(stats.dropped) == 0
   assert float(stats.routed) == 2 * valid.sum()
+  _equals_float64_reference(
+      _params(layer), x, modality, valid, choice, None, y, g_params, g_x
+  )
 
+
+def _equals_float64_reference(p64, x, modality, valid, choice, keep, *got):
+  """The layer's output `y` and the gradients of sum(sin(y)) (`g_params`,
+  `g_x`) against `_dense_reference` in float64 (NumPy forward, JAX
+  gradients), within 1e-5 of the largest entry."""
+  y, g_params, g_x = got
+  y64 = _dense_reference(
+      p64, x.astype(np.float64), modality, valid, choice, keep
+  )
+  scale = np.abs(y64).max()
+  np.testing.assert_allclose(np.asarray(y), y64, atol=1e-5 * scale)
   with jax.enable_x64(True):
     j64 = jax.tree.map(jnp.asarray, p64)
 
@@ -128,6 +141,7 @@ def test_dropless_equals_float64_every_expert_reference(backend):
           jnp.asarray(modality),
           jnp.asarray(valid, jnp.float64),
           jnp.asarray(choice),
+          None if keep is None else jnp.asarray(keep),
       )
       return jnp.sum(jnp.sin(out))
 
@@ -345,6 +359,92 @@ def test_expert_exchange_by_hand():
       there, [[10, 11, 12, 20, 0, 0, 0, 0], [13, 21, 22, 0, 0, 0, 0, 0]]
   )
   np.testing.assert_array_equal(back, rows)
+
+
+def test_bounded_counts_by_hand():
+  """Receive buffers of 4 rows on 2 devices. Device 0 (expert 0) is sent
+  runs of 5 and 1: cut to the level 3 (3 + 1 = 4). Device 1 (expert 1)
+  runs of 2 and 6: level 2. With 2 experts a device, device 0 is sent
+  runs of 1, 4 (source 0) and 2, 0 (source 1): level 2 would take 5 rows,
+  level 1 takes 3 (a row left over rather than one run cut below
+  another); device 1's runs 0, 0 and 3, 3 take level 2, all 4 rows."""
+  from eve_jax.model import ragged_shards as rs
+
+  counts = jnp.array([[5, 2], [1, 6]], jnp.int32)
+  kept = rs.bounded_counts(counts, 4, 1, max_count=6)
+  np.testing.assert_array_equal(kept, [[3, 2], [1, 2]])
+  counts = jnp.array([[1, 4, 0, 0], [2, 0, 3, 3]], jnp.int32)
+  kept = rs.bounded_counts(counts, 4, 2, max_count=6)
+  np.testing.assert_array_equal(kept, [[1, 1, 0, 0], [1, 0, 2, 2]])
+  # A buffer that holds everything cuts nothing.
+  kept = rs.bounded_counts(counts, 8, 2, max_count=6)
+  np.testing.assert_array_equal(kept, counts)
+  from eve_jax.model.moe import receive_rows
+
+  assert receive_rows(80, 0.75) == 64 and receive_rows(80, 1.0) == 80
+  assert receive_rows(81, 1.0) == 88 and receive_rows(80, 0.0) is None
+
+
+def _bounded_keep(choice, valid, ndev, capacity):
+  """NumPy reference of the bounded receive buffer: which (token, choice)
+  each of `ndev` batch shards keeps. Per destination device, the level
+  is lowered one row at a time from the longest run until the runs it is
+  sent fit `capacity`; each (source, expert) run keeps its first tokens.
+
+  Returns:
+    ([B, L, K] bool kept, number of valid assignments dropped).
+  """
+  b, length, k = choice.shape
+  c = choice.reshape(ndev, -1, k)
+  v = valid.reshape(ndev, -1)
+  counts = np.zeros((ndev, EXPERTS), np.int64)
+  for s in range(ndev):
+    for e in c[s][v[s]].ravel():
+      counts[s, e] += 1
+  el = EXPERTS // ndev
+  allowed = counts.copy()
+  for j in range(ndev):
+    runs = counts[:, j * el : (j + 1) * el]
+    level = runs.max()
+    while np.minimum(runs, level).sum() > capacity:
+      level -= 1
+    allowed[:, j * el : (j + 1) * el] = np.minimum(runs, level)
+  keep = np.zeros(c.shape, bool)
+  seen = np.zeros_like(counts)
+  for s in range(ndev):
+    for t in np.flatnonzero(v[s]):
+      for i in range(k):
+        e = c[s, t, i]
+        keep[s, t, i] = seen[s, e] < allowed[s, e]
+        seen[s, e] += 1
+  return keep.reshape(b, length, k), int((counts - allowed).sum())
+
+
+def test_bounded_receive_buffer_drops_and_counts_what_it_cuts():
+  """Experts over 4 devices with receive buffers of 0.75 x a device's
+  assignments (moe_ragged_buffer_factor): the choices past the cut are
+  dropped, counted in `dropped`, and what is kept equals the float64
+  every-expert reference with the dropped choices' gates 0, forward and
+  gradients, within 1e-5."""
+  from eve_jax.model.moe import receive_rows
+
+  cfg = MoEConfig(
+      EXPERTS, top_k=2, dispatch="ragged", ragged_buffer_factor=0.75
+  )
+  x, modality, valid = _inputs(batch=8, length=20, seed=7)
+  y, dropped, (g_params, g_x), hlo = _sharded(
+      _mesh(expert=4), cfg, x, modality, valid
+  )
+  assert "all-to-all" in hlo
+  layer = _layer(cfg)
+  choice = _choice(layer, x, modality, valid)
+  capacity = receive_rows(2 * 20 * 2, 0.75)  # T = 2 samples x 20 tokens
+  keep, want = _bounded_keep(choice, valid, 4, capacity)
+  assert want > 0
+  assert float(dropped) == want
+  _equals_float64_reference(
+      _params(layer), x, modality, valid, choice, keep, y, g_params, g_x
+  )
 
 
 def test_unknown_grouped_matmul_is_one_line():

@@ -18,6 +18,8 @@ with `out_shardings`), so building a layer needs no mesh.
 
 from __future__ import annotations
 
+import math
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -158,7 +160,8 @@ class ModalityMoE(nnx.Module):
       )
     if self.dispatcher is None:
       with jax.named_scope("experts"):
-        return self._dropless(r, valid), r.stats
+        y, dropped = self._dropless(r, valid)
+      return y, r.stats.replace(dropped=r.stats.dropped + dropped)
     with jax.named_scope("experts"):
       plan = self.dispatcher.plan(r.dispatch, self.cfg.num_experts, r.capacity)
       buf = self.dispatcher.dispatch(r.expert_input.astype(self.dtype), plan)
@@ -174,14 +177,19 @@ class ModalityMoE(nnx.Module):
       y = constrain(y, ("act_batch", "act_seq", "act_embed"))
     return y, r.stats
 
-  def _dropless(self, r: Routing, valid: jax.Array) -> jax.Array:
-    """[G, S, D] output of the dropless experts on each device's own
-    groups: a shard_map over the batch's mesh axes, so the sort by expert
-    stays on the device that holds the tokens. Experts not sharded
+  def _dropless(
+      self, r: Routing, valid: jax.Array
+  ) -> tuple[jax.Array, jax.Array]:
+    """([G, S, D] output, float32 assignments dropped) of the dropless
+    experts on each device's own groups: a shard_map over the batch's mesh
+    axes, so the sort by expert stays on the device that holds the
+    tokens. Experts not sharded
     (ragged.py): the weights enter whole (replicated; the shard_map's
     transpose sums their gradients over the batch axes). Experts sharded
     over `expert` (ragged_shards.py): each device keeps its experts'
-    weights and the tokens travel to them and back."""
+    weights and the tokens travel to them and back, into receive buffers
+    of `ragged_buffer_factor` times a device's assignments if set (the
+    only case where anything is dropped)."""
     platform = target_platform()
     backend = ragged.grouped_matmul_for(self.cfg.grouped_matmul, platform)
     act = gelu_fn(self.cfg.activation)
@@ -209,8 +217,9 @@ class ModalityMoE(nnx.Module):
           gates.reshape(g * s, -1),
           valid.reshape(g * s),
       )
+      dropped = jnp.zeros((), jnp.float32)
       if expert_axes:
-        y = ragged_shards.experts_dropless_sharded(
+        y, dropped = ragged_shards.experts_dropless_sharded(
             *flat,
             *weights,
             num_experts=e,
@@ -218,10 +227,12 @@ class ModalityMoE(nnx.Module):
             act=act,
             backend=backend,
             exchange_impl=ragged_shards.exchange_for(platform),
+            capacity=receive_rows(choice.size, self.cfg.ragged_buffer_factor),
         )
+        dropped = jax.lax.psum(dropped, batch_axes)
       else:
         y = ragged.experts_dropless(*flat, *weights, act=act, backend=backend)
-      return y.reshape(g, s, dim)
+      return y.reshape(g, s, dim), dropped
 
     args = (x, d.expert_choice, d.gates, valid)
     if mesh.empty or mesh.size == 1:
@@ -233,7 +244,7 @@ class ModalityMoE(nnx.Module):
     return jax.shard_map(
         local,
         in_specs=(*rows, *w_specs),
-        out_specs=rows[0],
+        out_specs=(rows[0], P()),
         # Unchecked: jax 0.12's exact gelu (erfc) fails the varying-axes
         # check when replicated weights meet sharded tokens. Without it the
         # transpose sums the replicated weights' gradients over the batch
@@ -275,6 +286,15 @@ class ModalityMoE(nnx.Module):
         out.reshape(e, g, c, dim),
         ("act_expert", "act_group", None, "act_embed"),
     )
+
+
+def receive_rows(assignments: int, factor: float) -> int | None:
+  """Rows of a device's bounded receive buffer: `factor` times its own
+  T * K assignments, rounded up to 8 (a TPU sublane tile); None for
+  factor 0 (the worst case)."""
+  if not factor:
+    return None
+  return -(-math.ceil(factor * assignments) // 8) * 8
 
 
 def _expert_axes(mesh, num_experts: int) -> tuple[str, ...]:

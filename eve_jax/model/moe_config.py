@@ -31,6 +31,11 @@ class MoEConfig:
     [moe_dispatch].
   grouped_matmul: the ragged dispatcher's expert product: "auto",
     "ragged_dot" or "tiles" (ragged.py) [moe_grouped_matmul].
+  ragged_buffer_factor: with "ragged" and the experts sharded over
+    `expert`, each device's receive buffer holds this many times its own
+    T * K assignments (a balanced load), the rest cut and counted in
+    `dropped` (ragged_shards.py); 0: the worst case, X times, nothing
+    dropped [moe_ragged_buffer_factor].
   experts: "auto", "batched" or "unrolled" [moe_experts].
   group: "sample" (one routing group per sequence) or "batch" (all B * L
     tokens of a call) [moe_group].
@@ -49,6 +54,7 @@ class MoEConfig:
   normalize_gates: bool = False
   dispatch: str = "gather"
   grouped_matmul: str = "auto"
+  ragged_buffer_factor: float = 0.0
   experts: str = "auto"
   group: str = "sample"
   route_padding: bool = False

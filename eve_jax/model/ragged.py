@@ -85,8 +85,40 @@ def buffer_rows(assignments: int, num_experts: int, tile: int) -> int:
   return -(-assignments // tile) * tile + num_experts * tile
 
 
+def ranks(
+    choice: jax.Array, routed: jax.Array, num_experts: int
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """Each assignment's expert and its rank among that expert's.
+
+  Args:
+    choice: [T, K] int32 experts of each token.
+    routed: [T, K] bool, False for an assignment that gets no row.
+    num_experts: E.
+
+  Returns:
+    ([N] int32 expert, E where not routed; [N] int32 rank within its
+    expert in (token, choice) order; [E] int32 count per expert), with
+    N = T * K.
+  """
+  e = num_experts
+  n = choice.size
+  # Unrouted assignments sort after every expert (id E) and get no row.
+  expert = jnp.where(routed, choice, e).reshape(n).astype(jnp.int32)
+  one_hot = (expert[:, None] == jnp.arange(e, dtype=jnp.int32)).astype(
+      jnp.int32
+  )
+  counts = jnp.sum(one_hot, axis=0)  # [E]
+  # An exclusive running count, no sort needed.
+  rank = jnp.sum((jnp.cumsum(one_hot, axis=0) - one_hot) * one_hot, axis=1)
+  return expert, rank, counts
+
+
 def layout(
-    choice: jax.Array, valid: jax.Array, num_experts: int, tile: int
+    choice: jax.Array,
+    valid: jax.Array,
+    num_experts: int,
+    tile: int,
+    keep: jax.Array | None = None,
 ) -> Layout:
   """The buffer layout of a routing.
 
@@ -95,6 +127,9 @@ def layout(
     valid: [T] bool, False for padding tokens (not routed).
     num_experts: E.
     tile: rows per tile; each expert's run starts at a tile boundary.
+    keep: optional [T, K] bool, False for an assignment left out (a
+      bounded receive buffer's drop, ragged_shards.py): it gets no row,
+      like a padding token's.
 
   Returns:
     A `Layout`.
@@ -103,15 +138,10 @@ def layout(
   e = num_experts
   n = t * k
   rows = buffer_rows(n, e, tile)
-  # Padding tokens sort after every expert (id E) and get no row.
-  expert = jnp.where(valid[:, None], choice, e).reshape(n).astype(jnp.int32)
-  one_hot = (expert[:, None] == jnp.arange(e, dtype=jnp.int32)).astype(
-      jnp.int32
-  )
-  counts = jnp.sum(one_hot, axis=0)  # [E]
-  # Rank of each assignment within its expert, in (token, choice) order:
-  # an exclusive running count, no sort needed.
-  rank = jnp.sum((jnp.cumsum(one_hot, axis=0) - one_hot) * one_hot, axis=1)
+  routed = jnp.broadcast_to(valid[:, None], (t, k))
+  if keep is not None:
+    routed = routed & keep
+  expert, rank, counts = ranks(choice, routed, e)
   padded = -(-counts // tile) * tile
   start = jnp.cumsum(padded) - padded  # [E] first row of each run
   flat = jnp.where(

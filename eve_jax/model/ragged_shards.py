@@ -14,7 +14,10 @@ One layer, per device:
   3. exchange: each run to its device (`exchange`: XLA's ragged all-to-all
      on TPU and GPU; on CPU, where that collective does not run, an exact
      dense form with worst-case slabs). A device receives at most X * T * K
-     rows (every source sending it everything), a static buffer;
+     rows (every source sending it everything), a static buffer; or, with
+     a `capacity` (config `moe_ragged_buffer_factor`), at most that many:
+     then the runs a device is sent past it are cut at their source
+     (`bounded_counts`), dropped and counted;
   4. regroup: the received rows (source-major, expert-minor) reordered by
      local expert with runs padded to a tile (ragged.layout again), the
      grouped matmul with the local experts' weights (ragged.py's backends),
@@ -22,7 +25,7 @@ One layer, per device:
   5. exchange back (the same route reversed), unsort and combine with the
      gates (ragged.from_buffer).
 
-Nothing is dropped and no expert weight leaves its device. Every data
+Without a capacity nothing is dropped; no expert weight leaves its device. Every data
 movement is a gather or an exchange whose VJP is the reverse exchange
 (custom VJPs, no scatter-add), as in ragged.py.
 
@@ -96,6 +99,36 @@ def route(counts: jax.Array, me: jax.Array, local_experts: int) -> Route:
       recv_size=to[:, me],
       src_off=start_at_source[:, me],
   )
+
+
+def bounded_counts(
+    counts: jax.Array, capacity: int, local_experts: int, max_count: int
+) -> jax.Array:
+  """[X, E] counts -> the [X, E] counts each receive buffer of `capacity`
+  rows takes: for each destination device, the (source, local expert)
+  runs it is sent are cut to one common level, the largest with their sum
+  <= capacity (max-min fair: the longest runs are cut first, a run under
+  the level is whole).
+
+  Args:
+    counts: [X, E] int32 assignments of source device s to expert e.
+    capacity: rows of a device's receive buffer.
+    local_experts: El (E = X * El).
+    max_count: a bound on any count (a shard's tokens T).
+  """
+  x = counts.shape[0]
+  runs = counts.reshape(x, x, local_experts)  # [source, dest, local expert]
+
+  def taken(level):  # [X] level per destination -> [X] rows it takes
+    return jnp.sum(jnp.minimum(runs, level[None, :, None]), axis=(0, 2))
+
+  # The largest level that fits, bit by bit from the top (taken() grows
+  # with the level): about log2(T) steps on [X, X, El] integers.
+  level = jnp.zeros((x,), jnp.int32)
+  for bit in reversed(range(max(int(max_count), 1).bit_length())):
+    higher = level | (1 << bit)
+    level = jnp.where(taken(higher) <= capacity, higher, level)
+  return jnp.minimum(runs, level[None, :, None]).reshape(counts.shape)
 
 
 # -- The exchange ------------------------------------------------------------
@@ -206,10 +239,18 @@ def experts_dropless_sharded(
     act: Callable[[jax.Array], jax.Array],
     backend: str,
     exchange_impl: str,
+    capacity: int | None = None,
     tile: int | None = None,
-) -> jax.Array:
+) -> tuple[jax.Array, jax.Array]:
   """ragged.experts_dropless with this device's experts only, inside a
   shard_map over (at least) the expert axes `axes`.
+
+  With `capacity` (rows of each device's receive buffer, a bound below
+  the worst case X * T * K) a device sent more rows than that takes its
+  (source, expert) runs cut to one level (`bounded_counts`): the
+  assignments past the cut (a run's last tokens) are dropped at their
+  source before the exchange, contribute 0 like a capacity drop, and are
+  counted.
 
   Args:
     x: [T, D] expert input; choice, gates: [T, K]; valid: [T] (as in
@@ -222,22 +263,34 @@ def experts_dropless_sharded(
       "dense").
 
   Returns:
-    [T, D]: sum_k gate_k * FFN_{choice_k}(x).
+    ([T, D] sum_k gate_k * FFN_{choice_k}(x) over the kept choices,
+    float32 scalar: this device's assignments dropped, 0 without
+    `capacity`).
   """
   t, k = choice.shape
   n = t * k
   el = wi.shape[0]
   ndev = num_experts // el
-  # 1. Sort by expert, packed.
-  sort = ragged.layout(choice, valid, num_experts, 1)
-  sorted_rows = ragged.to_buffer(x, sort)  # [n + E, D]
-  # 2. Counts of every device, and the route.
-  counts = jax.lax.all_gather(sort.group_sizes, axes, tiled=False)
-  counts = counts.reshape(ndev, num_experts)
   me = jax.lax.axis_index(axes)
+  routed = jnp.broadcast_to(valid[:, None], (t, k))
+  expert, rank, counts = ragged.ranks(choice, routed, num_experts)
+  # 1. Counts of every device (what decides the route and any cut).
+  counts = jax.lax.all_gather(counts, axes, tiled=False)
+  counts = counts.reshape(ndev, num_experts)
+  received = ndev * n  # the worst case: every source sends a device all
+  keep, dropped = None, jnp.zeros((), jnp.float32)
+  if capacity is not None and capacity < received:
+    received = capacity
+    kept = bounded_counts(counts, capacity, el, t)
+    mine = jnp.take(kept[me], jnp.minimum(expert, num_experts - 1))
+    keep = (rank < mine).reshape(t, k)
+    counts = kept
+    dropped = jnp.sum(routed & ~keep, dtype=jnp.float32)
+  # 2. Sort by expert, packed, and the route.
+  sort = ragged.layout(choice, valid, num_experts, 1, keep=keep)
+  sorted_rows = ragged.to_buffer(x, sort)  # [n + E, D]
   r = route(counts, me, el)
   # 3. To the experts' devices.
-  received = ndev * n
   recv = exchange(exchange_impl, received, axes, sorted_rows, r)
   # 4. By local expert, through the experts, back in received order.
   expert, real = received_experts(counts, me, el, received)
@@ -249,4 +302,4 @@ def experts_dropless_sharded(
   back = ragged.from_buffer(out, group, real[:, None].astype(out.dtype))
   # 5. Home, unsorted, combined.
   home = exchange(exchange_impl, sorted_rows.shape[0], axes, back, r.reverse())
-  return ragged.from_buffer(home, sort, gates)
+  return ragged.from_buffer(home, sort, gates), dropped

@@ -147,6 +147,11 @@ class ModelConfig:
   # product: "auto" (XLA's ragged dot on TPU, row tiles elsewhere),
   # "ragged_dot" or "tiles".
   moe_grouped_matmul: str = "auto"
+  # With "ragged" and the experts sharded over `expert`: a device's receive
+  # buffer is this many times its own assignments (MaxText's
+  # ragged_buffer_factor); what a device is sent past it is dropped and
+  # counted (dropped_token_frac). 0: the worst case (X times), dropless.
+  moe_ragged_buffer_factor: float = 0.0
   # Experts as one batched einsum or E separate matmuls; "auto": separate
   # on CPU when the experts are not sharded (faster there), else batched.
   moe_experts: str = "auto"
@@ -184,6 +189,7 @@ class ModelConfig:
         normalize_gates=self.moe_normalize_gates,
         dispatch=self.moe_dispatch,
         grouped_matmul=self.moe_grouped_matmul,
+        ragged_buffer_factor=self.moe_ragged_buffer_factor,
         experts=self.moe_experts,
         group=self.moe_group,
         route_padding=self.moe_route_padding,
@@ -324,6 +330,11 @@ class ModelConfig:
       raise ValueError(
           f"model.moe_router={self.moe_router!r} is not one of "
           f"{sorted(ROUTERS)}"
+      )
+    if self.moe_ragged_buffer_factor < 0:
+      raise ValueError(
+          f"model.moe_ragged_buffer_factor={self.moe_ragged_buffer_factor}: "
+          "expected >= 0 (0: the worst case, nothing dropped)"
       )
     if self.moe_min_capacity < 1:
       raise ValueError(
