@@ -257,7 +257,7 @@ def load(
 def check_file(path: str, flag: str = "--image") -> None:
   """A one-line error now, before a model is loaded, if `path` is not a
   file."""
-  if not os.path.isfile(path):
+  if not storage.isfile(path):  # local or gs://
     raise InputError(f"{flag} {path}: no such file")
 
 
@@ -273,11 +273,11 @@ def read_image(path: str, size: int) -> np.ndarray:
 
 def list_images(folder: str) -> list[str]:
   """The image files directly in `folder`, sorted by name."""
-  if not os.path.isdir(folder):
+  if not storage.isdir(folder):  # local or gs://
     raise InputError(f"--images {folder}: no such directory")
   paths = sorted(
-      os.path.join(folder, n)
-      for n in os.listdir(folder)
+      storage.join(folder, n)
+      for n in storage.listdir(folder)
       if n.lower().endswith(IMAGE_SUFFIXES)
   )
   if not paths:

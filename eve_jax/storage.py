@@ -98,6 +98,9 @@ def makedirs(p: str) -> None:
 
 
 def read_bytes(p: str) -> bytes:
+  if not is_gcs(p):  # the input pipeline's path: plain open(), its errors
+    with open(p, "rb") as f:
+      return f.read()
   with errors(p):
     return path(p).read_bytes()
 

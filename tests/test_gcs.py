@@ -81,6 +81,30 @@ def test_paths_on_a_bucket(on_gcs):
   assert storage.absolute("rel") == os.path.abspath("rel")
 
 
+def test_viz_samples_to_a_bucket_read_back_as_predict_inputs(on_gcs, tmp_path):
+  """`viz samples --out gs://...` writes the same PNGs and captions.txt as
+  to a local folder, and the image inputs of predict / viz (`--image`,
+  `--images`) read them from the bucket."""
+  from eve_jax import inference  # pylint: disable=g-import-not-at-top
+  from eve_jax.viz.__main__ import run as viz  # pylint: disable=g-import-not-at-top
+
+  out = f"gs://{BUCKET}/samples"
+  for where in (out, str(tmp_path)):
+    viz(["samples", "--out", where, "--num", "2", "--size", "32"])
+  names = ["captions.txt", "shapes_000.png", "shapes_001.png"]
+  assert storage.listdir(out) == names
+  for n in names:
+    assert storage.read_bytes(f"{out}/{n}") == (tmp_path / n).read_bytes()
+  found = inference.list_images(out)
+  assert found == [f"{out}/shapes_000.png", f"{out}/shapes_001.png"]
+  np.testing.assert_array_equal(
+      inference.read_image(found[1], 32),
+      inference.read_image(str(tmp_path / "shapes_001.png"), 32),
+  )
+  with pytest.raises(inference.InputError, match="no such file"):
+    inference.check_file(f"{out}/shapes_002.png")
+
+
 def _rows(n, start=1):
   return [
       (s, {"loss": 1.0 / s, "lr": 0.5, "samples_per_s": 3.25})

@@ -23,6 +23,7 @@ from typing import Any, Callable, Sequence
 import grain
 import numpy as np
 
+from eve_jax import storage
 from eve_jax.data import transforms
 from eve_jax.data.errors import DataError
 
@@ -33,8 +34,7 @@ def read_image(path: str, size: int) -> np.ndarray:
   """An image file -> float32 [size, size, 3] in [-1, 1]; a one-line
   DataError naming the file when it cannot be read or decoded."""
   try:
-    with open(path, "rb") as f:
-      data = f.read()
+    data = storage.read_bytes(path)  # local or gs://
     return transforms.normalize_image(transforms.decode(data, size, None))
   except Exception as e:  # pylint: disable=broad-except
     raise DataError(

@@ -23,13 +23,12 @@ to try the commands on.
 
 from __future__ import annotations
 
-import os
 from typing import Sequence
 
 import jax
 import numpy as np
 
-from eve_jax import inference
+from eve_jax import inference, storage
 from eve_jax.data import pipeline, shapes
 from eve_jax.inference import InputError
 from eve_jax.model.passes import mim_pass
@@ -202,16 +201,15 @@ def _gradcam(args) -> None:
 
 
 def _samples(args) -> None:
-  os.makedirs(args.out, exist_ok=True)
+  storage.makedirs(args.out)  # local or gs://
   stream = pipeline.split_seed(args.seed, "eval")
   lines = []
   for i in range(args.num):
     ex = shapes.generate(stream, i, args.size)
     name = f"shapes_{i:03d}.png"
-    vimg.save_png(os.path.join(args.out, name), ex.image)
+    vimg.save_png(storage.join(args.out, name), ex.image)
     lines.append(f"{name}\t{ex.caption}\n")
-  with open(os.path.join(args.out, "captions.txt"), "w") as f:
-    f.writelines(lines)
+  storage.write_text(storage.join(args.out, "captions.txt"), "".join(lines))
   print(f"wrote {args.num} images and captions.txt to {args.out}")
 
 
