@@ -58,8 +58,17 @@ def reliability_config() -> dict:
     finishes for this long, write the Python stacks to the workdir, say so
     in one line and exit with status 75. < 0: automatic, max(10 x the
     median step, 600 s); 0: off.
+  grad_accum_steps: K microbatches of batch_size / K per optimizer step,
+    gradients summed inside the compiled step (`eve_jax.accum`): the
+    memory of the smaller batch, the recipe of the whole one. A memory
+    knob: it may change on resume.
   """
-  return dict(max_bad_steps=10, allow_config_change=False, step_timeout_s=-1.0)
+  return dict(
+      max_bad_steps=10,
+      allow_config_change=False,
+      step_timeout_s=-1.0,
+      grad_accum_steps=1,
+  )
 
 
 def pretrain_config(variant: str) -> ml_collections.ConfigDict:

@@ -24,7 +24,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from eve_jax import sharding
+from eve_jax import accum, sharding
 
 
 @flax.struct.dataclass
@@ -51,18 +51,29 @@ def train_step(
     tx: optax.GradientTransformation,
     schedule,
     seed: int,
+    grad_accum_steps: int = 1,
 ):
   """One optimizer step of any task whose `loss(model, batch, rng)` returns
   (loss, metrics); pretraining and fine-tuning both step with it.
-  Per-step randomness = fold_in(base_rng, step), base_rng from `run_keys`."""
+  Per-step randomness = fold_in(base_rng, step), base_rng from `run_keys`.
+  With grad_accum_steps K > 1 the batch's gradient is summed over K
+  microbatches (eve_jax/accum.py) before the one update."""
   rng = jax.random.fold_in(run_keys(seed)[1], state.step)
 
-  def loss_fn(params):
+  def loss_fn(params, batch):
     return task.loss(nnx.merge(graphdef, params), batch, rng)
 
-  (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-      state.params
-  )
+  if grad_accum_steps == 1:
+    (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+        state.params, batch
+    )
+  else:
+    weights = getattr(task, "loss_weights", lambda b: {})(batch)
+    (loss, metrics), grads = accum.loss_and_grads(
+        loss_fn, state.params, batch, grad_accum_steps, weights
+    )
+  for name in accum.BY_COUNT.values():  # counts only accumulation needs
+    metrics.pop(name, None)
   grad_norm = optax.tree.norm(grads)
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
@@ -139,6 +150,7 @@ def build_step(
     mesh: jax.sharding.Mesh,
     rules: sharding.Rules,
     batch_spec: dict[str, tuple[tuple[int, ...], Any]],
+    grad_accum_steps: int = 1,
 ) -> StepProgram:
   """The StepProgram of `task` on `mesh`.
 
@@ -151,6 +163,8 @@ def build_step(
     mesh, rules: where the state and batch live.
     batch_spec: {name: (shape, dtype)} of one global training batch, from
       the data code (eve_jax/data/specs.py); shape[0] is the batch size.
+    grad_accum_steps: microbatches per step (eve_jax/accum.py), checked
+      against the batch's data shards here.
   """
 
   def init(rng):
@@ -165,6 +179,9 @@ def build_step(
   state_sh = sharding.tree_shardings(abstract, mesh, rules)
   batch_size = next(iter(batch_spec.values()))[0][0]
   batch_sh = sharding.batch_sharding(mesh, rules, batch_size)
+  accum.check(
+      grad_accum_steps, batch_size, sharding.data_parallel_size(mesh, rules)
+  )
   replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
   step = jax.jit(
       functools.partial(
@@ -174,6 +191,7 @@ def build_step(
           tx=tx,
           schedule=schedule,
           seed=seed,
+          grad_accum_steps=grad_accum_steps,
       ),
       in_shardings=(state_sh, batch_sh),
       out_shardings=(state_sh, replicated),

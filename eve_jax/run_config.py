@@ -41,6 +41,7 @@ FREE = (
     "train.max_bad_steps",
     "train.allow_config_change",
     "train.step_timeout_s",
+    "train.grad_accum_steps",
     "model.remat",
     "model.attention",
     "model.moe_dispatch",

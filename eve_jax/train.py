@@ -23,7 +23,7 @@ from absl import logging
 from flax import nnx
 
 from eve_jax import flops as flops_lib
-from eve_jax import sharding, trainer
+from eve_jax import accum, sharding, trainer
 from eve_jax.data import corpora, run_tokenizer, shapes, sources, specs
 from eve_jax.data import transforms
 from eve_jax.data.tokenizer import Tokenizer
@@ -95,6 +95,10 @@ class Pretraining:
   @classmethod
   def check(cls, config, workdir: str) -> None:
     ModelConfig.from_config(config.model)  # a bad model key: before files
+    if "itc" in parse_objectives(config.objectives):
+      accum.refuse_batch_level(
+          config.train.get("grad_accum_steps", 1), "objective itc"
+      )
     sources.check_data(config, workdir)
 
   @classmethod
@@ -125,6 +129,9 @@ class Pretraining:
 
   def loss(self, model, batch, rng):
     return self.objective.loss(model, batch, rng)
+
+  def loss_weights(self, batch):
+    return self.objective.loss_weights(batch)
 
   def optimizer(self):
     return make_optimizer(self.config.optim, self.steps)

@@ -91,6 +91,7 @@ def build_program(
       mesh=mesh,
       rules=rules,
       batch_spec=task.batch_spec(config.train.batch_size),
+      grad_accum_steps=config.train.get("grad_accum_steps", 1),
   )
 
 

@@ -15,6 +15,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from eve_jax.model import batch_random
+
 LN_EPS = 1e-6
 trunc_normal = jax.nn.initializers.truncated_normal(stddev=0.02)
 
@@ -141,7 +143,7 @@ def drop_path(
   """
   if rng is None or (isinstance(rate, (int, float)) and rate <= 0.0):
     return x
-  keep = jax.random.bernoulli(
+  keep = batch_random.bernoulli(
       rng, 1.0 - rate, (x.shape[0],) + (1,) * (x.ndim - 1)
   )
   return jnp.where(keep, x / (1.0 - rate), 0).astype(x.dtype)

@@ -189,11 +189,14 @@ def itm_pass(
 def moe_metrics(*passes: dict[str, jax.Array]) -> dict[str, jax.Array]:
   """The MoE numbers of a training step, from each pass's `sum_moe_stats`:
   aux_loss (summed; already times its weight, the task adds it to its
-  loss) and dropped_token_frac (assignments over capacity, of all the
-  step's passes)."""
+  loss), dropped_token_frac (assignments over capacity, of all the
+  step's passes) and moe_assignments (the assignments routed: what
+  gradient accumulation weighs dropped_token_frac by, eve_jax/accum.py)."""
   aux = sum(s["aux_loss"] for s in passes)
   routed = sum(s["routed"] for s in passes)
   dropped = sum(s["dropped"] for s in passes)
   return dict(
-      aux_loss=aux, dropped_token_frac=dropped / jnp.maximum(routed, 1.0)
+      aux_loss=aux,
+      dropped_token_frac=dropped / jnp.maximum(routed, 1.0),
+      moe_assignments=routed,
   )

@@ -142,6 +142,14 @@ class Task(Protocol):
     """(scalar loss, {name: scalar}) of one training batch; traced inside
     the step. The step adds loss, grad_norm, lr and nonfinite."""
 
+  # Optional (the step takes {} where a task has none):
+  #   def loss_weights(self, batch) -> dict[str, jax.Array]
+  # {metric: [B] float32 weight of each row} for the metrics that are not
+  # a mean over the batch's rows (MLM's, a mean over masked tokens),
+  # from the batch alone; a name ending in `_loss` is a term of the loss.
+  # Gradient accumulation weighs each microbatch's value by it
+  # (eve_jax/accum.py).
+
   def optimizer(self) -> tuple[optax.GradientTransformation, optax.Schedule]:
     """The optimizer and its learning-rate schedule over `steps`."""
 

@@ -34,6 +34,7 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
+from eve_jax.model import batch_random
 from eve_jax.model.embeddings import patchify
 from eve_jax.model.heads import EVEPretrainModel
 from eve_jax.model.passes import (
@@ -81,7 +82,7 @@ def random_text_mask(
     [B, L] bool, exactly round(ratio * maskable.sum(1)) True per row, all
     inside `maskable`.
   """
-  noise = jax.random.uniform(rng, maskable.shape)
+  noise = batch_random.uniform(rng, maskable.shape)
   noise = jnp.where(maskable, noise, 2.0)  # never pick unmaskable slots
   rank = jnp.argsort(jnp.argsort(noise, axis=1), axis=1)
   k = num_masked(maskable.sum(axis=1), ratio)
@@ -102,8 +103,8 @@ def apply_text_mask(
   if not random_replace:
     return jnp.where(mask, mask_id, text)
   r_kind, r_tok = jax.random.split(rng)
-  u = jax.random.uniform(r_kind, text.shape)
-  random_tok = jax.random.randint(r_tok, text.shape, num_special, vocab_size)
+  u = batch_random.uniform(r_kind, text.shape)
+  random_tok = batch_random.randint(r_tok, text.shape, num_special, vocab_size)
   replaced = jnp.where(u < 0.8, mask_id, jnp.where(u < 0.9, random_tok, text))
   return jnp.where(mask, replaced, text)
 
@@ -120,7 +121,7 @@ def random_patch_keep(
   """
   n_masked = num_masked(num_patches, ratio)
   n_keep = num_patches - n_masked
-  noise = jax.random.uniform(rng, (batch, num_patches))
+  noise = batch_random.uniform(rng, (batch, num_patches))
   keep_idx = jnp.sort(jnp.argsort(noise, axis=1)[:, :n_keep], axis=1)
   mask = jnp.ones((batch, num_patches), bool)
   mask = jax.vmap(lambda m, i: m.at[i].set(False))(mask, keep_idx)
@@ -183,13 +184,30 @@ class PretrainTask:
           "similarities: add itc"
       )
 
+  def maskable(self, batch: dict[str, jax.Array]) -> jax.Array:
+    """[B, L] bool: the tokens MLM may mask (real, not CLS)."""
+    return batch["text_valid"] & (batch["text"] != self.cls_id)
+
+  def loss_weights(self, batch: dict[str, jax.Array]) -> dict[str, jax.Array]:
+    """{metric: [B] weight of each row} of the metrics that are not a
+    mean over rows: MLM's loss and accuracy are means over the masked
+    tokens, as many per sample as the masks draw (known from the text
+    alone). What gradient accumulation weighs microbatches by
+    (eve_jax/accum.py)."""
+    if not {"mlm", "joint"} & set(self.objectives):
+      return {}
+    ratio = self.masking.text_mask_ratio
+    count = num_masked(self.maskable(batch).sum(axis=1), ratio)
+    count = count.astype(jnp.float32)
+    return {"mlm_loss": count, "mlm_acc": count}
+
   def masks(
       self, rng: jax.Array, batch: dict[str, jax.Array], num_patches: int
   ):
     """Draws the MLM text mask and the MIM visible patches for one batch."""
     r_text, r_patch, r_replace = jax.random.split(rng, 3)
-    text, valid = batch["text"], batch["text_valid"]
-    maskable = valid & (text != self.cls_id)
+    text = batch["text"]
+    maskable = self.maskable(batch)
     text_mask = random_text_mask(r_text, maskable, self.masking.text_mask_ratio)
     text_in = apply_text_mask(
         r_replace,

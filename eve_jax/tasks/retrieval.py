@@ -25,6 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from eve_jax import accum
 from eve_jax.data import downstream, finetune_data, specs
 from eve_jax.finetune import FineTuning
 from eve_jax.model.task_models import RetrievalModel
@@ -50,6 +51,13 @@ def multi_positive_contrastive(
 class RetrievalTask(FineTuning):
   name = "retrieval"
   metric = "r_mean"
+
+  @classmethod
+  def check(cls, config, workdir: str) -> None:
+    super().check(config, workdir)
+    accum.refuse_batch_level(
+        config.train.get("grad_accum_steps", 1), "retrieval's ITC"
+    )
 
   def __init__(self, config, tokenizer, model_cfg, data_dir=None):
     self.tokenizer = tokenizer
