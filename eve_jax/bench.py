@@ -22,6 +22,10 @@ shared machine's slow drifts hit them alike, and step_s is the median.
                (--compare=scan). XLA's cost analysis counts a scanned
                block once, not once per layer: flops_per_sample_xla is low
                for a scanned model; the analytic count is not.
+  accum        step time and peak memory of the step at the config's
+               train.grad_accum_steps K (4 where it is 1) against K = 1, the
+               same global batch (--compare=accum): what accumulation costs
+               in time for what it saves in memory.
 
 The step is the real training step (train.build_program): forward, backward
 and AdamW update, parameters and optimizer state donated. EVE-Shapes
@@ -64,9 +68,10 @@ _BATCH = flags.DEFINE_integer(
 _COMPARE = flags.DEFINE_multi_enum(
     "compare",
     [],
-    ["dense", "objectives", "scan"],
-    "Also measure the dense model, the other objective sets and/or the "
-    "model with model.scan_layers flipped.",
+    ["dense", "objectives", "scan", "accum"],
+    "Also measure the dense model, the other objective sets, the "
+    "model with model.scan_layers flipped and/or the step with gradient "
+    "accumulation against the step without.",
 )
 _OBJECTIVES = flags.DEFINE_string(
     "objectives",
@@ -141,6 +146,11 @@ def run(
     scan_cfg = config.copy_and_resolve_references()
     scan_cfg.model.scan_layers = not config.model.scan_layers
     phase1["scan"] = Runner(scan_cfg, vocab, batch_size)
+  k_accum = config.train.get("grad_accum_steps", 1)
+  if "accum" in compare:
+    accum_cfg = config.copy_and_resolve_references()
+    accum_cfg.train.grad_accum_steps = 1 if k_accum > 1 else 4
+    phase1["accum"] = Runner(accum_cfg, vocab, batch_size)
   time_interleaved(phase1, steps, warmup)
   results = {k: r.summary() for k, r in phase1.items()}
   del phase1
@@ -190,6 +200,17 @@ def run(
         unrolled_peak_memory_bytes=unrolled["peak_memory_bytes"],
     )
     out["scan_step_over_unrolled"] = scanned["step_s"] / unrolled["step_s"]
+  if "accum" in results:
+    a, b = main, results["accum"]
+    accum, whole = (a, b) if k_accum > 1 else (b, a)
+    out["accum"] = dict(
+        grad_accum_steps=k_accum if k_accum > 1 else 4,
+        accum_step_s=accum["step_s"],
+        whole_step_s=whole["step_s"],
+        accum_peak_memory_bytes=accum["peak_memory_bytes"],
+        whole_peak_memory_bytes=whole["peak_memory_bytes"],
+    )
+    out["accum_step_over_whole"] = accum["step_s"] / whole["step_s"]
   if "objectives" in results:
     per = {
         o: results["objectives"][o]

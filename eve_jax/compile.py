@@ -80,7 +80,7 @@ _DEPTH = flags.DEFINE_string(
     "A,B: compile at A and B blocks and extrapolate to the " "model's depth.",
 )
 _SEARCH = flags.DEFINE_bool(
-    "search", False, "Try meshes / remat / scan / batches."
+    "search", False, "Try meshes / remat / scan / batches / grad_accum_steps."
 )
 _BATCHES = flags.DEFINE_string(
     "per_device_batch",
@@ -117,9 +117,12 @@ def format_report(r: dict, top: int = 0) -> str:
       " x ".join(f"{k}={v}" for k, v in r["mesh"].items() if v > 1)
       or "one device"
   )
+  k = r.get("grad_accum_steps", 1)
   lines = [
       f"{r['target']}; mesh {mesh}; batch {r['batch_size']} "
-      f"({r['per_device_batch']:g} per device)"
+      f"({r['per_device_batch']:g} per device"
+      + (f", in {k} microbatches" if k > 1 else "")
+      + ")"
   ]
   if not r["fits"] and "memory" not in r:
     lines.append(f"DOES NOT FIT: {r['error']}")

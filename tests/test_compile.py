@@ -436,6 +436,94 @@ def test_search_meshes_are_exact_factorizations():
   assert all(m["expert"] == 1 for m in search.meshes(8, 4, 4, False))
 
 
+def test_search_grows_k_until_it_fits_and_names_it_beside_remat():
+  """Candidates: K dividing the per-device batch; the table's last lines
+  name the smallest K that fits without remat and the remat row, when
+  the batch does not fit whole without remat."""
+  from eve_jax.aot import search
+
+  t = targets.Target("v5p:2x2x1", "tpu", [None] * 4, None, 1)
+  cands = list(search.candidates(tiny(), t, [6]))
+  assert {c["grad_accum_steps"] for c in cands} == {1, 2}
+  assert "--config.train.grad_accum_steps=2" in search.overrides(cands[1], 4)
+
+  def row(k, remat, fits, step_s=None):
+    r = dict(
+        per_device_batch=8,
+        grad_accum_steps=k,
+        mesh=dict(data=4, fsdp=1, expert=1, tensor=1),
+        remat=remat,
+        scan=False,
+        fits=fits,
+        memory_total=1 << 30,
+        candidate_s=1.0,
+        overrides=f"K={k} remat={remat}",
+    )
+    if fits:
+      r.update(
+          est_step_s=step_s,
+          est_samples_per_s=32 / step_s,
+          est_mfu=0.3,
+          estimate_method="roofline",
+      )
+    return r
+
+  rows = [
+      row(1, True, True, 0.100),
+      row(2, False, True, 0.120),
+      row(4, False, True, 0.130),
+      row(1, False, False),
+  ]
+  lines = search.format_table(rows).splitlines()
+  assert lines[0].startswith("| per-device batch | K |")
+  assert lines[-3:] == [
+      "the batch does not fit whole without remat",
+      "smallest K that fits without remat: K=2, ESTIMATED 120 ms a step "
+      "(K=2 remat=False)",
+      "remat instead, K=1: ESTIMATED 100 ms a step (K=1 remat=True)",
+  ]
+  # When the whole batch fits without remat, nothing more to say.
+  lines = search.format_table([row(1, False, True, 0.09)]).splitlines()
+  assert lines[-1].startswith("best: ")
+
+
+def test_a_step_of_k_microbatches_is_timed_as_k_of_one():
+  """K x the microbatch's times; memory and analytic FLOPs the step's
+  own; MFU from the whole batch's FLOPs."""
+  from eve_jax.aot import step
+
+  r = dict(
+      fits=True,
+      devices=4,
+      peak_flops_per_device=1e12,
+      flops_per_step_analytic=8e11,
+      flops_per_step_xla=3e11,  # the loop's body counted once
+      est_step_s=0.1,
+      memory_s=0.1,
+      compute_s=0.05,
+      memory={"total": 5},
+      estimate_method="roofline",
+      cost_model_note="a scanned body is counted once",
+  )
+  one = dict(
+      fits=True,
+      flops_per_step_analytic=2e11,
+      flops_per_step_xla=2.2e11,
+      est_step_s=0.06,
+      memory_s=0.06,
+      compute_s=0.055,
+      estimate_method="xla_tpu_cost_model",
+  )
+  out = step.microbatch_times(r, one, 4)
+  assert out["est_step_s"] == pytest.approx(0.24)
+  assert out["memory_s"] == pytest.approx(0.24)
+  assert out["flops_per_step_xla"] == pytest.approx(8.8e11)
+  assert out["flops_per_step_analytic"] == 8e11 and out["memory"]["total"] == 5
+  assert out["est_mfu"] == pytest.approx(8e11 / (0.24 * 4 * 1e12))
+  assert out["estimate_method"] == "4 x xla_tpu_cost_model of one microbatch"
+  assert "cost_model_note" not in out
+
+
 @pytest.mark.slow  # ~1.5 min on 2 cores
 def test_search_ranks_what_fits(v5p):
   from eve_jax.aot import search

@@ -380,6 +380,7 @@ def test_bench_json(tmp_path):
           "--batch_size=8",
           "--compare=dense",
           "--compare=objectives",
+          "--compare=accum",
           "--matmul_size=512",
           "--json",
       ],
@@ -407,8 +408,16 @@ def test_bench_json(tmp_path):
       "moe_step_over_dense",
       "objectives_samples_per_s",
       "mlm_mim_over_mlm_itc_itm",
+      "accum_step_over_whole",
   ):
     assert key in r, key
+  a = r["accum"]
+  assert a["grad_accum_steps"] == 4
+  assert r["accum_step_over_whole"] == pytest.approx(
+      a["accum_step_s"] / a["whole_step_s"]
+  )
+  # Microbatches of 2 hold less than the whole batch of 8 at once.
+  assert a["accum_peak_memory_bytes"] < a["whole_peak_memory_bytes"]
   assert r["batch"] == 8 and r["dtype"] == "float32"
   assert r["samples_per_s"] == pytest.approx(8 / r["step_s"])
   assert r["mfu"] == pytest.approx(

@@ -54,6 +54,7 @@ class Built:
     mesh: the mesh over the target's devices.
     model_cfg: the model as the step builds it.
     batch_size: the global batch.
+    grad_accum_steps: microbatches it is run in (eve_jax/accum.py).
     flops_per_sample: analytic training FLOPs (eve_jax/flops.py).
     lower_s: seconds to trace and lower.
   """
@@ -64,6 +65,7 @@ class Built:
   batch_size: int
   flops_per_sample: float
   lower_s: float
+  grad_accum_steps: int = 1
 
 
 def lower_step(
@@ -97,4 +99,5 @@ def lower_step(
       batch_size=config.train.batch_size,
       flops_per_sample=flops,
       lower_s=time.perf_counter() - t0,
+      grad_accum_steps=config.train.get("grad_accum_steps", 1),
   )

@@ -2,7 +2,9 @@
 
 Tries mesh factorizations (data x fsdp x expert x tensor = the target's
 devices; expert divides the experts, tensor the heads), remat on/off, scan
-on/off and per-device batches, compiles each (as `python -m
+on/off, per-device batches and gradient accumulation (K microbatches of
+the per-device batch: the recipe's batch in the memory of a smaller one;
+for each of the others, K grows only until one fits), compiles each (as `python -m
 eve_jax.compile` would: every candidate is a real compile, so each costs
 what one compile costs; --max_candidates bounds them), and ranks those
 that fit by ESTIMATED samples/s. The last line of the table is the
@@ -43,15 +45,40 @@ def meshes(
   return sorted(out, key=lambda m: (m["tensor"], m["fsdp"], -m["expert"]))
 
 
-def candidates(config, target: Target, batches: list[int]) -> Iterator[dict]:
+ACCUM = (1, 2, 4, 8)  # grad_accum_steps tried, those dividing the batch
+
+
+def candidates(
+    config, target: Target, batches: list[int], accum=ACCUM
+) -> Iterator[dict]:
   m = config.model
-  for per_device, mesh, remat, scan in itertools.product(
+  for per_device, mesh, remat, scan, k in itertools.product(
       batches,
       meshes(target.num_devices, m.num_experts, m.heads, m.num_soft_layers > 0),
       (False, True),
       (bool(m.scan_layers), not m.scan_layers),
+      accum,
   ):
-    yield dict(per_device_batch=per_device, mesh=mesh, remat=remat, scan=scan)
+    if per_device % k:
+      continue
+    yield dict(
+        per_device_batch=per_device,
+        mesh=mesh,
+        remat=remat,
+        scan=scan,
+        grad_accum_steps=k,
+    )
+
+
+def _without_k(cand: dict) -> tuple:
+  """A candidate's key without K: for K, the smallest that fits is
+  the one to take (more microbatches only add steps of the loop)."""
+  return (
+      cand["per_device_batch"],
+      tuple(cand["mesh"].items()),
+      cand["remat"],
+      cand["scan"],
+  )
 
 
 def overrides(cand: dict, n: int) -> str:
@@ -60,6 +87,7 @@ def overrides(cand: dict, n: int) -> str:
       f"{mesh} --config.train.batch_size={cand['per_device_batch'] * n}"
       f" --config.model.remat={cand['remat']}"
       f" --config.model.scan_layers={cand['scan']}"
+      f" --config.train.grad_accum_steps={cand['grad_accum_steps']}"
   )
 
 
@@ -85,15 +113,21 @@ def run(
       if batches
       else [max(1, config.train.batch_size // n)]
   )
-  rows = []
-  for i, cand in enumerate(
-      itertools.islice(candidates(config, target, per_device), max_candidates)
-  ):
+  rows, fitted = [], set()
+  tried = 0
+  for cand in candidates(config, target, per_device):
+    if _without_k(cand) in fitted:  # a smaller K of it fits
+      continue
+    if tried == max_candidates:
+      break
+    tried += 1
+    i = tried - 1
     c = config.copy_and_resolve_references()
     with c.unlocked():
       c.mesh.update(cand["mesh"])
       c.train.batch_size = cand["per_device_batch"] * n
       c.model.remat, c.model.scan_layers = cand["remat"], cand["scan"]
+      c.train.grad_accum_steps = cand["grad_accum_steps"]
     t0 = time.perf_counter()
     try:
       r = step.compile_one(
@@ -116,6 +150,7 @@ def run(
     )
     if r["fits"]:
       row["est_samples_per_s"] = c.train.batch_size / r["est_step_s"]
+      fitted.add(_without_k(cand))
     rows.append(row)
     log(
         f"[{i + 1}] {row['overrides']}: "
@@ -134,16 +169,17 @@ def run(
 
 def format_table(rows: list[dict]) -> str:
   head = (
-      "| per-device batch | data | fsdp | expert | tensor | remat | scan "
+      "| per-device batch | K | data | fsdp | expert | tensor | remat | scan "
       "| memory GiB | fits | ESTIMATED samples/s | MFU | estimate | "
       "compile s |"
   )
-  lines = [head, "|" + "---|" * 13]
+  lines = [head, "|" + "---|" * 14]
   for r in rows:
     mem = f"{r['memory_total'] / 2 ** 30:.1f}" if r["memory_total"] else "-"
     m = r["mesh"]
     lines.append(
-        f"| {r['per_device_batch']} | {m['data']} | {m['fsdp']} | "
+        f"| {r['per_device_batch']} | {r['grad_accum_steps']} | "
+        f"{m['data']} | {m['fsdp']} | "
         f"{m['expert']} | {m['tensor']} | {r['remat']} | {r['scan']} | "
         f"{mem} | {'yes' if r['fits'] else 'no'} | "
         + (
@@ -161,7 +197,40 @@ def format_table(rows: list[dict]) -> str:
           best["overrides"]
           if best
           else "nothing tried fits; try a smaller per-device "
-          "batch or --config.model.remat=True"
+          "batch, --config.train.grad_accum_steps or "
+          "--config.model.remat=True"
       )
   )
+  lines.extend(_accum_lines(rows))
   return "\n".join(lines)
+
+
+def _accum_lines(rows: list[dict]) -> list[str]:
+  """Where the batch does not fit whole without remat: the smallest K
+  that fits without remat, beside the fastest remat row at K = 1."""
+  fits = [r for r in rows if r["fits"]]
+  if not rows or any(
+      not r["remat"] and r["grad_accum_steps"] == 1 for r in fits
+  ):
+    return []
+  by_k = sorted(
+      (r for r in fits if not r["remat"]),
+      key=lambda r: (r["grad_accum_steps"], -r["est_samples_per_s"]),
+  )
+  remat = next(
+      (r for r in fits if r["remat"] and r["grad_accum_steps"] == 1), None
+  )
+  out = ["the batch does not fit whole without remat"]
+  if by_k:
+    r = by_k[0]
+    out.append(
+        f"smallest K that fits without remat: K={r['grad_accum_steps']}, "
+        f"ESTIMATED {r['est_step_s'] * 1e3:.0f} ms a step "
+        f"({r['overrides']})"
+    )
+  if remat:
+    out.append(
+        f"remat instead, K=1: ESTIMATED {remat['est_step_s'] * 1e3:.0f} ms "
+        f"a step ({remat['overrides']})"
+    )
+  return out
