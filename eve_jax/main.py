@@ -241,8 +241,22 @@ def _parse_flags(argv: list[str]) -> list[str]:
   except (flags.Error, AttributeError, KeyError, TypeError, ValueError) as e:
     # ml_collections raises the non-flags errors for --config.a.b=...
     # typos and bad types.
-    _fail(_error_text(e))
+    _fail(_unknown_key(e, argv) or _error_text(e))
     raise  # unreachable: _fail exits
+
+
+def _unknown_key(e: Exception, argv: list[str]) -> str | None:
+  """The override that names a key the config does not have, when
+  ml_collections says only the key (no close match to suggest)."""
+  key = _error_text(e).strip("'\"")  # the key's repr, in a repr
+  if not (isinstance(e, (AttributeError, KeyError)) and key.isidentifier()):
+    return None
+  for arg in argv[1:]:
+    name = arg.split("=", 1)[0]
+    if name.startswith("--config.") and name.split(".")[-1] == key:
+      path = name[len("--config.") :]
+      return f"{name}: this config has no key {path!r}"
+  return None
 
 
 def run() -> None:

@@ -181,6 +181,11 @@ def test_config_typo_is_one_line(tmp_path):
       ),
       (["--config=configs/nope.py"], ("configs/nope.py", "No such file")),
       (["--config=configs/base.py:tinyy"], ("unknown variant 'tinyy'",)),
+      # A key this config lacks, with nothing close to suggest.
+      (
+          ["--config=configs/vqa.py:tiny", "--config.train.eval_examples=8"],
+          ("--config.train.eval_examples", "no key 'train.eval_examples'"),
+      ),
   ):
     out = _main(*args, f"--workdir={tmp_path}/w")
     assert out.returncode == 1, args
