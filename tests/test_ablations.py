@@ -525,6 +525,7 @@ def test_blind_baselines_by_hand(tmp_path):
   assert got["ir_r1"] == pytest.approx(0.5)
 
 
+@pytest.mark.slow  # ~7 min on 2 cores: 8 pretraining and fine-tuning stages
 def test_an_ablation_smoke_run_resumes_and_reports(tmp_path):
   """Two rows of Table 8, 20 steps per stage, through the command line:
   every stage runs and writes its numbers; the report has both rows and
