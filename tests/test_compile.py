@@ -220,6 +220,18 @@ def test_depth_extrapolation_by_hand():
   assert r["compile_s"] == 35.0 and r["lower_s"] == 4.0
   assert r["extrapolated_from"] == [3, 4]
   assert not extrapolate.combine(rep(3, 1.0), rep(4, 1.0), 3, 4, 9)["fits"]
+  # A roofline estimate: memory-bound at 3 and 4 blocks, compute-bound at
+  # 12. The line through the two maxes (5.8 ms) would be under the
+  # compute part's own line (12 ms); the max of the parts' lines is not.
+  ra = dict(rep(3, 1.0), estimate_method="roofline", compute_s=0.003)
+  rb = dict(rep(4, 1.0), estimate_method="roofline", compute_s=0.004)
+  ra.update(memory_s=0.004, est_step_s=0.004, hbm_bytes=10**6)
+  rb.update(memory_s=0.0042, est_step_s=0.0042, hbm_bytes=10**6)
+  r = extrapolate.combine(ra, rb, 3, 4, 12)
+  assert r["compute_s"] == pytest.approx(0.012)
+  assert r["memory_s"] == pytest.approx(0.0058)
+  assert r["est_step_s"] == pytest.approx(0.012)
+  assert r["est_mfu"] == pytest.approx(12e9 / (0.012 * 2 * 1e12))
 
 
 def test_collective_bytes_from_hlo_lines():

@@ -81,6 +81,16 @@ def combine(ra: dict, rb: dict, a: int, b: int, d: int) -> dict[str, Any]:
     out[k] = ra[k] + rb[k]
   out["margin_bytes"] = int(out["hbm_bytes"] - out["memory"]["total"])
   out["fits"] = out["margin_bytes"] >= 0
+  if "roofline" in out.get("estimate_method", ""):
+    # A roofline is a max() of two lines, not a line: the parts' lines
+    # first, then the max (the line through two maxes can fall below a
+    # part where the step turns compute-bound between the two depths).
+    out["roofline_step_s"] = (
+        max(out["compute_s"], out["memory_s"]) + out["collectives_s"]
+    )
+    out["est_step_s"] = out["roofline_step_s"] + out.get(
+        "kernel_correction_s", 0.0
+    )
   if out.get("flops_per_step_xla"):
     out["xla_over_analytic"] = (
         out["flops_per_step_xla"] / out["flops_per_step_analytic"]

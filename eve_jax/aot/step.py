@@ -26,11 +26,12 @@ def compile_one(
   optimizer update and the gradients' all-reduce K times (errs slow).
   """
   if depth:
-    r = extrapolate.compile_extrapolated(
+    # Each depth's compile times its microbatch (below); the line through
+    # them is then K x the microbatch's line.
+    return extrapolate.compile_extrapolated(
         config, target, depth, vocab_size=vocab_size, num_answers=num_answers
     )
-  else:
-    r = _compile(config, target, hlo_out, vocab_size, num_answers)
+  r = _compile(config, target, hlo_out, vocab_size, num_answers)
   k = config.train.get("grad_accum_steps", 1)
   if k > 1 and r["fits"]:
     one = config.copy_and_resolve_references()
@@ -38,7 +39,7 @@ def compile_one(
       one.train.batch_size //= k
       one.train.grad_accum_steps = 1
     r = microbatch_times(
-        r, compile_one(one, target, depth, None, vocab_size, num_answers), k
+        r, compile_one(one, target, None, None, vocab_size, num_answers), k
     )
   return r
 
