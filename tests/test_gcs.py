@@ -399,7 +399,6 @@ def _same_params(a, b):
     np.testing.assert_array_equal(pa[k], pb[k], err_msg=k)
 
 
-@pytest.mark.slow
 def test_a_bucket_run_resumes_bitwise_and_feeds_predict_and_finetuning(
     on_gcs, cache_env, tmp_path
 ):
@@ -468,7 +467,6 @@ def test_a_bucket_run_resumes_bitwise_and_feeds_predict_and_finetuning(
   assert watchdog.committed_steps(ft) == [4]
 
 
-@pytest.mark.slow
 def test_kill_during_a_checkpoint_write_to_a_bucket(
     on_gcs, cache_env, local_ref
 ):
