@@ -9,7 +9,9 @@ same batch of B.
 
 Microbatch k holds rows k, K + k, 2K + k, ... of the batch: a device's rows
 are a contiguous block of the batch, so each microbatch takes B / (K * D)
-of each device's own rows and nothing moves between devices. Random draws
+of each device's own rows and no row moves between devices (the
+gradients do: with the batch split over devices XLA all-reduces each
+microbatch's inside the loop, K all-reduces a step). Random draws
 follow the rows (eve_jax/model/batch_random.py): a sample's masks and drop
 path do not depend on K.
 

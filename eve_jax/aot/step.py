@@ -23,7 +23,8 @@ def compile_one(
   microbatches, whose body XLA's cost analysis counts once: memory is
   that compile's, and the step time is K times the ESTIMATED step of one
   microbatch (batch B / K at K = 1, compiled beside it), which counts the
-  optimizer update and the gradients' all-reduce K times (errs slow).
+  optimizer update K times (errs slow) and the gradients' all-reduce K
+  times (as XLA runs it: inside the loop, once per microbatch).
   """
   if depth:
     # Each depth's compile times its microbatch (below); the line through
