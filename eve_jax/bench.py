@@ -146,10 +146,12 @@ def run(
     scan_cfg = config.copy_and_resolve_references()
     scan_cfg.model.scan_layers = not config.model.scan_layers
     phase1["scan"] = Runner(scan_cfg, vocab, batch_size)
+  # --compare=accum: the config's K against 1, or 4 against the config's 1.
   k_accum = config.train.get("grad_accum_steps", 1)
+  k_compared = k_accum if k_accum > 1 else 4
   if "accum" in compare:
     accum_cfg = config.copy_and_resolve_references()
-    accum_cfg.train.grad_accum_steps = 1 if k_accum > 1 else 4
+    accum_cfg.train.grad_accum_steps = 1 if k_accum > 1 else k_compared
     phase1["accum"] = Runner(accum_cfg, vocab, batch_size)
   time_interleaved(phase1, steps, warmup)
   results = {k: r.summary() for k, r in phase1.items()}
@@ -204,7 +206,7 @@ def run(
     a, b = main, results["accum"]
     accum, whole = (a, b) if k_accum > 1 else (b, a)
     out["accum"] = dict(
-        grad_accum_steps=k_accum if k_accum > 1 else 4,
+        grad_accum_steps=k_compared,
         accum_step_s=accum["step_s"],
         whole_step_s=whole["step_s"],
         accum_peak_memory_bytes=accum["peak_memory_bytes"],

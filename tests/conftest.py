@@ -15,6 +15,18 @@ import pytest  # noqa: E402
 
 
 @pytest.fixture(scope="session")
+def tokenizer(tmp_path_factory):
+  """An EVE-Shapes tokenizer of 64 pieces (a module may define its own)."""
+  from eve_jax.data.tokenizer import shapes_tokenizer  # pylint: disable=g-import-not-at-top
+
+  return shapes_tokenizer(
+      str(tmp_path_factory.mktemp("tok") / "t.model"),
+      vocab_size=64,
+      num_captions=500,
+  )
+
+
+@pytest.fixture(scope="session")
 def micro_workdir(tmp_path_factory):
   """A 2-step pretraining run of a 1-block model (a soft-router block) with
   MLM, MIM and ITC, on one device, and one evaluation (so DIR/viz/ too):

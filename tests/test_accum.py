@@ -18,17 +18,7 @@ from flax import nnx
 
 from eve_jax import accum, config_lib, sharding, train
 from eve_jax.aot import build
-from eve_jax.data.tokenizer import shapes_tokenizer
 from eve_jax.model import batch_random
-
-
-@pytest.fixture(scope="module")
-def tokenizer(tmp_path_factory):
-  return shapes_tokenizer(
-      str(tmp_path_factory.mktemp("tok") / "t.model"),
-      vocab_size=64,
-      num_captions=500,
-  )
 
 
 def _config(**train_keys):

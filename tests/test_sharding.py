@@ -234,17 +234,6 @@ def micro_config(**mesh):
   return c
 
 
-@pytest.fixture(scope="module")
-def tokenizer(tmp_path_factory):
-  from eve_jax.data.tokenizer import shapes_tokenizer
-
-  return shapes_tokenizer(
-      str(tmp_path_factory.mktemp("tok") / "t.model"),
-      vocab_size=64,
-      num_captions=500,
-  )
-
-
 def _compile_step(config, tokenizer, mesh=None):
   """The train step compiled for `config.mesh` (or `mesh`), from shapes."""
   mesh = mesh or sharding.make_mesh(config.mesh)

@@ -120,8 +120,7 @@ def run(
       continue
     if tried == max_candidates:
       break
-    tried += 1
-    i = tried - 1
+    i, tried = tried, tried + 1
     c = config.copy_and_resolve_references()
     with c.unlocked():
       c.mesh.update(cand["mesh"])
